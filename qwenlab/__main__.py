@@ -1,0 +1,5 @@
+import sys
+
+from qwenlab.cli import main
+
+sys.exit(main())

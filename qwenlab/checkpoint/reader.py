@@ -1,0 +1,139 @@
+"""Read a Hugging Face Qwen2 folder lazily: config, generation config, and tensors on demand.
+
+Tensors come from model.safetensors or from sharded files listed in
+model.safetensors.index.json, memory-mapped and materialised one at a time. Pickle
+checkpoints (.bin/.pt) are refused: unpickling an untrusted file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qwenlab.checkpoint.names import expected_tensor_shapes
+from qwenlab.checkpoint.safetensors_file import SafetensorsFile
+from qwenlab.errors import QwenlabError
+from qwenlab.model.config import Qwen2Config
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A MODEL argument as a folder: 'nano' names the shipped model; anything else is a path."""
+    if str(model) == "nano":
+        from qwenlab.nano import nano_path
+
+        return nano_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise QwenlabError(f"{path}: no such model folder")
+    if not path.is_dir():
+        raise QwenlabError(f"{path}: expected a model folder (with config.json and *.safetensors)")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenlabError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise QwenlabError(f"{path}: expected a JSON object")
+    return data
+
+
+class Checkpoint:
+    """A Qwen2 checkpoint folder. Nothing but the headers is read until `get` is called."""
+
+    def __init__(self, path: str | Path):
+        self.path = resolve_model_path(path)
+        self.config_dict = _read_json(self.path / "config.json") if (self.path / "config.json").is_file() else None
+        if self.config_dict is None:
+            raise QwenlabError(f"{self.path / 'config.json'}: missing config.json")
+        self.config = Qwen2Config.from_dict(self.config_dict, source=str(self.path / "config.json"))
+        gen = self.path / "generation_config.json"
+        self.generation_config: dict = _read_json(gen) if gen.is_file() else {}
+        self._files = self._open_files()
+        self._where: dict[str, SafetensorsFile] = {}
+        for file in self._files:
+            for name in file.names():
+                self._where[name] = file
+
+    def _open_files(self) -> list[SafetensorsFile]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise QwenlabError(f"{index}: missing 'weight_map'")
+            shard_names = sorted(set(weight_map.values()))
+            missing = [s for s in shard_names if not (self.path / s).is_file()]
+            if missing:
+                raise QwenlabError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+            files = [SafetensorsFile(self.path / s) for s in shard_names]
+            for file in files:
+                for name in file.names():
+                    if weight_map.get(name) != file.path.name:
+                        raise QwenlabError(f"{file.path}: tensor '{name}' is not listed for this shard in {INDEX_FILE}")
+            return files
+        if (self.path / SINGLE_FILE).is_file():
+            return [SafetensorsFile(self.path / SINGLE_FILE)]
+        shards = sorted(self.path.glob("model-*-of-*.safetensors"))
+        if shards:
+            raise QwenlabError(f"{self.path}: sharded safetensors without {INDEX_FILE}")
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise QwenlabError(f"{self.path}: found pickle checkpoint {pickles[0]}; qwenlab loads safetensors "
+                               "only (pickle files can run code). Convert it with a trusted tool first.")
+        raise QwenlabError(f"{self.path}: no model.safetensors or {INDEX_FILE}")
+
+    # ---- tensors -------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get(name)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise QwenlabError(f"{self.path}: tensor '{name}' not found in checkpoint") from None
+
+    def lm_head_name(self) -> str:
+        """The tensor the LM head reads: embed_tokens when the embedding is tied."""
+        return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+
+    def validate(self) -> "Checkpoint":
+        """Check the tensor set against the config: missing, unexpected, or mis-shaped tensors."""
+        expected = expected_tensor_shapes(self.config)
+        present = set(self._where)
+        missing = [n for n in expected if n not in present]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise QwenlabError(f"{self.path}: missing tensor(s) {', '.join(missing[:3])}{more}")
+        allowed = set(expected) | {"lm_head.weight"}  # some writers store a tied head anyway
+        unexpected = sorted(present - allowed)
+        if unexpected:
+            more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+            raise QwenlabError(f"{self.path}: unexpected tensor(s) {', '.join(unexpected[:3])}{more}")
+        for name, shape in expected.items():
+            actual = self.shape(name)
+            if actual != shape:
+                raise QwenlabError(f"{self.path}: tensor '{name}' has shape {list(actual)}, "
+                                   f"expected {list(shape)} from config.json")
+        return self
+
+
+def open_checkpoint(path: str | Path, validate: bool = True) -> Checkpoint:
+    checkpoint = Checkpoint(path)
+    return checkpoint.validate() if validate else checkpoint

@@ -1,0 +1,162 @@
+"""Verbs of the model core: info, generate, chat, random, nano path."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from qwenlab.errors import QwenlabError
+
+
+def add_generation_flags(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens when it does not fit")
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+
+
+def generation_config(args):
+    from qwenlab.model import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                            seed=args.seed, max_context=args.max_context, truncate_prompt=args.truncate).validate()
+
+
+def cmd_info(args) -> int:
+    from qwenlab.model.config import PRESETS, get_preset
+    from qwenlab.model.info import describe, format_description
+
+    if args.model.lower() in PRESETS and not Path(args.model).exists():
+        config, title = get_preset(args.model), f"{args.model} (preset)"
+    else:
+        from qwenlab.checkpoint import open_checkpoint
+
+        checkpoint = open_checkpoint(args.model)
+        config, title = checkpoint.config, str(checkpoint.path)
+    info = describe(config)
+    print(json.dumps(info, indent=2) if args.json else format_description(info, title))
+    return 0
+
+
+def load_for_generation(model: str, dtype: str, adapters: list[str] | None = None):
+    from qwenlab.checkpoint import open_checkpoint
+    from qwenlab.model import load_model, load_tokenizer
+
+    checkpoint = open_checkpoint(model)
+    return load_model(checkpoint, dtype), load_tokenizer(checkpoint.path), checkpoint
+
+
+def cmd_generate(args) -> int:
+    from qwenlab.model.generate import stream_generate
+
+    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    config = generation_config(args)
+    stop_ids = tokenizer.stop_ids(checkpoint.generation_config)
+    for event in stream_generate(model, tokenizer, [tokenizer.encode(prompt)], config, stop_ids):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from qwenlab.model.generate import stream_generate
+
+    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype)
+    config = generation_config(args)
+    stop_ids = tokenizer.stop_ids(checkpoint.generation_config)
+    tokenizer.apply_chat_template([{"role": "user", "content": "check"}])  # fail early without a template
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("qwenlab chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+        reply = []
+        for event in stream_generate(model, tokenizer, [ids], config, stop_ids):
+            reply.append(event.text)
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_random(args) -> int:
+    from qwenlab.checkpoint import parse_size
+    from qwenlab.checkpoint.random_model import write_random_model
+    from qwenlab.model import get_preset, parse_dtype
+
+    tokenizer_from = None
+    try:
+        from qwenlab.nano import nano_path
+
+        tokenizer_from = nano_path()  # a real tokenizer, so random folders can be run end to end
+    except QwenlabError:
+        pass
+    out = write_random_model(get_preset(args.preset), args.out, seed=args.seed, dtype=parse_dtype(args.dtype),
+                             max_shard_bytes=parse_size(args.max_shard_size), force=args.force,
+                             tokenizer_from=tokenizer_from)
+    print(out)
+    return 0
+
+
+def cmd_nano(args) -> int:
+    from qwenlab.nano import nano_path
+
+    print(nano_path())
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="architecture, parameter counts and memory of a model or preset")
+    p.add_argument("model", help="a model folder, 'nano', or a preset name such as qwen2.5-1.5b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser("generate", help="stream a completion of a prompt")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("chat", help="multi-turn chat (/reset, /exit)")
+    p.add_argument("model")
+    p.add_argument("--system", default=None, help="a system message")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_chat, max_new_tokens=256)
+
+    p = subparsers.add_parser("random", help="write a random-weight model with a preset's exact shapes")
+    p.add_argument("preset", help="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b or qwen2.5-7b")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_random)
+
+    p = subparsers.add_parser("nano", help="the shipped nano model")
+    p.add_argument("action", choices=["path"])
+    p.set_defaults(func=cmd_nano)

@@ -1,0 +1,158 @@
+"""The Qwen2 model configuration: one dataclass, read from any writer's config.json.
+
+Qwen2.5's own config.json keeps `rope_theta` at the top level; transformers 5 writes
+`rope_parameters: {rope_theta: ...}`. Both are read here, and only here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from qwenlab.errors import QwenlabError
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "float32"
+    # Anything else the source config held (e.g. a quantization section), kept for round trips.
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def validate(self, source: str = "config") -> "Qwen2Config":
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise QwenlabError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise QwenlabError(f"{source}: hidden_size {self.hidden_size} is not divisible by "
+                               f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise QwenlabError(f"{source}: num_attention_heads {self.num_attention_heads} is not divisible "
+                               f"by num_key_value_heads {self.num_key_value_heads}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise QwenlabError(f"{source}: field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config.json") -> "Qwen2Config":
+        if not isinstance(data, dict):
+            raise QwenlabError(f"{source}: expected a JSON object")
+        architectures = data.get("architectures") or []
+        model_type = data.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES or (architectures and architectures[0] not in SUPPORTED_ARCHITECTURES):
+            raise QwenlabError(
+                f"{source}: unsupported architecture {architectures or model_type!r}; "
+                f"qwenlab supports {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'qwen2')")
+        known = {f.name for f in fields(cls)} - {"extra", "rope_theta", "torch_dtype"}
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise QwenlabError(f"{source}: missing field(s) {', '.join(missing)}")
+        kwargs = {k: data[k] for k in known if k in data and data[k] is not None}
+        kwargs.setdefault("num_key_value_heads", data["num_attention_heads"])
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        rope_theta = data.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise QwenlabError(f"{source}: rope type '{rope_type}' is not supported (only default RoPE)")
+        dtype = data.get("torch_dtype") or data.get("dtype") or "float32"
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(rope_theta=float(rope_theta), torch_dtype=str(dtype), extra=extra, **kwargs).validate(source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Qwen2Config":
+        path = Path(path)
+        if not path.is_file():
+            raise QwenlabError(f"{path}: config.json not found")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QwenlabError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_hf_dict(self) -> dict:
+        """A config.json that transformers 4.4x and 5.x both read (rope_theta in both places)."""
+        data = dict(self.extra)
+        data.update({k: v for k, v in asdict(self).items() if k != "extra"})
+        data.pop("rope_parameters", None)
+        data.update({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+        })
+        data.setdefault("initializer_range", 0.02)
+        data.setdefault("use_cache", True)
+        return dict(sorted(data.items()))
+
+    def replace(self, **changes) -> "Qwen2Config":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Qwen2Config(**values).validate()
+
+    # ---- sizes ---------------------------------------------------------------
+    def parameter_count(self) -> int:
+        return self.embedding_parameters() * (1 if self.tie_word_embeddings else 2) + self.non_embedding_parameters()
+
+    def embedding_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def non_embedding_parameters(self) -> int:
+        h, i = self.hidden_size, self.intermediate_size
+        kv = self.num_key_value_heads * self.head_dim
+        attention = h * h + h + 2 * (h * kv + kv) + h * h  # q (+bias), k, v (+bias), o (no bias)
+        mlp = 3 * h * i
+        norms = 2 * h
+        return self.num_hidden_layers * (attention + mlp + norms) + h
+
+
+def _preset(layers, heads, kv_heads, hidden, intermediate, tie, context=32768) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=context, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=tie, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+
+
+# The exact shapes of the Qwen2.5 releases (from their config.json files).
+PRESETS: dict[str, Qwen2Config] = {
+    "qwen2.5-0.5b": _preset(24, 14, 2, 896, 4864, tie=True),
+    "qwen2.5-1.5b": _preset(28, 12, 2, 1536, 8960, tie=True),
+    "qwen2.5-3b": _preset(36, 16, 2, 2048, 11008, tie=True),
+    "qwen2.5-7b": _preset(28, 28, 4, 3584, 18944, tie=False, context=131072),
+}
+
+
+def get_preset(name: str) -> Qwen2Config:
+    key = name.lower()
+    if key not in PRESETS:
+        raise QwenlabError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
+    return PRESETS[key]

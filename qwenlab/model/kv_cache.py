@@ -1,0 +1,48 @@
+"""A preallocated key/value cache: allocated once per generation, written in place.
+
+Rows of a batch share slot indices (left padding aligns them); `valid` marks which slots hold
+real tokens, so padded slots are never attended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool)
+        self.capacity = capacity
+        self.length = 0  # slots [0, length) are filled
+        self.has_padding = False
+
+    @classmethod
+    def for_model(cls, config, batch: int, capacity: int, dtype: torch.dtype) -> "KVCache":
+        return cls(config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim, dtype)
+
+    def reserve(self, valid: torch.Tensor) -> int:
+        """Claim the next `valid.shape[1]` slots for a forward pass; returns the start slot."""
+        start, steps = self.length, valid.shape[1]
+        if start + steps > self.capacity:
+            raise ValueError(f"KV cache full: {start} + {steps} > capacity {self.capacity}")
+        self.valid[:, start:start + steps] = valid
+        if not bool(valid.all()):
+            self.has_padding = True
+        self.length = start + steps
+        return start
+
+    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v at [start, start+T) and return views of everything so far."""
+        end = start + keys.shape[2]
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+        self.valid.zero_()
+        self.has_padding = False

@@ -1,0 +1,48 @@
+"""Build a Qwen2ForCausalLM from a checkpoint folder, one tensor at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from qwenlab.checkpoint import Checkpoint, open_checkpoint
+from qwenlab.errors import QwenlabError
+from qwenlab.model.qwen2 import Qwen2ForCausalLM
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise QwenlabError(f"unknown dtype '{name}'; expected one of fp32, bf16, fp16") from None
+
+
+def load_model(path, dtype: str | torch.dtype = "fp32") -> Qwen2ForCausalLM:
+    """Load a checkpoint folder (or 'nano') into the model core, in `dtype`."""
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    if "quantization" in checkpoint.config.extra:
+        from qwenlab.quant import load_quantized_model  # quantized folders carry their own layout
+
+        return load_quantized_model(checkpoint)
+    return model_from_checkpoint(checkpoint, parse_dtype(dtype))
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(checkpoint.config)
+    state = {}
+    for name in model.state_dict():
+        state[name] = checkpoint.get(name).to(dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    # Buffers built on the meta device must be rebuilt on the CPU.
+    model.rotary = type(model.rotary)(checkpoint.config.head_dim, checkpoint.config.rope_theta)
+    return model.eval().requires_grad_(False)
+
+
+def check_dtype_supported(dtype: torch.dtype) -> None:
+    if dtype == torch.float16:
+        raise QwenlabError("fp16 is slow and imprecise on CPU; use fp32 or bf16")

@@ -1,0 +1,179 @@
+"""The Qwen2 architecture in plain PyTorch.
+
+Module and attribute names mirror Hugging Face's Qwen2ForCausalLM (model.layers.N.self_attn.q_proj,
+...), so a checkpoint's state dict loads with no name map and PEFT adapter keys line up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlab.model.config import Qwen2Config
+from qwenlab.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as Qwen2 does in bf16.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the 'rotate half' layout HF uses (first half / second half, not interleaved)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta ** exponent), persistent=False)
+        self._cos = self._sin = torch.empty(0)
+
+    def _grow(self, length: int) -> None:
+        positions = torch.arange(length, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        table = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin = table.cos(), table.sin()
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1
+        if needed > self._cos.shape[0]:
+            self._grow(max(needed, 2 * self._cos.shape[0], 256))
+        # [B, T, D] -> [B, 1, T, D] to broadcast over heads
+        return self._cos[positions].to(dtype)[:, None], self._sin[positions].to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.write(layer, start, k, v)
+        # GQA: each KV head serves num_heads / num_kv_heads query heads, without copying k/v.
+        causal = mask is None and t > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Body(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Body(config)
+        # A tied head reads embed_tokens.weight: no lm_head parameter exists (as in the file).
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache.for_model(self.config, batch, capacity, self.dtype)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for `tokens` [B, T].
+
+        positions: RoPE positions [B, T] (default 0..T-1 after what the cache holds).
+        valid: [B, T] bool, False for left-padding tokens (only needed with padding).
+        last_only: compute the head for the last position only (prefill in generation).
+        """
+        b, t = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + t).expand(b, t)
+        if valid is None:
+            valid = torch.ones(b, t, dtype=torch.bool)
+        if cache is not None:
+            cache.reserve(valid)
+        mask = self._attention_mask(valid, cache, start)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary(positions, x.dtype)
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, index, start)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return F.linear(x, self.head_weight)
+
+    @staticmethod
+    def _attention_mask(valid: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor | None:
+        """None when plain causal attention is right; else a [B, 1, T, S] boolean mask."""
+        b, t = valid.shape
+        padded = cache.has_padding if cache is not None else not bool(valid.all())
+        if not padded and start == 0:
+            return None  # SDPA's is_causal (or full attention for T = 1)
+        if not padded and t == 1:
+            return None  # one new token attends to every cached slot
+        slots_valid = cache.valid[:, : start + t] if cache is not None else valid
+        query_slot = torch.arange(start, start + t)[:, None]
+        key_slot = torch.arange(start + t)[None, :]
+        allowed = (key_slot <= query_slot)[None] & slots_valid[:, None, :]
+        # A padding query would attend nothing (NaN); let every slot see itself.
+        allowed |= (key_slot == query_slot)[None]
+        return allowed[:, None]
