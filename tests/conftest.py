@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
 def build_tokenizer(folder: Path, vocab_size: int = 300) -> None:
-    """A byte-level BPE with Qwen's special tokens and ChatML template, like a Qwen2 tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A Qwen2-style byte-level BPE with Qwen's special tokens and the Qwen2.5 ChatML template."""
+    from qwenlab.nano.tokenizer_build import train_qwen_style_bpe, write_tokenizer_folder
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = ["What is 12 + 7? The answer is 19.", "Reverse the word: apple", "hello world"] * 20
-    tok.train_from_iterator(corpus, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "bos_token": None, "model_max_length": 512, "chat_template": QWEN_CHAT_TEMPLATE,
-              "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False,
-                                       "rstrip": False, "normalized": False, "single_word": False}
-                                       for t in SPECIAL_TOKENS}}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer_folder(train_qwen_style_bpe(corpus, vocab_size - 3), folder, model_max_length=256)
 
 
 def build_hf_model(folder: Path, *, vocab_size=320, hidden=48, intermediate=80, layers=3, heads=6, kv_heads=2,

@@ -1,0 +1,117 @@
+"""Generation behaviour: batching with left padding, sampling, stop strings, context limits, streaming."""
+
+import pytest
+import torch
+
+from qwenlab.errors import QwenlabError
+from qwenlab.model import GenerationConfig, generate, load_model, load_tokenizer, stream_generate
+from qwenlab.model.generate import generate_token_ids
+from qwenlab.model.sampling import apply_repetition_penalty, apply_top_k, apply_top_p
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def run_ids(model, prompts, **kw):
+    rows = [[] for _ in prompts]
+    for step in generate_token_ids(model, prompts, GenerationConfig(**kw), stop_ids=set()):
+        for row, token in enumerate(step):
+            if token is not None:
+                rows[row].append(token)
+    return rows
+
+
+def test_batched_left_padding_equals_one_by_one(model):
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20]]
+    batched = run_ids(model, prompts, max_new_tokens=12)
+    single = [run_ids(model, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == single
+
+
+def test_batched_sampling_with_padding_has_no_nan(model):
+    rows = run_ids(model, [[1, 2], [3, 4, 5, 6, 7, 8]], max_new_tokens=8, temperature=1.0, seed=0)
+    assert all(len(r) == 8 for r in rows)
+
+
+def test_seed_makes_sampling_deterministic(model):
+    a = run_ids(model, [[5, 6, 7]], max_new_tokens=15, temperature=1.5, seed=123)
+    b = run_ids(model, [[5, 6, 7]], max_new_tokens=15, temperature=1.5, seed=123)
+    c = run_ids(model, [[5, 6, 7]], max_new_tokens=15, temperature=1.5, seed=124)
+    assert a == b and a != c
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    greedy = run_ids(model, [[5, 6, 7]], max_new_tokens=10)
+    assert run_ids(model, [[5, 6, 7]], max_new_tokens=10, temperature=1.0, top_k=1, seed=3) == greedy
+    assert run_ids(model, [[5, 6, 7]], max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=3) == greedy
+
+
+def test_sampling_filters_match_transformers_processors():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 2, 3], [4, 4, 5], [0, 49, 7]])
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+    assert torch.equal(apply_top_k(logits, 7), TopKLogitsWarper(7)(ids, logits.clone()))
+    assert torch.equal(apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(ids, logits.clone()))
+
+
+def test_repetition_penalty_changes_greedy_output(model):
+    plain = run_ids(model, [[5, 6, 7]], max_new_tokens=20)
+    penalised = run_ids(model, [[5, 6, 7]], max_new_tokens=20, repetition_penalty=5.0)
+    assert plain != penalised
+
+
+def test_stop_string_truncates_text_and_sets_finish_reason(model, tokenizer):
+    full = generate(model, tokenizer, ["hello"], GenerationConfig(max_new_tokens=20), stop_ids=set())[0]
+    assert full.finish_reason == "length" and len(full.text) > 4
+    stop = full.text[2:4]
+    cut = generate(model, tokenizer, ["hello"], GenerationConfig(max_new_tokens=20, stop=(stop,)), stop_ids=set())[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_stop_token_ends_generation(model, tokenizer):
+    ids = run_ids(model, [[5, 6, 7]], max_new_tokens=10)[0]
+    stop_token = ids[3]
+    first = ids.index(stop_token)
+    out = generate(model, tokenizer, [tokenizer.decode([5, 6, 7])], GenerationConfig(max_new_tokens=10),
+                   stop_ids={stop_token})[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) <= first
+
+
+def test_streaming_concatenates_to_the_full_text(model, tokenizer):
+    ids = [tokenizer.encode("What is 12 + 7?")]
+    results = []
+    events = list(stream_generate(model, tokenizer, ids, GenerationConfig(max_new_tokens=16), set(), results))
+    assert "".join(e.text for e in events) == results[0].text
+    assert events[-1].finish_reason == "length" and sum(e.finish_reason is not None for e in events) == 1
+
+
+def test_context_limit_errors_or_truncates(model):
+    long_prompt = list(range(1, 40))
+    with pytest.raises(QwenlabError, match="context window is 32"):
+        run_ids(model, [long_prompt], max_new_tokens=4, max_context=32)
+    out = run_ids(model, [long_prompt], max_new_tokens=4, max_context=32, truncate_prompt=True)[0]
+    assert out == run_ids(model, [long_prompt[-28:]], max_new_tokens=4)[0]
+
+
+def test_generation_stops_at_the_context_window(model):
+    out = run_ids(model, [[1, 2, 3, 4]], max_new_tokens=100, max_context=10)[0]
+    assert len(out) == 6
+
+
+def test_bad_generation_settings_are_rejected(model):
+    for kw in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=-2)):
+        with pytest.raises(QwenlabError):
+            run_ids(model, [[1]], **kw)
