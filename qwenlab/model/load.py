@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from qwenlab.checkpoint import Checkpoint, open_checkpoint
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
 
@@ -23,6 +22,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def load_model(path, dtype: str | torch.dtype = "fp32") -> Qwen2ForCausalLM:
     """Load a checkpoint folder (or 'nano') into the model core, in `dtype`."""
+    # Imported here: qwenlab.checkpoint depends on qwenlab.model.config, not the other way round.
+    from qwenlab.checkpoint.reader import Checkpoint, open_checkpoint
+
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     if "quantization" in checkpoint.config.extra:
         from qwenlab.quant import load_quantized_model  # quantized folders carry their own layout
@@ -31,7 +33,7 @@ def load_model(path, dtype: str | torch.dtype = "fp32") -> Qwen2ForCausalLM:
     return model_from_checkpoint(checkpoint, parse_dtype(dtype))
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen2ForCausalLM:
+def model_from_checkpoint(checkpoint, dtype: torch.dtype) -> Qwen2ForCausalLM:
     with torch.device("meta"):
         model = Qwen2ForCausalLM(checkpoint.config)
     state = {}
