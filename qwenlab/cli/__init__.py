@@ -15,6 +15,8 @@ from qwenlab.errors import QwenlabError
 # One line per capability: a module with `register(subparsers)`.
 COMMAND_MODULES = [
     "qwenlab.cli.model_commands",
+    "qwenlab.cli.eval_commands",
+    "qwenlab.cli.recipe_commands",
 ]
 
 
