@@ -138,9 +138,13 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, vocab_si
 
 
 def _corpus_for_tokenizer(examples) -> list[str]:
-    texts = [m[0]["content"] + " " + answer for m, answer in examples]
-    template = Path(__file__).with_name("chat_template.jinja").read_text()
-    return texts + [template, "system user assistant You are Qwen, created by Alibaba Cloud. You are a helpful assistant."]
+    """The rendered chats themselves, so the template's words become single tokens."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        Path(__file__).with_name("chat_template.jinja").read_text())
+    return [template.render(messages=m + [{"role": "assistant", "content": a}], add_generation_prompt=False)
+            for m, a in examples]
 
 
 def save(model: Qwen2ForCausalLM, config: Qwen2Config, tokenizer_dir: Path, out: Path, training: dict) -> None:
@@ -162,11 +166,11 @@ def save(model: Qwen2ForCausalLM, config: Qwen2Config, tokenizer_dir: Path, out:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     result = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.vocab_size, args.threads)
