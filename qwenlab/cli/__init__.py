@@ -17,6 +17,14 @@ COMMAND_MODULES = [
     "qwenlab.cli.model_commands",
     "qwenlab.cli.eval_commands",
     "qwenlab.cli.recipe_commands",
+    "qwenlab.cli.merge_commands",
+    "qwenlab.cli.adapter_commands",
+    "qwenlab.cli.train_commands",
+    "qwenlab.cli.serve_commands",
+    "qwenlab.cli.grpo_commands",  # after train_commands: adds `train grpo`
+    "qwenlab.cli.swarm_commands",
+    "qwenlab.cli.measure_commands",  # ls, compare, card, merge-search
+    "qwenlab.cli.quant_commands",
 ]
 
 

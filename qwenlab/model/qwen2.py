@@ -21,6 +21,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same sums, one call
         # Normalise in fp32 and cast back before the weight, exactly as Qwen2 does in bf16.
         dtype = x.dtype
         x32 = x.float()
@@ -59,6 +61,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
+        self.qkv_proj: nn.Module | None = None  # optional fused q|k|v (quantized models): one matmul, not three
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
@@ -68,11 +71,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.qkv_proj is not None:  # fused: q and k heads are adjacent, so one RoPE covers both
+            qkv = self.qkv_proj(x)
+            qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
+            qk = qkv[..., :qk_width].view(b, t, -1, self.head_dim).transpose(1, 2)
+            q, k = (qk * cos + rotate_half(qk) * sin).split((self.num_heads, self.num_kv_heads), dim=1)
+            v = qkv[..., qk_width:].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
         # GQA: each KV head serves num_heads / num_kv_heads query heads, without copying k/v.
@@ -85,12 +95,16 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
+        self.gate_up_proj: nn.Module | None = None  # optional fused gate|up (quantized models)
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -126,7 +140,8 @@ class Qwen2ForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activation (and KV cache) dtype; read from a norm, which quantized models keep in float."""
+        return self.model.norm.weight.dtype
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -159,7 +174,8 @@ class Qwen2ForCausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
-        return F.linear(x, self.head_weight)
+        # lm_head is None when tied (Qwen2.5 0.5B-3B); quantized models set it to the shared quantized table.
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.model.embed_tokens.weight)
 
     @staticmethod
     def _attention_mask(valid: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor | None:

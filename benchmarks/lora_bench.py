@@ -1,0 +1,115 @@
+"""LoRA SFT speed and memory on the CPU: tokens/s and peak RSS of `qwenlab train sft` (TRL + PEFT).
+
+    python benchmarks/lora_bench.py [--models nano,qwen2.5-0.5b] [--steps 6] [--batch-size 8] [--threads 2]
+
+Each model trains in its own subprocess (so peak RSS is that run's alone) on chat prompt/completion
+data from the arithmetic task, LoRA r 16 / alpha 32 on all linears, fp32, logging every step.
+tokens/s counts non-padding input tokens over the steps after the first (warm-up excluded).
+A preset name (qwen2.5-0.5b) is a random-weight model of that exact shape, written once with
+`qwenlab random` into --work-dir: the same cost per token as the real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def child(model: str, work: Path, steps: int, batch_size: int, threads: int) -> dict:
+    """Runs in the subprocess: one short SFT run; prints a JSON line of figures."""
+    from qwenlab.adapters import read_adapter
+    from qwenlab.checkpoint import open_checkpoint
+    from qwenlab.train import TrainConfig, train_sft
+    from qwenlab.train.data import sft_records_from_task, write_jsonl
+
+    records = sft_records_from_task("arithmetic", steps * batch_size, seed=7)
+    data = write_jsonl(records, work / f"{Path(model).name}.jsonl", force=True)
+    config = TrainConfig(base=model, data=str(data), out=str(work / f"{Path(model).name}-lora"), steps=steps,
+                         batch_size=batch_size, logging_steps=1, save_steps=0, save_total_limit=1, val_fraction=0.0,
+                         threads=threads, progress=False, force=True)
+    started = time.time()
+    result = train_sft(config)
+    wall = time.time() - started
+    logs = [e for e in result.log_history if "loss" in e and "train_runtime" in e]
+    first, last = logs[0], logs[-1]
+    steady_tokens = last["num_input_tokens_seen"] - first["num_input_tokens_seen"]
+    steady_seconds = last["train_runtime"] - first["train_runtime"]
+    adapter = read_adapter(config.out)
+    return {
+        "model": model,
+        "params_m": round(open_checkpoint(model).config.parameter_count() / 1e6, 1),
+        "lora_params_m": round(sum(a.numel() + b.numel() for a, b in adapter.modules.values()) / 1e6, 2),
+        "steps": result.steps,
+        "tokens_per_step": round(last["num_input_tokens_seen"] / result.steps),
+        "tokens_per_s": round(steady_tokens / steady_seconds, 1),
+        "s_per_step": round(steady_seconds / (len(logs) - 1), 2),
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def model_folder(name: str, work: Path, tokenizer_from: str) -> str:
+    """A folder for `name`: itself, or a random-weight model of a preset's shape with a real tokenizer."""
+    from qwenlab.checkpoint import copy_tokenizer_files, resolve_model_path
+    from qwenlab.model.config import PRESETS
+
+    if name.lower() not in PRESETS:
+        return name
+    folder = work / name
+    if not (folder / "config.json").is_file():
+        done = subprocess.run(["qwenlab", "random", name, str(folder)], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"qwenlab random {name}: {done.stderr.strip()}")
+    if not (folder / "tokenizer.json").is_file():
+        copy_tokenizer_files(resolve_model_path(tokenizer_from), folder)
+    return str(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="nano,qwen2.5-0.5b")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwenlab-lora-bench")
+    parser.add_argument("--tokenizer-from", default="nano", help="tokenizer for random-weight preset models")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.work_dir, args.steps, args.batch_size, args.threads)))
+        return
+    rows = []
+    for name in args.models.split(","):
+        folder = model_folder(name.strip(), args.work_dir, args.tokenizer_from)
+        command = [sys.executable, __file__, "--child", folder, "--steps", str(args.steps), "--batch-size",
+                   str(args.batch_size), "--threads", str(args.threads), "--work-dir", str(args.work_dir)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if done.returncode or line is None:
+            sys.exit(f"{name}: benchmark run failed:\n{done.stderr[-3000:]}")
+        rows.append({**json.loads(line[7:]), "model": name})
+        print(f"{name}: done", file=sys.stderr)
+    print(f"LoRA SFT (TRL {_version('trl')}, PEFT {_version('peft')}, torch {_version('torch')}), r 16 on all "
+          f"linears, fp32, batch {args.batch_size}, {args.threads} threads\n")
+    print("| model | params (M) | LoRA params (M) | steps | tokens/step | tokens/s | s/step | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params_m']} | {r['lora_params_m']} | {r['steps']} | {r['tokens_per_step']} | "
+              f"{r['tokens_per_s']} | {r['s_per_step']} | {r['peak_rss_mib']} |")
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Serving under load: throughput and TTFT of `qwenlab serve` with 1, 8 and 32 concurrent clients.
+
+    python benchmarks/serve_bench.py [--models nano,qwen2.5-0.5b] [--clients 1,8,32] [--max-tokens 32]
+                                     [--prompt-tokens 64] [--rounds 2] [--threads 1] [--max-prefill-tokens N]
+                                     [--work-dir DIR] [--out rows.json]
+
+For each model, two servers in turn (subprocesses of `qwenlab serve` on loopback):
+  base    the base alone; every request asks for the base;
+  mixed8  the base with 8 random LoRA adapters (r=8, alpha 16, all linear layers, PEFT format);
+          client i asks for adapter i mod 8, so every batch mixes adapters.
+Each client (the official `openai` AsyncOpenAI client, streaming /v1/completions) sends `rounds`
+requests one after the other: a random prompt of --prompt-tokens tokens, --max-tokens new tokens
+(greedy, ignore_eos, so every request generates exactly that many).
+  tokens/s  completion tokens of all requests / wall time of the phase (first send to last byte)
+  TTFT      send -> first streamed text, per request; p50 and p95
+The load generator shares the CPU with the server, as a co-located client would.
+
+Models: 'nano' is the shipped nano when built, else a random model of nano's shape; a preset
+(qwen2.5-0.5b) is written once with `qwenlab random PRESET DIR` (same cost per token as the real
+model). Random folders get a word-level tokenizer over the model's whole vocabulary, so every id a
+random model emits decodes to text (a BPE of a few hundred tokens would decode most ids to nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ADAPTERS = 8
+
+
+# ---- model folders ------------------------------------------------------------------------------
+def write_wordlevel_tokenizer(folder: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {f"w{i}": i for i in range(vocab_size - len(specials))}
+    vocab.update({s: vocab_size - len(specials) + i for i, s in enumerate(specials)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.Metaspace()  # joins words with spaces
+    tokenizer.add_special_tokens(specials)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+
+
+def prepare_model(name: str, work: Path) -> Path:
+    from qwenlab.checkpoint import open_checkpoint
+
+    if name == "nano":
+        try:
+            from qwenlab.nano import nano_path
+
+            return nano_path()
+        except Exception:
+            folder = work / "nano-shape"
+            if not (folder / "config.json").is_file():
+                from qwenlab.checkpoint.random_model import write_random_model
+                from qwenlab.nano.train import nano_config
+
+                write_random_model(nano_config(512), folder, progress=False)
+    else:
+        folder = work / name
+        if not (folder / "config.json").is_file():
+            subprocess.run([sys.executable, "-m", "qwenlab", "random", name, str(folder)], check=True)
+    write_wordlevel_tokenizer(folder, open_checkpoint(folder).config.vocab_size)
+    return folder
+
+
+def write_random_adapters(model: Path, work: Path, rank: int = 8) -> dict[str, Path]:
+    """ADAPTERS PEFT adapters with random A and B (B non-zero, so each really changes the model)."""
+    import torch
+
+    from qwenlab.adapters import LoraAdapter, write_adapter
+    from qwenlab.checkpoint import open_checkpoint
+
+    config = open_checkpoint(model).config
+    h, kv, inter = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+              "mlp.down_proj": (h, inter)}
+    out = {}
+    for index in range(ADAPTERS):
+        folder = work / f"{model.name}-lora{index}"
+        if not (folder / "adapter_config.json").is_file():
+            g = torch.Generator().manual_seed(index)
+            modules = {f"model.layers.{layer}.{m}": (torch.randn(rank, i, generator=g) * 0.02,
+                                                     torch.randn(o, rank, generator=g) * 0.02)
+                       for layer in range(config.num_hidden_layers) for m, (o, i) in shapes.items()}
+            write_adapter(LoraAdapter(modules=modules, alpha=2 * rank), folder, force=True)
+        out[f"lora{index}"] = folder
+    return out
+
+
+# ---- one server --------------------------------------------------------------------------------------
+def start_server(model: Path, adapters: dict[str, Path], port: int, threads: int | None,
+                 prefill_tokens: int | None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "qwenlab", "serve", str(model), "--served-model-name", "base", "--port", str(port),
+               "--max-batch", "32", "--max-concurrency", "512"]
+    command += [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
+    command += ["--threads", str(threads)] if threads else []
+    command += ["--max-prefill-tokens", str(prefill_tokens)] if prefill_tokens else []
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+async def one_request(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(TTFT in s, completion tokens) of one streamed completion."""
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - started
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return ttft if ttft is not None else float("nan"), tokens
+
+
+async def run_phase(port: int, clients: int, rounds: int, models: list[str], prompt_tokens: int, max_tokens: int,
+                    vocab: int, seed: int) -> dict:
+    import openai
+
+    rng = random.Random(seed)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=3600)
+
+    def prompt() -> str:
+        return " ".join(f"w{rng.randrange(vocab - 3)}" for _ in range(prompt_tokens))
+
+    async def one_client(index: int) -> list[tuple[float, int]]:
+        return [await one_request(client, models[index % len(models)], prompt(), max_tokens) for _ in range(rounds)]
+
+    await one_request(client, models[0], prompt(), 2)  # warm-up: first-call allocations, connection
+    started = time.perf_counter()
+    results = [r for per_client in await asyncio.gather(*(one_client(i) for i in range(clients))) for r in per_client]
+    wall = time.perf_counter() - started
+    await client.close()
+    ttfts = sorted(t for t, _ in results)
+    tokens = sum(n for _, n in results)
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": round(statistics.median(ttfts), 3),
+            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_model(name: str, args, work: Path) -> list[dict]:
+    from qwenlab.checkpoint import open_checkpoint
+
+    folder = prepare_model(name, work)
+    vocab = open_checkpoint(folder).config.vocab_size
+    adapters = write_random_adapters(folder, work)
+    rows = []
+    for mode, served in (("base", {}), (f"mixed{ADAPTERS}", adapters)):
+        port = free_port()
+        server = start_server(folder, served, port, args.threads, args.max_prefill_tokens)
+        try:
+            for clients in args.clients:
+                asked = list(served) or ["base"]
+                row = asyncio.run(run_phase(port, clients, args.rounds, asked, args.prompt_tokens, args.max_tokens,
+                                            vocab, seed=clients))
+                rows.append({"model": name, "mode": mode, **row})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | mode | clients | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']} "
+                     f"| {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} |")
+    rate = {(r["model"], r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
+    lines.append("")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for clients in sorted({c for m, _, c in rate if m == model}):
+            base, mixed = rate.get((model, "base", clients)), rate.get((model, f"mixed{ADAPTERS}", clients))
+            if base and mixed:
+                lines.append(f"- {model}, {clients} clients: mixed{ADAPTERS} / base throughput = {mixed / base:.2f} "
+                             "(target >= 0.8)")
+        for mode in ("base", f"mixed{ADAPTERS}"):
+            one, eight = rate.get((model, mode, 1)), rate.get((model, mode, 8))
+            if one and eight:
+                lines.append(f"- {model}, {mode}: 8 clients / 1 client throughput = {eight / one:.2f} (target >= 3)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="nano,qwen2.5-0.5b")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after the other")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the server's prefill budget per step")
+    parser.add_argument("--work-dir", default=str(Path(tempfile_dir()) / "qwenlab-serve-bench"))
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [row for name in args.models.split(",") for row in bench_model(name, args, work)]
+    print()
+    print(table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Measure and choose: speed bench, task accuracy, comparisons and model cards."""

@@ -1,0 +1,107 @@
+"""`qwenlab train grpo` (also `qwenlab grpo`): LoRA GRPO on verifiable tasks.
+
+The flags are the fields of qwenlab.train.grpo.GRPOConfig (`learning_rate` -> `--learning-rate`),
+so the CLI and the library cannot drift. `grpo` joins the `train` verb that train_commands.py
+registers when that module is listed before this one in COMMAND_MODULES; the top-level `grpo`
+alias works regardless of the order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import fields
+
+HELP = {
+    "model": "base model folder or 'nano'", "tasks": "comma-separated task names",
+    "difficulty": "task difficulty (default: each task's default)", "steps": "optimizer steps",
+    "batch": "prompts per step", "num_generations": "completions per prompt (the group size G)",
+    "beta": "KL weight towards the base model (0: no reference pass, TRL's default)",
+    "epsilon": "ratio clip range", "init_adapter": "start from this PEFT adapter folder",
+    "micro_batch": "rows per forward/backward pass", "save_every": "checkpoint every N steps/rounds",
+    "threads": "torch CPU threads (default: torch's choice)",
+}
+
+
+def _flag_type(annotation):
+    """(argparse type, is_list) for a dataclass field annotation such as `int | None` or `list[str]`."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"list": list, "str": str, "int": int, "float": float, "bool": bool})
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def add_dataclass_flags(parser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """One --flag per field of dataclass `cls` (bools become --flag / --no-flag)."""
+    instance = cls()
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = (defaults or {}).get(f.name, getattr(instance, f.name))
+        kind, is_list = _flag_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        text = HELP.get(f.name, f.name.replace("_", " "))
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif is_list:
+            parser.add_argument(flag, dest=f.name, default=",".join(map(str, default)),
+                                help=f"{text} (comma-separated; default: %(default)s)")
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"{text} (default: %(default)s)")
+
+
+def dataclass_from_args(cls, args, skip: tuple[str, ...] = (), **extra):
+    values = {}
+    for f in fields(cls):
+        if f.name in skip or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        kind, is_list = _flag_type(f.type)
+        if is_list and isinstance(value, str):
+            value = [kind(v.strip()) for v in value.split(",") if v.strip()]
+        values[f.name] = value
+    return cls(**values, **extra)
+
+
+def cmd_grpo(args) -> int:
+    from qwenlab.train.grpo import GRPOConfig, run_grpo
+
+    config = dataclass_from_args(GRPOConfig, args).validate()
+    result = run_grpo(config, args.out, resume=args.resume)
+    print(f"{args.out}: {result['steps']} steps, reward {result['first_reward']} -> {result['last_reward']}; "
+          f"adapter {result['adapter']}; curve {args.out}/rewards.png")
+    return 0
+
+
+def add_grpo_parser(kinds, name: str = "grpo"):
+    from qwenlab.train.grpo import GRPOConfig
+
+    p = kinds.add_parser(name, help="GRPO on verifiable tasks (rewards from qwenlab.tasks)",
+                         description="LoRA GRPO: G sampled completions per task prompt, scored by the task's "
+                                     "verifier, group-relative advantages, TRL's loss. Writes OUT/adapter, "
+                                     "OUT/checkpoint (resumable), OUT/rewards.jsonl and OUT/rewards.png.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT/checkpoint when it exists (default: yes)")
+    add_dataclass_flags(p, GRPOConfig)
+    p.set_defaults(func=cmd_grpo, kind="grpo")
+    return p
+
+
+def _subcommands_of(parser):
+    for action in parser._actions:  # argparse keeps sub-commands in a _SubParsersAction
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def register(subparsers) -> None:
+    train = subparsers.choices.get("train")
+    kinds = _subcommands_of(train) if train is not None else None
+    if kinds is not None and "grpo" not in kinds.choices:
+        add_grpo_parser(kinds)
+    add_grpo_parser(subparsers)

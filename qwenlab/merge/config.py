@@ -1,0 +1,148 @@
+"""The merge config: mergekit's YAML schema as a pydantic model, validated at the edge.
+
+A bad config fails with one line naming the YAML path of the field and what was expected,
+e.g. `merge config: models[1].parameters.weight: expected a number, a list of numbers, ...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from qwenlab.errors import QwenlabError
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class _Strict(BaseModel):
+    # A misspelt key (e.g. `paramters`) must fail, not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConditionalValue(_Strict):
+    """`{filter: self_attn, value: 0.5}`: the value for tensors whose name contains `filter`."""
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+# A scalar, a gradient (list of numbers interpolated across layers), or filtered values.
+ParameterSetting = Union[ConditionalValue, list[ConditionalValue], ScalarOrGradient]
+Parameters = Optional[dict[str, ParameterSetting]]
+
+
+class ModelInput(_Strict):
+    model: str
+    parameters: Parameters = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = None
+
+
+class OutputSlice(_Strict):
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None  # accepted for mergekit compatibility; unused there too
+    parameters: Parameters = None
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    models: Optional[list[ModelInput]] = None
+    slices: Optional[list[OutputSlice]] = None
+    base_model: Optional[str] = None
+    parameters: Parameters = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None  # "base", "union", or a model path
+    chat_template: Optional[str] = None
+    name: Optional[str] = None  # mergekit-multi's document name; ignored
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "MergeConfig":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("exactly one of 'models' or 'slices' must be given (and not empty)")
+        for index, output_slice in enumerate(self.slices or []):
+            if not output_slice.sources:
+                raise ValueError(f"slices[{index}].sources is empty")
+        return self
+
+    def model_paths(self) -> list[str]:
+        """Every model the config names, base first, each once, in config order."""
+        paths = [self.base_model] if self.base_model else []
+        for entry in self.models or []:
+            paths.append(entry.model)
+        for output_slice in self.slices or []:
+            paths.extend([output_slice.base_model] if output_slice.base_model else [])
+            paths.extend(source.model for source in output_slice.sources)
+        return list(dict.fromkeys(paths))
+
+
+_UNION_TAGS = ("ConditionalValue", "list[", "bool", "int", "float", "str", "tuple[", "function-")
+
+
+def yaml_path(location: tuple) -> str:
+    """('models', 1, 'parameters', 'weight', 'float') -> 'models[1].parameters.weight'."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not any(str(part).startswith(tag) for tag in _UNION_TAGS):
+            path += ("." if path else "") + str(part)
+    return path or "(top level)"
+
+
+def _describe(error: dict) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    if "parameters" in [p for p in error["loc"] if isinstance(p, str)]:
+        return ("expected a number, true/false, a list of numbers (a gradient), "
+                "or a list of {filter, value} entries")
+    return str(error["msg"]).lower()
+
+
+def validation_message(error: ValidationError, source: str) -> str:
+    """One line for the most specific of pydantic's errors (a union reports one per member)."""
+    errors = error.errors()
+    best = max(errors, key=lambda e: (e["type"] == "extra_forbidden", len(yaml_path(e["loc"]))))
+    location = yaml_path(best["loc"])
+    if location == "(top level)":
+        return f"{source}: {_describe(best)}"
+    return f"{source}: {location}: {_describe(best)}"
+
+
+def load_merge_config(config: "MergeConfig | dict | str | Path") -> MergeConfig:
+    """A MergeConfig from itself, a dict, or a YAML file path."""
+    if isinstance(config, MergeConfig):
+        return config
+    source = "merge config"
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise QwenlabError(f"{path}: no such merge config file")
+        source = str(path)
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise QwenlabError(f"{source}: expected a mapping with merge_method and models or slices")
+    try:
+        return MergeConfig.model_validate(config)
+    except ValidationError as e:
+        raise QwenlabError(validation_message(e, source)) from None
+
+
+def config_as_dict(config: MergeConfig) -> dict[str, Any]:
+    return config.model_dump(exclude_none=True, mode="json")

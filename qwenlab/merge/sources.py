@@ -1,0 +1,109 @@
+"""Merge inputs: anything with a Checkpoint's interface (`path`, `config`, `generation_config`,
+`tensor_names`, `shape`, `get`). A future "base + LoRA adapter" input needs only these members.
+
+Checkpoint folders are memory-mapped here (zero-copy reads), and a tensor's pages are dropped
+from the process after use (`release`, or the next read from that file): mapped pages otherwise
+stay resident, and a streaming merge would show every input's full size as its peak memory.
+Dropping is safe on a file mapping: a later access reads the same bytes again.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from qwenlab.checkpoint import Checkpoint, open_checkpoint
+from qwenlab.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from qwenlab.checkpoint.safetensors_file import read_header
+from qwenlab.errors import QwenlabError
+from qwenlab.model.config import Qwen2Config
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+class TensorSource(Protocol):
+    path: Path
+    config: Qwen2Config
+    generation_config: dict
+
+    def tensor_names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class _MappedFile:
+    """One safetensors file mapped copy-on-write (writable for torch, never written back)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (header_bytes,) = struct.unpack("<Q", f.read(8))
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.data_start = 8 + header_bytes
+        self.header = read_header(path)
+        self.last_range: tuple[int, int] | None = None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise QwenlabError(f"{self.path}: tensor '{name}' has dtype {info['dtype']}; only float tensors merge")
+        start, end = (self.data_start + offset for offset in info["data_offsets"])
+        self.release()
+        self.last_range = (start, end)
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(self.map, dtype=dtype, count=count, offset=start).reshape(info["shape"])
+
+    def release(self) -> None:
+        """Drop the pages of the tensor read last from the resident set (the page cache keeps them)."""
+        if self.last_range is None:
+            return
+        start, end = self.last_range
+        aligned = start - start % mmap.PAGESIZE
+        self.map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+        self.last_range = None
+
+
+class MappedCheckpoint:
+    """A validated Checkpoint read through our own mappings, so used pages can be released."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.path = checkpoint.path
+        self.config = checkpoint.config
+        self.generation_config = checkpoint.generation_config
+        self._files = {file.name: _MappedFile(file) for file in self._shard_files()}
+        self._where = {name: file for file in self._files.values() for name in file.header}
+
+    def _shard_files(self) -> list[Path]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [self.path / name for name in sorted(set(weight_map.values()))]
+        return [self.path / SINGLE_FILE]
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.checkpoint.shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            return self.checkpoint.get(name)  # raises the checkpoint's own "not found" error
+        return self._where[name].tensor(name)
+
+    def release(self) -> None:
+        """Drop the pages of the tensors read so far from the resident set."""
+        for file in self._files.values():
+            file.release()
+
+
+def open_model_source(path: str | Path) -> MappedCheckpoint:
+    """The default way a merge opens a model named in the config."""
+    return MappedCheckpoint(open_checkpoint(path))

@@ -1,0 +1,192 @@
+"""qwenlab's own int8/int4 matmul kernel (AVX-512 VNNI), compiled on first use, called through ctypes.
+
+Why our own: PyTorch's CPU kernels are per-channel for int8 (`_weight_int8pack_mm`) and dequantize
+int4 to floating point before multiplying (`_weight_int4pack_mm_for_cpu`). This kernel quantizes
+the activations to int8 per 32 values (as llama.cpp does) and multiplies with VNNI integer dot
+products, group-wise for both widths; benchmarks/speed_bench.py shows what each buys.
+
+The source is compiled once per machine with the system C++ compiler (the same requirement as
+torch.compile on CPU) into ~/.cache/qwenlab/kernels; without a compiler, or on a CPU without
+AVX-512 VNNI, `available()` is False and the layers fall back to PyTorch's kernels.
+Set QWENLAB_NATIVE=0 to disable it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("qmatmul.cpp")
+FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
+         "-fopenmp", "-shared", "-fPIC"]
+ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
+ROW_GROUP = 64  # 4 row blocks interleaved per 32-column block: one sequential stream per thread
+ACT_BLOCK = 32  # activations are quantized in blocks of 32 values
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QWENLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwenlab")
+    return Path(root) / "kernels"
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512_vnni", "f16c"))
+
+
+def _build() -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"libqwenlab_qmatmul-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], check=True, capture_output=True, timeout=300)
+        os.replace(out, target)  # atomic: concurrent first uses never load a half-written file
+    return target
+
+
+class _Library:
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.qwenlab_gemm_int8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i32]
+        lib.qwenlab_gemm_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, i32]
+        lib.qwenlab_gemm_int8.restype = lib.qwenlab_gemm_int4.restype = None
+        self.gemm_int8, self.gemm_int4 = lib.qwenlab_gemm_int8, lib.qwenlab_gemm_int4
+        self.path = path
+
+
+_status = {"reason": None}
+
+
+@lru_cache(maxsize=1)
+def library() -> _Library | None:
+    if os.environ.get("QWENLAB_NATIVE", "1") == "0":
+        _status["reason"] = "disabled by QWENLAB_NATIVE=0"
+        return None
+    if not _cpu_has_vnni():
+        _status["reason"] = "this CPU lacks AVX-512 VNNI"
+        return None
+    try:
+        return _Library(_build())
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        _status["reason"] = f"could not build the kernel ({e}; {detail.decode(errors='replace')[:200]})"
+        return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _status["reason"]
+
+
+def supports(out_features: int, in_features: int, group_size: int) -> bool:
+    return in_features % ACT_BLOCK == 0 and group_size % ACT_BLOCK == 0 and in_features % group_size == 0
+
+
+def padded_rows(n: int) -> int:
+    return -(-n // ROW_GROUP) * ROW_GROUP
+
+
+def pad_rows(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    extra = padded_rows(t.shape[0]) - t.shape[0]
+    return t if extra == 0 else torch.cat((t, t.new_full((extra, *t.shape[1:]), fill)))
+
+
+# ---- packing (stored format -> kernel layout), pure tensor reshapes ------------------------------
+# Rows r = 64 * group + 16 * block + lane; columns k = 32 * kb + 4 * quad + i (int8), or
+# k = 32 * kb + 8 * octet + 4 * half + i (int4). Within a row group: [kb][quad or octet][block][lane][i].
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> uint8 [N/64, K/32, 8, 4, 16, 4] holding q + 128 (VNNI multiplies u8 by s8)."""
+    u = pad_rows(q.to(torch.int8).contiguous()).view(torch.uint8) ^ 0x80  # q + 128 as u8, no int16 copy
+    n, k = u.shape
+    words = u.view(torch.int32).view(n // ROW_GROUP, 4, ROW_BLOCK, k // ACT_BLOCK, 8)  # 4 columns per word
+    return words.permute(0, 3, 4, 1, 2).contiguous().view(torch.uint8).view(
+        n // ROW_GROUP, k // ACT_BLOCK, 8, 4, ROW_BLOCK, 4)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] in 0..15 -> uint8 [N/64, K/32, 4, 4, 16, 4]: per octet of k, low nibbles hold
+    k..k+3 and high nibbles k+4..k+7."""
+    v = pad_rows(q.to(torch.uint8).contiguous())
+    n, k = v.shape
+    # 4 nibbles at a time: each int32 word holds q[k..k+3] (values < 16, so no carry between bytes)
+    words = v.view(torch.int32).view(n // ROW_GROUP, 4, ROW_BLOCK, k // ACT_BLOCK, 4, 2)
+    packed = words[..., 0] | (words[..., 1] << 4)  # [groups, block, lane, k/32, octet]
+    return packed.permute(0, 3, 4, 1, 2).contiguous().view(torch.uint8).view(
+        n // ROW_GROUP, k // ACT_BLOCK, 4, 4, ROW_BLOCK, 4)
+
+
+def pack_group_params(p: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> fp16 [N/64, G, 4, 16]."""
+    p = pad_rows(p.to(torch.float16))
+    n, g = p.shape
+    return p.view(n // ROW_GROUP, 4, ROW_BLOCK, g).permute(0, 3, 1, 2).contiguous()
+
+
+def _row_index(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rows // ROW_GROUP, (rows // ROW_BLOCK) % 4, rows % ROW_BLOCK
+
+
+def gather_rows_int8(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q rows [T, K] for row indices `rows` [T], straight from the packed layout (embedding lookup)."""
+    group, block, lane = _row_index(rows)
+    u = packed[group, :, :, block, lane]  # [T, K/32, 8, 4]
+    return (u.reshape(rows.shape[0], -1) ^ 0x80).view(torch.int8)
+
+
+def gather_rows_int4(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    group, block, lane = _row_index(rows)
+    v = packed[group, :, :, block, lane]  # [T, K/32, 4, 4]
+    return torch.stack((v & 0x0F, v >> 4), dim=-2).reshape(rows.shape[0], -1)
+
+
+def gather_group_params(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    group, block, lane = _row_index(rows)
+    return p[group, :, block, lane]  # [T, G]
+
+
+# ---- the matmuls --------------------------------------------------------------------------------
+def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (any float dtype) -> fp32 [..., n]; bias (if any) padded to the packed rows."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    rows = packed.shape[0] * ROW_GROUP
+    y = torch.empty(x2.shape[0], rows)
+    library().gemm_int8(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), rows, group_size,
+                        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
+
+
+def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    rows = packed.shape[0] * ROW_GROUP
+    y = torch.empty(x2.shape[0], rows)
+    library().gemm_int4(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), rows,
+                        group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)

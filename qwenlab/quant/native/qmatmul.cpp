@@ -1,0 +1,160 @@
+// Group-wise int8 / int4 weight x dynamic int8 activation matmul for x86 CPUs with AVX-512 VNNI.
+//
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), with w = s[n, g] * (q[n, k] - z[n, g]) per group g of
+// `gs` columns. Activations are quantized on the fly to int8 in blocks of 32 (scale xs = amax / 127,
+// the llama.cpp Q8 scheme), so each 32-block contributes xs * (s * dot(q, xq) + m * sum(xq)) with
+// m = -s * z for int4; int8 weights are stored as u8 = q + 128 and corrected by 128 * sum(xq).
+//
+// Weight layout (prepared by qwenlab.quant.native.pack_*): rows in blocks of 16; one 64-byte vector
+// holds 4 consecutive k for all 16 rows, so one VNNI instruction (vpdpbusd: u8 x s8 -> int32, 4
+// products per lane) advances 16 rows while the activation quad is a broadcast. int4 packs two
+// quads per vector (low nibbles k..k+3, high nibbles k+4..k+7). Four row blocks (64 rows) form a
+// row group whose vectors are interleaved [32-column block][quad][row block], so a decode step reads
+// each row group front to back, one sequential stream the hardware prefetcher follows.
+// Scales and m are fp16 laid out [N/64, G, 4, 16].
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define XB 32  // activation block
+
+static void quantize_row(const float* x, int64_t K, int8_t* xq, float* xs, int32_t* xsum) {
+    for (int64_t b = 0; b < K / XB; ++b) {
+        __m512 v0 = _mm512_loadu_ps(x + b * XB), v1 = _mm512_loadu_ps(x + b * XB + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float scale = amax / 127.0f;
+        __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round to nearest even
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        _mm_storeu_si128((__m128i*)(xq + b * XB), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i*)(xq + b * XB + 16), _mm512_cvtsepi32_epi8(q1));
+        xs[b] = scale;
+        xsum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+static inline __m512i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+
+constexpr int RG = 4;  // row blocks per row group
+
+// Row blocks r0..r0+RB-1 of one row group, for T tokens: RB*T independent accumulator chains
+// hide the VNNI latency.
+template <int BITS, int T, int RB>
+static inline void row_blocks(const uint8_t* w, const uint16_t* s, const uint16_t* mz, int r0, int64_t K, int64_t gs,
+                              const int8_t* xq, const float* xs, const int32_t* xsum, float* y, int64_t N,
+                              const float* bias) {
+    constexpr int BPB = BITS == 8 ? 512 : 256;  // bytes per 16 rows x 32 columns
+    const int64_t KB = K / XB;
+    __m512 acc[RB][T];
+    for (int r = 0; r < RB; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < KB; ++b) {
+        const uint8_t* wb = w + b * RG * BPB;  // this 32-column block of the row group: [quad][row block][64 B]
+        __m512i ia[RB][T];
+        for (int r = 0; r < RB; ++r)
+            for (int t = 0; t < T; ++t) ia[r][t] = _mm512_setzero_si512();
+        if (BITS == 8) {
+            for (int q = 0; q < 8; ++q) {
+                __m512i xv[T];
+                for (int t = 0; t < T; ++t) xv[t] = bcast4(xq + t * K + b * XB + q * 4);
+                for (int r = 0; r < RB; ++r) {
+                    __m512i wv = _mm512_loadu_si512(wb + (q * RG + r0 + r) * 64);
+                    for (int t = 0; t < T; ++t) ia[r][t] = _mm512_dpbusd_epi32(ia[r][t], wv, xv[t]);
+                }
+            }
+        } else {
+            for (int o = 0; o < 4; ++o) {
+                __m512i xl[T], xh[T];
+                for (int t = 0; t < T; ++t) {
+                    xl[t] = bcast4(xq + t * K + b * XB + o * 8);
+                    xh[t] = bcast4(xq + t * K + b * XB + o * 8 + 4);
+                }
+                for (int r = 0; r < RB; ++r) {
+                    __m512i v = _mm512_loadu_si512(wb + (o * RG + r0 + r) * 64);
+                    __m512i lo = _mm512_and_si512(v, low);
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    for (int t = 0; t < T; ++t) {
+                        ia[r][t] = _mm512_dpbusd_epi32(ia[r][t], lo, xl[t]);
+                        ia[r][t] = _mm512_dpbusd_epi32(ia[r][t], hi, xh[t]);
+                    }
+                }
+            }
+        }
+        const int64_t g = (b * XB) / gs;
+        for (int r = 0; r < RB; ++r) {
+            const int64_t p = (g * RG + r0 + r) * 16;
+            __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + p)));
+            if (BITS == 8) {
+                for (int t = 0; t < T; ++t) {
+                    __m512i c = _mm512_sub_epi32(ia[r][t], _mm512_set1_epi32(128 * xsum[t * KB + b]));
+                    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(c), sv);
+                    acc[r][t] = _mm512_fmadd_ps(f, _mm512_set1_ps(xs[t * KB + b]), acc[r][t]);
+                }
+            } else {
+                __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mz + p)));
+                for (int t = 0; t < T; ++t) {
+                    __m512 f = _mm512_fmadd_ps(mv, _mm512_set1_ps((float)xsum[t * KB + b]),
+                                               _mm512_mul_ps(_mm512_cvtepi32_ps(ia[r][t]), sv));
+                    acc[r][t] = _mm512_fmadd_ps(f, _mm512_set1_ps(xs[t * KB + b]), acc[r][t]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < RB; ++r) {
+        __m512 bv = bias ? _mm512_loadu_ps(bias + (r0 + r) * 16) : _mm512_setzero_ps();
+        for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + t * N + (r0 + r) * 16, _mm512_add_ps(acc[r][t], bv));
+    }
+}
+
+// N must be a multiple of 64 (the Python side pads rows), K a multiple of 32 and of gs.
+template <int BITS>
+static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
+                 int64_t N, int64_t gs, const float* bias, float* y, int nthreads) {
+    const int64_t KB = K / XB, NG = N / (16 * RG), G = K / gs;
+    const int64_t wgroup = (BITS == 8 ? 16 : 8) * K * RG;  // bytes per row group
+    const int64_t pgroup = G * 16 * RG;                    // scales (and mins) per row group
+    if (M * N * K < (1 << 18)) nthreads = 1;  // tiny layers: waking a second thread costs more than it saves
+    const int64_t chunk = NG / (8 * nthreads) > 1 ? NG / (8 * nthreads) : 1;
+    int8_t* xq = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
+    float* xs = (float*)malloc(sizeof(float) * M * KB);
+    int32_t* xsum = (int32_t*)malloc(sizeof(int32_t) * M * KB);
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xq + m * K, xs + m * KB, xsum + m * KB);
+        // Dynamic chunks: on a shared machine a preempted thread's rows are picked up by the other thread
+        // instead of stalling the whole matmul until it is scheduled again.
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t i = 0; i < NG; ++i) {
+            const uint8_t* wg = w + i * wgroup;
+            const uint16_t* sg = s + i * pgroup;
+            const uint16_t* mg = mz ? mz + i * pgroup : nullptr;
+            const float* bg = bias ? bias + i * 16 * RG : nullptr;
+            float* yg = y + i * 16 * RG;
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4)  // prefill: 4 tokens x 2 row blocks, weights re-read from L1/L2
+                for (int r0 = 0; r0 < RG; r0 += 2)
+                    row_blocks<BITS, 4, 2>(wg, sg, mg, r0, K, gs, xq + m * K, xs + m * KB, xsum + m * KB, yg + m * N, N, bg);
+            for (; m < M; ++m)  // decode: 1 token x 4 row blocks
+                row_blocks<BITS, 1, RG>(wg, sg, mg, 0, K, gs, xq + m * K, xs + m * KB, xsum + m * KB, yg + m * N, N, bg);
+        }
+    }
+    free(xq); free(xs); free(xsum);
+}
+
+extern "C" {
+int qwenlab_has_vnni(void) { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
+
+void qwenlab_gemm_int8(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, int64_t N,
+                       int64_t gs, const float* bias, float* y, int nthreads) {
+    gemm<8>(x, M, K, w, s, nullptr, N, gs, bias, y, nthreads);
+}
+
+void qwenlab_gemm_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
+                       int64_t N, int64_t gs, const float* bias, float* y, int nthreads) {
+    gemm<4>(x, M, K, w, s, mz, N, gs, bias, y, nthreads);
+}
+}

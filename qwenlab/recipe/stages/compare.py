@@ -1,0 +1,91 @@
+"""Stage `compare`: every variant of the run in one table, plots and a recommendation.
+
+    - compare: {models: [nano, sft-math, merged, merged-int4], tasks: [arithmetic, reverse], n: 50}
+
+models: names known to the run (default: all of them). With `tasks`, accuracy is measured and
+recorded for each variant that has no figure for that task at this n and seed (figures already
+recorded, e.g. by `qwenlab eval`, are reused). Optional: seed, difficulty, dtype, perplexity
+(a text/JSONL file measured the same way), title. Speed comes from `qwenlab bench` records.
+Writes variants.json (so `qwenlab compare RUN` finds the same models) and compare/ (or LABEL/) in the run
+folder: compare.md, compare.html, compare.json and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qwenlab.errors import QwenlabError
+
+
+def run_variants(ctx, params: dict) -> dict[str, str]:
+    """name -> folder for the stage's `models` (default: every model of the run), saved as variants.json."""
+    from qwenlab.checkpoint.reader import resolve_model_path
+
+    names = params.get("models") or list(ctx.models)
+    if not names:
+        raise QwenlabError("compare stage: no models to compare (give 'models' or define some in the recipe)")
+    variants = {name: str(resolve_model_path(ctx.model_path(name)).resolve()) for name in names}
+    path = ctx.run_dir / "variants.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**known, **variants}, indent=2) + "\n")
+    return variants
+
+
+def measure_missing(variants: dict[str, str], params: dict) -> list[str]:
+    """Measure and record accuracy (and perplexity) where no matching figure is recorded; returns what ran."""
+    from qwenlab.bench.listing import load_variant
+    from qwenlab.bench.results import latest, record_accuracy, record_measurement
+    from qwenlab.bench.task_eval import evaluate_tasks
+
+    tasks = params.get("tasks") or []
+    n, seed, dtype = int(params.get("n", 50)), int(params.get("seed", 0)), params.get("dtype", "fp32")
+    perplexity_file = params.get("perplexity")
+    measured = []
+    for name, folder in variants.items():
+        accuracy = latest(folder, "accuracy")
+        missing = [t for t in tasks if t not in accuracy or accuracy[t].values.get("n") != n
+                   or accuracy[t].values.get("seed") != seed]
+        need_ppl = perplexity_file and Path(perplexity_file).name not in latest(folder, "perplexity")
+        if not missing and not need_ppl:
+            continue
+        model, tokenizer, _ = load_variant(folder, dtype)
+        if missing:
+            results = evaluate_tasks(model, tokenizer, missing, n=n, seed=seed, difficulty=params.get("difficulty"),
+                                     progress=False)
+            record_accuracy(folder, results, seed=seed, difficulty=params.get("difficulty"), dtype=dtype)
+            measured.append(f"{name}: accuracy on {', '.join(missing)}")
+        if need_ppl:
+            from qwenlab.bench.perplexity import evaluate_perplexity, read_documents
+
+            result = evaluate_perplexity(model, tokenizer, read_documents(perplexity_file), progress=False,
+                                         source=str(perplexity_file))
+            figures = result.as_dict()
+            record_measurement(folder, "perplexity", {Path(perplexity_file).name: {
+                k: figures[k] for k in ("perplexity", "bits_per_byte", "word_perplexity", "tokens", "max_length",
+                                        "stride")}}, setup={"dtype": dtype, "file": str(perplexity_file)})
+            measured.append(f"{name}: perplexity on {Path(perplexity_file).name}")
+    return measured
+
+
+def run(ctx, params: dict) -> tuple[dict, str]:
+    from qwenlab.bench.compare import comparison_markdown, main_table, write_comparison
+
+    variants = run_variants(ctx, params)
+    measured = measure_missing(variants, params)
+    title = params.get("title", "All variants: quality, speed, size")
+    folder = params.get("label", "compare")  # two compare stages write two folders
+    comparison, _ = write_comparison(list(variants.values()), ctx.run_dir / folder, title=title,
+                                     names={path: name for name, path in variants.items()})
+    print(main_table(comparison, markdown=False))
+    print(comparison.recommendation.replace("**", ""))
+    section = comparison_markdown(comparison, comparison.plots, title, heading="##", image_prefix=f"{folder}/")
+    if measured:
+        section += ("\nMeasured in this stage (recorded in each variant's measurements.jsonl): "
+                    + "; ".join(measured) + ".")
+    section += f"\nSelf-contained page: [{folder}/compare.html]({folder}/compare.html)."
+    figures = {"variants": variants, "recommendation": comparison.recommendation, "measured": measured,
+               "rows": [{k: r[k] for k in ("name", "kind", "size_bytes", "parameters", "dtype", "tasks",
+                                           "mean_accuracy", "decode_tokens_per_s", "ttft_s", "speed_context")}
+                        for r in comparison.rows]}
+    return figures, section

@@ -1,0 +1,46 @@
+"""Stage `train`: a LoRA adapter (SFT or DPO) on data built from one verifiable task.
+
+    - train: {kind: sft, base: nano, task: arithmetic, n: 400, steps: 60, as: sft-arithmetic}
+
+Optional: seed, difficulty, lora_r, lora_alpha, lora_dropout, learning_rate, batch_size, beta,
+target_modules, max_length, threads, val_fraction. The adapter is
+registered under `as` (ctx.model_path) and its loss curve is linked in the report.
+"""
+
+from __future__ import annotations
+
+from qwenlab.errors import QwenlabError
+
+OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "target_modules",
+            "max_length", "threads")
+
+
+def run(ctx, params: dict) -> tuple[dict, str]:
+    from qwenlab.train import TrainConfig, train_dpo, train_sft
+    from qwenlab.train.data import dpo_records_from_task, sft_records_from_task, write_jsonl
+
+    kind, task, name = params.get("kind", "sft"), params.get("task"), params.get("as")
+    if kind not in ("sft", "dpo"):
+        raise QwenlabError(f"train stage: 'kind' must be sft or dpo, got {kind!r}")
+    if not task or not name:
+        raise QwenlabError("train stage: 'task' and 'as' (the adapter's name) are required")
+    n, steps, seed = int(params.get("n", 400)), int(params.get("steps", 60)), int(params.get("seed", 0))
+    build = sft_records_from_task if kind == "sft" else dpo_records_from_task
+    data = write_jsonl(build(task, n, seed=seed, difficulty=params.get("difficulty")),
+                       ctx.run_dir / "data" / f"{name}.jsonl", force=True)
+    out = ctx.new_model_dir(name)
+    options = {k: params[k] for k in OPTIONAL if k in params}
+    config = TrainConfig(base=ctx.model_path(params.get("base", "nano")), data=str(data), out=str(out), steps=steps,
+                         seed=seed, save_steps=0, save_total_limit=1, logging_steps=max(1, steps // 20),
+                         val_fraction=float(params.get("val_fraction", 0.05)), force=True, **options)
+    result = (train_sft if kind == "sft" else train_dpo)(config)
+    figures = {"kind": kind, "task": task, "difficulty": params.get("difficulty"), "n": n, "steps": result.steps,
+               "learning_rate": config.learning_rate_for(kind), "train_loss": result.train_loss,
+               "eval_loss": result.eval_loss, "train_s": round(result.runtime_s, 1),
+               "tokens_per_s": round(result.tokens_per_s, 1) if result.tokens_per_s else None}
+    eval_text = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    section = (f"## Adapter {name}: LoRA {kind.upper()} on {task}\n\n"
+               f"{n} examples from task seeds disjoint from evaluation, {result.steps} steps in "
+               f"{result.runtime_s:.0f} s; final train loss {result.train_loss:.4f}{eval_text}.\n\n"
+               f"![loss curve of {name}](models/{name}/loss_curve.png)")
+    return figures, section

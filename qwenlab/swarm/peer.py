@@ -1,0 +1,273 @@
+"""A swarm peer: SAPO-style rollout sharing over a hivemind DHT, GRPO on its own LoRA adapter.
+
+One round, on this peer's own clock (no coordinator, no barrier):
+    1. draw I training instances and generate G completions each with the current policy
+    2. sign and publish them (records.py, dht.py)
+    3. fetch whatever other peers have published by now; verify, rebuild, re-score (sampler.py)
+    4. take up to J external rollouts; slots the swarm could not fill are filled with extra local
+       rollouts, with a visible warning (DHT down, peers gone, or simply nobody ahead of us)
+    5. one GRPO step on the I + J groups; log the round; checkpoint every `save_every` rounds
+Stopping: the first Ctrl-C (or SIGTERM) finishes the round, checkpoints and leaves; a second one
+stops at once (the last checkpoint stands).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qwenlab.errors import QwenlabError
+from qwenlab.swarm.dht import SwarmDHT
+from qwenlab.swarm.metrics import SwarmMetrics, mean
+from qwenlab.swarm.records import RecordLimits, encode_record
+from qwenlab.swarm.sampler import ExternalPool
+from qwenlab.swarm.signing import PeerIdentity
+from qwenlab.train.grpo.rollouts import Rollout, draw_instances
+from qwenlab.train.grpo.trainer import GRPOConfig, GRPOLearner, GracefulStop, has_checkpoint, save_final_adapter
+
+KEY_FILE = "peer_key.pem"
+P2P_IDENTITY_FILE = "p2p_identity.key"
+ADDRESS_FILE = "address.txt"
+
+
+@dataclass
+class PeerConfig:
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # model, tasks, G, LoRA, lr, beta, seed, ...
+    out: str = "swarm-peer"
+    swarm: str = "qwenlab"  # the DHT key namespace: peers with another name ignore each other
+    initial_peers: list[str] = field(default_factory=list)  # empty: this peer is a bootstrap node
+    network: bool = True  # False: a solo peer (no DHT at all), for baselines
+    host: str = "0.0.0.0"
+    port: int = 0
+    announce: str | None = None  # public IP to advertise (behind NAT / port forwarding)
+    stable_address: bool = False  # keep the p2p identity in OUT so the multiaddr survives restarts
+    local: int = 4  # I: own rollout groups per round
+    external: int = 4  # J: other peers' rollout groups per round
+    fill_local: bool = True  # fill missing external slots with extra local rollouts
+    rounds: int = 0  # stop after this round (0: run until stopped)
+    save_every: int = 10
+    min_round_seconds: float = 0.0  # a floor on this peer's own round time (0: as fast as it can)
+    dht_timeout_s: float = 10.0
+    dht_retry_s: float = 30.0
+    record_ttl_s: float = 600.0
+    max_record_bytes: int = 64 * 1024
+    rate_burst: float = 64
+    rate_per_s: float = 8.0
+    audit: bool = False  # write every incoming record's verdict to OUT/records.jsonl
+    resume: bool = True
+    quiet: bool = False
+
+    def validate(self) -> "PeerConfig":
+        self.grpo.validate()
+        if self.local < 0 or self.external < 0 or self.local + self.external < 1:
+            raise QwenlabError(f"swarm: need local >= 0, external >= 0 and at least one group per round, "
+                               f"got {self.local}/{self.external}")
+        if self.local == 0 and not self.fill_local:
+            raise QwenlabError("swarm: local 0 needs fill_local (a round with no external records has nothing)")
+        if self.rounds < 0 or self.save_every < 1:
+            raise QwenlabError("swarm: rounds must be >= 0 and save_every >= 1")
+        if "/" in self.swarm or not self.swarm:
+            raise QwenlabError(f"swarm: the swarm name must be non-empty and contain no '/', got {self.swarm!r}")
+        return self
+
+
+def _derived_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big")
+
+
+class SwarmPeer:
+    def __init__(self, config: PeerConfig):
+        self.config = config.validate()
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.identity = PeerIdentity.load_or_create(self.out / KEY_FILE)
+        self.peer_id = self.identity.peer_id
+        self.metrics = SwarmMetrics(self.out, audit=config.audit)
+        self.pool = ExternalPool(config.swarm, self.peer_id, RecordLimits(max_record_bytes=config.max_record_bytes),
+                                 rate_burst=config.rate_burst, rate_per_s=config.rate_per_s,
+                                 seed=_derived_seed(config.grpo.seed, self.peer_id))
+        self.dht: SwarmDHT | None = None
+        self.learner: GRPOLearner | None = None
+        self.round = 0
+        self._last_fallback: str | None = None
+        self._heard_from_peers = False
+        self.stop = GracefulStop("swarm: stopping after this round (checkpoint first); press Ctrl-C again to stop now")
+
+    def say(self, text: str, always: bool = False) -> None:
+        """Progress lines (hidden by quiet); warnings, stops and resumes are always printed."""
+        if always or not self.config.quiet or "WARNING" in text:
+            print(text, flush=True)
+
+    # ---- setup ---------------------------------------------------------------------------
+    def start_network(self) -> list[str]:
+        """Start the DHT before the model: hivemind forks its process, best done before torch threads exist."""
+        c = self.config
+        if not c.network:
+            return []
+        identity = str(self.out / P2P_IDENTITY_FILE) if c.stable_address else None
+        self.dht = SwarmDHT(c.swarm, c.initial_peers, host=c.host, port=c.port, announce=c.announce,
+                            identity_path=identity, timeout_s=c.dht_timeout_s, retry_s=c.dht_retry_s,
+                            record_ttl_s=c.record_ttl_s, warn=self.say)
+        self.dht.start()
+        addresses = self.dht.addresses()
+        if addresses:
+            (self.out / ADDRESS_FILE).write_text("\n".join(addresses) + "\n")
+        return addresses
+
+    def start_learner(self) -> None:
+        self.learner = GRPOLearner.create(self.config.grpo)
+        checkpoint = self.out / "checkpoint"
+        if self.config.resume and has_checkpoint(checkpoint):
+            extra = self.learner.load(checkpoint)
+            self.round = int(extra.get("round", self.learner.step))
+            self.metrics.resume_at(self.round)
+            self.say(f"swarm: resumed from {checkpoint} at round {self.round}", always=True)
+        else:
+            self.metrics.resume_at(0)
+        config = asdict(self.config)
+        (self.out / "peer_config.json").write_text(json.dumps({**config, "peer_id": self.peer_id}, indent=2) + "\n")
+
+    # ---- one round -----------------------------------------------------------------------
+    def _local_rollouts(self, count: int, tag: str) -> list[Rollout]:
+        if count == 0:
+            return []
+        g = self.config.grpo
+        instances = draw_instances(g.tasks, count, f"swarm:{g.seed}:{self.peer_id}:{self.round + 1}:{tag}",
+                                   g.difficulty)
+        return self.learner.rollouts(instances, seed=_derived_seed(g.seed, self.peer_id, self.round + 1, tag))
+
+    def _publish(self, round_index: int, rollouts: list[Rollout]) -> bool:
+        entries = []
+        for slot, r in enumerate(rollouts):
+            value = encode_record(self.identity, swarm=self.config.swarm, round_index=round_index, slot=slot,
+                                  task=r.task, seed=r.seed, difficulty=r.difficulty, prompt=r.prompt,
+                                  completions=r.completions, finish_reasons=r.finish_reasons, rewards=r.rewards)
+            if len(value) > self.config.max_record_bytes:  # peers would reject it: do not send it
+                self.say(f"swarm: WARNING: record {slot} of round {round_index} is {len(value)} bytes, over "
+                         f"max_record_bytes {self.config.max_record_bytes}; not published")
+                continue
+            entries.append((f"{self.peer_id}:{slot}", value))
+        return self.dht.publish(self.peer_id, round_index, entries)
+
+    def run_round(self) -> dict:
+        c, r = self.config, self.round + 1
+        started = time.perf_counter()
+        local = self._local_rollouts(c.local, "local")
+        generated = time.perf_counter()
+        report, peers_seen, dht_ok = None, 0, False
+        if self.dht is not None:
+            published = self._publish(r, local) if local else True
+            fetched = self.dht.fetch(self.peer_id) if c.external else ([], 0)
+            dht_ok = published and fetched is not None
+            if fetched is not None:
+                entries, peers_seen = fetched
+                report = self.pool.ingest(entries)
+                self.metrics.log_audit(r, report.audit)
+        external = self.pool.take(c.external)
+        self._heard_from_peers = self._heard_from_peers or bool(external)
+        exchanged = time.perf_counter()
+        shortfall = c.external - len(external)
+        fill = []
+        if shortfall and c.fill_local:
+            if self.dht is not None:
+                why = "DHT unavailable" if not dht_ok else f"only {len(external)} external rollouts available"
+                # A warning (shown even when quiet) when the situation changes for the worse: the DHT is
+                # down, or peers we had heard from went quiet. Before anyone is ahead of us it is a notice.
+                warn = why != self._last_fallback and (not dht_ok or self._heard_from_peers)
+                self._last_fallback = why
+                self.say(f"swarm: {'WARNING: ' if warn else ''}round {r}: {why}; filling {shortfall} of "
+                         f"{c.external} external slots with local rollouts")
+            fill = self._local_rollouts(shortfall, "fill")
+        elif not shortfall:
+            self._last_fallback = None
+        filled = time.perf_counter()
+        stats = self.learner.train_step(local + fill + external)
+        self.round = r
+        row = {
+            "round": r, "time": round(time.time(), 3), "peer": self.peer_id,
+            "local_reward": mean(x for g in local + fill for x in g.rewards),
+            "external_reward": mean(x for g in external for x in g.rewards),
+            "claimed_external_reward": mean(x for g in external for x in (g.claimed_rewards or [])),
+            "local_used": len(local) + len(fill), "external_used": len(external), "fallback_local": len(fill),
+            "external_peers": len({g.source for g in external}),
+            "accepted": report.accepted if report else 0, "rejected": report.rejected_total if report else 0,
+            "rejected_by_reason": dict(report.rejected) if report else {},
+            "duplicates": report.duplicates if report else 0,
+            "claim_mismatches": report.claim_mismatches if report else 0,
+            "peers_seen": peers_seen, "dht_ok": dht_ok, "dht_errors": self.dht.errors if self.dht else 0,
+            "pool": len(self.pool), **{k: stats[k] for k in ("loss", "kl", "grad_norm", "tokens")},
+            "seconds_generate": round(generated - started + filled - exchanged, 3),
+            "seconds_exchange": round(exchanged - generated, 3),
+            "seconds_train": round(time.perf_counter() - filled, 3),
+        }
+        self.metrics.log_round(row)
+        ext = f"{row['external_reward']:.3f}" if row["external_reward"] is not None else "  -  "
+        self.say(f"round {r}  local {row['local_reward']:.3f}  external {ext} "
+                 f"({len(external)} from {row['external_peers']} peers)  accepted {row['accepted']}  "
+                 f"rejected {row['rejected']}  loss {stats['loss']:+.4f}")
+        return row
+
+    # ---- the loop ------------------------------------------------------------------------
+    def save(self) -> None:
+        self.learner.save(self.out / "checkpoint", extra={"round": self.round, "peer_id": self.peer_id})
+
+    def run(self) -> dict:
+        """Start, run rounds until `rounds` or a stop signal, checkpoint, shut down. Returns a summary."""
+        try:
+            with self.stop:
+                addresses = self.start_network()
+                if addresses:
+                    self.say("swarm: this peer's addresses (give one to `qwenlab swarm join --peers`):\n  "
+                             + "\n  ".join(addresses), always=True)
+                self.start_learner()
+                self.say(f"swarm: peer {self.peer_id} starting at round {self.round + 1} "
+                         f"({self.config.local} local + {self.config.external} external groups per round)")
+                while not self.stop.requested and (self.config.rounds == 0 or self.round < self.config.rounds):
+                    started = time.monotonic()
+                    self.run_round()
+                    if self.round % self.config.save_every == 0:
+                        self.save()
+                    rest = self.config.min_round_seconds - (time.monotonic() - started)
+                    if rest > 0 and not self.stop.requested:
+                        time.sleep(rest)
+                self.save()
+            save_final_adapter(self.learner, self.out / "adapter", "swarm-grpo",
+                               {**asdict(self.config), "peer_id": self.peer_id, "rounds_done": self.round})
+            return self.summary()
+        except KeyboardInterrupt:
+            self.say(f"swarm: stopped at once; the checkpoint in {self.out / 'checkpoint'} stands", always=True)
+            raise
+        finally:
+            self.metrics.plot(f"swarm peer {self.peer_id[:8]}")
+            if self.dht is not None:
+                self.dht.shutdown()
+
+    def run_dht_only(self, seconds: float | None = None) -> None:
+        """Serve the DHT without training (a bootstrap node on a small VPS) until stopped."""
+        self.stop.message = "swarm: stopping the DHT node"
+        try:
+            with self.stop:
+                for line in self.start_network():
+                    self.say(line, always=True)
+                deadline = None if seconds is None else time.monotonic() + seconds
+                while not self.stop.requested and (deadline is None or time.monotonic() < deadline):
+                    time.sleep(0.5)
+                    self.dht.ensure_started()
+        finally:
+            if self.dht is not None:
+                self.dht.shutdown()
+
+    def summary(self) -> dict:
+        rows = self.metrics.rounds.rows()
+        return {"peer_id": self.peer_id, "rounds": self.round, "out": str(self.out),
+                "adapter": str(self.out / "adapter"),
+                "local_reward_first": rows[0]["local_reward"] if rows else None,
+                "local_reward_last": rows[-1]["local_reward"] if rows else None,
+                "accepted": sum(r["accepted"] for r in rows), "rejected": sum(r["rejected"] for r in rows)}
+
+
+def run_peer(config: PeerConfig) -> dict:
+    return SwarmPeer(config).run()

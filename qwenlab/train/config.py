@@ -1,0 +1,189 @@
+"""The training config: one dataclass, the single source of YAML keys and `qwenlab train` flags.
+
+A YAML file holds any of the fields below (`lora_r: 8`); a flag (`--lora-r 8`) overrides it.
+Unknown keys and values of the wrong type fail with the key's name and the file.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from qwenlab.errors import QwenlabError
+
+DEFAULT_LEARNING_RATE = {"sft": 2e-4, "dpo": 5e-5}
+
+
+def _linear_modules() -> list[str]:
+    # Imported late: qwenlab.checkpoint pulls in torch, and `qwenlab --help` should not wait for it.
+    from qwenlab.checkpoint.names import LINEAR_MODULES
+
+    return list(LINEAR_MODULES)
+
+
+def _help(text: str, default=MISSING, factory=MISSING):
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on, and where to write
+    base: str = _help("the base model: a folder or 'nano'", "nano")
+    data: str = _help("training JSONL (messages | prompt/completion | prompt/chosen/rejected)", "")
+    out: str = _help("output folder: the adapter, plus checkpoints/ for --resume", "")
+    eval_data: str | None = _help("validation JSONL (default: split val_fraction off the training data)", None)
+    val_fraction: float = _help("fraction of the data held out for eval loss when no eval_data (0: none)", 0.05)
+    # LoRA
+    lora_r: int = _help("LoRA rank r", 16)
+    lora_alpha: float = _help("LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)", 32.0)
+    lora_dropout: float = _help("dropout on the LoRA input", 0.05)
+    target_modules: list[str] = _help("linear modules to adapt (default: all of attention and MLP)",
+                                      factory=_linear_modules)
+    rslora: bool = _help("rank-stabilised LoRA: scaling alpha/sqrt(r)", False)
+    # optimisation
+    steps: int = _help("optimizer steps (0: run `epochs` over the data)", 0)
+    epochs: float = _help("passes over the data when steps is 0", 1.0)
+    batch_size: int = _help("sequences per optimizer step (per gradient accumulation step)", 8)
+    grad_accum: int = _help("gradient accumulation steps", 1)
+    learning_rate: float | None = _help("peak learning rate (default 2e-4 for SFT, 5e-5 for DPO)", None)
+    scheduler: str = _help("learning-rate schedule (transformers' lr_scheduler_type)", "cosine")
+    warmup: float = _help("warmup: a fraction of the steps if < 1, else a number of steps", 0.05)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    max_length: int = _help("longest tokenized example (longer ones are truncated)", 512)
+    beta: float = _help("DPO beta (strength of the pull towards the reference model)", 0.1)
+    # run
+    dtype: str = _help("compute dtype: fp32 (CPU default) or bf16 (autocast, fp32 master weights)", "fp32")
+    seed: int = _help("seed of the LoRA init, the data order and dropout", 0)
+    logging_steps: int = _help("log the loss every N steps", 5)
+    save_steps: int = _help("write checkpoints/checkpoint-N every N steps (0: only at the end)", 50)
+    save_total_limit: int = _help("checkpoints to keep (0: all)", 2)
+    eval_steps: int = _help("eval loss every N steps (0: at each checkpoint)", 0)
+    threads: int = _help("torch CPU threads (0: torch's default)", 0)
+    gradient_checkpointing: bool = _help("recompute activations in backward (less memory, slower)", False)
+    resume: bool = _help("continue from the latest checkpoint in OUT/checkpoints", False)
+    resume_from: str | None = _help("continue from this checkpoint-N folder", None)
+    force: bool = _help("replace an existing output folder", False)
+    progress: bool = _help("show a progress bar", True)
+
+    def learning_rate_for(self, kind: str) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[kind]
+
+    def validate(self, source: str = "config") -> "TrainConfig":
+        for name in ("data", "out"):
+            if not getattr(self, name):
+                raise QwenlabError(f"{source}: '{name}' is required")
+        positive = ("lora_r", "batch_size", "grad_accum", "max_length", "logging_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise QwenlabError(f"{source}: '{name}' must be > 0, got {getattr(self, name)}")
+        for name in ("steps", "save_steps", "save_total_limit", "eval_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise QwenlabError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.lora_alpha <= 0:
+            raise QwenlabError(f"{source}: 'lora_alpha' must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise QwenlabError(f"{source}: 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.val_fraction < 1:
+            raise QwenlabError(f"{source}: 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+        if self.steps == 0 and self.epochs <= 0:
+            raise QwenlabError(f"{source}: set 'steps' > 0 or 'epochs' > 0")
+        known = _linear_modules()
+        unknown = [m for m in self.target_modules if m not in known]
+        if unknown or not self.target_modules:
+            raise QwenlabError(f"{source}: 'target_modules': unknown module(s) {', '.join(unknown) or '(none given)'}; "
+                               f"choose from {', '.join(known)}")
+        if self.dtype not in ("fp32", "float32", "bf16", "bfloat16"):
+            raise QwenlabError(f"{source}: 'dtype' must be fp32 or bf16 (fp16 is not supported on CPU), "
+                               f"got {self.dtype!r}")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- YAML and flags ------------------------------------------------------------------------
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in fields(TrainConfig):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
+            hint = args[0]
+        out[f.name] = list if typing.get_origin(hint) is list else hint
+    return out
+
+
+def _coerce(name: str, value, kind: type, source: str):
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1"):
+                return True
+            if str(value).lower() in ("false", "no", "0"):
+                return False
+            raise ValueError
+        if kind is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(v).strip() for v in items if str(v).strip()]
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise QwenlabError(f"{source}: '{name}' must be {kind.__name__}, got {value!r}") from None
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Fields from a YAML file (if given), then `overrides` (flags; None values are ignored)."""
+    values: dict = {}
+    types_ = _field_types()
+    source = "flags"
+    if path:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise QwenlabError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise QwenlabError(f"{path}: expected a mapping of training options")
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in types_:
+                raise QwenlabError(f"{path}: unknown key '{key}'; known keys: {', '.join(types_)}")
+            values[name] = _coerce(name, value, types_[name], source)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, types_[name], "flags")
+    return TrainConfig(**values).validate(source)
+
+
+def add_config_flags(parser) -> None:
+    """One flag per TrainConfig field (--lora-r, --no-progress, ...), all defaulting to None."""
+    import argparse
+
+    types_ = _field_types()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = types_[f.name]
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            suffix = " (comma-separated)" if kind is list else ""
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text + suffix)
+
+
+def config_overrides(args) -> dict:
+    return {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}

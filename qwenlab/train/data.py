@@ -1,0 +1,189 @@
+"""Training data: JSONL files checked line by line, and data sets built from verifiable tasks.
+
+Formats (TRL's column names; one format per file):
+  SFT  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+       {"prompt": ..., "completion": ...}             strings (plain text) or message lists (chat)
+  DPO  {"prompt": ..., "chosen": ..., "rejected": ...} strings or message lists
+With message lists, TRL renders the base's chat template; prompt/completion and DPO data take the
+loss on the completion only, `messages` on the whole conversation (TRL's defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from qwenlab.errors import QwenlabError
+
+FORMATS = {"sft": (("messages",), ("prompt", "completion")), "dpo": (("prompt", "chosen", "rejected"),)}
+ROLES = ("system", "user", "assistant", "tool")
+# Training instances use seeds from here up; evaluation draws seeds below EVAL_SEED_LIMIT (1,000,000)
+# and nano's own training data starts at 10,000,000, so the three never share an instance.
+DATA_SEED_OFFSET = 20_000_000
+SEEDS_PER_DATA_SEED = 1_000_000
+
+
+def _check_messages(value, where: str, name: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise QwenlabError(f"{where}: '{name}' must be a non-empty list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise QwenlabError(f"{where}: {name}[{i}] must be an object with a string 'content'")
+        if message.get("role") not in ROLES:
+            raise QwenlabError(f"{where}: {name}[{i}] has role {message.get('role')!r}; "
+                               f"expected one of {', '.join(ROLES)}")
+
+
+def _check_text_or_messages(record: dict, keys: tuple[str, ...], where: str) -> bool:
+    """All of `keys` are strings (returns False) or all message lists (returns True)."""
+    conversational = isinstance(record[keys[0]], list)
+    for key in keys:
+        value = record[key]
+        if conversational:
+            _check_messages(value, where, key)
+        elif not isinstance(value, str):
+            raise QwenlabError(f"{where}: '{key}' must be a string or a list of messages, like '{keys[0]}'")
+        if key != "prompt" and not value:
+            raise QwenlabError(f"{where}: '{key}' is empty")
+    return conversational
+
+
+def check_record(record, kind: str, where: str) -> tuple[str, bool]:
+    """Return (format, conversational) of one record, or raise naming file:line."""
+    if not isinstance(record, dict):
+        raise QwenlabError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for keys in FORMATS[kind]:
+        if all(k in record for k in keys):
+            if keys == ("messages",):
+                _check_messages(record["messages"], where, "messages")
+                if not any(m["role"] == "assistant" for m in record["messages"]):
+                    raise QwenlabError(f"{where}: 'messages' has no assistant message to learn from")
+                return "messages", True
+            return "/".join(keys), _check_text_or_messages(record, keys, where)
+    expected = " or ".join("/".join(f"'{k}'" for k in keys) for keys in FORMATS[kind])
+    raise QwenlabError(f"{where}: expected keys {expected} for {kind.upper()} data, got {sorted(record) or 'none'}")
+
+
+def load_jsonl(path: str | Path, kind: str) -> tuple[list[dict], bool]:
+    """Read and check a JSONL data file: (records with only the format's keys, conversational?)."""
+    path = Path(path)
+    if not path.is_file():
+        raise QwenlabError(f"{path}: data file not found")
+    records, first = [], None
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QwenlabError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        shape = check_record(record, kind, where)
+        if first is None:
+            first = (shape, number)
+        elif shape != first[0]:
+            describe = lambda s: f"'{s[0]}' ({'chat messages' if s[1] else 'plain text'})"
+            raise QwenlabError(f"{where}: format {describe(shape)} differs from line {first[1]}'s "
+                               f"{describe(first[0])}; use one format per file")
+        records.append({k: record[k] for k in shape[0].split("/")})
+    if not records:
+        raise QwenlabError(f"{path}: empty dataset (no records)")
+    return records, first[0][1]
+
+
+def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a seeded random `fraction` held out, at least one record when fraction > 0."""
+    if fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(len(records) * fraction))
+    if held >= len(records):
+        raise QwenlabError(f"val_fraction {fraction} leaves no training data from {len(records)} records")
+    held_out = set(order[:held])
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    return train, [r for i, r in enumerate(records) if i in held_out]
+
+
+def write_jsonl(records: list[dict], out: str | Path, force: bool = False) -> Path:
+    """Write records atomically (a temporary file renamed into place)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise QwenlabError(f"{out}: file exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# ---- data from verifiable tasks -------------------------------------------------------------
+def training_instances(task: str, n: int, seed: int = 0, difficulty: int | None = None):
+    """n instances of `task` with seeds DATA_SEED_OFFSET + seed * 1,000,000 + i, disjoint from evaluation."""
+    from qwenlab.tasks import generate
+
+    if not isinstance(n, int) or not 0 < n <= SEEDS_PER_DATA_SEED:
+        raise QwenlabError(f"--n must be from 1 to {SEEDS_PER_DATA_SEED}, got {n!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise QwenlabError(f"--seed must be a non-negative integer, got {seed!r}")
+    base = DATA_SEED_OFFSET + seed * SEEDS_PER_DATA_SEED
+    return [generate(task, base + i, difficulty) for i in range(n)]
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def sft_records_from_task(task: str, n: int, seed: int = 0, difficulty: int | None = None) -> list[dict]:
+    """Chat prompt/completion pairs whose completion is the verified answer."""
+    return [{"prompt": _user(i.prompt), "completion": _assistant(i.expected)}
+            for i in training_instances(task, n, seed, difficulty)]
+
+
+def wrong_answer(task: str, expected: str, rng: random.Random) -> str:
+    """A near miss (an off-by-a-bit number, a word with two letters swapped or changed) or a badly
+    formatted reply; always one the task's verifier scores 0."""
+    from qwenlab.tasks import score
+
+    for _ in range(100):
+        if expected.lstrip("-").isdigit():
+            value = int(expected) + rng.choice([-10, -2, -1, 1, 2, 10])
+            candidate = str(value)
+        else:
+            letters = list(expected)
+            i = rng.randrange(len(letters))
+            if len(letters) > 1 and rng.random() < 0.5:
+                j = min(i + 1, len(letters) - 1) if i < len(letters) - 1 else i - 1
+                letters[i], letters[j] = letters[j], letters[i]
+            else:
+                letters[i] = rng.choice("abcdefghijklmnopqrstuvwxyz")
+            candidate = "".join(letters)
+        if rng.random() < 0.25:  # badly formatted: chatter, no usable answer
+            candidate = rng.choice(["I am not sure.", "It depends.", f"Maybe {candidate}, or not."])
+        if score(task, candidate, expected) == 0.0:
+            return candidate
+    return "I do not know."
+
+
+def dpo_records_from_task(task: str, n: int, seed: int = 0, difficulty: int | None = None) -> list[dict]:
+    """Chat preference pairs: chosen is the verified answer, rejected a wrong or badly formatted one."""
+    rng = random.Random(f"dpo:{task}:{seed}")
+    return [{"prompt": _user(i.prompt), "chosen": _assistant(i.expected),
+             "rejected": _assistant(wrong_answer(task, i.expected, rng))}
+            for i in training_instances(task, n, seed, difficulty)]

@@ -1,0 +1,343 @@
+"""LoRA GRPO on verifiable tasks: rollouts on the project's engine, the loss as TRL computes it.
+
+    learner = GRPOLearner.create(GRPOConfig(model="nano", tasks=["arithmetic"]))
+    rollouts = learner.rollouts(instances, seed=step)      # G completions per instance, scored
+    stats = learner.train_step(rollouts)                  # one AdamW step on the LoRA weights
+
+`run_grpo` is the loop behind `qwenlab train grpo`: sample tasks, roll out, step, log, checkpoint.
+The swarm peer (qwenlab.swarm.peer) uses the same learner with rollouts from other peers mixed in.
+
+Why not TRL's GRPOTrainer: on a CPU the step is all generation, and its generate() (transformers,
+no KV-cache reuse tricks, per-token Python in the HF loop) was measured slower than this engine;
+benchmarks/grpo_step_timing.py has the figures. The loss is TRL's (see loss.py).
+CPU safety: the model is loaded in fp32 whatever config.json says (nano ships bf16 weights), so
+no bf16 path is taken on a CPU; memory per step is bounded by batch × generations × tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwenlab.adapters import active_adapters, merge_adapter, read_adapter, unmerge_adapter
+from qwenlab.adapters.peft_format import save_adapter_files
+from qwenlab.errors import QwenlabError
+from qwenlab.model.generate import GenerationConfig
+from qwenlab.model.tokenizer import IM_END
+from qwenlab.tasks import TASKS
+from qwenlab.train.grpo.curves import JsonlLog, plot_curves
+from qwenlab.train.grpo.loss import group_advantages, grpo_loss, pack_batch, token_logprobs
+from qwenlab.train.grpo.policy import ALL_LINEAR, POLICY, LoraSettings, attach_policy, load_policy_weights, \
+    new_lora, policy_adapter
+from qwenlab.train.grpo.rollouts import Rollout, draw_instances, generate_rollouts
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class GRPOConfig:
+    model: str = "nano"
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    difficulty: int | None = None  # None: each task's default
+    steps: int = 50
+    batch: int = 8  # prompts (groups) per step
+    num_generations: int = 8  # completions per prompt (G)
+    beta: float = 0.0  # KL weight; 0 (TRL's default) skips the reference pass
+    epsilon: float = 0.2
+    learning_rate: float = 2e-4
+    max_grad_norm: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    init_adapter: str | None = None  # start from this PEFT adapter folder instead of B = 0
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    micro_batch: int = 64  # rows per forward/backward (gradient accumulation above it)
+    merge_for_generation: bool = True  # fold the LoRA into the weights while sampling (faster, same policy)
+    seed: int = 0
+    save_every: int = 10
+    threads: int | None = None
+
+    def validate(self) -> "GRPOConfig":
+        for task in self.tasks:
+            if task not in TASKS:
+                raise QwenlabError(f"grpo: unknown task '{task}'; known: {', '.join(TASKS)}")
+        positive = {"steps": self.steps, "batch": self.batch, "lora_rank": self.lora_rank,
+                    "max_new_tokens": self.max_new_tokens, "micro_batch": self.micro_batch}
+        for name, value in positive.items():
+            if value < 1:
+                raise QwenlabError(f"grpo: {name} must be >= 1, got {value}")
+        if self.num_generations < 2:
+            raise QwenlabError(f"grpo: num_generations must be >= 2 (advantages compare completions), "
+                               f"got {self.num_generations}")
+        if self.temperature <= 0:
+            raise QwenlabError(f"grpo: temperature must be > 0 (GRPO needs sampled, varied completions), "
+                               f"got {self.temperature}")
+        if self.beta < 0 or self.learning_rate <= 0:
+            raise QwenlabError("grpo: beta must be >= 0 and learning_rate > 0")
+        return self
+
+
+class GRPOLearner:
+    """A model core with a trainable LoRA policy, its optimizer, and the GRPO step."""
+
+    def __init__(self, model, tokenizer, config: GRPOConfig, adapter, base_path: str | Path | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
+        self.base_path = base_path
+        self.adapter_template = adapter
+        self.params = attach_policy(model, adapter)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
+        self.step = 0  # optimizer steps taken
+        end = tokenizer.token_id(IM_END)
+        self.end_id = end if end is not None else tokenizer.eos_id
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def create(cls, config: GRPOConfig) -> "GRPOLearner":
+        from qwenlab.checkpoint import open_checkpoint
+        from qwenlab.model import load_model, load_tokenizer
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        checkpoint = open_checkpoint(config.model)
+        model = load_model(checkpoint, "fp32")  # fp32 on CPU always: never a bf16 default
+        tokenizer = load_tokenizer(checkpoint.path)
+        if config.init_adapter:
+            adapter = read_adapter(config.init_adapter)
+        else:
+            settings = LoraSettings(config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
+            adapter = new_lora(model, settings, seed=config.seed, base_model=str(checkpoint.path))
+        return cls(model, tokenizer, config, adapter, base_path=checkpoint.path)
+
+    # ---- rollouts ---------------------------------------------------------------------
+    def generation_config(self, seed: int) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                                top_p=self.config.top_p, seed=seed)
+
+    def rollouts(self, instances, seed: int) -> list[Rollout]:
+        """G completions per instance from the current policy, scored.
+
+        With merge_for_generation the adapter is folded into the base weights (W + s·B·A) for the
+        generation and taken out after: the same policy, without two extra matmuls per linear per
+        token (about a quarter of nano's generation time). In fp32 the round trip changes W by
+        float rounding only.
+        """
+        self.model.eval()
+        if not self.config.merge_for_generation:
+            return generate_rollouts(self.model, self.tokenizer, instances, self.config.num_generations,
+                                     self.generation_config(seed))
+        merge_adapter(self.model, POLICY)
+        try:
+            return generate_rollouts(self.model, self.tokenizer, instances, self.config.num_generations,
+                                     self.generation_config(seed))
+        finally:
+            unmerge_adapter(self.model, POLICY)
+
+    # ---- the GRPO step ----------------------------------------------------------------
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = self._prompt_cache.get(prompt)
+        if ids is None:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = self.tokenizer.encode(text)
+            if len(self._prompt_cache) > 4096:  # bounded: prompts are rarely repeated
+                self._prompt_cache.clear()
+            self._prompt_cache[prompt] = ids
+        return ids
+
+    def _completion_ids(self, rollout: Rollout, index: int) -> list[int]:
+        """Sampled ids for a local rollout; re-tokenised text for a foreign one; + <|im_end|> if it stopped."""
+        if rollout.completion_ids is not None:
+            ids = list(rollout.completion_ids[index])
+        else:
+            ids = self.tokenizer.encode(rollout.completions[index])[:self.config.max_new_tokens]
+        if rollout.finish_reasons[index] == "stop" and self.end_id is not None:
+            ids.append(self.end_id)
+        return ids
+
+    def train_step(self, rollouts: list[Rollout]) -> dict:
+        """One optimizer step on these groups (each of any size >= 2); returns loss/KL/token counts."""
+        self.model.train()
+        prompts, completions, rewards, sizes = [], [], [], []
+        for rollout in rollouts:
+            for i in range(len(rollout.completions)):
+                prompts.append(self._prompt_ids(rollout.prompt))
+                completions.append(self._completion_ids(rollout, i))
+            rewards.append(torch.tensor(rollout.rewards, dtype=torch.float32))
+            sizes.append(len(rollout.completions))
+        advantages = torch.cat([group_advantages(r, len(r)) for r in rewards])
+        num_tokens = sum(len(c) for c in completions)  # the "dapo" normaliser counts every completion token
+        # Rows with advantage 0 (groups where every completion scored the same) add exactly nothing to
+        # the loss or gradient when beta = 0, so their forward pass is skipped; they still count above.
+        rows = [i for i in range(len(prompts)) if self.config.beta != 0.0 or advantages[i] != 0]
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, total_kl, kl_tokens = 0.0, 0.0, 0
+        for start in range(0, len(rows), self.config.micro_batch):
+            chunk = rows[start:start + self.config.micro_batch]
+            packed = pack_batch([prompts[i] for i in chunk], [completions[i] for i in chunk], advantages[chunk],
+                                self.tokenizer.pad_id)
+            ref = None
+            if self.config.beta != 0.0:
+                with torch.no_grad(), active_adapters(self.model, None):
+                    ref = token_logprobs(self.model(packed.tokens), packed.tokens, self.config.temperature)
+            with active_adapters(self.model, POLICY):
+                logprobs = token_logprobs(self.model(packed.tokens), packed.tokens, self.config.temperature)
+            loss, info = grpo_loss(logprobs, packed.completion_mask, packed.advantages, ref_logprobs=ref,
+                                   beta=self.config.beta, epsilon=self.config.epsilon, num_tokens=num_tokens)
+            loss.backward()
+            total_loss += float(loss.detach())
+            chunk_tokens = int(packed.completion_mask.sum())
+            total_kl += info["kl"] * chunk_tokens
+            kl_tokens += chunk_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)) if rows else 0.0
+        if rows:
+            self.optimizer.step()
+        self.step += 1
+        self.model.eval()
+        return {"loss": round(total_loss, 6), "kl": round(total_kl / max(kl_tokens, 1), 6),
+                "grad_norm": round(grad_norm, 6), "tokens": num_tokens, "rows_trained": len(rows),
+                "groups": len(rollouts)}
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def adapter(self):
+        return policy_adapter(self.model, self.adapter_template)
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """Adapter (PEFT files) + optimizer, step and RNG state, written atomically into `folder`."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter_files(self.adapter(), tmp)
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                    "config": asdict(self.config), "extra": extra or {}}, tmp / STATE_FILE)
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def load(self, folder: str | Path) -> dict:
+        """Restore a `save`d checkpoint into this learner; returns the `extra` dict saved with it."""
+        folder = Path(folder)
+        load_policy_weights(self.model, read_adapter(folder))
+        state = torch.load(folder / STATE_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_random_state(state["rng"]["python"]))
+        return dict(state.get("extra") or {})
+
+
+def _as_random_state(state):
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / STATE_FILE).is_file()
+
+
+# ---- the `qwenlab train grpo` loop ----------------------------------------------------------
+class GracefulStop:
+    """First SIGINT/SIGTERM: finish the current step, checkpoint, stop. Second: KeyboardInterrupt at once.
+
+    So a checkpoint is never written from the middle of an optimizer step.
+    """
+
+    def __init__(self, message: str):
+        self.requested, self.message, self._previous = False, message, {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(self.message, flush=True)
+
+
+def save_final_adapter(learner: GRPOLearner, folder: str | Path, method: str, config: dict) -> Path:
+    """The trained adapter as a PEFT folder with the base's tokenizer files and a lineage.json."""
+    from qwenlab.checkpoint import copy_tokenizer_files
+    from qwenlab.checkpoint.lineage import make_lineage, write_lineage
+
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    save_adapter_files(learner.adapter(), folder)
+    if learner.base_path is not None:
+        copy_tokenizer_files(Path(learner.base_path), folder)
+        inputs = {"base": learner.base_path}
+        if learner.config.init_adapter:
+            inputs["init_adapter"] = learner.config.init_adapter
+        write_lineage(folder, make_lineage("adapter", method, inputs, config))
+    return folder
+
+
+def run_grpo(config: GRPOConfig, out: str | Path, resume: bool = True, progress: bool = True) -> dict:
+    """Train for config.steps steps; out/ gets checkpoint/, adapter/, rewards.jsonl and rewards.png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    learner = GRPOLearner.create(config)
+    checkpoint_dir, log = out / "checkpoint", JsonlLog(out / "rewards.jsonl")
+    if resume and has_checkpoint(checkpoint_dir):
+        learner.load(checkpoint_dir)
+        log.keep(lambda r: r["step"] <= learner.step)
+        _say(progress, f"resumed from {checkpoint_dir} at step {learner.step}")
+    elif log.path.exists():
+        log.path.unlink()
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    stop = GracefulStop("grpo: stopping after this step (checkpoint first); press Ctrl-C again to stop now")
+    try:
+        with stop:
+            while learner.step < config.steps and not stop.requested:
+                step = learner.step + 1
+                started = time.perf_counter()
+                instances = draw_instances(config.tasks, config.batch, f"grpo:{config.seed}:{step}",
+                                           config.difficulty)
+                rollouts = learner.rollouts(instances, seed=config.seed * 1_000_003 + step)
+                generated = time.perf_counter()
+                stats = learner.train_step(rollouts)
+                row = {"step": step, "reward": round(sum(r.mean_reward for r in rollouts) / len(rollouts), 4),
+                       **stats, "seconds_generate": round(generated - started, 3),
+                       "seconds_train": round(time.perf_counter() - generated, 3)}
+                log.append(row)
+                _say(progress, f"step {step}/{config.steps}  reward {row['reward']:.3f}  loss {row['loss']:+.4f}  "
+                               f"gen {row['seconds_generate']:.2f}s  train {row['seconds_train']:.2f}s")
+                if step % config.save_every == 0 or step == config.steps:
+                    learner.save(checkpoint_dir)
+            learner.save(checkpoint_dir)
+    except KeyboardInterrupt:
+        _say(True, f"grpo: stopped at once; the last checkpoint in {checkpoint_dir} stands")
+        raise
+    finally:
+        plot_curves(log.rows(), out / "rewards.png", "step", {"mean reward": "reward"}, "GRPO reward")
+    final = save_final_adapter(learner, out / "adapter", "grpo", asdict(config))
+    rows = log.rows()
+    return {"steps": learner.step, "adapter": str(final), "first_reward": rows[0]["reward"] if rows else None,
+            "last_reward": rows[-1]["reward"] if rows else None, "stopped": stop.requested}
+
+
+def _say(enabled: bool, text: str) -> None:
+    if enabled:
+        print(text, flush=True)

@@ -1,0 +1,234 @@
+"""What SFT and DPO runs share: checking inputs, the base model, LoRA and Trainer settings, the output.
+
+A run folder:
+    OUT/adapter_config.json, adapter_model.safetensors   the final adapter, PEFT format (written last)
+    OUT/tokenizer files, lineage.json, loss_curve.png, training_log.json
+    OUT/checkpoints/checkpoint-N/   adapter + optimizer, scheduler, RNG and trainer state (for --resume)
+Every input is checked before OUT is created, so bad input leaves nothing behind; the final files
+are written to a temporary folder and moved in, adapter_config.json last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwenlab.errors import QwenlabError
+from qwenlab.train.config import TrainConfig
+from qwenlab.train.data import load_jsonl, split_records
+
+CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "run_config.json"
+# Settings a resumed run must share with the run it continues.
+RESUME_KEYS = ("base", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "rslora", "batch_size", "grad_accum",
+               "learning_rate", "scheduler", "warmup", "weight_decay", "max_length", "beta", "dtype", "seed",
+               "val_fraction", "eval_data", "total_steps", "data_sha256", "kind")
+
+
+@dataclass
+class TrainingRun:
+    kind: str  # sft | dpo
+    config: TrainConfig
+    base: Path
+    out: Path
+    train_records: list[dict]
+    eval_records: list[dict]
+    conversational: bool
+    total_steps: int
+    resume_from: str | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / CHECKPOINTS
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    runtime_s: float
+    tokens_seen: int | None
+    log_history: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_seen / self.runtime_s if self.tokens_seen and self.runtime_s else None
+
+
+def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
+    """Check everything (base, data, chat template, output folder, resume state); writes nothing."""
+    from qwenlab.checkpoint import open_checkpoint
+    from qwenlab.model.tokenizer import load_tokenizer
+
+    config.validate()
+    base = open_checkpoint(config.base).path.resolve()
+    records, conversational = load_jsonl(config.data, kind)
+    if config.eval_data:
+        eval_records, eval_conversational = load_jsonl(config.eval_data, kind)
+        if eval_conversational != conversational:
+            raise QwenlabError(f"{config.eval_data}: chat/plain-text format differs from {config.data}")
+        train_records = records
+    else:
+        train_records, eval_records = split_records(records, config.val_fraction, config.seed)
+    tokenizer = load_tokenizer(base)  # fails with one line if the base has no tokenizer.json
+    if conversational and not tokenizer.chat_template:
+        raise QwenlabError(f"{base}: the tokenizer has no chat template, which the chat-format data in "
+                           f"{config.data} needs (add 'chat_template' to tokenizer_config.json)")
+    per_step = config.batch_size * config.grad_accum
+    total_steps = config.steps or max(1, math.ceil(math.ceil(len(train_records) / per_step) * config.epochs))
+    run = TrainingRun(kind, config, base, Path(config.out), train_records, eval_records, conversational, total_steps)
+    _prepare_output(run)
+    return run
+
+
+def _run_settings(run: TrainingRun) -> dict:
+    from qwenlab.checkpoint.lineage import file_sha256
+
+    settings = {k: v for k, v in run.config.as_dict().items() if k in RESUME_KEYS}
+    settings.update(kind=run.kind, base=str(run.base), total_steps=run.total_steps,
+                    learning_rate=run.config.learning_rate_for(run.kind),
+                    data_sha256=file_sha256(Path(run.config.data)))
+    return settings
+
+
+def _prepare_output(run: TrainingRun) -> None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    config, out = run.config, run.out
+    settings = _run_settings(run)
+    if config.resume or config.resume_from:
+        checkpoint = config.resume_from
+        if not checkpoint and run.checkpoints.is_dir():
+            checkpoint = get_last_checkpoint(str(run.checkpoints))
+        if not checkpoint or not Path(checkpoint, "trainer_state.json").is_file():
+            raise QwenlabError(f"{config.resume_from or run.checkpoints}: no checkpoint-N folder to resume from")
+        saved_path = Path(checkpoint).parent / RUN_CONFIG
+        saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+        for key, value in settings.items():
+            if key in saved and saved[key] != value:
+                raise QwenlabError(f"--resume: '{key}' was {saved[key]!r} in the interrupted run and is {value!r} "
+                                   "now; resume with the same settings and data")
+        run.resume_from = str(checkpoint)
+    elif out.exists() and not config.force:
+        raise QwenlabError(f"{out}: output folder exists (use --resume to continue it, or --force to replace it)")
+
+
+def open_output(run: TrainingRun) -> None:
+    """Create OUT/checkpoints (replacing OUT with --force) once every input has been checked."""
+    if not run.resume_from and run.out.exists():
+        shutil.rmtree(run.out)
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    (run.checkpoints / RUN_CONFIG).write_text(json.dumps(_run_settings(run), indent=2) + "\n")
+
+
+def load_training_model(run: TrainingRun):
+    """The base as a transformers model in fp32 (weights stored in bf16 are upcast) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if run.config.threads:
+        torch.set_num_threads(run.config.threads)
+    model = AutoModelForCausalLM.from_pretrained(str(run.base), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(run.base))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), use_rslora=config.rslora, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def trainer_arguments(run: TrainingRun) -> dict:
+    """Keyword arguments shared by SFTConfig and DPOConfig: CPU-safe, checkpointed, resumable."""
+    config = run.config
+    bf16 = config.dtype in ("bf16", "bfloat16")
+    save_steps = config.save_steps or run.total_steps  # a final checkpoint is always written
+    evaluate = bool(run.eval_records)
+    return dict(
+        output_dir=str(run.checkpoints),
+        max_steps=run.total_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate_for(run.kind),
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup,
+        weight_decay=config.weight_decay,
+        max_length=config.max_length,
+        # Explicit precision: TRL defaults bf16=True, and fp16 has no CPU kernels worth using.
+        bf16=bf16,
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        # transformers 5's name for gradient checkpointing; TRL turns it on by default, too slow for small CPU runs.
+        activation_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=config.save_total_limit or None,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=(config.eval_steps or save_steps) if evaluate else None,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=not config.progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+    )
+
+
+def datasets(run: TrainingRun):
+    from datasets import Dataset
+
+    train = Dataset.from_list(run.train_records)
+    return train, (Dataset.from_list(run.eval_records) if run.eval_records else None)
+
+
+def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
+    """Write the final adapter folder (PEFT format) with tokenizer, lineage, loss curve and log."""
+    from qwenlab.adapters.peft_format import ADAPTER_CONFIG, read_adapter
+    from qwenlab.checkpoint.lineage import make_lineage, write_lineage
+    from qwenlab.checkpoint.writer import copy_tokenizer_files
+    from qwenlab.train.plots import loss_points, plot_loss_curve
+
+    history = trainer.state.log_history
+    train_points, eval_points = loss_points(history)
+    runtime = time.time() - started
+    tokens = trainer.state.num_input_tokens_seen or None
+    result = TrainResult(run.out, trainer.state.global_step, train_points[-1][1] if train_points else None,
+                         eval_points[-1][1] if eval_points else None, runtime, tokens, history)
+    tmp = run.out / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        trainer.model.save_pretrained(str(tmp))
+        read_adapter(tmp)  # what PEFT wrote must read back in qwenlab
+        copy_tokenizer_files(run.base, tmp)
+        plot_loss_curve(history, tmp / "loss_curve.png", title=f"LoRA {run.kind.upper()}: {Path(run.config.data).name}")
+        summary = {"kind": run.kind, "steps": result.steps, "train_loss": result.train_loss,
+                   "eval_loss": result.eval_loss, "runtime_s": round(runtime, 2), "tokens_seen": tokens,
+                   "train_records": len(run.train_records), "eval_records": len(run.eval_records),
+                   "resumed_from": run.resume_from}
+        log = {"summary": summary, "config": run.config.as_dict(), "log_history": history}
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+        lineage = make_lineage("adapter", f"lora-{run.kind}", {"base": run.base, "data": run.config.data},
+                               {**_run_settings(run), **summary})
+        write_lineage(tmp, lineage)
+        for file in sorted(tmp.iterdir(), key=lambda p: p.name == ADAPTER_CONFIG):  # config last
+            os.replace(file, run.out / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result

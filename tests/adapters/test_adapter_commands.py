@@ -1,0 +1,123 @@
+"""`qwenlab adapter merge|extract|combine`, AdaptedCheckpoint, and every bad input: one line, no output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwenlab.adapters import AdaptedCheckpoint, attach_adapter, read_adapter
+from qwenlab.adapters.lora_linear import LoRALinear
+from qwenlab.checkpoint import open_checkpoint
+from qwenlab.cli import main
+from qwenlab.errors import QwenlabError
+from qwenlab.model import load_model
+from tests.adapters.conftest import make_peft_adapter
+
+
+@pytest.fixture(scope="module")
+def adapters(base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-adapters")
+    make_peft_adapter(base_dir, root / "a", r=4, alpha=8, seed=11)
+    make_peft_adapter(base_dir, root / "b", r=2, alpha=4, seed=12, targets=["q_proj", "v_proj"])
+    return root / "a", root / "b"
+
+
+def test_merge_extract_combine_commands(base_dir, adapters, tmp_path, capsys):
+    a, b = adapters
+    assert main(["adapter", "merge", str(base_dir), str(a), str(tmp_path / "merged")]) == 0
+    merged = open_checkpoint(tmp_path / "merged")
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "merged" / "lineage.json").read_text())["method"] == "lora-merge"
+    assert main(["adapter", "extract", str(base_dir), str(merged.path), str(tmp_path / "x"), "--rank", "4"]) == 0
+    assert "energy captured 1.0000" in capsys.readouterr().out
+    assert read_adapter(tmp_path / "x").ranks() == {4}
+    assert main(["adapter", "combine", str(tmp_path / "c"), str(a), str(b), "--method", "cat",
+                 "--weights", "1,0.5"]) == 0
+    assert read_adapter(tmp_path / "c").ranks() == {6}
+    capsys.readouterr()
+    assert main(["adapter", "combine", str(tmp_path / "t"), str(a), str(b), "--method", "dare_ties",
+                 "--density", "0.5", "--rank", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rank"] == 3 and 0 < report["total_energy_min"] <= 1
+
+
+def test_adapted_checkpoint_is_a_lazy_checkpoint(base_dir, adapters):
+    a, _ = adapters
+    adapted = AdaptedCheckpoint(open_checkpoint(base_dir), a)
+    base = open_checkpoint(base_dir)
+    assert adapted.tensor_names() == base.tensor_names() and adapted.config == base.config
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert adapted.shape(name) == base.shape(name)
+    adapter = read_adapter(a)
+    expected = base.get(name) + adapter.delta("model.layers.1.mlp.down_proj")
+    assert torch.allclose(adapted.get(name), expected, atol=1e-6)
+    assert torch.equal(adapted.get("model.norm.weight"), base.get("model.norm.weight"))
+    # load_model reads it like any checkpoint
+    model = load_model(adapted, "fp32")
+    assert torch.allclose(model.model.layers[1].mlp.down_proj.weight, expected, atol=1e-6)
+
+
+def test_adapter_for_another_base_names_module_and_shapes(other_base_dir, adapters, tmp_path, capsys):
+    a, _ = adapters
+    shapes = r"module 'model\.layers\.0\.mlp\.down_proj' is \[48, 96\] .* expects \[48, 80\]"
+    with pytest.raises(QwenlabError, match=shapes):
+        AdaptedCheckpoint(open_checkpoint(other_base_dir), a)
+    with pytest.raises(QwenlabError, match=r"expects \[48, 80\]"):
+        attach_adapter(load_model(other_base_dir, "fp32"), a, "a")
+    assert main(["adapter", "merge", str(other_base_dir), str(a), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "made for another base" in err
+    assert not any(tmp_path.iterdir())  # nothing written, not even a temporary folder
+
+
+def test_rank_mismatch_for_linear_combine(adapters, tmp_path, capsys):
+    a, b = adapters
+    assert main(["adapter", "combine", str(tmp_path / "out"), str(a), str(b), "--method", "linear"]) == 1
+    assert "needs adapters of equal rank" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_unreadable_adapters_fail_with_one_line(adapters, tmp_path):
+    a, _ = adapters
+    with pytest.raises(QwenlabError, match="missing adapter_config.json"):
+        read_adapter(tmp_path)
+    bad = tmp_path / "dora"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({**json.loads((a / "adapter_config.json").read_text()),
+                                                          "use_dora": True}))
+    with pytest.raises(QwenlabError, match="'use_dora'"):
+        read_adapter(bad)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "adapter_config.json").write_text((a / "adapter_config.json").read_text())
+    tensors = load_file(a / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.modules_to_save.weight"] = torch.zeros(2, 2)
+    save_file(tensors, odd / "adapter_model.safetensors")
+    with pytest.raises(QwenlabError, match="unexpected tensor 'base_model.model.lm_head"):
+        read_adapter(odd)
+    del tensors["base_model.model.lm_head.modules_to_save.weight"]
+    del tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    save_file(tensors, odd / "adapter_model.safetensors")
+    with pytest.raises(QwenlabError, match="q_proj' has no lora_B"):
+        read_adapter(odd)
+
+
+def test_unknown_adapter_name_and_detach(base_dir, adapters):
+    from qwenlab.adapters import active_adapters, adapter_names, detach_adapter
+
+    a, b = adapters
+    model = load_model(base_dir, "fp32")
+    attach_adapter(model, a, "a")
+    attach_adapter(model, b, "b")
+    assert adapter_names(model) == ["a", "b"]
+    with pytest.raises(QwenlabError, match="unknown adapter 'c'; attached: a, b"):
+        with active_adapters(model, ["a", "c"]):
+            pass
+    with pytest.raises(QwenlabError, match="already attached"):
+        attach_adapter(model, a, "a")
+    detach_adapter(model, "a")
+    detach_adapter(model, "b")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())

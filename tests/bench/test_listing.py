@@ -1,0 +1,62 @@
+"""`qwenlab ls`: what each variant is, from its files and lineage.json."""
+
+import json
+
+import pytest
+
+from qwenlab.bench.listing import describe_variant, find_variants, lineage_chain, load_variant
+from qwenlab.bench.results import record_measurement
+from qwenlab.cli import main
+from qwenlab.errors import QwenlabError
+
+
+def test_variants_are_described_from_their_files(family):
+    variants = {v.name: v for v in find_variants([family])}
+    assert set(variants) == {"base", "other", "slerp-0.3", "slerp-0.7", "lora"}
+    assert [variants[n].kind for n in ("base", "other", "slerp-0.3", "lora")] == ["base", "trained", "merge", "adapter"]
+    base, lora = variants["base"], variants["lora"]
+    assert base.parameters == base.config.parameter_count() and base.dtype == "fp32" and base.method is None
+    # 3 layers x (q_proj: A [2, 48] + B [48, 2]; v_proj: A [2, 48] + B [16, 2])
+    assert lora.base == family / "base" and lora.parameters == 3 * ((2 * 48 + 48 * 2) + (2 * 48 + 16 * 2))
+    assert base.size_bytes == sum(p.stat().st_size for p in (family / "base").iterdir()
+                                  if p.name not in ("measurements.jsonl", "README.md"))
+
+
+def test_lineage_chain_follows_inputs(family):
+    chain = lineage_chain(describe_variant(family / "slerp-0.3"))
+    assert [(c["name"], c["kind"], c["method"]) for c in chain] == [("slerp-0.3", "merge", "slerp"),
+                                                                     ("base", "base", None)]
+    assert {i["name"] for i in chain[0]["inputs"]} == {"base", "other"} and all(i["sha256"] for i in chain[0]["inputs"])
+
+
+def test_load_variant_applies_an_adapter(family):
+    import torch
+
+    adapted, tokenizer, variant = load_variant(family / "lora")
+    base, _, _ = load_variant(family / "base")
+    ids = torch.tensor([tokenizer.encode("hello world")])
+    assert variant.kind == "adapter" and not torch.allclose(adapted(ids), base(ids))
+    again, _, variant = load_variant(family / "base", adapter=family / "lora")
+    assert variant.path == family / "lora" and torch.equal(again(ids), adapted(ids))
+
+
+def test_ls_cli_shows_lineage_size_and_latest_figures(fresh_family, capsys):
+    record_measurement(fresh_family / "slerp-0.7", "speed", {"128": {"ttft_s": 0.012, "decode_tokens_per_s": 55.5}})
+    record_measurement(fresh_family / "slerp-0.7", "accuracy", {"arithmetic": {"accuracy": 0.25, "n": 8}})
+    assert main(["ls", str(fresh_family)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("slerp-0.7"))
+    assert "merge" in row and "slerp: base, other" in row and "0.250 (1 task)" in row and "55.5@128" in row
+    assert "12 ms@128" in row
+    lora = next(line for line in out.splitlines() if line.startswith("lora"))
+    assert "adapter" in lora and "+ base" in lora
+    assert main(["ls", str(fresh_family / "base"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["kind"] == "base" and rows[0]["mean_accuracy"] is None and rows[0]["speed"] == {}
+
+
+def test_ls_errors(tmp_path, capsys):
+    assert main(["ls", str(tmp_path)]) == 1
+    assert "no model or adapter folders found" in capsys.readouterr().err
+    with pytest.raises(QwenlabError, match="not a model or adapter folder"):
+        describe_variant(tmp_path)

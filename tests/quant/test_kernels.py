@@ -1,0 +1,79 @@
+"""Quantized layers against the dequantized fp32 matmul, for every backend, shape and group size."""
+
+import pytest
+import torch
+
+from qwenlab.quant import native
+from qwenlab.quant.formats import dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8
+from qwenlab.quant.linear import Int4WeightLinear, Int8WeightLinear
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
+
+
+def layer(bits, n, k, group_size, backend, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    if bits == 8:
+        q, s = quantize_int8(w, group_size)
+        return Int8WeightLinear.from_tensors(group_size, b, backend, qweight=q, scales=s), dequantize_int8(q, s), b
+    q, s, z = quantize_int4(w, group_size)
+    lin = Int4WeightLinear.from_tensors(group_size, b, backend, qweight=pack_int4(q), scales=s, zeros=z)
+    return lin, dequantize_int4(q, s, z), b
+
+
+def exactly_quantizable(m, k, seed=1):
+    """Activations the kernel's int8 quantization (per 32 values, amax/127) represents exactly."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (m, k), generator=g).float()
+    q.view(m, -1, 32)[..., 0] = 127.0  # each block's amax is 127 steps
+    step = 2.0 ** torch.randint(-6, 0, (m, k // 32, 1), generator=g).float()  # powers of two: exact scales
+    return (q.view(m, -1, 32) * step).view(m, k)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n", [16, 80, 128, 300])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_native_kernel_equals_the_dequantized_matmul(bits, n, group_size):
+    lin, w, b = layer(bits, n, 256, group_size, "native")
+    assert lin.backend == "native"
+    # The packed weight is the stored one (int4: up to the fp16 rounding of m = -scale * zero, ~1% of a step).
+    packed_w = lin.dequantized_weight()
+    assert (packed_w - w).abs().max().item() <= 0.01 * (w.abs().max().item() / 7)
+    for m in (1, 3, 4, 9):  # decode (1), prefill tiles of 4 and their remainders
+        x = exactly_quantizable(m, 256)
+        expected = x @ packed_w.T + b
+        got = lin(x)
+        assert got.shape == (m, n)
+        assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item() + 1e-5
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_kernel_on_arbitrary_activations_is_within_int8_activation_error(bits):
+    lin, w, b = layer(bits, 192, 512, 64, "native", bias=False)
+    x = torch.randn(2, 5, 512)
+    expected = x @ w.T
+    rel = ((lin(x) - expected).norm() / expected.norm()).item()
+    assert rel < 0.01  # int8 activations in blocks of 32: ~0.5% on Gaussian inputs
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pytorch_kernel_backend(bits):
+    lin, w, b = layer(bits, 64, 256, 32, "aten")
+    x = torch.randn(3, 256)
+    expected = x @ w.T + b
+    # bf16 activations (and per-channel requantization for int8)
+    assert ((lin(x) - expected).norm() / expected.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native), "aten"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_gather_from_every_layout(bits, backend):
+    lin, w, _ = layer(bits, 300 if backend != "aten" else 304, 128, 32, backend, bias=False)
+    rows = torch.tensor([0, 17, 299, 64, 17])
+    # exact for the stored format; int4 native adds the fp16 rounding of m; aten stores bf16 scales
+    atol = {"reference": 1e-6, "native": 1e-6 if bits == 8 else 1e-3 * float(w.abs().max()),
+            "aten": 0.02 * float(w.abs().max())}[backend]
+    assert torch.allclose(lin.weight_rows(rows), w[rows], atol=atol)

@@ -1,0 +1,115 @@
+"""The engine without HTTP: continuous batching with rows joining, leaving and being compacted,
+per-row adapters, cancellation - each request's text equal to generating it alone."""
+
+import threading
+
+import pytest
+import torch
+
+from qwenlab.serve.batch_cache import BatchKVCache
+from qwenlab.serve.engine import Engine
+from qwenlab.serve.requests import EngineRequest, SamplingParams
+from tests.serve.conftest import ADAPTERS
+
+
+@pytest.fixture(scope="module")
+def engine(serve_models):
+    from qwenlab.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(serve_models["base"])
+    engine = Engine("base", load_model(serve_models["base"]), tokenizer, tokenizer.stop_ids(), max_batch=3,
+                    max_context=256)
+    for name in ADAPTERS:
+        engine.adapters.attach(name, engine.adapters.read(serve_models[name]), str(serve_models[name]))
+    return engine
+
+
+class Collector:
+    def __init__(self):
+        self.text, self.finish, self.done = [], None, threading.Event()
+
+    def __call__(self, event):
+        if event.kind == "delta":
+            self.text.append(event.text)
+        else:
+            self.finish = event.finish_reason if event.kind == "finish" else "error: " + event.text
+            self.done.set()
+
+
+def run_until_done(engine, collectors, max_steps=5000):
+    for _ in range(max_steps):
+        if all(c.done.is_set() for c in collectors):
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish")
+
+
+def alone(model, tokenizer, prompt_ids, adapter, max_tokens) -> str:
+    """The library's generation of one request by itself."""
+    from qwenlab.adapters import active_adapters
+    from qwenlab.model import GenerationConfig
+    from qwenlab.model.generate import stream_generate
+
+    with active_adapters(model, adapter):
+        events = stream_generate(model, tokenizer, [prompt_ids], GenerationConfig(max_new_tokens=max_tokens),
+                                 tokenizer.stop_ids())
+        return "".join(e.text for e in events)
+
+
+def test_rows_join_leave_and_compact_like_one_at_a_time(engine, reference):
+    # A tiny cache that must grow and compact many times while rows come and go.
+    engine.cache = BatchKVCache(engine.model.config, engine.max_batch, engine.max_context, engine.model.dtype,
+                                initial_slots=4)
+    tokenizer = engine.tokenizer
+    texts = ["What is 12 + 7?", "hello", "Reverse the word: apple apple apple", "The answer is 19.",
+             "hello world hello world", "a", "sort these letters: d c b a", "count the letter l in hello"]
+    jobs = [(tokenizer.encode(t), [None, *ADAPTERS][i % 4], 5 + (7 * i) % 23) for i, t in enumerate(texts)]
+    collectors = []
+    for i, (ids, adapter, max_tokens) in enumerate(jobs):
+        collectors.append(Collector())
+        engine.submit(EngineRequest(ids, SamplingParams(max_tokens=max_tokens), collectors[-1], adapter=adapter))
+        for _ in range(i % 3):  # stagger arrivals: some join a running batch mid-flight
+            engine.step()
+    run_until_done(engine, collectors)
+    assert engine.rows == [] and engine.cache.rows == 0
+    for (ids, adapter, max_tokens), collector in zip(jobs, collectors):
+        assert collector.finish in ("stop", "length")
+        assert "".join(collector.text) == alone(reference.base, tokenizer, ids, adapter, max_tokens), adapter
+
+
+def test_cancelled_rows_leave_the_batch(engine):
+    collectors = [Collector() for _ in range(3)]
+    requests = [EngineRequest([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True), c) for c in collectors]
+    for request in requests:
+        engine.submit(request)
+    for _ in range(3):
+        engine.step()
+    assert len(engine.rows) == 3
+    requests[1].cancel()
+    engine.step()
+    assert [row.request for row in engine.rows] == [requests[0], requests[2]]
+    run_until_done(engine, [collectors[0], collectors[2]])
+    assert not collectors[1].done.is_set() and collectors[0].finish == "length"
+
+
+def test_compaction_keeps_every_rows_keys_in_order():
+    from qwenlab.model.config import Qwen2Config
+    from qwenlab.model.kv_cache import KVCache
+
+    config = Qwen2Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    cache = BatchKVCache(config, max_rows=3, max_slots=128, dtype=torch.float32, initial_slots=4)
+    head_dim = config.head_dim
+    for length in (3, 6, 2):  # rows of different lengths, each its own prefill
+        source = KVCache.for_model(config, 1, length, torch.float32)
+        source.reserve(torch.ones(1, length, dtype=torch.bool))
+        keys = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).expand(1, 1, length, head_dim)
+        keys = keys + 100 * length
+        source.write(0, 0, keys, keys)
+        cache.add_row(source, 0)
+    cache.remove_row(0)  # row 2 moves into row 0
+    cache.make_room(60)  # forces compaction, then growth
+    for row, length in ((0, 2), (1, 6)):
+        slots = cache.valid[row, : cache.length].nonzero().squeeze(1)
+        assert cache.keys[0][row, 0, slots, 0].tolist() == [100 * length + i for i in range(length)]
+    assert cache.length == 6 and cache.capacity >= 66
