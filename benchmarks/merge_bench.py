@@ -44,6 +44,14 @@ def configs(models: list[Path]) -> dict[str, dict]:
     }
 
 
+NOTES = """max |diff| and differing: over all output tensors (differing = fraction of entries not bit-equal).
+slerp: both tools compute in float32 and round once to bf16; the whole-tensor dot product is summed
+  in a different order, so a few entries land one bf16 step apart.
+ties: mergekit 0.1.5 runs the TIES arithmetic in the inputs' dtype (bf16 here), qwenlab in float32;
+  against mergekit run with dtype: float32 the outputs agree except where magnitudes tie exactly at
+  the trim threshold (tests/merge/test_mergekit_parity.py, bf16 test)."""
+
+
 @dataclass
 class Run:
     wall_s: float
@@ -93,8 +101,10 @@ def make_models(preset: str, workdir: Path) -> list[Path]:
     for seed in (1, 2, 3):
         folder = workdir / f"{preset}-seed{seed}"
         if not (folder / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "qwenlab", "random", preset, str(folder), "--seed", str(seed),
-                            "--dtype", "bf16", "--force"], check=True, stdout=subprocess.DEVNULL)
+            made = subprocess.run([sys.executable, "-m", "qwenlab", "random", preset, str(folder), "--seed", str(seed),
+                                   "--dtype", "bf16", "--force"], capture_output=True, text=True)
+            if made.returncode != 0:
+                sys.exit(made.stderr)
         models.append(folder)
     return models
 
@@ -157,6 +167,7 @@ def main() -> None:
         print(" | ".join(f"{h}: {v}" for h, v in zip(header, rows[-1])), flush=True)
     print(f"\nload average after: {os.getloadavg()[0]:.1f} (mk = mergekit, ql = qwenlab; ratio = ql / mk)\n")
     print_table(rows)
+    print("\n" + NOTES)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ For each model, two servers in turn (subprocesses of `qwenlab serve` on loopback
   base    the base alone; every request asks for the base;
   mixed8  the base with 8 random LoRA adapters (r=8, alpha 16, all linear layers, PEFT format);
           client i asks for adapter i mod 8, so every batch mixes adapters.
-Each client (the official `openai` AsyncOpenAI client, streaming /v1/completions) sends `rounds`
-requests one after the other: a random prompt of --prompt-tokens tokens, --max-tokens new tokens
-(greedy, ignore_eos, so every request generates exactly that many).
+Each client (a bare asyncio HTTP client by default, or --client openai for the official AsyncOpenAI;
+both stream /v1/completions) sends `rounds` requests one after the other: a random prompt of
+--prompt-tokens tokens, --max-tokens new tokens (greedy, ignore_eos: every request generates exactly that).
   tokens/s  completion tokens of all requests / wall time of the phase (first send to last byte)
   TTFT      send -> first streamed text, per request; p50 and p95
+  engine decode tok/s  decode tokens / seconds inside decode steps (from /metrics): the batching
+            gain without HTTP and without the client's share of the CPU
 The load generator shares the CPU with the server, as a co-located client would.
 
 Models: 'nano' is the shipped nano when built, else a random model of nano's shape; a preset
@@ -123,14 +125,17 @@ def start_server(model: Path, adapters: dict[str, Path], port: int, threads: int
     raise RuntimeError("server did not start")
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """(TTFT in s, completion tokens) of one streamed completion."""
+def request_body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
+async def openai_request(client, port: int, body: dict) -> tuple[float, int]:
+    """(TTFT in s, completion tokens) of one streamed completion, through the official client."""
     started = time.perf_counter()
     ttft, tokens = None, 0
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True},
-                                             extra_body={"ignore_eos": True})
-    async for chunk in stream:
+    fields = {k: v for k, v in body.items() if k != "ignore_eos"}
+    async for chunk in await client.completions.create(**fields, extra_body={"ignore_eos": True}):
         if ttft is None and chunk.choices and chunk.choices[0].text:
             ttft = time.perf_counter() - started
         if chunk.usage is not None:
@@ -138,29 +143,69 @@ async def one_request(client, model: str, prompt: str, max_tokens: int) -> tuple
     return ttft if ttft is not None else float("nan"), tokens
 
 
+async def raw_request(_client, port: int, body: dict) -> tuple[float, int]:
+    """The same over a bare asyncio socket: a lighter client leaves the shared CPU to the server."""
+    started = time.perf_counter()
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+    ttft, tokens = None, 0
+    async for line in reader:  # uvicorn sends each SSE event as one HTTP chunk, so lines arrive whole
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if ttft is None and event["choices"] and event["choices"][0]["text"]:
+            ttft = time.perf_counter() - started
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    writer.close()
+    return ttft if ttft is not None else float("nan"), tokens
+
+
 async def run_phase(port: int, clients: int, rounds: int, models: list[str], prompt_tokens: int, max_tokens: int,
-                    vocab: int, seed: int) -> dict:
+                    vocab: int, seed: int, client_kind: str) -> dict:
     import openai
 
     rng = random.Random(seed)
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=3600)
+    send = openai_request if client_kind == "openai" else raw_request
 
-    def prompt() -> str:
-        return " ".join(f"w{rng.randrange(vocab - 3)}" for _ in range(prompt_tokens))
+    def body(index: int, tokens: int = max_tokens) -> dict:
+        prompt = " ".join(f"w{rng.randrange(vocab - 3)}" for _ in range(prompt_tokens))
+        return request_body(models[index % len(models)], prompt, tokens)
 
     async def one_client(index: int) -> list[tuple[float, int]]:
-        return [await one_request(client, models[index % len(models)], prompt(), max_tokens) for _ in range(rounds)]
+        return [await send(client, port, body(index)) for _ in range(rounds)]
 
-    await one_request(client, models[0], prompt(), 2)  # warm-up: first-call allocations, connection
+    await send(client, port, body(0, 2))  # warm-up: first-call allocations
+    before = engine_counters(port)
     started = time.perf_counter()
     results = [r for per_client in await asyncio.gather(*(one_client(i) for i in range(clients))) for r in per_client]
     wall = time.perf_counter() - started
+    after = engine_counters(port)
     await client.close()
     ttfts = sorted(t for t, _ in results)
     tokens = sum(n for _, n in results)
+    # Decode tokens (all but each request's first, which comes from its prefill) per second of decode steps:
+    # the engine's batching gain, free of HTTP and of this client's share of the CPU.
+    decode_tokens = (after[0] - before[0]) - len(results)
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": round(statistics.median(ttfts), 3),
-            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3)}
+            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3),
+            "engine_decode_tokens_per_s": round(decode_tokens / max(after[1] - before[1], 1e-9), 1)}
+
+
+def engine_counters(port: int) -> tuple[float, float]:
+    """(tokens generated, seconds spent in decode steps) so far, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    tokens = seconds = 0.0
+    for line in text.splitlines():
+        if line.startswith("qwenlab_generated_tokens_total{"):
+            tokens += float(line.rpartition(" ")[2])
+        elif line.startswith("qwenlab_decode_step_seconds_sum{"):
+            seconds += float(line.rpartition(" ")[2])
+    return tokens, seconds
 
 
 def free_port() -> int:
@@ -185,7 +230,7 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
             for clients in args.clients:
                 asked = list(served) or ["base"]
                 row = asyncio.run(run_phase(port, clients, args.rounds, asked, args.prompt_tokens, args.max_tokens,
-                                            vocab, seed=clients))
+                                            vocab, seed=clients, client_kind=args.client))
                 rows.append({"model": name, "mode": mode, **row})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
@@ -195,11 +240,12 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | mode | clients | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | mode | clients | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s "
+             "| engine decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']} "
-                     f"| {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} |")
+                     f"| {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} "
+                     f"| {r['engine_decode_tokens_per_s']} |")
     rate = {(r["model"], r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
     lines.append("")
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -226,6 +272,8 @@ def main() -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the server's prefill budget per step")
     parser.add_argument("--work-dir", default=str(Path(tempfile_dir()) / "qwenlab-serve-bench"))
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--client", choices=["raw", "openai"], default="raw",
+                        help="raw: a bare asyncio HTTP client (default; lighter on a shared CPU); openai: AsyncOpenAI")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     work = Path(args.work_dir)

@@ -157,10 +157,12 @@ def quality(folder: Path, log) -> list[str]:
     """Logit error of each variant against fp32 on 8 random 64-token sequences."""
     from qwenlab.model import load_model
     from qwenlab.quant.load import load_quantized_model
-    from qwenlab.quant.quality import compare_logits, random_sequences
+    from qwenlab.quant.quality import compare_logits, random_sequences, reference_logits
 
-    reference = load_model(folder, "fp32")
-    sequences = random_sequences(reference.config.vocab_size)
+    model = load_model(folder, "fp32")
+    sequences = random_sequences(model.config.vocab_size)
+    reference = reference_logits(model, sequences)
+    del model
     rows = []
     for label, path in [("bf16", None)] + quality_variants(folder):
         log(f"[quality] {label}")

@@ -62,10 +62,11 @@ def check_models(sources: dict[str, TensorSource]) -> None:
 
 def check_tensor_shapes(plan: MergePlan, sources: dict[str, TensorSource]) -> None:
     """Every planned tensor exists in its inputs with one shape: known from headers, before any write."""
+    names = {model: set(source.tensor_names()) for model, source in sources.items()}
     for planned in plan.tensors:
         shapes = []
         for model, name in planned.inputs:
-            if name not in sources[model].tensor_names():
+            if name not in names[model]:
                 raise QwenlabError(f"tensor '{name}' is missing in {model}")
             shapes.append((model, tuple(sources[model].shape(name))))
         for model, shape in shapes[1:]:
@@ -162,6 +163,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, *,
                open_model: Callable[[str], TensorSource] = open_model_source) -> tuple[MergePlan, dict]:
     """Load the config, open the inputs (headers only), plan and check: everything but the work."""
     config = load_merge_config(config)
+    parse_dtype(config.dtype, "dtype"), parse_dtype(config.out_dtype, "out_dtype")  # fail before any reading
     sources = open_sources(config, open_model)
     check_models(sources)
     plan = build_plan(config, sources)

@@ -13,13 +13,20 @@ import torch
 
 
 @torch.inference_mode()
+def reference_logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """The float model's logits, computed once and compared with many variants."""
+    return [model(torch.tensor([ids]))[0].float() for ids in sequences]
+
+
+@torch.inference_mode()
 def compare_logits(reference, candidate, sequences: list[list[int]]) -> dict[str, float]:
+    """reference: the float model, or its `reference_logits` for these sequences."""
+    if not isinstance(reference, list):
+        reference = reference_logits(reference, sequences)
     squared_error = squared_norm = kl = 0.0
     max_abs, agree, positions = 0.0, 0, 0
-    for ids in sequences:
-        tokens = torch.tensor([ids])
-        f = reference(tokens)[0].float()
-        q = candidate(tokens)[0].float()
+    for ids, f in zip(sequences, reference):
+        q = candidate(torch.tensor([ids]))[0].float()
         squared_error += float((q - f).pow(2).sum())
         squared_norm += float(f.pow(2).sum())
         max_abs = max(max_abs, float((q - f).abs().max()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenlab.serve.completions import ClientGone, prepare, respond
+from qwenlab.serve.completions import ClientGone, LoopMailbox, prepare, respond
 from qwenlab.serve.engine import EngineLoop
 from qwenlab.serve.limits import APIError, BodySizeLimit, ConcurrencyGate, ServeLimits, check_api_key
 from qwenlab.serve.metrics import ServeMetrics
@@ -28,13 +29,16 @@ def create_app(registry: ModelRegistry, limits: ServeLimits, metrics: ServeMetri
     gate = ConcurrencyGate(limits.max_concurrency, on_change=metrics.in_flight.set)
 
     @asynccontextmanager
-    async def lifespan(_app):
-        loop = EngineLoop(registry.engines)
-        loop.start()
+    async def lifespan(app):
+        app.state.mailbox = LoopMailbox(asyncio.get_running_loop())
+        for engine in registry.engines:
+            engine.step_listeners.append(app.state.mailbox.wake)
+        engine_loop = EngineLoop(registry.engines)
+        engine_loop.start()
         try:
             yield
         finally:
-            loop.stop()
+            engine_loop.stop()
 
     app = FastAPI(title="qwenlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry, app.state.limits, app.state.metrics, app.state.gate = registry, limits, metrics, gate

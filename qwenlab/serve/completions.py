@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -71,22 +72,51 @@ def _sampling(body: SamplingFields, prompt_tokens: int, context: int, limits: Se
                           stop=tuple(body.stop or ()), seed=body.seed, ignore_eos=body.ignore_eos)
 
 
+class LoopMailbox:
+    """Engine thread -> event loop, for every request at once. Events are queued during a step and
+    the loop is woken once, by `wake()` at the step's end: waking it mid-step (once per row per
+    token) made the engine and the HTTP thread fight over the GIL.
+
+    No lock, for the same reason: deque appends and pops are atomic, `wake` reads `scheduled` after
+    the appends and `_flush` clears it before it drains, so no event is left without a flush to come.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: deque[tuple[asyncio.Queue, EngineEvent]] = deque()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: EngineEvent) -> None:
+        self.pending.append((queue, event))
+
+    def wake(self) -> None:
+        if self.pending and not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        while self.pending:
+            queue, event = self.pending.popleft()
+            queue.put_nowait(event)
+
+
 class Generation:
     """One engine request seen from the event loop: its events arrive on an asyncio queue."""
 
-    def __init__(self, prepared: Prepared, timeout_s: float):
-        loop = asyncio.get_running_loop()
+    def __init__(self, prepared: Prepared, timeout_s: float, mailbox: LoopMailbox):
         self.queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self.deadline = loop.time() + timeout_s
+        self.deadline = mailbox.loop.time() + timeout_s
+        self.mailbox = mailbox
         self.request = EngineRequest(prepared.prompt_ids, prepared.params, adapter=prepared.target.adapter,
                                      model_id=prepared.target.model_id, on_event=self._deliver)
         self.engine = prepared.target.engine
-        self.loop = loop
+        self.held: EngineEvent | None = None
 
     def _deliver(self, event: EngineEvent) -> None:
-        """Called on the engine thread: hand the event to the event loop."""
+        """Called on the engine thread."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.mailbox.post(self.queue, event)
         except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
             self.request.cancel()
 
@@ -104,14 +134,27 @@ class Generation:
             if remaining <= 0:
                 self.cancel()
                 raise TimeoutError
-            try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=min(POLL_S, remaining))
-            except asyncio.TimeoutError:
-                yield None
-                continue
+            event, self.held = self.held, None
+            if event is None:
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), timeout=min(POLL_S, remaining))
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+            event = self._merge_waiting_deltas(event)
             yield event
             if event.kind != "delta":
                 return
+
+    def _merge_waiting_deltas(self, event: EngineEvent) -> EngineEvent:
+        """A slow reader gets the deltas that piled up as one chunk (fewer writes when loaded)."""
+        while event.kind == "delta" and not self.queue.empty():
+            following = self.queue.get_nowait()
+            if following.kind != "delta":
+                self.held = following
+                break
+            event = EngineEvent("delta", event.text + following.text)
+        return event
 
 
 async def collect(generation: Generation, http_request: Request) -> tuple[str, EngineEvent]:
@@ -137,6 +180,9 @@ async def collect(generation: Generation, http_request: Request) -> tuple[str, E
     raise APIError(500, "the generation ended without a finish event")
 
 
+_PLACEHOLDER = "qwenlab-text-goes-here"
+
+
 def _sse(payload) -> str:
     data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
@@ -150,9 +196,14 @@ async def stream_events(generation: Generation, chat: bool, model: str, include_
     def chunk(text: str | None, finish: str | None = None, role: str | None = None):
         if chat:
             choice = ChatChunkChoice(delta=Delta(role=role, content=text), finish_reason=finish)
-            return ChatCompletionChunk(id=response_id, model=model, choices=[choice])
+            return ChatCompletionChunk(id=response_id, model=model, choices=[choice], created=created)
         choice = CompletionChoice(text=text or "", finish_reason=finish)
-        return Completion(id=response_id, model=model, choices=[choice])
+        return Completion(id=response_id, model=model, choices=[choice], created=created)
+
+    # Text chunks are the per-token hot path: render the model once, then splice each text in
+    # (a pydantic build + dump per token cost the HTTP thread, and so the engine, GIL time).
+    created = int(time.time())
+    prefix, _, suffix = chunk(_PLACEHOLDER).model_dump_json().partition(json.dumps(_PLACEHOLDER))
 
     try:
         if chat:
@@ -161,7 +212,7 @@ async def stream_events(generation: Generation, chat: bool, model: str, include_
             if event is None:
                 yield ": keep-alive\n\n"  # a write that fails tells us the client has gone
             elif event.kind == "delta":
-                yield _sse(chunk(event.text))
+                yield f"data: {prefix}{json.dumps(event.text, ensure_ascii=False)}{suffix}\n\n"
             elif event.kind == "finish":
                 yield _sse(chunk(None if chat else "", finish=event.finish_reason))
                 if include_usage:
@@ -183,7 +234,7 @@ async def respond(prepared: Prepared, body: SamplingFields, http_request: Reques
     """Submit and answer; `release` is called exactly once when the request is over."""
     chat = isinstance(body, ChatCompletionRequest)
     model = prepared.target.model_id
-    generation = Generation(prepared, limits.request_timeout_s)
+    generation = Generation(prepared, limits.request_timeout_s, http_request.app.state.mailbox)
     generation.start()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

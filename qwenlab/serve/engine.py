@@ -46,6 +46,7 @@ class Engine:
         self.commands: deque[tuple[Callable[[], object], Future]] = deque()
         self.lock = threading.Lock()
         self.wake: Callable[[], None] = lambda: None  # set by EngineLoop
+        self.step_listeners: list[Callable[[], None]] = []  # called after every step (event delivery)
 
     # ---- called from the HTTP side (any thread) -------------------------------------------
     def submit(self, request: EngineRequest) -> None:
@@ -233,6 +234,8 @@ class EngineLoop(threading.Thread):
                 except Exception:
                     log.exception("engine %s failed; its requests are ended with an error", engine.name)
                     engine.fail_all("internal error in the generation engine")
+                for listener in engine.step_listeners:
+                    listener()
             if not busy:
                 self._wake.wait(timeout=1.0)
 

@@ -55,6 +55,11 @@ def test_density_outside_zero_one(models, tmp_path, density):
     fails(config, tmp_path / "o", rf"models\[0\]\.parameters\.density: density = {density} is outside \(0\.0, 1\.0\]")
 
 
+def test_unknown_dtype(models, tmp_path):
+    fails({**slerp_config(models), "dtype": "float8"}, tmp_path / "o", "dtype: unknown dtype 'float8'")
+    fails(slerp_config(models), tmp_path / "o", "--dtype: unknown dtype 'int4'", dtype="int4")
+
+
 def test_layer_range_out_of_bounds(models, tmp_path):
     config = {"merge_method": "passthrough",
               "slices": [{"sources": [{"model": str(models["a"]), "layer_range": [2, 9]}]}]}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qwenlab.merge import merge
-from tests.merge.conftest import LAYERS, assert_same_tensors, read_tensors, run_mergekit
+from tests.merge.conftest import assert_same_tensors, read_tensors, run_mergekit
 
 
 def both(config: dict, tmp_path, config_may_fail=False, **options):

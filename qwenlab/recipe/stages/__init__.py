@@ -2,7 +2,7 @@
 
 from qwenlab.recipe.stages import adapter_eval, chat, eval, info, train
 from qwenlab.recipe.stages import card, compare
-from qwenlab.recipe.stages import swarm
+from qwenlab.recipe.stages import merge, quantize, swarm
 
 STAGES = {
     "info": info.run,
@@ -13,4 +13,6 @@ STAGES = {
     "compare": compare.run,
     "card": card.run,
     "swarm": swarm.run,
+    "merge": merge.run,
+    "quantize": quantize.run,
 }

@@ -1,0 +1,94 @@
+"""Stage `merge`: merge two specialists (adapters over a base, or full models) with several methods.
+
+    - merge: {base: nano, models: [sft-arithmetic, sft-reverse], methods: [linear, ties, slerp, task_arithmetic],
+              tasks: [arithmetic, reverse], n: 50}
+
+Adapters are first written out as full models (W + scaling·B@A). Each method's output is registered
+as `merge-<method>`. The report shows every merge's accuracy on each specialist's task and the
+fraction of the specialist's accuracy it keeps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwenlab.errors import QwenlabError
+
+
+def method_config(method: str, base: str, a: str, b: str) -> dict:
+    """A mergekit-style config for two specialists over one base."""
+    if method == "linear":
+        return {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 0.5}},
+                                                     {"model": b, "parameters": {"weight": 0.5}}]}
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
+                "parameters": {"t": 0.5}}
+    if method == "task_arithmetic":  # base + delta_a + delta_b: both task vectors at full strength
+        return {"merge_method": "task_arithmetic", "base_model": base,
+                "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]}
+    if method == "ties":
+        return {"merge_method": "ties", "base_model": base, "parameters": {"normalize": False},
+                "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
+                           {"model": b, "parameters": {"weight": 1.0, "density": 0.5}}]}
+    raise QwenlabError(f"merge stage: unsupported method '{method}' (linear, slerp, task_arithmetic, ties)")
+
+
+def as_full_model(ctx, name: str, base: str) -> str:
+    """A full-model folder for `name`: adapters are merged into the base once."""
+    from qwenlab.adapters.adapted_checkpoint import merge_adapter_into_folder
+
+    path = Path(ctx.model_path(name))
+    if not (path / "adapter_config.json").is_file():
+        return str(path)
+    out = ctx.run_dir / "models" / f"{name}-full"
+    if not out.exists():
+        merge_adapter_into_folder(ctx.model_path(base), path, out, dtype="fp32", progress=False)
+    return str(out)
+
+
+def run(ctx, params: dict) -> tuple[dict, str]:
+    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.cli.model_commands import load_for_generation
+    from qwenlab.merge import merge
+
+    base = params.get("base", "nano")
+    names = params.get("models") or []
+    if len(names) != 2:
+        raise QwenlabError("merge stage: 'models' must name exactly two specialists")
+    tasks = params.get("tasks") or []
+    if len(tasks) != 2:
+        raise QwenlabError("merge stage: 'tasks' must name each specialist's task, in the same order")
+    methods = params.get("methods") or ["linear", "ties", "slerp", "task_arithmetic"]
+    n, seed = int(params.get("n", 50)), int(params.get("seed", 0))
+    base_path = str(Path(ctx.model_path(base)).resolve()) if base != "nano" else str(_nano())
+    a, b = (as_full_model(ctx, name, base) for name in names)
+    outputs = {}
+    for method in methods:
+        out = ctx.new_model_dir(f"merge-{method}")
+        merge(method_config(method, base_path, a, b), out, dtype="float32", force=True, progress=False)
+        outputs[f"merge-{method}"] = str(out)
+    accuracy = {}
+    for label, path in {names[0]: a, names[1]: b, **outputs}.items():
+        model, tokenizer, _ = load_for_generation(path, "fp32")
+        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, progress=False)
+        accuracy[label] = {t: round(r.accuracy, 4) for t, r in results.items()}
+    specialist = {tasks[0]: accuracy[names[0]][tasks[0]], tasks[1]: accuracy[names[1]][tasks[1]]}
+    kept = {m: {t: (round(accuracy[m][t] / specialist[t], 3) if specialist[t] else None) for t in tasks}
+            for m in outputs}
+    lines = ["| model | " + " | ".join(tasks) + " | kept of specialist (" + ", ".join(tasks) + ") |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    for label, accs in accuracy.items():
+        keep = ", ".join("-" if kept.get(label, {}).get(t) is None else f"{kept[label][t]:.0%}" for t in tasks) \
+            if label in kept else "(specialist)"
+        lines.append(f"| {label} | " + " | ".join(f"{accs[t]:.3f}" for t in tasks) + f" | {keep} |")
+    table = "\n".join(lines)
+    print(table)
+    section = (f"## Merging the specialists\n\n{names[0]} ({tasks[0]}) and {names[1]} ({tasks[1]}) merged with "
+               f"{', '.join(methods)}; greedy, {n} instances per task, seed {seed}.\n\n{table}")
+    return {"accuracy": accuracy, "kept": kept, "outputs": outputs}, section
+
+
+def _nano() -> Path:
+    from qwenlab.nano import nano_path
+
+    return nano_path()
