@@ -63,7 +63,7 @@ def run_local_swarm(configs: list[PeerConfig], *, threads: int = 1, timeout_s: f
         if configs[0].network and len(configs) > 1:
             address_file = Path(configs[0].out) / ADDRESS_FILE
             deadline = time.monotonic() + start_timeout_s
-            while not address_file.is_file():
+            while not (address_file.is_file() and address_file.read_text().split()):
                 if time.monotonic() > deadline or not first.is_alive():
                     raise QwenlabError(f"the bootstrap peer did not start (no {address_file})")
                 time.sleep(0.2)

@@ -113,8 +113,10 @@ class SwarmPeer:
                             record_ttl_s=c.record_ttl_s, warn=self.say)
         self.dht.start()
         addresses = self.dht.addresses()
-        if addresses:
-            (self.out / ADDRESS_FILE).write_text("\n".join(addresses) + "\n")
+        if addresses:  # written whole, then renamed: a reader never sees a half-written file
+            tmp = self.out / f".{ADDRESS_FILE}.tmp"
+            tmp.write_text("\n".join(addresses) + "\n")
+            tmp.replace(self.out / ADDRESS_FILE)
         return addresses
 
     def start_learner(self) -> None:

@@ -70,7 +70,7 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     accuracy = {}
     for label, path in {names[0]: a, names[1]: b, **outputs}.items():
         model, tokenizer, _ = load_for_generation(path, "fp32")
-        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, progress=False)
+        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"), progress=False)
         accuracy[label] = {t: round(r.accuracy, 4) for t, r in results.items()}
     specialist = {tasks[0]: accuracy[names[0]][tasks[0]], tasks[1]: accuracy[names[1]][tasks[1]]}
     kept = {m: {t: (round(accuracy[m][t] / specialist[t], 3) if specialist[t] else None) for t in tasks}

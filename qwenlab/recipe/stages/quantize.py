@@ -39,7 +39,7 @@ def run(ctx, params: dict) -> tuple[dict, str]:
         decode = result.summary(ctx_len, "decode_tps")[0]
         model, tokenizer, _ = load_for_generation(path, "fp32")
         accs = {t: round(r.accuracy, 4) for t, r in
-                evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, progress=False).items()}
+                evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"), progress=False).items()}
         figures[label] = {"ttft_s": round(ttft, 4), "decode_tokens_per_s": round(decode, 1),
                           "peak_rss_bytes": result.peak_rss_bytes, "accuracy": accs, "weights": result.weights}
         rows.append(f"| {label} | {result.weights} | {ttft * 1000:.0f} | {decode:.1f} | "
