@@ -227,6 +227,10 @@ def main(argv=None) -> int:
     sections = [f"# qwenlab speed vs peers\n", f"`{command}`\n",
                 f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} thread(s) per engine; "
                 f"Python {platform.python_version()}. {TARGETS}\n"]
+    def flush() -> None:  # after every section: a long run that is cut short keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(sections) + "\n")
+
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         folder = random_model(shape, workdir)
         before, start = load_average(), time.time()
@@ -234,6 +238,7 @@ def main(argv=None) -> int:
         if args.quality:
             sections += [f"### Logit error against fp32 ({shape}, random weights, 8 x 64 random tokens)\n",
                          *quality(folder, log), ""]
+            flush()
         if args.skip_speed:
             continue
         for dtype in ("int8", "int4"):
@@ -244,6 +249,7 @@ def main(argv=None) -> int:
         sections += [f"## {shape} (random weights, exact shapes)\n",
                      f"Load average before / after: {before} / {load_average()}; {time.time() - start:.0f} s.\n",
                      format_table(report, markdown=True), "", *targets(report, shape), ""]
+        flush()
         if args.ablations:
             ctx = report.contexts[0]
             rows = ablations(folder, ctx, args.gen, args.runs, args.threads, log)
@@ -251,15 +257,13 @@ def main(argv=None) -> int:
             sections += [f"### What each trick buys ({shape}, int4, ctx {ctx})\n",
                          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                          *["| " + " | ".join(r) + " |" for r in rows], ""]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(sections) + "\n")
+            flush()
     if args.quality:
         try:
             sections += ["## nano task accuracy (greedy, 200 instances per task)\n", *nano_accuracy(log), ""]
         except Exception as e:  # nano not built yet
             sections += [f"nano task accuracy: not measured ({e}).", ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(sections) + "\n")
+    flush()
     print("\n".join(sections))
     return 0
 
