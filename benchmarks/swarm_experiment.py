@@ -27,7 +27,7 @@ def peer_configs(arm: str, seed: int, args, out: Path):
     from qwenlab.swarm.local import write_seeded_identity
     from qwenlab.train.grpo import GRPOConfig
 
-    configs = []
+    configs, swarm_name = [], f"exp-{seed}-{time.time_ns()}"  # one name for the arm's peers
     local, external = (4, 4) if arm == "sapo" else (8, 0)
     for index in range(args.peers):
         folder = out / f"seed{seed}" / arm / f"peer{index}"
@@ -35,7 +35,7 @@ def peer_configs(arm: str, seed: int, args, out: Path):
         grpo = GRPOConfig(model=args.model, tasks=[args.task], difficulty=args.difficulty,
                           num_generations=args.generations, learning_rate=args.learning_rate,
                           max_new_tokens=args.max_new_tokens, seed=seed * 1000 + index)
-        configs.append(PeerConfig(grpo=grpo, out=str(folder), swarm=f"exp-{seed}-{int(time.time())}",
+        configs.append(PeerConfig(grpo=grpo, out=str(folder), swarm=swarm_name,
                                   network=arm == "sapo", host="127.0.0.1", local=local, external=external,
                                   rounds=args.rounds, save_every=args.rounds, resume=False, quiet=True))
     return configs

@@ -21,6 +21,9 @@ HELP.update({
     "max_record_bytes": "reject incoming records larger than this",
     "rate_burst": "records a peer may send in a burst", "rate_per_s": "records per second per peer after the burst",
     "audit": "log every incoming record's verdict to OUT/records.jsonl",
+    "wait_for_peers": "before round 1, wait until this many other peers are seen (0: start at once)",
+    "wait_timeout_s": "longest wait for --wait-for-peers before starting anyway",
+    "peer_timeout_s": "a peer silent for this long counts as gone (a warning; its records stay usable)",
     "resume": "continue from OUT/checkpoint when it exists", "quiet": "print warnings only",
 })
 _PEER_SKIP = ("grpo", "out", "initial_peers", "network")

@@ -44,11 +44,13 @@ def _validator(hard_cap_bytes: int):
 class SwarmDHT:
     def __init__(self, swarm: str, initial_peers: list[str] | None = None, *, host: str = "0.0.0.0", port: int = 0,
                  announce: str | None = None, identity_path: str | None = None, timeout_s: float = 10.0,
-                 retry_s: float = 30.0, record_ttl_s: float = 600.0, max_rounds_per_fetch: int = 16,
+                 retry_s: float = 30.0, record_ttl_s: float = 600.0, peer_timeout_s: float = 120.0,
+                 max_rounds_per_fetch: int = 16,
                  hard_cap_bytes: int = DEFAULT_HARD_CAP_BYTES, warn: Callable[[str], None] = print):
         self.swarm, self.initial_peers = swarm, list(initial_peers or [])
         self.host, self.port, self.announce, self.identity_path = host, port, announce, identity_path
         self.timeout_s, self.retry_s, self.record_ttl_s = timeout_s, retry_s, record_ttl_s
+        self.peer_timeout_s = peer_timeout_s
         self.max_rounds_per_fetch, self.hard_cap_bytes, self.warn = max_rounds_per_fetch, hard_cap_bytes, warn
         self._dht = None
         self._last_attempt = -float("inf")
@@ -129,8 +131,19 @@ class SwarmDHT:
             self.warn(f"swarm: {stored.count(False)} of {len(stored)} DHT stores were not acknowledged")
         return True
 
+    def _active_peers(self, listing, own_peer_id: str) -> int:
+        """Other peers that announced a round within peer_timeout_s (an announcement expires
+        record_ttl_s after it was made; peers are assumed to use the same TTL)."""
+        from hivemind.utils import get_dht_time
+
+        if listing is None or not isinstance(listing.value, dict):
+            return 0
+        since = get_dht_time() - self.peer_timeout_s
+        return sum(1 for peer, item in listing.value.items()
+                   if peer != own_peer_id and item.expiration_time - self.record_ttl_s >= since)
+
     def fetch(self, own_peer_id: str) -> tuple[list[tuple[object, object]], int] | None:
-        """(subkey, value) pairs of the other peers' latest rounds, and how many peers are listed; None on error."""
+        """(subkey, value) pairs of the other peers' latest rounds, and how many are active; None on error."""
         if not self.ensure_started():
             return None
         try:
@@ -146,9 +159,7 @@ class SwarmDHT:
                     entries += [(subkey, item.value) for subkey, item in found.value.items()]
                 elif found is not None:
                     entries.append((None, found.value))  # a plain value where a dictionary belongs
-            peers = len(listing.value) - (own_peer_id in listing.value) \
-                if listing is not None and isinstance(listing.value, dict) else 0
-            return entries, peers
+            return entries, self._active_peers(listing, own_peer_id)
         except Exception as e:
             self._fail(f"fetching rollouts failed ({_short(e)})")
             return None

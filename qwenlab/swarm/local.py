@@ -43,8 +43,12 @@ def run_local_swarm(configs: list[PeerConfig], *, threads: int = 1, timeout_s: f
                     start_timeout_s: float = 120.0) -> list[int]:
     """Run the peers to completion (each config's `rounds` must be > 0); returns their exit codes.
 
-    With network on, configs[0] bootstraps on 127.0.0.1 and the others join its address.
+    With network on, configs[0] bootstraps on 127.0.0.1 and the others join its address; every peer
+    waits (at start only, up to its wait_timeout_s) until it sees the others, so that a peer that
+    loads faster does not finish its rounds alone.
     """
+    if configs[0].network and len(configs) > 1:
+        configs = [replace(c, wait_for_peers=max(c.wait_for_peers, len(configs) - 1)) for c in configs]
     if any(c.rounds <= 0 for c in configs):
         raise QwenlabError("run_local_swarm: every peer needs rounds > 0")
     context = multiprocessing.get_context("spawn")

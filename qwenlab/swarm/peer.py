@@ -53,9 +53,12 @@ class PeerConfig:
     dht_timeout_s: float = 10.0
     dht_retry_s: float = 30.0
     record_ttl_s: float = 600.0
+    peer_timeout_s: float = 120.0  # a peer not heard from for this long counts as gone (for warnings)
     max_record_bytes: int = 64 * 1024
     rate_burst: float = 64
     rate_per_s: float = 8.0
+    wait_for_peers: int = 0  # before round 1, wait until this many other peers are announced ...
+    wait_timeout_s: float = 60.0  # ... or this long, then start anyway
     audit: bool = False  # write every incoming record's verdict to OUT/records.jsonl
     resume: bool = True
     quiet: bool = False
@@ -93,7 +96,7 @@ class SwarmPeer:
         self.learner: GRPOLearner | None = None
         self.round = 0
         self._last_fallback: str | None = None
-        self._heard_from_peers = False
+        self._peers_active = 0
         self.stop = GracefulStop("swarm: stopping after this round (checkpoint first); press Ctrl-C again to stop now")
 
     def say(self, text: str, always: bool = False) -> None:
@@ -110,7 +113,7 @@ class SwarmPeer:
         identity = str(self.out / P2P_IDENTITY_FILE) if c.stable_address else None
         self.dht = SwarmDHT(c.swarm, c.initial_peers, host=c.host, port=c.port, announce=c.announce,
                             identity_path=identity, timeout_s=c.dht_timeout_s, retry_s=c.dht_retry_s,
-                            record_ttl_s=c.record_ttl_s, warn=self.say)
+                            record_ttl_s=c.record_ttl_s, peer_timeout_s=c.peer_timeout_s, warn=self.say)
         self.dht.start()
         addresses = self.dht.addresses()
         if addresses:  # written whole, then renamed: a reader never sees a half-written file
@@ -131,6 +134,25 @@ class SwarmPeer:
             self.metrics.resume_at(0)
         config = asdict(self.config)
         (self.out / "peer_config.json").write_text(json.dumps({**config, "peer_id": self.peer_id}, indent=2) + "\n")
+
+    def _wait_for_peers(self) -> int:
+        """Announce ourselves and wait (bounded) until `wait_for_peers` others are listed. Only a start
+        condition: rounds never wait for anyone."""
+        c = self.config
+        if self.dht is None or c.wait_for_peers <= 0:
+            return 0
+        deadline, seen = time.monotonic() + c.wait_timeout_s, 0
+        while not self.stop.requested:
+            self.dht.publish(self.peer_id, self.round, [])
+            fetched = self.dht.fetch(self.peer_id)
+            seen = fetched[1] if fetched is not None else 0
+            if seen >= c.wait_for_peers or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if seen < c.wait_for_peers:
+            self.say(f"swarm: WARNING: {seen} of {c.wait_for_peers} peers after {c.wait_timeout_s:.0f} s; "
+                     "starting anyway")
+        return seen
 
     # ---- one round -----------------------------------------------------------------------
     def _local_rollouts(self, count: int, tag: str) -> list[Rollout]:
@@ -169,16 +191,19 @@ class SwarmPeer:
                 report = self.pool.ingest(entries)
                 self.metrics.log_audit(r, report.audit)
         external = self.pool.take(c.external)
-        self._heard_from_peers = self._heard_from_peers or bool(external)
         exchanged = time.perf_counter()
         shortfall = c.external - len(external)
         fill = []
+        if self.dht is not None and dht_ok and c.external and peers_seen != self._peers_active:
+            # Peers joining is news; peers leaving is a warning (shown even when quiet).
+            left = peers_seen < self._peers_active
+            self.say(f"swarm: {'WARNING: ' if left else ''}round {r}: {peers_seen} other peer(s) active "
+                     f"(was {self._peers_active})")
+            self._peers_active = peers_seen
         if shortfall and c.fill_local:
             if self.dht is not None:
                 why = "DHT unavailable" if not dht_ok else f"only {len(external)} external rollouts available"
-                # A warning (shown even when quiet) when the situation changes for the worse: the DHT is
-                # down, or peers we had heard from went quiet. Before anyone is ahead of us it is a notice.
-                warn = why != self._last_fallback and (not dht_ok or self._heard_from_peers)
+                warn = not dht_ok and why != self._last_fallback  # once per outage; the DHT also warns
                 self._last_fallback = why
                 self.say(f"swarm: {'WARNING: ' if warn else ''}round {r}: {why}; filling {shortfall} of "
                          f"{c.external} external slots with local rollouts")
@@ -225,6 +250,7 @@ class SwarmPeer:
                     self.say("swarm: this peer's addresses (give one to `qwenlab swarm join --peers`):\n  "
                              + "\n  ".join(addresses), always=True)
                 self.start_learner()
+                self._wait_for_peers()
                 self.say(f"swarm: peer {self.peer_id} starting at round {self.round + 1} "
                          f"({self.config.local} local + {self.config.external} external groups per round)")
                 while not self.stop.requested and (self.config.rounds == 0 or self.round < self.config.rounds):

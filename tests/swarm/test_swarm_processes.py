@@ -30,7 +30,7 @@ SWARM = "loopback-test"
 PEER_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--swarm", SWARM, "--num-generations", "2",
               "--max-new-tokens", "4", "--local", "2", "--external", "2", "--min-round-seconds", "0.5",
               "--save-every", "2", "--threads", "1", "--audit", "--dht-timeout-s", "5", "--dht-retry-s", "2",
-              "--quiet"]
+              "--peer-timeout-s", "8", "--quiet"]
 
 
 class Peer:
@@ -148,6 +148,8 @@ def swarm(tmp_path_factory, tiny_model_dir):
         at_kill = {p.name: len(p.rows()) for p in (a, b)}
         wait_for(lambda: all(len(p.rows()) >= at_kill[p.name] + 4 for p in (a, b)), 90, "rounds after the kill",
                  [a, b])
+        wait_for(lambda: "other peer(s) active (was" in b.output() and "WARNING" in b.output(), 60,
+                 "b's warning that peers left", [a, b])
         # 4. Ctrl-C on a: finish the round, checkpoint, exit 0
         a.process.send_signal(signal.SIGINT)
         a_code = a.process.wait(60)
@@ -201,6 +203,7 @@ def test_a_killed_peer_leaves_the_others_training(swarm):
     for name in "ab":
         assert len(swarm[name].rows()) >= swarm["at_kill"][name] + 4
     assert swarm["b_code"] == 0  # b ran on until SIGTERM, then stopped cleanly
+    assert any("WARNING" in line and "other peer(s) active" in line for line in swarm["b"].output().splitlines())
     assert "stopping after this round" in swarm["b"].output()
 
 

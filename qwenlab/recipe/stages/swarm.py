@@ -66,13 +66,13 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     difficulty, eval_n, seed = params.get("difficulty"), int(params.get("eval_n", 100)), int(params.get("seed", 0))
     folder = ctx.run_dir / "swarm" / name
     shutil.rmtree(folder, ignore_errors=True)
-    configs = []
+    configs, swarm_name = [], f"recipe-{time.time_ns()}"  # one name for all peers, new for every run
     for index in range(peers):
         grpo = GRPOConfig(model=base, tasks=[task], difficulty=difficulty, init_adapter=init,
                           num_generations=int(params.get("num_generations", 8)),
                           learning_rate=float(params.get("learning_rate", 1e-3)),
                           max_new_tokens=int(params.get("max_new_tokens", 8)), seed=seed * 1000 + index)
-        configs.append(PeerConfig(grpo=grpo, out=str(folder / f"peer{index}"), swarm=f"recipe-{time.time_ns()}",
+        configs.append(PeerConfig(grpo=grpo, out=str(folder / f"peer{index}"), swarm=swarm_name,
                                   network=peers > 1, host="127.0.0.1", local=int(params.get("local", 4)),
                                   external=int(params.get("external", 4)) if peers > 1 else 0, rounds=rounds,
                                   save_every=rounds, resume=False, quiet=True))
