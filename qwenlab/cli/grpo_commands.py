@@ -14,7 +14,7 @@ import typing
 from dataclasses import fields
 
 HELP = {
-    "model": "base model folder or 'nano'", "tasks": "comma-separated task names",
+    "model": "base model folder or 'nano'", "tasks": "task names",
     "difficulty": "task difficulty (default: each task's default)", "steps": "optimizer steps",
     "batch": "prompts per step", "num_generations": "completions per prompt (the group size G)",
     "beta": "KL weight towards the base model (0: no reference pass, TRL's default)",
@@ -51,7 +51,8 @@ def add_dataclass_flags(parser, cls, skip: tuple[str, ...] = (), defaults: dict 
             parser.add_argument(flag, dest=f.name, default=",".join(map(str, default)),
                                 help=f"{text} (comma-separated; default: %(default)s)")
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"{text} (default: %(default)s)")
+            shown = "" if default is None else " (default: %(default)s)"
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=text + shown)
 
 
 def dataclass_from_args(cls, args, skip: tuple[str, ...] = (), **extra):

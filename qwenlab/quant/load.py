@@ -17,12 +17,24 @@ import torch
 from qwenlab.checkpoint.names import layer_prefix
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
+from qwenlab.quant import native
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
 from qwenlab.quant.quantize import FORMAT, FORMAT_VERSION, HEAD_BITS
 from qwenlab.quant.stored import StoredTensors
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
+    """The model core with quantized layers; PyTorch's ops run single-threaded inside a forward
+    while the native kernel uses every thread (see native.torch_single_threaded)."""
+
+    def forward(self, *args, **kwargs):
+        if not self.native:
+            return super().forward(*args, **kwargs)
+        with native.torch_single_threaded():
+            return super().forward(*args, **kwargs)
 
 
 def read_section(checkpoint) -> dict:
@@ -101,7 +113,7 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
     stored = StoredTensors(checkpoint.path)
     validate_quantized(checkpoint, stored, section)
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = QuantizedQwen2ForCausalLM(config)
     dtype = torch.float32  # activations: the native kernel reads and writes fp32
     build = lambda *modules: build_linear(stored, list(modules), bits, group_size, backend)
     norm = lambda name: torch.nn.Parameter(stored.read(name).to(dtype), requires_grad=False)
@@ -123,6 +135,7 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
     _load_embedding_and_head(model, stored, head_bits, group_size, backend, dtype)
     model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)
     model.quantization = dict(section)
+    model.native = any(getattr(m, "backend", None) == "native" for m in model.modules())
     _release_free_memory()
     return model.eval().requires_grad_(False)
 

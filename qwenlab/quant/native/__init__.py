@@ -25,7 +25,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
-         "-fopenmp", "-shared", "-fPIC"]
+         "-pthread", "-shared", "-fPIC"]
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
 ROW_GROUP = 64  # 4 row blocks interleaved per 32-column block: one sequential stream per thread
 ACT_BLOCK = 32  # activations are quantized in blocks of 32 values
@@ -164,6 +164,38 @@ def gather_group_params(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return p[group, :, block, lane]  # [T, G]
 
 
+# ---- threads ---------------------------------------------------------------------------------------
+_kernel_threads: int | None = None
+
+
+def kernel_threads() -> int:
+    return _kernel_threads or torch.get_num_threads()
+
+
+class torch_single_threaded:
+    """Run PyTorch's own ops on one thread while the kernel keeps all of them.
+
+    A decode step is ~100 tiny PyTorch ops between the matmuls; when PyTorch runs them with OpenMP,
+    every parallel region ends in a barrier that waits for every thread, and on a shared machine a
+    preempted thread holds up each of those barriers (measured: 2 threads decoded 4-6x slower than
+    1). The kernel's own pool never waits for a thread that has not started (qmatmul.cpp).
+    """
+
+    def __enter__(self):
+        global _kernel_threads
+        self.saved = (_kernel_threads, torch.get_num_threads())
+        _kernel_threads = self.saved[0] or self.saved[1]
+        if self.saved[1] != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        global _kernel_threads
+        _kernel_threads = self.saved[0]
+        if self.saved[1] != 1:
+            torch.set_num_threads(self.saved[1])
+
+
 # ---- the matmuls --------------------------------------------------------------------------------
 def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,7 +207,7 @@ def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Ten
     rows = packed.shape[0] * ROW_GROUP
     y = torch.empty(x2.shape[0], rows)
     library().gemm_int8(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), rows, group_size,
-                        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                        None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads())
     return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
 
 
@@ -188,5 +220,5 @@ def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Ten
     rows = packed.shape[0] * ROW_GROUP
     y = torch.empty(x2.shape[0], rows)
     library().gemm_int4(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), rows,
-                        group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                        group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads())
     return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)

@@ -16,7 +16,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #define XB 32  // activation block
 
@@ -109,40 +114,154 @@ static inline void row_blocks(const uint8_t* w, const uint16_t* s, const uint16_
     }
 }
 
+// A small thread pool in which the caller never waits for a thread that has not started.
+//
+// OpenMP's fork-join makes every thread reach a barrier at the end of each parallel region, so on a
+// machine shared with other processes one preempted worker stalls the whole matmul for a scheduler
+// time slice, ~100 times per token (measured: 2 threads decoded 6x slower than 1). Here chunks are
+// claimed from a counter tagged with the job's generation: the caller works through the chunks
+// itself and, at the end, waits (yielding) only for chunks another thread has actually claimed.
+// Idle workers spin a few microseconds, then sleep on a condition variable, so they do not take
+// the CPU from the thread running the rest of the model.
+namespace {
+using ChunkFn = void (*)(const void* job, int64_t chunk);
+
+struct Pool {
+    std::mutex callers;  // one job at a time when several Python threads call the kernel
+    std::mutex mutex;
+    std::condition_variable wake;
+    std::vector<std::thread> threads;
+    std::atomic<uint64_t> generation{0};
+    std::atomic<uint64_t> state{0};  // (generation << 32) | next chunk
+    std::atomic<int64_t> done{0};
+    int64_t total = 0;
+    ChunkFn fn = nullptr;
+    const void* job = nullptr;
+
+    // Claim and run chunks of job `gen` until none is left; false once the job is not `gen` any more.
+    void work(uint64_t gen) {
+        for (;;) {
+            uint64_t st = state.load(std::memory_order_acquire);
+            if ((st >> 32) != (gen & 0xffffffffu) || (int64_t)(st & 0xffffffffu) >= total) return;
+            if (!state.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) continue;
+            fn(job, (int64_t)(st & 0xffffffffu));  // job and fn are stable while a claimed chunk is not done
+            done.fetch_add(1, std::memory_order_release);
+        }
+    }
+
+    void worker() {
+        uint64_t seen = generation.load();
+        for (;;) {
+            uint64_t gen = generation.load(std::memory_order_acquire);
+            for (int spin = 0; gen == seen && spin < 256; ++spin) {  // a few microseconds, then sleep
+                _mm_pause();
+                gen = generation.load(std::memory_order_acquire);
+            }
+            if (gen == seen) {
+                std::unique_lock<std::mutex> lock(mutex);
+                wake.wait(lock, [&] { return generation.load() != seen; });
+                gen = generation.load();
+            }
+            seen = gen;
+            work(gen);
+        }
+    }
+
+    void run(ChunkFn f, const void* j, int64_t chunks, int nthreads) {
+        if (nthreads <= 1 || chunks <= 1) {
+            for (int64_t i = 0; i < chunks; ++i) f(j, i);
+            return;
+        }
+        std::lock_guard<std::mutex> one_job(callers);
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            while ((int)threads.size() < nthreads - 1) {
+                threads.emplace_back([this] { worker(); });
+                threads.back().detach();
+            }
+            fn = f;
+            job = j;
+            total = chunks;
+            done.store(0, std::memory_order_relaxed);
+            const uint64_t gen = generation.load() + 1;
+            state.store((gen & 0xffffffffu) << 32, std::memory_order_release);
+            generation.store(gen, std::memory_order_release);
+        }
+        wake.notify_all();
+        const uint64_t gen = generation.load();
+        work(gen);
+        // Only chunks in progress on another thread are left; yield so that thread can run on this core.
+        for (int spin = 0; done.load(std::memory_order_acquire) < chunks; ++spin) {
+            if (spin < 64) _mm_pause();
+            else std::this_thread::yield();
+        }
+    }
+};
+
+Pool& pool() {
+    static Pool* p = new Pool();  // never destroyed: detached workers may outlive static destructors
+    return *p;
+}
+
+struct GemmJob {
+    const float* x;
+    int64_t M, K, N, gs, KB, G, rows_per_chunk;
+    const uint8_t* w;
+    const uint16_t *s, *mz;
+    const float* bias;
+    float* y;
+    int8_t* xq;
+    float* xs;
+    int32_t* xsum;
+};
+
+void quantize_chunk(const void* p, int64_t chunk) {
+    const GemmJob& j = *(const GemmJob*)p;
+    const int64_t end = (chunk + 1) * j.rows_per_chunk < j.M ? (chunk + 1) * j.rows_per_chunk : j.M;
+    for (int64_t m = chunk * j.rows_per_chunk; m < end; ++m)
+        quantize_row(j.x + m * j.K, j.K, j.xq + m * j.K, j.xs + m * j.KB, j.xsum + m * j.KB);
+}
+
+constexpr int64_t GROUPS_PER_CHUNK = 2;  // 128 rows: small enough to balance, large enough to stream
+
+template <int BITS>
+void gemm_chunk(const void* p, int64_t chunk) {
+    const GemmJob& j = *(const GemmJob*)p;
+    const int64_t K = j.K, N = j.N, KB = j.KB, NG = N / (16 * RG);
+    const int64_t wgroup = (BITS == 8 ? 16 : 8) * K * RG;  // bytes per row group
+    const int64_t pgroup = j.G * 16 * RG;                  // scales (and mins) per row group
+    const int64_t last = (chunk + 1) * GROUPS_PER_CHUNK < NG ? (chunk + 1) * GROUPS_PER_CHUNK : NG;
+    for (int64_t i = chunk * GROUPS_PER_CHUNK; i < last; ++i) {
+        const uint8_t* wg = j.w + i * wgroup;
+        const uint16_t* sg = j.s + i * pgroup;
+        const uint16_t* mg = j.mz ? j.mz + i * pgroup : nullptr;
+        const float* bg = j.bias ? j.bias + i * 16 * RG : nullptr;
+        float* yg = j.y + i * 16 * RG;
+        int64_t m = 0;
+        for (; m + 4 <= j.M; m += 4)  // prefill: 4 tokens x 2 row blocks, weights re-read from L1/L2
+            for (int r0 = 0; r0 < RG; r0 += 2)
+                row_blocks<BITS, 4, 2>(wg, sg, mg, r0, K, j.gs, j.xq + m * K, j.xs + m * KB, j.xsum + m * KB,
+                                       yg + m * N, N, bg);
+        for (; m < j.M; ++m)  // decode: 1 token x 4 row blocks
+            row_blocks<BITS, 1, RG>(wg, sg, mg, 0, K, j.gs, j.xq + m * K, j.xs + m * KB, j.xsum + m * KB,
+                                    yg + m * N, N, bg);
+    }
+}
+}  // namespace
+
 // N must be a multiple of 64 (the Python side pads rows), K a multiple of 32 and of gs.
 template <int BITS>
 static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
                  int64_t N, int64_t gs, const float* bias, float* y, int nthreads) {
-    const int64_t KB = K / XB, NG = N / (16 * RG), G = K / gs;
-    const int64_t wgroup = (BITS == 8 ? 16 : 8) * K * RG;  // bytes per row group
-    const int64_t pgroup = G * 16 * RG;                    // scales (and mins) per row group
     if (M * N * K < (1 << 18)) nthreads = 1;  // tiny layers: waking a second thread costs more than it saves
-    const int64_t chunk = NG / (8 * nthreads) > 1 ? NG / (8 * nthreads) : 1;
-    int8_t* xq = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
-    float* xs = (float*)malloc(sizeof(float) * M * KB);
-    int32_t* xsum = (int32_t*)malloc(sizeof(int32_t) * M * KB);
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xq + m * K, xs + m * KB, xsum + m * KB);
-        // Dynamic chunks: on a shared machine a preempted thread's rows are picked up by the other thread
-        // instead of stalling the whole matmul until it is scheduled again.
-#pragma omp for schedule(dynamic, chunk)
-        for (int64_t i = 0; i < NG; ++i) {
-            const uint8_t* wg = w + i * wgroup;
-            const uint16_t* sg = s + i * pgroup;
-            const uint16_t* mg = mz ? mz + i * pgroup : nullptr;
-            const float* bg = bias ? bias + i * 16 * RG : nullptr;
-            float* yg = y + i * 16 * RG;
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4)  // prefill: 4 tokens x 2 row blocks, weights re-read from L1/L2
-                for (int r0 = 0; r0 < RG; r0 += 2)
-                    row_blocks<BITS, 4, 2>(wg, sg, mg, r0, K, gs, xq + m * K, xs + m * KB, xsum + m * KB, yg + m * N, N, bg);
-            for (; m < M; ++m)  // decode: 1 token x 4 row blocks
-                row_blocks<BITS, 1, RG>(wg, sg, mg, 0, K, gs, xq + m * K, xs + m * KB, xsum + m * KB, yg + m * N, N, bg);
-        }
-    }
-    free(xq); free(xs); free(xsum);
+    GemmJob job{x, M, K, N, gs, K / XB, K / gs, 16, w, s, mz, bias, y, nullptr, nullptr, nullptr};
+    job.xq = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
+    job.xs = (float*)malloc(sizeof(float) * M * job.KB);
+    job.xsum = (int32_t*)malloc(sizeof(int32_t) * M * job.KB);
+    pool().run(quantize_chunk, &job, (M + job.rows_per_chunk - 1) / job.rows_per_chunk, nthreads);
+    const int64_t NG = N / (16 * RG);
+    pool().run(gemm_chunk<BITS>, &job, (NG + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK, nthreads);
+    free(job.xq); free(job.xs); free(job.xsum);
 }
 
 extern "C" {
