@@ -44,7 +44,7 @@ class EngineResult:
     threads: int
     load_s: float
     peak_rss_bytes: int
-    runs: dict[int, list[dict]] = field(default_factory=dict)  # ctx -> [{ttft_s, prompt_tps, decode_tps}]
+    runs: dict[int, list[dict]] = field(default_factory=dict)  # ctx -> [{ttft_s, prompt_tokens_per_s, decode_tokens_per_s}]
 
     def summary(self, ctx: int, metric: str) -> tuple[float, float, float] | None:
         values = [r[metric] for r in self.runs.get(ctx, [])]

@@ -115,6 +115,8 @@ class Checkpoint:
 
     def validate(self) -> "Checkpoint":
         """Check the tensor set against the config: missing, unexpected, or mis-shaped tensors."""
+        if "quantization" in self.config.extra:
+            return self  # a quantized layout: qwenlab.quant.load.validate_quantized checks it when loaded
         expected = expected_tensor_shapes(self.config)
         present = set(self._where)
         missing = [n for n in expected if n not in present]

@@ -53,3 +53,24 @@ def test_bad_recipes_name_the_problem(tmp_path, text, pattern):
 def test_unknown_model_name_in_a_stage(tmp_path):
     with pytest.raises(QwenlabError, match="unknown model 'ghost'"):
         run_recipe(write(tmp_path, "stages: [{info: {model: ghost}}]"), tmp_path / "run")
+
+
+def test_quantize_stage_benches_and_evaluates_each_variant(tmp_path):
+    from tests.conftest import build_hf_model
+    from tests.quant.conftest import TINY32
+
+    build_hf_model(tmp_path / "m32", **TINY32)
+    path = write(tmp_path, f"""
+models: {{base: {tmp_path / 'm32'}}}
+stages:
+  - quantize: {{model: base, bits: [8, 4], group_size: 32, tasks: [reverse], n: 2, ctx: 8, gen: 4, runs: 1}}
+""")
+    ctx = run_recipe(path, tmp_path / "run")
+    figures = json.loads((tmp_path / "run" / "figures.json").read_text())["01-quantize"]
+    variants = {k: v for k, v in figures.items() if k.startswith("base")}
+    assert list(variants) == ["base", "base-int8", "base-int4"]
+    for label, row in variants.items():
+        assert row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0
+        assert 0.0 <= row["accuracy"]["reverse"] <= 1.0
+    assert "int4" in figures["base-int4"]["weights"] and "base-int4" in ctx.models
+    assert "| base-int4 |" in (tmp_path / "run" / "report.md").read_text()

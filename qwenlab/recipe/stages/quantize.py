@@ -2,6 +2,8 @@
 
     - quantize: {model: merge-ties, bits: [8, 4], tasks: [arithmetic, reverse], n: 50, ctx: 128, gen: 32, runs: 2}
 
+`group_size` (default: qwenlab quantize's default per bit width) must divide every linear's input size.
+
 Each variant is registered as `<model>-int<bits>`. Speed is measured for the float model and each
 variant in fresh subprocesses (TTFT, decode tokens/s, peak RSS); accuracy on the same seeds.
 """
@@ -24,11 +26,12 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     tasks = params.get("tasks") or ["arithmetic"]
     n, seed = int(params.get("n", 50)), int(params.get("seed", 0))
     ctx_len, gen, runs = int(params.get("ctx", 128)), int(params.get("gen", 32)), int(params.get("runs", 2))
+    group_size = params.get("group_size")
     source = ctx.model_path(name)
     variants = {name: source}
     for bits in bits_list:
         out = ctx.new_model_dir(f"{name}-int{bits}")
-        quantize_model(source, out, bits=bits, force=True, progress=False)
+        quantize_model(source, out, bits=bits, group_size=group_size, force=True, progress=False)
         variants[f"{name}-int{bits}"] = str(out)
     rows, figures = [], {}
     for label, path in variants.items():
@@ -36,7 +39,7 @@ def run(ctx, params: dict) -> tuple[dict, str]:
         report = bench_speed(path, dtypes=[dtype], contexts=[ctx_len], gen=gen, runs=runs, log=lambda *_: None)
         result = report.results[0]
         ttft = result.summary(ctx_len, "ttft_s")[0]
-        decode = result.summary(ctx_len, "decode_tps")[0]
+        decode = result.summary(ctx_len, "decode_tokens_per_s")[0]
         model, tokenizer, _ = load_for_generation(path, "fp32")
         accs = {t: round(r.accuracy, 4) for t, r in
                 evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"), progress=False).items()}
