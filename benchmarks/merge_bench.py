@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 
 def configs(models: list[Path]) -> dict[str, dict]:
-    """The YAML each tool gets (identical for both): the three methods of the issue."""
+    """The YAML each tool gets (identical for both): the three methods of the issue, and TIES in float32."""
     a, b, c = (str(m) for m in models)
     return {
         "linear": {"merge_method": "linear", "dtype": "bfloat16",
@@ -41,6 +41,12 @@ def configs(models: list[Path]) -> dict[str, dict]:
                  "models": [{"model": b, "parameters": {"weight": 0.6, "density": 0.5}},
                             {"model": c, "parameters": {"weight": 0.4, "density": 0.7}}],
                  "parameters": {"normalize": True}},
+        # The same TIES merge computed in float32 by both tools and stored as bf16: the like-for-like
+        # arithmetic, where the outputs must agree (mergekit's bf16 run above rounds every step).
+        "ties_fp32": {"merge_method": "ties", "base_model": a, "dtype": "float32", "out_dtype": "bfloat16",
+                      "models": [{"model": b, "parameters": {"weight": 0.6, "density": 0.5}},
+                                 {"model": c, "parameters": {"weight": 0.4, "density": 0.7}}],
+                      "parameters": {"normalize": True}},
     }
 
 
@@ -150,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="qwen2.5-1.5b", help="qwen2.5-1.5b (default) or qwen2.5-0.5b (quick)")
     parser.add_argument("--workdir", default="qwenlab-runs/merge-bench", help="models and outputs go here")
-    parser.add_argument("--methods", default="linear,slerp,ties")
+    parser.add_argument("--methods", default="linear,slerp,ties,ties_fp32")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ def add_generation_flags(p) -> None:
     p.add_argument("--max-context", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens when it does not fit")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                   help="a LoRA adapter folder (PEFT format) to apply; repeat to stack several")
 
 
 def generation_config(args):
@@ -51,13 +53,33 @@ def load_for_generation(model: str, dtype: str, adapters: list[str] | None = Non
     from qwenlab.model import load_model, load_tokenizer
 
     checkpoint = open_checkpoint(model)
-    return load_model(checkpoint, dtype), load_tokenizer(checkpoint.path), checkpoint
+    if not adapters:
+        return load_model(checkpoint, dtype), load_tokenizer(checkpoint.path), checkpoint
+    from qwenlab.adapters.apply import attach_adapter, merge_adapter, set_active_adapters
+
+    if "quantization" in checkpoint.config.extra:
+        # Quantized weights cannot absorb a delta: the adapter runs beside them, unmerged, on the
+        # unfused projections it was trained on.
+        if len(adapters) > 1:
+            raise QwenlabError("--adapter: a quantized base takes one adapter; merge the others first "
+                               "(qwenlab adapter combine)")
+        from qwenlab.quant import load_quantized_model
+
+        loaded = load_quantized_model(checkpoint, fuse=False)
+        attach_adapter(loaded, adapters[0], "adapter")
+        set_active_adapters(loaded, "adapter")
+    else:
+        loaded = load_model(checkpoint, dtype)
+        for i, folder in enumerate(adapters):  # folded in, in order: no per-token LoRA cost
+            attach_adapter(loaded, folder, f"adapter{i}")
+            merge_adapter(loaded, f"adapter{i}")
+    return loaded, load_tokenizer(checkpoint.path), checkpoint
 
 
 def cmd_generate(args) -> int:
     from qwenlab.model.generate import stream_generate
 
-    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype)
+    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype, args.adapter)
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -73,7 +95,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from qwenlab.model.generate import stream_generate
 
-    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype)
+    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype, args.adapter)
     config = generation_config(args)
     stop_ids = tokenizer.stop_ids(checkpoint.generation_config)
     tokenizer.apply_chat_template([{"role": "user", "content": "check"}])  # fail early without a template

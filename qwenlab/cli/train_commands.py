@@ -20,8 +20,11 @@ def cmd_train(args) -> int:
 def cmd_data(args) -> int:
     from qwenlab.train.data import dpo_records_from_task, sft_records_from_task, write_jsonl
 
-    build = sft_records_from_task if args.kind == "sft" else dpo_records_from_task
-    records = build(args.task, args.n, seed=args.seed, difficulty=args.difficulty)
+    if args.kind == "sft":
+        records = sft_records_from_task(args.task, args.n, seed=args.seed, difficulty=args.difficulty)
+    else:
+        records = dpo_records_from_task(args.task, args.n, seed=args.seed, difficulty=args.difficulty,
+                                        rejected_from=args.rejected_from)
     out = write_jsonl(records, args.out, force=args.force)
     print(f"{out}: {len(records)} {args.kind.upper()} records of task '{args.task}'")
     return 0
@@ -51,4 +54,7 @@ def register(subparsers) -> None:
         p.add_argument("--seed", type=int, default=0, help="data seed (instances never overlap evaluation's)")
         p.add_argument("--difficulty", type=int, default=None, help="default: the task's default difficulty")
         p.add_argument("--force", action="store_true", help="replace an existing file")
+        if kind == "dpo":
+            p.add_argument("--rejected-from", default=None, metavar="MODEL",
+                           help="use this model's own wrong greedy replies as rejected (on-policy pairs)")
         p.set_defaults(func=cmd_data, kind=kind)

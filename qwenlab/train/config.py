@@ -16,6 +16,9 @@ import yaml
 from qwenlab.errors import QwenlabError
 
 DEFAULT_LEARNING_RATE = {"sft": 2e-4, "dpo": 5e-5}
+# TRL 1.x DPOConfig.loss_type values
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 def _linear_modules() -> list[str]:
@@ -57,6 +60,9 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_length: int = _help("longest tokenized example (longer ones are truncated)", 512)
     beta: float = _help("DPO beta (strength of the pull towards the reference model)", 0.1)
+    dpo_loss: list[str] = _help("DPO loss terms, summed (TRL's loss_type); 'sigmoid,sft' adds the NLL of "
+                                "chosen (RPO), which keeps DPO from lowering both answers' likelihood",
+                                factory=lambda: ["sigmoid"])
     # run
     dtype: str = _help("compute dtype: fp32 (CPU default) or bf16 (autocast, fp32 master weights)", "fp32")
     seed: int = _help("seed of the LoRA init, the data order and dropout", 0)
@@ -98,6 +104,10 @@ class TrainConfig:
         if unknown or not self.target_modules:
             raise QwenlabError(f"{source}: 'target_modules': unknown module(s) {', '.join(unknown) or '(none given)'}; "
                                f"choose from {', '.join(known)}")
+        unknown_loss = [t for t in self.dpo_loss if t not in DPO_LOSS_TYPES]
+        if unknown_loss or not self.dpo_loss:
+            raise QwenlabError(f"{source}: 'dpo_loss': unknown term(s) {', '.join(unknown_loss) or '(none given)'}; "
+                               f"choose from {', '.join(DPO_LOSS_TYPES)}")
         if self.dtype not in ("fp32", "float32", "bf16", "bfloat16"):
             raise QwenlabError(f"{source}: 'dtype' must be fp32 or bf16 (fp16 is not supported on CPU), "
                                f"got {self.dtype!r}")

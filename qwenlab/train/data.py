@@ -5,7 +5,8 @@ Formats (TRL's column names; one format per file):
        {"prompt": ..., "completion": ...}             strings (plain text) or message lists (chat)
   DPO  {"prompt": ..., "chosen": ..., "rejected": ...} strings or message lists
 With message lists, TRL renders the base's chat template; prompt/completion and DPO data take the
-loss on the completion only, `messages` on the whole conversation (TRL's defaults).
+loss on the completion only, `messages` on the whole conversation (TRL's defaults). Chats whose
+completion is one assistant message are rendered here instead (render_single_answer_chats).
 """
 
 from __future__ import annotations
@@ -181,9 +182,77 @@ def wrong_answer(task: str, expected: str, rng: random.Random) -> str:
     return "I do not know."
 
 
-def dpo_records_from_task(task: str, n: int, seed: int = 0, difficulty: int | None = None) -> list[dict]:
-    """Chat preference pairs: chosen is the verified answer, rejected a wrong or badly formatted one."""
+def dpo_records_from_task(task: str, n: int, seed: int = 0, difficulty: int | None = None,
+                          rejected_from: str | None = None) -> list[dict]:
+    """Chat preference pairs: chosen is the verified answer, rejected a wrong or badly formatted one.
+
+    With `rejected_from` (a model folder or 'nano'), rejected is that model's own greedy reply where
+    the verifier scores it 0 (on-policy pairs: DPO then pushes down the mistakes the model actually
+    makes, which synthetic near misses it never produces do not); where the model is right, a
+    synthetic wrong answer stands in.
+    """
+    from qwenlab.tasks import score
+
+    instances = training_instances(task, n, seed, difficulty)
     rng = random.Random(f"dpo:{task}:{seed}")
-    return [{"prompt": _user(i.prompt), "chosen": _assistant(i.expected),
-             "rejected": _assistant(wrong_answer(task, i.expected, rng))}
-            for i in training_instances(task, n, seed, difficulty)]
+    synthetic = [wrong_answer(task, i.expected, rng) for i in instances]
+    if rejected_from is not None:
+        own = policy_replies(rejected_from, [i.prompt for i in instances])
+        synthetic = [reply if reply.strip() and score(task, reply, i.expected) == 0.0 else fallback
+                     for i, reply, fallback in zip(instances, own, synthetic)]
+    return [{"prompt": _user(i.prompt), "chosen": _assistant(i.expected), "rejected": _assistant(wrong)}
+            for i, wrong in zip(instances, synthetic)]
+
+
+def policy_replies(model_path: str, prompts: list[str], batch_size: int = 64, max_new_tokens: int = 24) -> list[str]:
+    """The greedy chat replies of a model (qwenlab's engine, batched) to each prompt."""
+    from tqdm import tqdm
+
+    from qwenlab.model import load_model, load_tokenizer
+    from qwenlab.model.generate import GenerationConfig, generate
+    from qwenlab.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(model_path)
+    model, tokenizer = load_model(checkpoint, "fp32"), load_tokenizer(checkpoint.path)
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    replies = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="policy replies", unit="batch", leave=False):
+        replies += [c.text for c in generate(model, tokenizer, prompts[start:start + batch_size], config, chat=True)]
+    return replies
+
+
+# ---- rendering chats for TRL ----------------------------------------------------------------
+ANSWER_KEYS = ("completion", "chosen", "rejected")
+
+
+def render_single_answer_chats(records: list[dict], tokenizer) -> list[dict]:
+    """Prompt/answer chats as text: the prompt with the generation prompt, each answer + end of turn.
+
+    TRL renders a chat completion with the whole template, which for ChatML (Qwen) puts a newline
+    after the closing <|im_end|>; that newline is then a training target, although generation stops
+    at <|im_end|> and never produces it (for a model that never saw it, such as nano, it is the
+    largest term of the loss). Rendered here, the loss covers the answer and its end-of-turn token,
+    exactly what generation emits. Records are left to TRL unchanged when any answer is not a single
+    assistant message, or when the template does not render as prompt + answer + eos (+ whitespace).
+    """
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos or not records:
+        return records
+    rendered = []
+    for record in records:
+        answers = [record[k] for k in ANSWER_KEYS if k in record]
+        if not answers or "prompt" not in record or not all(
+                len(a) == 1 and a[0].get("role") == "assistant" for a in answers):
+            return records
+        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+        out = {"prompt": prompt}
+        for key in ANSWER_KEYS:
+            if key not in record:
+                continue
+            content = record[key][0]["content"]
+            full = tokenizer.apply_chat_template(record["prompt"] + record[key], tokenize=False)
+            if full.rstrip() != prompt + content + eos:
+                return records  # an unusual template: TRL's own rendering is the safe choice
+            out[key] = content + eos
+        rendered.append(out)
+    return rendered

@@ -26,11 +26,11 @@ def train_dpo(config: TrainConfig) -> TrainResult:
 
     run = prepare_run(config, "dpo")
     model, tokenizer = load_training_model(run)
-    train_data, eval_data = datasets(run)
+    train_data, eval_data = datasets(run, tokenizer)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,  # with a PEFT model TRL uses the base (adapter disabled) as the reference
-        args=DPOConfig(**trainer_arguments(run), beta=config.beta),
+        args=DPOConfig(**trainer_arguments(run), beta=config.beta, loss_type=list(config.dpo_loss)),
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,

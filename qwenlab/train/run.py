@@ -191,11 +191,17 @@ def trainer_arguments(run: TrainingRun) -> dict:
     )
 
 
-def datasets(run: TrainingRun):
+def datasets(run: TrainingRun, tokenizer=None):
+    """The train and eval sets as TRL datasets; single-answer chats rendered to end at the end of turn
+    (render_single_answer_chats) when the tokenizer is given."""
     from datasets import Dataset
 
-    train = Dataset.from_list(run.train_records)
-    return train, (Dataset.from_list(run.eval_records) if run.eval_records else None)
+    from qwenlab.train.data import render_single_answer_chats
+
+    train, held_out = run.train_records, run.eval_records
+    if tokenizer is not None and run.conversational:
+        train, held_out = (render_single_answer_chats(train, tokenizer), render_single_answer_chats(held_out, tokenizer))
+    return Dataset.from_list(train), (Dataset.from_list(held_out) if held_out else None)
 
 
 def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:

@@ -121,3 +121,34 @@ def test_unknown_adapter_name_and_detach(base_dir, adapters):
     detach_adapter(model, "a")
     detach_adapter(model, "b")
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_generate_with_adapter_equals_peft_greedy(base_dir, adapters, capsys):
+    """`qwenlab generate --adapter` (adapter folded in) continues a prompt as PEFT's model does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwenlab.model import load_tokenizer
+
+    a, _ = adapters
+    ids = load_tokenizer(base_dir).encode("hello world")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), a)
+    with torch.no_grad():
+        out = peft_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+    expected = load_tokenizer(base_dir).decode(out[0, len(ids):].tolist())
+    assert main(["generate", str(base_dir), "--prompt", "hello world", "--max-new-tokens", "6",
+                 "--adapter", str(a)]) == 0
+    with_adapter = capsys.readouterr().out
+    assert with_adapter == expected + "\n"
+    assert main(["generate", str(base_dir), "--prompt", "hello world", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out != with_adapter  # the adapter changes the continuation
+
+
+def test_generate_with_an_adapter_for_another_base_fails_in_one_line(other_base_dir, adapters, capsys):
+    a, _ = adapters
+    from tests.conftest import build_tokenizer
+
+    build_tokenizer(other_base_dir)
+    assert main(["generate", str(other_base_dir), "--prompt", "hi", "--adapter", str(a)]) == 1
+    assert "error:" in capsys.readouterr().err

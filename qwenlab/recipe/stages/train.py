@@ -3,7 +3,8 @@
     - train: {kind: sft, base: nano, task: arithmetic, n: 400, steps: 60, as: sft-arithmetic}
 
 Optional: seed, difficulty, lora_r, lora_alpha, lora_dropout, learning_rate, batch_size, beta,
-target_modules, max_length, threads, val_fraction. The adapter is
+dpo_loss, target_modules, max_length, threads, val_fraction; for DPO, `rejected_from: MODEL` takes
+rejected answers from that model's own wrong replies (on-policy pairs). The adapter is
 registered under `as` (ctx.model_path) and its loss curve is linked in the report.
 """
 
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 from qwenlab.errors import QwenlabError
 
-OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "target_modules",
-            "max_length", "threads")
+OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "dpo_loss",
+            "target_modules", "max_length", "threads")
 
 
 def run(ctx, params: dict) -> tuple[dict, str]:
@@ -25,9 +26,13 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     if not task or not name:
         raise QwenlabError("train stage: 'task' and 'as' (the adapter's name) are required")
     n, steps, seed = int(params.get("n", 400)), int(params.get("steps", 60)), int(params.get("seed", 0))
-    build = sft_records_from_task if kind == "sft" else dpo_records_from_task
-    data = write_jsonl(build(task, n, seed=seed, difficulty=params.get("difficulty")),
-                       ctx.run_dir / "data" / f"{name}.jsonl", force=True)
+    if kind == "sft":
+        records = sft_records_from_task(task, n, seed=seed, difficulty=params.get("difficulty"))
+    else:
+        policy = params.get("rejected_from")
+        records = dpo_records_from_task(task, n, seed=seed, difficulty=params.get("difficulty"),
+                                        rejected_from=ctx.model_path(policy) if policy else None)
+    data = write_jsonl(records, ctx.run_dir / "data" / f"{name}.jsonl", force=True)
     out = ctx.new_model_dir(name)
     options = {k: params[k] for k in OPTIONAL if k in params}
     config = TrainConfig(base=ctx.model_path(params.get("base", "nano")), data=str(data), out=str(out), steps=steps,
