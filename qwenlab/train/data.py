@@ -5,8 +5,7 @@ Formats (TRL's column names; one format per file):
        {"prompt": ..., "completion": ...}             strings (plain text) or message lists (chat)
   DPO  {"prompt": ..., "chosen": ..., "rejected": ...} strings or message lists
 With message lists, TRL renders the base's chat template; prompt/completion and DPO data take the
-loss on the completion only, `messages` on the whole conversation (TRL's defaults). Chats whose
-completion is one assistant message are rendered here instead (render_single_answer_chats).
+loss on the completion only, `messages` on the whole conversation (TRL's defaults).
 """
 
 from __future__ import annotations
@@ -220,39 +219,3 @@ def policy_replies(model_path: str, prompts: list[str], batch_size: int = 64, ma
         replies += [c.text for c in generate(model, tokenizer, prompts[start:start + batch_size], config, chat=True)]
     return replies
 
-
-# ---- rendering chats for TRL ----------------------------------------------------------------
-ANSWER_KEYS = ("completion", "chosen", "rejected")
-
-
-def render_single_answer_chats(records: list[dict], tokenizer) -> list[dict]:
-    """Prompt/answer chats as text: the prompt with the generation prompt, each answer + end of turn.
-
-    TRL renders a chat completion with the whole template, which for ChatML (Qwen) puts a newline
-    after the closing <|im_end|>; that newline is then a training target, although generation stops
-    at <|im_end|> and never produces it (for a model that never saw it, such as nano, it is the
-    largest term of the loss). Rendered here, the loss covers the answer and its end-of-turn token,
-    exactly what generation emits. Records are left to TRL unchanged when any answer is not a single
-    assistant message, or when the template does not render as prompt + answer + eos (+ whitespace).
-    """
-    eos = getattr(tokenizer, "eos_token", None)
-    if not eos or not records:
-        return records
-    rendered = []
-    for record in records:
-        answers = [record[k] for k in ANSWER_KEYS if k in record]
-        if not answers or "prompt" not in record or not all(
-                len(a) == 1 and a[0].get("role") == "assistant" for a in answers):
-            return records
-        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
-        out = {"prompt": prompt}
-        for key in ANSWER_KEYS:
-            if key not in record:
-                continue
-            content = record[key][0]["content"]
-            full = tokenizer.apply_chat_template(record["prompt"] + record[key], tokenize=False)
-            if full.rstrip() != prompt + content + eos:
-                return records  # an unusual template: TRL's own rendering is the safe choice
-            out[key] = content + eos
-        rendered.append(out)
-    return rendered

@@ -26,7 +26,7 @@ def train_dpo(config: TrainConfig) -> TrainResult:
 
     run = prepare_run(config, "dpo")
     model, tokenizer = load_training_model(run)
-    train_data, eval_data = datasets(run, tokenizer)
+    train_data, eval_data = datasets(run)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,  # with a PEFT model TRL uses the base (adapter disabled) as the reference

@@ -191,17 +191,14 @@ def trainer_arguments(run: TrainingRun) -> dict:
     )
 
 
-def datasets(run: TrainingRun, tokenizer=None):
-    """The train and eval sets as TRL datasets; single-answer chats rendered to end at the end of turn
-    (render_single_answer_chats) when the tokenizer is given."""
+def datasets(run: TrainingRun):
+    """The train and eval sets as TRL datasets. Chats are left to TRL's rendering: rendering them to
+    stop at <|im_end|> (no loss on the template's newline after it) was measured and not adopted
+    (nano arithmetic SFT, 100 steps: 0.14 against 0.205 with TRL's rendering, n = 200)."""
     from datasets import Dataset
 
-    from qwenlab.train.data import render_single_answer_chats
-
-    train, held_out = run.train_records, run.eval_records
-    if tokenizer is not None and run.conversational:
-        train, held_out = (render_single_answer_chats(train, tokenizer), render_single_answer_chats(held_out, tokenizer))
-    return Dataset.from_list(train), (Dataset.from_list(held_out) if held_out else None)
+    train = Dataset.from_list(run.train_records)
+    return train, (Dataset.from_list(run.eval_records) if run.eval_records else None)
 
 
 def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:

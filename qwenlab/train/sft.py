@@ -28,7 +28,7 @@ def train_sft(config: TrainConfig) -> TrainResult:
 
     run = prepare_run(config, "sft")
     model, tokenizer = load_training_model(run)
-    train_data, eval_data = datasets(run, tokenizer)
+    train_data, eval_data = datasets(run)
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(**trainer_arguments(run), packing=False),

@@ -101,25 +101,6 @@ def test_write_jsonl_round_trips_and_refuses_to_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["d.jsonl"]  # no temporary file left
 
 
-def test_single_answer_chats_end_at_the_end_of_turn(tiny_model_dir):
-    """Rendered for TRL: the answer + <|im_end|> is the target, not the template's newline after it."""
-    from transformers import AutoTokenizer
-
-    from qwenlab.train.data import render_single_answer_chats
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    records = dpo_records_from_task("reverse", 3, seed=1)
-    rendered = render_single_answer_chats(records, tokenizer)
-    for record, text in zip(records, rendered):
-        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
-        assert text["prompt"] == prompt and prompt.endswith("<|im_start|>assistant\n")
-        assert text["chosen"] == record["chosen"][0]["content"] + "<|im_end|>"
-        assert text["rejected"] == record["rejected"][0]["content"] + "<|im_end|>"
-    multi_turn = [{"prompt": [{"role": "user", "content": "a"}],
-                   "completion": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}]
-    assert render_single_answer_chats(multi_turn, tokenizer) == multi_turn  # left to TRL
-
-
 def test_rejected_from_a_model_uses_its_own_wrong_replies(tiny_model_dir):
     from qwenlab.train.data import policy_replies
 
