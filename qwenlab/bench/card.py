@@ -175,12 +175,12 @@ def benchmarks_section(variant: Variant, figures: dict[str, dict[str, Figure]]) 
     accuracy = figures.get("accuracy", {})
     if accuracy:
         rows = [[task, f"{f.values.get('accuracy'):.3f}", f.values.get("n", "?"), f.values.get("seed", "-"),
-                 f.setup.get("dtype", "?"), _when(f)] for task, f in sorted(accuracy.items())]
+                 _difficulty(f), f.setup.get("dtype", "?"), _when(f)] for task, f in sorted(accuracy.items())]
         mean = mean_accuracy(accuracy)
         parts += ["### Accuracy", "Greedy decoding on seeded, verifiable task instances (`qwenlab eval`); the "
                   "same seed gives the same instances for every variant.",
-                  format_table(["task", "accuracy", "n", "seed", "dtype", "measured"], rows, markdown=True,
-                               align="lrrrll"), f"Mean over {len(rows)} task(s): {mean:.3f}. {_commands(accuracy)}"]
+                  format_table(["task", "accuracy", "n", "seed", "difficulty", "dtype", "measured"], rows,
+                               markdown=True, align="lrrrrll"), f"Mean over {len(rows)} task(s): {mean:.3f}. {_commands(accuracy)}"]
     else:
         parts += ["### Accuracy", f"Task accuracy: {NOT_MEASURED} (run `qwenlab eval {variant.path}`)."]
     perplexity = figures.get("perplexity", {})
@@ -264,6 +264,11 @@ def limitations_section(variant: Variant, figures: dict[str, dict[str, Figure]])
 # ---- the card -----------------------------------------------------------------------------
 
 
+def _difficulty(figure: Figure) -> str:
+    value = figure.values.get("difficulty", figure.setup.get("difficulty"))
+    return "task default" if value is None else str(value)
+
+
 def card_metadata(variant: Variant, chain: list[dict], figures: dict[str, dict[str, Figure]],
                   base_model: str | None, license: str | None) -> str:
     from huggingface_hub import EvalResult, ModelCardData
@@ -279,7 +284,7 @@ def card_metadata(variant: Variant, chain: list[dict], figures: dict[str, dict[s
         tags += ["lora", "peft"]
     results = [EvalResult(task_type="text-generation", dataset_type=f"qwenlab/{task}", dataset_name=task,
                           metric_type="accuracy", metric_value=f.values["accuracy"],
-                          metric_name=f"{task} accuracy (greedy, n={f.values.get('n')})")
+                          metric_name=f"{task} accuracy (greedy, n={f.values.get('n')}, difficulty {_difficulty(f)})")
                for task, f in sorted(figures.get("accuracy", {}).items())
                if isinstance(f.values.get("accuracy"), (int, float))]
     data = ModelCardData(base_model=base_model, license=license or license_of(root) or "unknown",
