@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -121,9 +122,10 @@ static inline void row_blocks(const uint8_t* w, const uint16_t* s, const uint16_
 // time slice, ~100 times per token (measured: 2 threads decoded 6x slower than 1). Here chunks are
 // claimed from a counter tagged with the job's generation: the caller works through the chunks
 // itself and, at the end, waits (yielding) only for chunks another thread has actually claimed.
-// Idle workers spin a few microseconds, then sleep on a condition variable, so they do not take
-// the CPU from the thread running the rest of the model.
+// Idle workers spin up to SPIN_US, then sleep on a condition variable, so an idle engine does not
+// keep a core busy.
 namespace {
+constexpr int64_t SPIN_US = 200;  // idle workers spin this long before sleeping (QWENLAB_KERNEL_SPIN_US)
 using ChunkFn = void (*)(const void* job, int64_t chunk);
 
 struct Pool {
@@ -135,6 +137,7 @@ struct Pool {
     std::atomic<uint64_t> state{0};  // (generation << 32) | next chunk
     std::atomic<int64_t> done{0};
     int64_t total = 0;
+    int64_t spin_us = getenv("QWENLAB_KERNEL_SPIN_US") ? atoll(getenv("QWENLAB_KERNEL_SPIN_US")) : SPIN_US;
     ChunkFn fn = nullptr;
     const void* job = nullptr;
 
@@ -153,9 +156,16 @@ struct Pool {
         uint64_t seen = generation.load();
         for (;;) {
             uint64_t gen = generation.load(std::memory_order_acquire);
-            for (int spin = 0; gen == seen && spin < 256; ++spin) {  // a few microseconds, then sleep
-                _mm_pause();
-                gen = generation.load(std::memory_order_acquire);
+            // Spin for a while before sleeping: in a decode step the matmuls come every few tens of
+            // microseconds (the Python ops between them), and a futex wake-up costs about as much as
+            // a small matmul. The spin is bounded in time so that an idle engine gives the core back.
+            if (gen == seen) {
+                const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+                for (int i = 0; gen == seen; ++i) {
+                    _mm_pause();
+                    gen = generation.load(std::memory_order_acquire);
+                    if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;
+                }
             }
             if (gen == seen) {
                 std::unique_lock<std::mutex> lock(mutex);
