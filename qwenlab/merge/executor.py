@@ -120,8 +120,12 @@ def output_config_dict(plan: MergePlan, out_dtype: torch.dtype | None) -> dict:
 def _start_lineage(plan: MergePlan, sources: dict[str, TensorSource]) -> tuple[threading.Thread, dict]:
     """Hash the inputs on a thread while the merge runs (hashlib releases the GIL)."""
     base = plan.config.base_model
-    roles = {("base" if path == base else f"model{index}"): source.path
-             for index, (path, source) in enumerate(sources.items())}
+    roles = {}
+    for index, (path, source) in enumerate(sources.items()):
+        role = "base" if path == base else f"model{index}"
+        roles[role] = source.path
+        if getattr(source, "adapter_path", None) is not None:  # BASE+ADAPTER inputs
+            roles[f"{role}-adapter"] = source.adapter_path
     result: dict = {}
 
     def work():

@@ -1,5 +1,7 @@
 """Merge inputs: anything with a Checkpoint's interface (`path`, `config`, `generation_config`,
-`tensor_names`, `shape`, `get`). A future "base + LoRA adapter" input needs only these members.
+`tensor_names`, `shape`, `get`). A config may name `BASE+ADAPTER` (mergekit's "model+lora"
+syntax): the base with a PEFT LoRA adapter applied on the fly, tensor by tensor, in float32,
+without writing the full model.
 
 Checkpoint folders are memory-mapped here (zero-copy reads), and a tensor's pages are dropped
 from the process after use (`release`, or the next read from that file): mapped pages otherwise
@@ -104,6 +106,54 @@ class MappedCheckpoint:
             file.release()
 
 
-def open_model_source(path: str | Path) -> MappedCheckpoint:
-    """The default way a merge opens a model named in the config."""
-    return MappedCheckpoint(open_checkpoint(path))
+class AdaptedSource:
+    """A base checkpoint with a LoRA adapter folded in as each tensor is read: W + scaling·B@A (fp32)."""
+
+    def __init__(self, base: MappedCheckpoint, adapter_dir: str | Path):
+        from qwenlab.adapters.peft_format import check_adapter_fits, read_adapter
+
+        self.base = base
+        self.adapter = read_adapter(adapter_dir)
+        check_adapter_fits(self.adapter, {n: base.shape(n) for n in base.tensor_names()}, base_name=str(base.path))
+        self.path, self.config, self.generation_config = base.path, base.config, base.generation_config
+        self.adapter_path = Path(adapter_dir)  # recorded in the merge's lineage next to the base
+        self._adapted = {module + ".weight": module for module in self.adapter.modules}
+
+    def tensor_names(self) -> list[str]:
+        return self.base.tensor_names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        from qwenlab.adapters.merge import lora_delta
+
+        module = self._adapted.get(name)
+        if module is None:
+            return self.base.get(name)
+        a, b = self.adapter.modules[module]
+        return self.base.get(name).float() + lora_delta(a, b, self.adapter.scaling(module))
+
+    def release(self) -> None:
+        self.base.release()
+
+
+def split_adapter_reference(name: str) -> tuple[str, str] | None:
+    """'BASE+ADAPTER' -> (BASE, ADAPTER) when it is not itself an existing path; else None."""
+    text = str(name)
+    if "+" not in text or Path(text).exists():
+        return None
+    base, adapter = text.rsplit("+", 1)
+    return base, adapter
+
+
+def open_model_source(path: str | Path) -> MappedCheckpoint | AdaptedSource:
+    """The default way a merge opens a model named in the config (a folder, 'nano', or BASE+ADAPTER)."""
+    parts = split_adapter_reference(str(path))
+    if parts is None:
+        return MappedCheckpoint(open_checkpoint(path))
+    base, adapter = parts
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise QwenlabError(f"model '{path}': '{adapter}' is not a LoRA adapter folder (no adapter_config.json); "
+                           "write BASE+ADAPTER_FOLDER")
+    return AdaptedSource(MappedCheckpoint(open_checkpoint(base)), adapter)

@@ -19,6 +19,7 @@ from torch import nn
 
 from qwenlab.errors import QwenlabError
 from qwenlab.quant import native
+from qwenlab.quant.memory import release_free_memory
 from qwenlab.quant.formats import QuantSpec, dequantize_int4, dequantize_int8, quantize_weight, unpack_int4
 
 BACKENDS = ("native", "aten", "reference")
@@ -78,6 +79,8 @@ class QuantizedLinear(nn.Module):
     def chunks(self, read_rows: RowReader):
         for start in range(0, self.out_features, CHUNK_ROWS):
             yield start, read_rows(start, min(self.out_features, start + CHUNK_ROWS))
+            if start:  # a layer of several chunks (the 151936-row head): drop each chunk's temporaries
+                release_free_memory()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -9,8 +9,6 @@ heap memory is handed back to the OS at the end, so resident memory is the model
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 
 import torch
 
@@ -18,6 +16,7 @@ from qwenlab.checkpoint.names import layer_prefix
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
 from qwenlab.quant import native
+from qwenlab.quant.memory import release_free_memory
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
 from qwenlab.quant.quantize import FORMAT, FORMAT_VERSION, HEAD_BITS
 from qwenlab.quant.stored import StoredTensors
@@ -131,12 +130,13 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
         attn.o_proj, mlp.down_proj = build(a + "o_proj"), build(m + "down_proj")
         layer.input_layernorm.weight = norm(f"{layer_prefix(i)}input_layernorm.weight")
         layer.post_attention_layernorm.weight = norm(f"{layer_prefix(i)}post_attention_layernorm.weight")
+        release_free_memory()  # the repacking buffers of this layer: freed heap pages would add up to the peak
     model.model.norm.weight = norm("model.norm.weight")
     _load_embedding_and_head(model, stored, head_bits, group_size, backend, dtype)
     model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)
     model.quantization = dict(section)
     model.native = any(getattr(m, "backend", None) == "native" for m in model.modules())
-    _release_free_memory()
+    release_free_memory()
     return model.eval().requires_grad_(False)
 
 
@@ -151,12 +151,3 @@ def _load_embedding_and_head(model, stored: StoredTensors, head_bits: int, group
     table = build("model.embed_tokens")
     model.model.embed_tokens = QuantizedEmbedding(table, dtype)
     model.lm_head = table if tied else build("lm_head")  # tied: the head multiplies by the same table
-
-
-def _release_free_memory() -> None:
-    """glibc keeps freed heap pages mapped; malloc_trim hands them back, so RSS is the model's size."""
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc

@@ -152,3 +152,26 @@ def test_generate_with_an_adapter_for_another_base_fails_in_one_line(other_base_
     build_tokenizer(other_base_dir)
     assert main(["generate", str(other_base_dir), "--prompt", "hi", "--adapter", str(a)]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_merge_takes_base_plus_adapter_inputs(base_dir, adapters, tmp_path, capsys):
+    """mergekit's "model+lora" syntax: the adapter is applied per tensor, no full model is written."""
+    from qwenlab.merge import merge
+
+    a, b = adapters
+    for name, adapter in (("full-a", a), ("full-b", b)):
+        assert main(["adapter", "merge", str(base_dir), str(adapter), str(tmp_path / name), "--dtype", "fp32"]) == 0
+    linear = lambda x, y: {"merge_method": "linear", "dtype": "float32",
+                           "models": [{"model": x, "parameters": {"weight": 0.7}},
+                                      {"model": y, "parameters": {"weight": 0.3}}]}
+    merge(linear(f"{base_dir}+{a}", f"{base_dir}+{b}"), tmp_path / "on-the-fly", progress=False)
+    merge(linear(str(tmp_path / "full-a"), str(tmp_path / "full-b")), tmp_path / "from-full", progress=False)
+    fly, full = open_checkpoint(tmp_path / "on-the-fly"), open_checkpoint(tmp_path / "from-full")
+    assert sorted(fly.tensor_names()) == sorted(full.tensor_names())
+    for name in full.tensor_names():
+        torch.testing.assert_close(fly.get(name), full.get(name), rtol=0, atol=1e-6)
+    roles = {i["role"] for i in json.loads((tmp_path / "on-the-fly" / "lineage.json").read_text())["inputs"]}
+    assert {"model0", "model0-adapter", "model1-adapter"} <= roles
+    with pytest.raises(QwenlabError, match="not a LoRA adapter folder"):
+        merge(linear(f"{base_dir}+{tmp_path}", str(tmp_path / "full-b")), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

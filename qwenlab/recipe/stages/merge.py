@@ -3,7 +3,8 @@
     - merge: {base: nano, models: [sft-arithmetic, sft-reverse], methods: [linear, ties, slerp, task_arithmetic],
               tasks: [arithmetic, reverse], n: 50}
 
-Adapters are first written out as full models (W + scaling·B@A). Each method's output is registered
+Adapters enter the merge as `BASE+ADAPTER` references, applied tensor by tensor (no full model
+is written for them). Each method's output is registered
 as `merge-<method>`. The report shows every merge's accuracy on each specialist's task and the
 fraction of the specialist's accuracy it keeps.
 """
@@ -33,22 +34,23 @@ def method_config(method: str, base: str, a: str, b: str) -> dict:
     raise QwenlabError(f"merge stage: unsupported method '{method}' (linear, slerp, task_arithmetic, ties)")
 
 
-def as_full_model(ctx, name: str, base: str) -> str:
-    """A full-model folder for `name`: adapters are merged into the base once."""
-    from qwenlab.adapters.adapted_checkpoint import merge_adapter_into_folder
+def merge_input(ctx, name: str, base_path: str) -> tuple[str, list[str]]:
+    """(what the merge config names, adapters to load for evaluation) for a specialist."""
+    path = Path(ctx.model_path(name)).resolve()
+    if (path / "adapter_config.json").is_file():
+        return f"{base_path}+{path}", [str(path)]
+    return str(path), []
 
-    path = Path(ctx.model_path(name))
-    if not (path / "adapter_config.json").is_file():
-        return str(path)
-    out = ctx.run_dir / "models" / f"{name}-full"
-    if not out.exists():
-        merge_adapter_into_folder(ctx.model_path(base), path, out, dtype="fp32", progress=False)
-    return str(out)
+
+def _load(reference: str, adapters: list[str], base_path: str):
+    from qwenlab.cli.model_commands import load_for_generation
+
+    model, tokenizer, _ = load_for_generation(base_path if adapters else reference, "fp32", adapters)
+    return model, tokenizer
 
 
 def run(ctx, params: dict) -> tuple[dict, str]:
     from qwenlab.bench.task_eval import evaluate_tasks
-    from qwenlab.cli.model_commands import load_for_generation
     from qwenlab.merge import merge
 
     base = params.get("base", "nano")
@@ -61,15 +63,16 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     methods = params.get("methods") or ["linear", "ties", "slerp", "task_arithmetic"]
     n, seed = int(params.get("n", 50)), int(params.get("seed", 0))
     base_path = str(Path(ctx.model_path(base)).resolve()) if base != "nano" else str(_nano())
-    a, b = (as_full_model(ctx, name, base) for name in names)
+    (a, a_adapters), (b, b_adapters) = (merge_input(ctx, name, base_path) for name in names)
     outputs = {}
     for method in methods:
         out = ctx.new_model_dir(f"merge-{method}")
         merge(method_config(method, base_path, a, b), out, dtype="float32", force=True, progress=False)
         outputs[f"merge-{method}"] = str(out)
     accuracy = {}
-    for label, path in {names[0]: a, names[1]: b, **outputs}.items():
-        model, tokenizer, _ = load_for_generation(path, "fp32")
+    inputs = {names[0]: (a, a_adapters), names[1]: (b, b_adapters), **{k: (v, []) for k, v in outputs.items()}}
+    for label, (path, adapters) in inputs.items():
+        model, tokenizer = _load(path, adapters, base_path)
         results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"), progress=False)
         accuracy[label] = {t: round(r.accuracy, 4) for t, r in results.items()}
     specialist = {tasks[0]: accuracy[names[0]][tasks[0]], tasks[1]: accuracy[names[1]][tasks[1]]}
