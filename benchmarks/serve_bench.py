@@ -2,7 +2,7 @@
 
     python benchmarks/serve_bench.py [--models nano,qwen2.5-0.5b] [--clients 1,8,32] [--max-tokens 32]
                                      [--prompt-tokens 64] [--rounds 2] [--threads 1] [--max-prefill-tokens N]
-                                     [--work-dir DIR] [--out rows.json]
+                                     [--bits 8|4] [--work-dir DIR] [--out rows.json]
 
 For each model, two servers in turn (subprocesses of `qwenlab serve` on loopback):
   base    the base alone; every request asks for the base;
@@ -221,7 +221,14 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
 
     folder = prepare_model(name, work)
     vocab = open_checkpoint(folder).config.vocab_size
-    adapters = write_random_adapters(folder, work)
+    adapters = write_random_adapters(folder, work)  # LoRA shapes come from the float model
+    if args.bits:  # serve a quantized copy of the base; the adapters run beside its weights
+        from qwenlab.quant import quantize_model
+
+        quantized = work / f"{folder.name}-int{args.bits}"
+        if not (quantized / "config.json").is_file():
+            quantize_model(folder, quantized, bits=args.bits, force=True, progress=False)
+        folder, name = quantized, f"{name} int{args.bits}"
     rows = []
     for mode, served in (("base", {}), (f"mixed{ADAPTERS}", adapters)):
         port = free_port()
@@ -272,6 +279,7 @@ def main() -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the server's prefill budget per step")
     parser.add_argument("--work-dir", default=str(Path(tempfile_dir()) / "qwenlab-serve-bench"))
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--bits", type=int, choices=[8, 4], default=None, help="serve an int8/int4 copy of the base")
     parser.add_argument("--client", choices=["raw", "openai"], default="raw",
                         help="raw: a bare asyncio HTTP client (default; lighter on a shared CPU); openai: AsyncOpenAI")
     args = parser.parse_args()
