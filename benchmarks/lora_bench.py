@@ -63,7 +63,7 @@ def model_folder(name: str, work: Path, tokenizer_from: str) -> str:
         return name
     folder = work / name
     if not (folder / "config.json").is_file():
-        done = subprocess.run(["qwenlab", "random", name, str(folder)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "qwenlab", "random", name, str(folder)], capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"qwenlab random {name}: {done.stderr.strip()}")
     if not (folder / "tokenizer.json").is_file():
