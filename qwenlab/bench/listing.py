@@ -217,7 +217,21 @@ def short_origin(variant: Variant, names: dict[str, str] | None = None) -> str:
         if variant.kind == "adapter" and variant.base is not None:
             return f"{variant.method or 'lora'}: {name(variant.base)}"
         return "-" if variant.kind == "base" else f"{variant.method or variant.kind}: ?"
-    return f"{variant.method or variant.kind}: " + ", ".join(name(i["path"]) for i in inputs)
+    return f"{variant.method or variant.kind}: " + ", ".join(_joined_with_adapters(inputs, name))
+
+
+def _joined_with_adapters(inputs: list[dict], name) -> list[str]:
+    """Input names in order, a merge's `BASE+ADAPTER` input (roles `modelN`, `modelN-adapter`) as one."""
+    shown: list[str] = []
+    roles: list[str] = []
+    for item in inputs:
+        role = str(item.get("role", ""))
+        if role.endswith("-adapter") and roles and roles[-1] == role.removesuffix("-adapter"):
+            shown[-1] = f"{shown[-1]}+{name(item['path'])}"
+        else:
+            shown.append(name(item["path"]))
+        roles.append(role)
+    return shown
 
 
 def lineage_chain(variant: Variant, max_depth: int = 8) -> list[dict]:

@@ -60,3 +60,11 @@ def test_ls_errors(tmp_path, capsys):
     assert "no model or adapter folders found" in capsys.readouterr().err
     with pytest.raises(QwenlabError, match="not a model or adapter folder"):
         describe_variant(tmp_path)
+
+
+def test_a_base_plus_adapter_merge_input_is_shown_as_one():
+    from qwenlab.bench.listing import _joined_with_adapters
+
+    inputs = [{"role": "base", "path": "/m/nano"}, {"role": "model1", "path": "/m/nano"},
+              {"role": "model1-adapter", "path": "/m/sft-a"}, {"role": "model2", "path": "/m/other"}]
+    assert _joined_with_adapters(inputs, lambda p: p.rsplit("/", 1)[1]) == ["nano", "nano+sft-a", "other"]
