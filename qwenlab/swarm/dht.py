@@ -41,6 +41,9 @@ def _validator(hard_cap_bytes: int):
     return PayloadCapValidator()
 
 
+START_TIMEOUT_S = 120.0  # a DHT start (p2pd, bootstrap) that takes longer has failed
+
+
 class SwarmDHT:
     def __init__(self, swarm: str, initial_peers: list[str] | None = None, *, host: str = "0.0.0.0", port: int = 0,
                  announce: str | None = None, identity_path: str | None = None, timeout_s: float = 10.0,
@@ -54,6 +57,8 @@ class SwarmDHT:
         self.max_rounds_per_fetch, self.hard_cap_bytes, self.warn = max_rounds_per_fetch, hard_cap_bytes, warn
         self._dht = None
         self._last_attempt = -float("inf")
+        self._ever_started = False
+        self.start_timeout_s = START_TIMEOUT_S
         self.errors = 0  # DHT failures so far (start, store, get)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -67,6 +72,14 @@ class SwarmDHT:
 
         self._last_attempt = time.monotonic()
         self.shutdown()
+        if self._ever_started:
+            # hivemind's MPFuture shares class-level multiprocessing locks with every DHT process it
+            # forks; a DHT process that died holding one (killed, crashed) leaves it locked, and the
+            # next DHT process then blocks forever on its first update. Fresh locks for the new one.
+            from hivemind.utils.mpfuture import MPFuture
+
+            MPFuture.reset_backend()
+        self._ever_started = True
         kwargs = dict(host_maddrs=[f"/ip4/{self.host}/tcp/{self.port}"],
                       record_validators=[_validator(self.hard_cap_bytes)])
         if self.announce:
@@ -74,11 +87,18 @@ class SwarmDHT:
         if self.identity_path:
             kwargs["identity_path"] = self.identity_path
         try:
-            self._dht = hivemind.DHT(initial_peers=self.initial_peers or None, start=True, **kwargs)
+            self._dht = hivemind.DHT(initial_peers=self.initial_peers or None, start=False, **kwargs)
+            # Bounded: a DHT process that never reports ready must not hang the peer.
+            self._dht.run_in_background(await_ready=True, timeout=self.start_timeout_s)
             _make_command_pipe_blocking(self._dht)
             return True
         except Exception as e:
-            self._fail(f"could not start the DHT / reach the initial peers ({_short(e)})")
+            if self._dht is not None and self._dht.is_alive():
+                self._dht.terminate()
+                self._dht.join(5)
+            self._dht = None
+            reason = f"not ready within {self.start_timeout_s:.0f} s" if isinstance(e, TimeoutError) else _short(e)
+            self._fail(f"could not start the DHT / reach the initial peers ({reason})")
             return False
 
     def ensure_started(self) -> bool:

@@ -46,3 +46,21 @@ def test_peer_trains_on_local_rollouts_when_the_swarm_is_unreachable_then_resume
     assert resumed.run()["rounds"] == 3
     rows = [json.loads(line) for line in (tmp_path / "peer" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3] and resumed.learner.step == 3
+
+
+def test_restart_after_a_dht_process_died_holding_hivemind_lock():
+    """A DHT process killed mid-update leaves hivemind's shared MPFuture lock held; the restarted
+    DHT must not block on it forever (this hung a CI run)."""
+    from hivemind.utils.mpfuture import MPFuture
+
+    warnings: list[str] = []
+    dht = SwarmDHT("t", [], host="127.0.0.1", retry_s=0, timeout_s=5, warn=warnings.append)
+    try:
+        assert dht.start()
+        dht._dht.terminate()
+        dht._dht.join(5)
+        MPFuture._update_lock.acquire()  # what the killed process would have left behind
+        dht.start_timeout_s = 60
+        assert dht.fetch("me") == ([], 0) and dht.healthy  # restarted, and answering
+    finally:
+        dht.shutdown()
