@@ -8,7 +8,6 @@ Greedy decoding. With few-shot, the first K records are the examples and are not
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qwenlab.bench.jsonl import jsonl_records
 from qwenlab.errors import QwenlabError
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -63,13 +63,7 @@ def read_gsm8k(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise QwenlabError(f"{path}: no such file")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QwenlabError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "answer")):
             raise QwenlabError(f"{path}:{number}: expected an object with string fields 'question' and 'answer'")
         if _MARK not in record["answer"]:

@@ -20,7 +20,6 @@ This is the strided evaluation of the Hugging Face perplexity guide, with each t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from qwenlab.bench.jsonl import jsonl_records
 from qwenlab.errors import QwenlabError
 
 LOGITS_BUDGET_BYTES = 1 << 30
@@ -73,13 +73,7 @@ def read_documents(path: str | Path, field: str = "text", limit: int | None = No
             raise QwenlabError(f"{path}: the file is empty")
         return [text]
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QwenlabError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise QwenlabError(f"{path}:{number}: expected an object with a string field '{field}'")
         if record[field]:
