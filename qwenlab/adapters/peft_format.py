@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
+from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.checkpoint.safetensors_file import SafetensorsFile
 from qwenlab.errors import QwenlabError
 
@@ -92,12 +93,7 @@ def _read_config(path: Path) -> dict:
         raise QwenlabError(f"{path}: no such adapter folder")
     if not config_path.is_file():
         raise QwenlabError(f"{path}: not an adapter folder (missing {ADAPTER_CONFIG})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QwenlabError(f"{config_path}: invalid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise QwenlabError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise QwenlabError(f"{config_path}: peft_type is {config.get('peft_type')!r}; qwenlab reads LoRA adapters only")
     for key, off in _UNSUPPORTED.items():

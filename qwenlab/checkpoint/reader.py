@@ -36,7 +36,8 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; one-line errors naming the file."""
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -51,12 +52,12 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = resolve_model_path(path)
-        self.config_dict = _read_json(self.path / "config.json") if (self.path / "config.json").is_file() else None
+        self.config_dict = read_json_object(self.path / "config.json") if (self.path / "config.json").is_file() else None
         if self.config_dict is None:
             raise QwenlabError(f"{self.path / 'config.json'}: missing config.json")
         self.config = Qwen2Config.from_dict(self.config_dict, source=str(self.path / "config.json"))
         gen = self.path / "generation_config.json"
-        self.generation_config: dict = _read_json(gen) if gen.is_file() else {}
+        self.generation_config: dict = read_json_object(gen) if gen.is_file() else {}
         self._files = self._open_files()
         self._where: dict[str, SafetensorsFile] = {}
         for file in self._files:
@@ -66,7 +67,7 @@ class Checkpoint:
     def _open_files(self) -> list[SafetensorsFile]:
         index = self.path / INDEX_FILE
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise QwenlabError(f"{index}: missing 'weight_map'")
             shard_names = sorted(set(weight_map.values()))
