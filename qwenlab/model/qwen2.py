@@ -12,6 +12,7 @@ from torch import nn
 
 from qwenlab.model.config import Qwen2Config
 from qwenlab.model.kv_cache import KVCache
+from qwenlab.model.linear import Linear, fast_linear
 
 
 class RMSNorm(nn.Module):
@@ -64,10 +65,10 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # optional fused q|k|v (quantized models): one matmul, not three
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, self.num_heads * d, bias=True)
+        self.k_proj = Linear(h, self.num_kv_heads * d, bias=True)
+        self.v_proj = Linear(h, self.num_kv_heads * d, bias=True)
+        self.o_proj = Linear(self.num_heads * d, h, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
@@ -97,9 +98,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj: nn.Module | None = None  # optional fused gate|up (quantized models)
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        self.gate_proj = Linear(h, i, bias=False)
+        self.up_proj = Linear(h, i, bias=False)
+        self.down_proj = Linear(i, h, bias=False)
 
     def forward(self, x):
         if self.gate_up_proj is not None:
@@ -135,7 +136,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.config = config
         self.model = Qwen2Body(config)
         # A tied head reads embed_tokens.weight: no lm_head parameter exists (as in the file).
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     @property
@@ -175,7 +176,7 @@ class Qwen2ForCausalLM(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         # lm_head is None when tied (Qwen2.5 0.5B-3B); quantized models set it to the shared quantized table.
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x) if self.lm_head is not None else fast_linear(x, self.model.embed_tokens.weight)
 
     @staticmethod
     def _attention_mask(valid: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor | None:
