@@ -8,6 +8,9 @@ place, with no copy and no extra memory:
     decode step, batch 1:  162 ms -> 103 ms      batch 8:  333 ms -> 184 ms
     prefill, 128 tokens:   1.48 s -> 0.98 s      (benchmarks/results/speed.md has the run)
 
+Small weights stay on F.linear: oneDNN's fixed cost per call (~15 us) loses below about 0.5M
+entries (measured: 256x256 at one row 6 us vs 18 us; 896x896 88 us vs 72 us), which keeps nano's
+and Qwen2.5-0.5B's k/v projections where they are fastest.
 bf16 F.linear already calls oneDNN (outputs are bit-identical), so only fp32 takes the other path.
 Autograd has no formula for the oneDNN op: when a gradient must flow through the layer (GRPO's
 LoRA training runs on this model), F.linear is used.
@@ -28,15 +31,17 @@ def _onednn_linear_available() -> bool:
 
 
 ONEDNN = _onednn_linear_available()
+ONEDNN_MIN_WEIGHT = 512 * 1024  # entries; see the module docstring
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through oneDNN when the inputs are fp32 and no gradient is needed."""
-    if (not ONEDNN or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))):
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    """F.linear(x, weight, bias), through oneDNN for large fp32 weights when no gradient is needed."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if (ONEDNN and not wants_grad and weight.numel() >= ONEDNN_MIN_WEIGHT and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):

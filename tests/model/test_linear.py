@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import pytest
+
+from qwenlab.model import linear as linear_module
 from qwenlab.model.linear import Linear, fast_linear
+
+
+@pytest.fixture(autouse=True)
+def onednn_for_every_size(monkeypatch):
+    """The tests' weights are small; lower the size threshold so they take the oneDNN path."""
+    assert linear_module.ONEDNN, "this torch build has no oneDNN linear: fast_linear is F.linear everywhere"
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_WEIGHT", 0)
 
 
 def test_fast_linear_matches_f_linear_for_decode_and_prefill_shapes():
@@ -17,6 +27,14 @@ def test_fast_linear_matches_f_linear_for_decode_and_prefill_shapes():
             out = fast_linear(x, weight, bias)
         assert out.shape == (*shape[:-1], 96)
         torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_real_size_weight_takes_the_same_numbers(monkeypatch):
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_WEIGHT", 512 * 1024)
+    torch.manual_seed(0)
+    weight, x = torch.randn(1024, 896), torch.randn(8, 1, 896)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast_linear(x, weight), F.linear(x, weight), rtol=1e-4, atol=1e-4)
 
 
 def test_non_contiguous_input_is_handled():
