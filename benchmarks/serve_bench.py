@@ -9,8 +9,9 @@ For each model, two servers in turn (subprocesses of `qwenlab serve` on loopback
   mixed8  the base with 8 random LoRA adapters (r=8, alpha 16, all linear layers, PEFT format);
           client i asks for adapter i mod 8, so every batch mixes adapters.
 Each client (a bare asyncio HTTP client by default, or --client openai for the official AsyncOpenAI;
-both stream /v1/completions) sends `rounds` requests one after the other: a random prompt of
---prompt-tokens tokens, --max-tokens new tokens (greedy, ignore_eos: every request generates exactly that).
+both stream /v1/completions) sends `rounds` requests one after the other: a prompt of exactly
+--prompt-tokens random token ids (ordinary tokens, no special ones; sent as an id list, so every
+model's tokenizer sees the same length), --max-tokens new tokens (greedy, ignore_eos: every request generates exactly that).
   tokens/s  completion tokens of all requests / wall time of the phase (first send to last byte)
   TTFT      send -> first streamed text, per request; p50 and p95
   engine decode tok/s  decode tokens / seconds inside decode steps (from /metrics): the batching
@@ -125,7 +126,7 @@ def start_server(model: Path, adapters: dict[str, Path], port: int, threads: int
     raise RuntimeError("server did not start")
 
 
-def request_body(model: str, prompt: str, max_tokens: int) -> dict:
+def request_body(model: str, prompt: list[int], max_tokens: int) -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
 
@@ -164,7 +165,7 @@ async def raw_request(_client, port: int, body: dict) -> tuple[float, int]:
 
 
 async def run_phase(port: int, clients: int, rounds: int, models: list[str], prompt_tokens: int, max_tokens: int,
-                    vocab: int, seed: int, client_kind: str) -> dict:
+                    vocab: list[int], seed: int, client_kind: str) -> dict:
     import openai
 
     rng = random.Random(seed)
@@ -172,7 +173,7 @@ async def run_phase(port: int, clients: int, rounds: int, models: list[str], pro
     send = openai_request if client_kind == "openai" else raw_request
 
     def body(index: int, tokens: int = max_tokens) -> dict:
-        prompt = " ".join(f"w{rng.randrange(vocab - 3)}" for _ in range(prompt_tokens))
+        prompt = [rng.choice(vocab) for _ in range(prompt_tokens)]
         return request_body(models[index % len(models)], prompt, tokens)
 
     async def one_client(index: int) -> list[tuple[float, int]]:
@@ -216,11 +217,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_model(name: str, args, work: Path) -> list[dict]:
-    from qwenlab.checkpoint import open_checkpoint
+def ordinary_token_ids(folder: Path) -> list[int]:
+    """The ids of the tokenizer's ordinary tokens (special and added tokens left out)."""
+    from tokenizers import Tokenizer
 
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    special = set(tokenizer.get_added_tokens_decoder())  # {id: AddedToken}
+    return [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True)) if i not in special]
+
+
+def bench_model(name: str, args, work: Path) -> list[dict]:
     folder = prepare_model(name, work)
-    vocab = open_checkpoint(folder).config.vocab_size
+    vocab = ordinary_token_ids(folder)
     adapters = write_random_adapters(folder, work)  # LoRA shapes come from the float model
     if args.bits:  # serve a quantized copy of the base; the adapters run beside its weights
         from qwenlab.quant import quantize_model
