@@ -113,3 +113,30 @@ def test_compaction_keeps_every_rows_keys_in_order():
         slots = cache.valid[row, : cache.length].nonzero().squeeze(1)
         assert cache.keys[0][row, 0, slots, 0].tolist() == [100 * length + i for i in range(length)]
     assert cache.length == 6 and cache.capacity >= 66
+
+
+def test_adapters_with_different_targets_and_ranks_mix_in_one_batch(serve_models, tmp_path):
+    """q|k|v and gate|up share one stacked A per batch: adapters that target only some members
+    (PEFT's q_proj/v_proj default, an MLP-only one) must still add exactly their own deltas."""
+    from qwenlab.adapters import attach_adapter
+    from qwenlab.model import load_model, load_tokenizer
+    from tests.adapters.conftest import make_peft_adapter
+
+    paths = {"all": serve_models["math"], "qv": tmp_path / "qv", "mlp": tmp_path / "mlp"}
+    make_peft_adapter(serve_models["base"], paths["qv"], r=2, alpha=8, targets=("q_proj", "v_proj"), seed=11)
+    make_peft_adapter(serve_models["base"], paths["mlp"], r=3, alpha=6, targets=("up_proj", "down_proj"), seed=12)
+    tokenizer = load_tokenizer(serve_models["base"])
+    engine = Engine("base", load_model(serve_models["base"]), tokenizer, tokenizer.stop_ids(), max_batch=8,
+                    max_context=128)
+    reference = load_model(serve_models["base"])
+    for name, path in paths.items():
+        engine.adapters.attach(name, engine.adapters.read(path), str(path))
+        attach_adapter(reference, path, name)
+    prompts = ["What is 12 + 7?", "hello world", "Reverse the word: apple", "sort: d c b a", "a b c"]
+    jobs = [(tokenizer.encode(p), adapter, 12) for p in prompts for adapter in ("qv", "mlp", None, "all")]
+    collectors = [Collector() for _ in jobs]
+    for (ids, adapter, max_tokens), collector in zip(jobs, collectors):
+        engine.submit(EngineRequest(ids, SamplingParams(max_tokens=max_tokens), collector, adapter=adapter))
+    run_until_done(engine, collectors)
+    for (ids, adapter, max_tokens), collector in zip(jobs, collectors):
+        assert "".join(collector.text) == alone(reference, tokenizer, ids, adapter, max_tokens), adapter
