@@ -21,7 +21,9 @@ class AdaptedCheckpoint(Checkpoint):
     """Subclasses Checkpoint (without its folder scan) so load_model and the merge executor take it as one."""
 
     def __init__(self, base_checkpoint: Checkpoint | str | Path, adapter_dir: LoraAdapter | str | Path):
-        self.base = base_checkpoint if isinstance(base_checkpoint, Checkpoint) else open_checkpoint(base_checkpoint)
+        # A folder, or an open source with the Checkpoint interface (a Checkpoint, the merge's MappedCheckpoint).
+        is_folder = isinstance(base_checkpoint, (str, Path))
+        self.base = open_checkpoint(base_checkpoint) if is_folder else base_checkpoint
         self.adapter = adapter_dir if isinstance(adapter_dir, LoraAdapter) else read_adapter(adapter_dir)
         check_adapter_fits(self.adapter, {n: self.base.shape(n) for n in self.base.tensor_names()},
                            base_name=str(self.base.path))

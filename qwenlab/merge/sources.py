@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from qwenlab.adapters.adapted_checkpoint import AdaptedCheckpoint
 from qwenlab.checkpoint import Checkpoint, open_checkpoint
 from qwenlab.checkpoint.reader import INDEX_FILE, SINGLE_FILE
 from qwenlab.checkpoint.safetensors_file import read_header
@@ -77,7 +78,7 @@ class MappedCheckpoint:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.path = checkpoint.path
-        self.config = checkpoint.config
+        self.config, self.config_dict = checkpoint.config, checkpoint.config_dict
         self.generation_config = checkpoint.generation_config
         self._files = {file.name: _MappedFile(file) for file in self._shard_files()}
         self._where = {name: file for file in self._files.values() for name in file.header}
@@ -106,33 +107,17 @@ class MappedCheckpoint:
             file.release()
 
 
-class AdaptedSource:
-    """A base checkpoint with a LoRA adapter folded in as each tensor is read: W + scaling·B@A (fp32)."""
+class AdaptedSource(AdaptedCheckpoint):
+    """AdaptedCheckpoint over a memory-mapped base, as a merge input: an adapted weight comes back
+    in float32 (W + scaling·B@A before any cast; the merge computes in float32), every other tensor
+    as the base stores it."""
 
     def __init__(self, base: MappedCheckpoint, adapter_dir: str | Path):
-        from qwenlab.adapters.peft_format import check_adapter_fits, read_adapter
-
-        self.base = base
-        self.adapter = read_adapter(adapter_dir)
-        check_adapter_fits(self.adapter, {n: base.shape(n) for n in base.tensor_names()}, base_name=str(base.path))
-        self.path, self.config, self.generation_config = base.path, base.config, base.generation_config
+        super().__init__(base, adapter_dir)
         self.adapter_path = Path(adapter_dir)  # recorded in the merge's lineage next to the base
-        self._adapted = {module + ".weight": module for module in self.adapter.modules}
-
-    def tensor_names(self) -> list[str]:
-        return self.base.tensor_names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.base.shape(name)
 
     def get(self, name: str) -> torch.Tensor:
-        from qwenlab.adapters.merge import lora_delta
-
-        module = self._adapted.get(name)
-        if module is None:
-            return self.base.get(name)
-        a, b = self.adapter.modules[module]
-        return self.base.get(name).float() + lora_delta(a, b, self.adapter.scaling(module))
+        return self.get_fp32(name) if name in self._adapted else self.base.get(name)
 
     def release(self) -> None:
         self.base.release()
