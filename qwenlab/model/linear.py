@@ -5,8 +5,9 @@ plain sgemm that re-packs the weight on every call, and is slower for 2-8 rows t
 oneDNN's linear (the kernel inductor uses for frozen CPU graphs) reads the same row-major weight in
 place, with no copy and no extra memory:
 
-    decode step, batch 1:  162 ms -> 103 ms      batch 8:  333 ms -> 184 ms
-    prefill, 128 tokens:   1.48 s -> 0.98 s      (benchmarks/results/speed.md has the run)
+    decode step, batch 1:  162 ms -> 96 ms       batch 8:  333 ms -> 143 ms
+    prefill, 128 tokens:   1.48 s -> about 1.0 s
+    (decode and TTFT against transformers and llama.cpp: benchmarks/results/speed_fp32.md)
 
 Small weights stay on F.linear: oneDNN's fixed cost per call (~15 us) loses below about 0.5M
 entries (measured: 256x256 at one row 6 us vs 18 us; 896x896 88 us vs 72 us), which keeps nano's

@@ -194,13 +194,13 @@ def dpo_records_from_task(task: str, n: int, seed: int = 0, difficulty: int | No
 
     instances = training_instances(task, n, seed, difficulty)
     rng = random.Random(f"dpo:{task}:{seed}")
-    synthetic = [wrong_answer(task, i.expected, rng) for i in instances]
+    rejected = [wrong_answer(task, i.expected, rng) for i in instances]  # synthetic
     if rejected_from is not None:
         own = policy_replies(rejected_from, [i.prompt for i in instances])
-        synthetic = [reply if reply.strip() and score(task, reply, i.expected) == 0.0 else fallback
-                     for i, reply, fallback in zip(instances, own, synthetic)]
+        rejected = [reply if reply.strip() and score(task, reply, i.expected) == 0.0 else synthetic
+                    for i, reply, synthetic in zip(instances, own, rejected)]
     return [{"prompt": _user(i.prompt), "chosen": _assistant(i.expected), "rejected": _assistant(wrong)}
-            for i, wrong in zip(instances, synthetic)]
+            for i, wrong in zip(instances, rejected)]
 
 
 def policy_replies(model_path: str, prompts: list[str], batch_size: int = 64, max_new_tokens: int = 24) -> list[str]:
