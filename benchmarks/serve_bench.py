@@ -165,7 +165,7 @@ async def raw_request(_client, port: int, body: dict) -> tuple[float, int]:
 
 
 async def run_phase(port: int, clients: int, rounds: int, models: list[str], prompt_tokens: int, max_tokens: int,
-                    vocab: list[int], seed: int, client_kind: str) -> dict:
+                    token_ids: list[int], seed: int, client_kind: str) -> dict:
     import openai
 
     rng = random.Random(seed)
@@ -173,7 +173,7 @@ async def run_phase(port: int, clients: int, rounds: int, models: list[str], pro
     send = openai_request if client_kind == "openai" else raw_request
 
     def body(index: int, tokens: int = max_tokens) -> dict:
-        prompt = [rng.choice(vocab) for _ in range(prompt_tokens)]
+        prompt = [rng.choice(token_ids) for _ in range(prompt_tokens)]
         return request_body(models[index % len(models)], prompt, tokens)
 
     async def one_client(index: int) -> list[tuple[float, int]]:
@@ -228,7 +228,7 @@ def ordinary_token_ids(folder: Path) -> list[int]:
 
 def bench_model(name: str, args, work: Path) -> list[dict]:
     folder = prepare_model(name, work)
-    vocab = ordinary_token_ids(folder)
+    token_ids = ordinary_token_ids(folder)
     adapters = write_random_adapters(folder, work)  # LoRA shapes come from the float model
     if args.bits:  # serve a quantized copy of the base; the adapters run beside its weights
         from qwenlab.quant import quantize_model
@@ -245,7 +245,7 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
             for clients in args.clients:
                 asked = list(served) or ["base"]
                 row = asyncio.run(run_phase(port, clients, args.rounds, asked, args.prompt_tokens, args.max_tokens,
-                                            vocab, seed=clients, client_kind=args.client))
+                                            token_ids, seed=clients, client_kind=args.client))
                 rows.append({"model": name, "mode": mode, **row})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
