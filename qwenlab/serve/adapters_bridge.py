@@ -9,7 +9,8 @@ all adapters' A are concatenated into A_cat [R, in] and their B into B_cat [out,
 
 costs two thin matmuls per linear whatever the number of adapters (the per-group path in
 LoRALinear costs five small ops per adapter present). Only the adapters present in the batch are
-stacked (rebuilt when that set changes, not when rows move), so a lone adapter costs r, not Σ r.
+stacked (kept while they cover the batch, shrunk after a while; see _restack), so a lone adapter
+costs r, not Σ r, once the others have gone.
 It runs as a forward hook on each LoRALinear, whose own per-row selection is left empty, so the
 module code is untouched.
 """
@@ -25,6 +26,9 @@ from torch import nn
 from qwenlab.adapters import LoraAdapter, adapter_names, attach_adapter, detach_adapter, read_adapter
 from qwenlab.adapters.apply import lora_modules
 from qwenlab.errors import QwenlabError
+
+# Selects in a row whose batch needed fewer adapters than are stacked before the stacks shrink.
+SHRINK_AFTER = 64
 
 
 class _Stack:
@@ -45,7 +49,8 @@ class AdapterSet:
         self._modules: list[nn.Module] = []
         self._handles: list = []
         self._stacks: dict[nn.Module, _Stack] = {}
-        self._present: tuple[str, ...] = ()  # the adapters stacked now
+        self._present: tuple[str, ...] = ()  # the adapters stacked now (a superset of the batch's)
+        self._surplus_selects = 0
         self._masks: dict[tuple, torch.Tensor] = {}  # layout -> M [rows, 1, R] for the next forward
         self._rows: tuple | None = None
         self._rebuild()
@@ -79,20 +84,40 @@ class AdapterSet:
         if key == self._rows:
             return  # the same rows as the last step: the masks still hold
         self._rows = key
-        present = tuple(sorted({r for r in rows if r is not None}))
-        if present != self._present:
-            self._present = present
-            self._stacks = {m: _Stack(m, list(present)) for m in self._modules} if present else {}
+        present = {r for r in rows if r is not None}
         self._masks = {}
         if not present:
             return
-        row_adapter = torch.tensor([present.index(r) if r is not None else -1 for r in rows])
+        self._restack(present)
+        stacked = self._present
+        row_adapter = torch.tensor([stacked.index(r) if r is not None else -1 for r in rows])
         dtypes = {stack.layout: stack.a.dtype for stack in self._stacks.values() if stack.a is not None}
         for layout, dtype in dtypes.items():
             column_adapter = torch.tensor([i for i, r, _ in layout for _ in range(r)])
             column_scaling = torch.tensor([s for _, r, s in layout for _ in range(r)])
             mask = (row_adapter[:, None] == column_adapter[None, :]) * column_scaling
             self._masks[layout] = mask[:, None, :].to(dtype)  # [rows, 1 (tokens), R]
+
+    def _restack(self, present: set[str]) -> None:
+        """Make the stacks hold every adapter in `present`.
+
+        A prefill selects its newcomers' adapters and the decode right after selects every row's, so
+        stacking exactly the present set re-concatenated every adapter matrix twice per admission.
+        Instead a stack is kept while it covers the batch (an extra adapter's columns are masked to
+        zero) and grows by union; it shrinks to the present set only after SHRINK_AFTER selects in a
+        row that needed less, so a finished adapter does not cost its r columns for long.
+        """
+        stacked = set(self._present)
+        if present <= stacked:
+            self._surplus_selects = self._surplus_selects + 1 if present != stacked else 0
+            if self._surplus_selects <= SHRINK_AFTER:
+                return
+            wanted = present
+        else:
+            wanted = present | stacked
+        self._present = tuple(sorted(wanted))
+        self._surplus_selects = 0
+        self._stacks = {m: _Stack(m, list(self._present)) for m in self._modules}
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
         stack = self._stacks.get(module)
@@ -116,3 +141,4 @@ class AdapterSet:
             module.selection = None  # LoRALinear adds nothing itself; the hook adds every row's delta
             self._handles.append(module.register_forward_hook(self._hook))
         self._stacks, self._present, self._masks, self._rows = {}, (), {}, None
+        self._surplus_selects = 0

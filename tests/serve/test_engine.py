@@ -140,3 +140,40 @@ def test_adapters_with_different_targets_and_ranks_mix_in_one_batch(serve_models
     run_until_done(engine, collectors)
     for (ids, adapter, max_tokens), collector in zip(jobs, collectors):
         assert "".join(collector.text) == alone(reference, tokenizer, ids, adapter, max_tokens), adapter
+
+
+def test_adapter_stacks_cover_the_batch_then_shrink(serve_models):
+    """A stack holding more adapters than the batch uses (kept across a prefill/decode alternation)
+    must still add only each row's own delta, and shrinks once the extra adapters stay unused."""
+    from qwenlab.adapters import active_adapters, attach_adapter
+    from qwenlab.model import load_model
+    from qwenlab.serve.adapters_bridge import SHRINK_AFTER, AdapterSet
+
+    model, reference = load_model(serve_models["base"]), load_model(serve_models["base"])
+    adapters = AdapterSet(model)
+    for name in ADAPTERS:
+        adapters.attach(name, adapters.read(serve_models[name]), str(serve_models[name]))
+        attach_adapter(reference, serve_models[name], name)
+    tokens = torch.tensor([[5, 9, 2, 7], [3, 3, 8, 1], [4, 6, 6, 2]])
+
+    def expected(rows):
+        out = []
+        for i, name in enumerate(rows):
+            with active_adapters(reference, name):
+                out.append(reference(tokens[i:i + 1]))
+        return torch.cat(out)
+
+    with torch.inference_mode():
+        adapters.select(list(ADAPTERS))
+        assert set(adapters._present) == set(ADAPTERS)
+        for rows in (["math", None, "math"], [None, "style", None], ["reverse", "math", None]):
+            adapters.select(rows)
+            assert set(adapters._present) == set(ADAPTERS)  # covered: no re-stacking
+            torch.testing.assert_close(model(tokens), expected(rows), atol=1e-5, rtol=0)
+        for step in range(SHRINK_AFTER + 1):
+            adapters.select(["math", None, None] if step % 2 else [None, "math", None])
+        assert adapters._present == ("math",)
+        torch.testing.assert_close(model(tokens), expected([None, "math", None]), atol=1e-5, rtol=0)
+        adapters.select(["style", "math", None])  # a newcomer grows the stack again
+        assert set(adapters._present) == {"math", "style"}
+        torch.testing.assert_close(model(tokens), expected(["style", "math", None]), atol=1e-5, rtol=0)
