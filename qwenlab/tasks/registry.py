@@ -6,7 +6,7 @@ Adding a task: write qwenlab/tasks/<name>.py (see base.py for its shape) and add
 from __future__ import annotations
 
 from qwenlab.errors import QwenlabError
-from qwenlab.tasks import arithmetic, count_letter, reverse, sort_letters
+from qwenlab.tasks import arithmetic, count_letter, repeat, reverse, sort_letters
 from qwenlab.tasks.base import Task, TaskInstance
 from qwenlab.tasks.rng import TaskRng
 
@@ -15,6 +15,7 @@ TASKS: dict[str, Task] = {
     "reverse": reverse,
     "sort_letters": sort_letters,
     "count_letter": count_letter,
+    "repeat": repeat,
 }
 
 DEFAULT_DIFFICULTY: dict[str, int] = {name: task.DEFAULT_DIFFICULTY for name, task in TASKS.items()}

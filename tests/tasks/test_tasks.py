@@ -22,7 +22,7 @@ from qwenlab.tasks import (
 )
 
 NUMBER_TASKS = ["arithmetic", "count_letter"]
-WORD_TASKS = ["reverse", "sort_letters"]
+WORD_TASKS = ["reverse", "sort_letters", "repeat"]
 ARITHMETIC = re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
 
 
@@ -257,6 +257,18 @@ def test_word_completions_that_are_wrong(completion):
     assert score("reverse", completion, "elppa") == 0.0
 
 
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
+def test_repeat_lengths_and_expected(difficulty):
+    lengths = set()
+    for seed in range(100):
+        instance = generate("repeat", seed, difficulty)
+        (word,) = _quoted(instance.prompt)
+        assert instance.prompt == f"Repeat the word '{word}'."
+        assert instance.expected == word
+        lengths.add(len(word))
+    assert lengths == {difficulty + 2, difficulty + 3}
+
+
 def test_sort_letters_parses_like_reverse():
     assert score("sort_letters", "Sorted: 'ABCD'.", "abcd") == 1.0
     assert score("sort_letters", "dcba -> abdc", "abcd") == 0.0
@@ -271,7 +283,7 @@ def test_unknown_task_names_the_known_ones():
         with pytest.raises(QwenlabError) as error:
             call()
         assert str(error.value) == message
-        assert "arithmetic, reverse, sort_letters, count_letter" in str(error.value)
+        assert "arithmetic, reverse, sort_letters, count_letter, repeat" in str(error.value)
 
 
 @pytest.mark.parametrize("task", list(TASKS))
