@@ -1,10 +1,11 @@
 """Serving under load: throughput and TTFT of `qwenlab serve` with 1, 8 and 32 concurrent clients.
 
     python benchmarks/serve_bench.py [--models nano,qwen2.5-0.5b] [--clients 1,8,32] [--max-tokens 32]
-                                     [--prompt-tokens 64] [--rounds 2] [--threads 1] [--max-prefill-tokens N]
+                                     [--prompt-tokens 64] [--rounds 2] [--repeats 3] [--threads 1] [--max-prefill-tokens N]
                                      [--bits 8|4] [--work-dir DIR] [--out rows.json]
 
-For each model, two servers in turn (subprocesses of `qwenlab serve` on loopback):
+For each model, two servers side by side (subprocesses of `qwenlab serve` on loopback), measured in
+alternation (base, mixed, base, ... --repeats phases each; the median phase is reported):
   base    the base alone; every request asks for the base;
   mixed8  the base with 8 random LoRA adapters (r=8, alpha 16, all linear layers, PEFT format);
           client i asks for adapter i mod 8, so every batch mixes adapters.
@@ -237,29 +238,43 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         if not (quantized / "config.json").is_file():
             quantize_model(folder, quantized, bits=args.bits, force=True, progress=False)
         folder, name = quantized, f"{name} int{args.bits}"
-    rows = []
-    for mode, served in (("base", {}), (f"mixed{ADAPTERS}", adapters)):
-        port = free_port()
-        server = start_server(folder, served, port, args.threads, args.max_prefill_tokens)
-        try:
-            for clients in args.clients:
-                asked = list(served) or ["base"]
-                row = asyncio.run(run_phase(port, clients, args.rounds, asked, args.prompt_tokens, args.max_tokens,
-                                            token_ids, seed=clients, client_kind=args.client))
-                rows.append({"model": name, "mode": mode, **row})
+    # Both servers run side by side (an idle one waits on an event and costs no CPU) and each client
+    # count alternates base, mixed, base, mixed, ... --repeats times: this VM's speed drifts by tens of
+    # percent over a minute, and measuring one mode after the other put that drift into the ratio.
+    modes = {"base": {}, f"mixed{ADAPTERS}": adapters}
+    servers = {}
+    try:
+        for mode, served in modes.items():
+            port = free_port()
+            servers[mode] = (port, start_server(folder, served, port, args.threads, args.max_prefill_tokens))
+        rows = []
+        for clients in args.clients:
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for _ in range(args.repeats):
+                for mode, served in modes.items():
+                    asked = list(served) or ["base"]
+                    runs[mode].append(asyncio.run(run_phase(servers[mode][0], clients, args.rounds, asked,
+                                                            args.prompt_tokens, args.max_tokens, token_ids,
+                                                            seed=clients, client_kind=args.client)))
+            for mode, phases in runs.items():  # the median repeat by throughput stands for the mode
+                median = sorted(phases, key=lambda r: r["tokens_per_s"])[len(phases) // 2]
+                rows.append({"model": name, "mode": mode, **median,
+                             "tokens_per_s_repeats": [r["tokens_per_s"] for r in phases]})
                 print(json.dumps(rows[-1]), flush=True)
-        finally:
+    finally:
+        for _, server in servers.values():
             server.terminate()
             server.wait(timeout=60)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | mode | clients | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s "
-             "| engine decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | mode | clients | requests | tokens | wall s | tokens/s (median) | tokens/s of each repeat "
+             "| TTFT p50 s | TTFT p95 s | engine decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
+        repeats = ", ".join(str(v) for v in r.get("tokens_per_s_repeats", [r["tokens_per_s"]]))
         lines.append(f"| {r['model']} | {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']} "
-                     f"| {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} "
+                     f"| {r['tokens_per_s']} | {repeats} | {r['ttft_p50_s']} | {r['ttft_p95_s']} "
                      f"| {r['engine_decode_tokens_per_s']} |")
     rate = {(r["model"], r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
     lines.append("")
@@ -281,6 +296,8 @@ def main() -> None:
     parser.add_argument("--models", default="nano,qwen2.5-0.5b")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after the other")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="phases per mode and client count, base and mixed alternating; the median is reported")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")

@@ -1,22 +1,31 @@
 """The one place serve talks to qwenlab.adapters: attach, detach, and an adapter per batch row.
 
 Adapters live in qwenlab.adapters' LoRALinear modules (attach/detach by module swap, as
-`generate` uses them). For batches that mix adapters, serve adds its own stacked path
-(the S-LoRA / Punica idea, as one dense op instead of one op per adapter): per adapted linear,
-all adapters' A are concatenated into A_cat [R, in] and their B into B_cat [out, R], R = Σ r. Then
+`generate` uses them). For batches that mix adapters, serve adds its own path (the S-LoRA /
+Punica idea: one op per linear for the whole batch, not one per adapter). It replaces each LoRALinear's
+forward while serve owns the model (an instance attribute; the module code is untouched).
+Two implementations:
 
-    y = base(x) + ((x A_catᵀ) ⊙ M) B_catᵀ        M[row, col] = scaling of col's adapter if it is row's, else 0
+- kernel (fp32, where qwenlab's native kernels run): per linear, the adapters' A are stacked into
+  [n, R, in] and their B (scaling folded in) into [n, R, out], ranks zero-padded to R; one call of
+  lora_bgmv.cpp adds to each token's base output the delta of its own row's adapter. A token costs
+  R (in + out) multiply-adds whatever n is.
+- dense (any dtype, any CPU): all adapters' A concatenated into A_cat [R, in] and B into B_cat [out, R],
+  R = Σ r, and
 
-costs two thin matmuls per linear whatever the number of adapters (the per-group path in
-LoRALinear costs five small ops per adapter present). Only the adapters present in the batch are
-stacked (kept while they cover the batch, shrunk after a while; see _restack), so a lone adapter
-costs r, not Σ r, once the others have gone.
-It runs as a forward hook on each LoRALinear, whose own per-row selection is left empty, so the
-module code is untouched.
+      y = base(x) + ((x A_catᵀ) ⊙ M) B_catᵀ        M[row, col] = scaling of col's adapter if it is row's, else 0
+
+  two thin matmuls per linear, but every token pays for every stacked adapter's columns: with 8
+  adapters of r 8 on nano that was 40% more multiply-adds than the base (measured: mixed-adapter
+  decode at 0.62-0.68x the base's speed, against ~0.8-0.9x with the kernel; benchmarks/serve_bench.py).
+
+Only the adapters present in the batch are stacked (kept while they cover the batch, shrunk after a
+while; see _restack), so a lone adapter costs r, not Σ r, once the others have gone.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,13 +35,15 @@ from torch import nn
 from qwenlab.adapters import LoraAdapter, adapter_names, attach_adapter, detach_adapter, read_adapter
 from qwenlab.adapters.apply import lora_modules
 from qwenlab.errors import QwenlabError
+from qwenlab.quant import native
 
 # Selects in a row whose batch needed fewer adapters than are stacked before the stacks shrink.
 SHRINK_AFTER = 64
 
 
 class _Stack:
-    """One LoRALinear's adapters, concatenated; `layout` names which adapter and scaling each column has."""
+    """One LoRALinear's adapters, concatenated (dense path); `layout` names which adapter and scaling
+    each column has."""
 
     def __init__(self, module: nn.Module, order: list[str]):
         names = [n for n in order if n in module.lora_A and n not in module.merged]
@@ -41,17 +52,41 @@ class _Stack:
         self.layout = tuple((order.index(n), module.lora_A[n].shape[0], module.scaling[n]) for n in names)
 
 
+class _KernelStack:
+    """One LoRALinear's adapters for lora_bgmv (kernel path): A [n, R, in] and scaled Bᵀ [n, R, out],
+    one slot per adapter of `order`; an adapter that does not touch this module (or is merged into the
+    weight) has zeros."""
+
+    def __init__(self, module: nn.Module, order: list[str]):
+        names = [n for n in order if n in module.lora_A and n not in module.merged]
+        self.active = bool(names)
+        rank = max((module.lora_A[n].shape[0] for n in names), default=0)
+        self.a = torch.zeros(len(order), rank, module.in_features)
+        self.bt = torch.zeros(len(order), rank, module.out_features)
+        for n in names:
+            i, r = order.index(n), module.lora_A[n].shape[0]
+            self.a[i, :r] = module.lora_A[n].float()
+            self.bt[i, :r] = (module.lora_B[n].float() * module.scaling[n]).t()
+        # What each call passes to the kernel, read once (a Python call per linear per step adds up).
+        self.rank, self.out_features = rank, module.out_features
+        self.a_ptr, self.bt_ptr = self.a.data_ptr(), self.bt.data_ptr()
+
+
 class AdapterSet:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kernel: bool | None = None):
+        """kernel: use lora_bgmv (None: wherever it runs, for fp32 adapters; False: always the dense path)."""
         self.model = model
+        self.kernel_allowed = kernel
+        self.use_kernel = False
         self.paths: dict[str, str] = {}
         self.known: set[str] = set()
         self._modules: list[nn.Module] = []
-        self._handles: list = []
-        self._stacks: dict[nn.Module, _Stack] = {}
+        self._stacks: dict[nn.Module, _Stack | _KernelStack] = {}
         self._present: tuple[str, ...] = ()  # the adapters stacked now (a superset of the batch's)
         self._surplus_selects = 0
-        self._masks: dict[tuple, torch.Tensor] = {}  # layout -> M [rows, 1, R] for the next forward
+        self._masks: dict[tuple, torch.Tensor] = {}  # dense: layout -> M [rows, 1, R] for the next forward
+        self._row_adapter: torch.Tensor | None = None  # kernel: int32 [rows], index into _present or -1
+        self._row_adapter_ptr = 0
         self._rows: tuple | None = None
         self._rebuild()
 
@@ -85,12 +120,16 @@ class AdapterSet:
             return  # the same rows as the last step: the masks still hold
         self._rows = key
         present = {r for r in rows if r is not None}
-        self._masks = {}
+        self._masks, self._row_adapter = {}, None
         if not present:
             return
         self._restack(present)
         stacked = self._present
         row_adapter = torch.tensor([stacked.index(r) if r is not None else -1 for r in rows])
+        if self.use_kernel:
+            self._row_adapter = row_adapter.to(torch.int32)
+            self._row_adapter_ptr = self._row_adapter.data_ptr()
+            return
         dtypes = {stack.layout: stack.a.dtype for stack in self._stacks.values() if stack.a is not None}
         for layout, dtype in dtypes.items():
             column_adapter = torch.tensor([i for i, r, _ in layout for _ in range(r)])
@@ -117,28 +156,58 @@ class AdapterSet:
             wanted = present | stacked
         self._present = tuple(sorted(wanted))
         self._surplus_selects = 0
-        self._stacks = {m: _Stack(m, list(self._present)) for m in self._modules}
+        kind = _KernelStack if self.use_kernel else _Stack
+        self._stacks = {m: kind(m, list(self._present)) for m in self._modules}
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+    def _forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The LoRALinear's forward while serve owns it: the base output plus every row's own delta."""
+        out = module.base_layer(x)
         stack = self._stacks.get(module)
-        mask = self._masks.get(stack.layout) if stack is not None else None
+        if stack is None:
+            return out
+        if self.use_kernel:
+            if self._row_adapter is None or not stack.active:
+                return out  # no row of this batch uses an adapter here
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                x = x.float().contiguous()
+            rows, width = x.shape[0], x.shape[-1]
+            if rows != len(self._row_adapter):  # the kernel indexes row_adapter by row: never read past it
+                raise QwenlabError(f"the adapter selection has {len(self._row_adapter)} rows but the batch has {rows}")
+            tokens = x.numel() // (rows * width)
+            target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.zeros(out.shape)
+            status = self._bgmv(x.data_ptr(), rows, tokens, width, self._row_adapter_ptr, stack.a_ptr, stack.bt_ptr,
+                                stack.rank, stack.out_features, target.data_ptr())  # in place: target += delta
+            if status != 0:
+                raise QwenlabError(f"lora_bgmv failed on a rank-{stack.rank} stack")
+            return out if target is out else out + target.to(out.dtype)
+        mask = self._masks.get(stack.layout)
         if mask is None:
-            return None  # no row of this batch uses an adapter here
-        hidden = F.linear(inputs[0], stack.a).mul_(mask)  # [rows, tokens, R]
-        if output.is_contiguous():  # add B·hidden into the base output in place: one op, no new tensor
-            output.view(-1, output.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), stack.b.t())
-            return output
-        return output + F.linear(hidden, stack.b)
+            return out
+        hidden = F.linear(x, stack.a).mul_(mask)  # [rows, tokens, R]
+        if out.is_contiguous():  # add B·hidden into the base output in place: one op, no new tensor
+            out.view(-1, out.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), stack.b.t())
+            return out
+        return out + F.linear(hidden, stack.b)
+
+    def _kernel_fits(self) -> bool:
+        """lora_bgmv runs here: the kernel builds, and every adapter is fp32 with a rank it takes."""
+        if self.kernel_allowed is False or not self._modules or not native.available():
+            return False
+        return all(a.dtype == torch.float32 and a.shape[0] <= native.LORA_MAX_RANK
+                   for m in self._modules for a in m.lora_A.values())
 
     def _rebuild(self) -> None:
-        """After a module swap: hook the current LoRALinear modules; stacks are rebuilt on next select."""
-        for handle in self._handles:
-            handle.remove()
+        """After a module swap: take over the current LoRALinear modules; stacks are rebuilt on next select."""
+        for module in self._modules:
+            module.__dict__.pop("forward", None)  # back to LoRALinear.forward
         self.known = set(adapter_names(self.model))
         self._modules = list(lora_modules(self.model).values())
-        self._handles = []
         for module in self._modules:
-            module.selection = None  # LoRALinear adds nothing itself; the hook adds every row's delta
-            self._handles.append(module.register_forward_hook(self._hook))
-        self._stacks, self._present, self._masks, self._rows = {}, (), {}, None
+            module.selection = None  # LoRALinear's own per-row path stays off: _forward adds every row's delta
+            # An instance attribute, not a forward hook: a hook costs a slower nn.Module call path and
+            # a second Python call per linear, ~5 µs each, which is a tenth of a nano decode step.
+            module.forward = partial(self._forward, module)
+        self._stacks, self._present, self._masks, self._rows, self._row_adapter = {}, (), {}, None, None
         self._surplus_selects = 0
+        self.use_kernel = self._kernel_fits()
+        self._bgmv = native.library().lora_bgmv if self.use_kernel else None

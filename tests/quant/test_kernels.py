@@ -77,3 +77,29 @@ def test_rows_gather_from_every_layout(bits, backend):
     atol = {"reference": 1e-6, "native": 1e-6 if bits == 8 else 1e-3 * float(w.abs().max()),
             "aten": 0.02 * float(w.abs().max())}[backend]
     assert torch.allclose(lin.weight_rows(rows), w[rows], atol=atol)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,tokens,k,n_out,rank,adapters", [(5, 3, 40, 37, 8, 3), (8, 1, 256, 768, 8, 8),
+                                                                 (2, 7, 896, 128, 16, 2), (3, 1, 16, 16, 1, 1)])
+def test_lora_bgmv_adds_each_rows_own_adapter_delta(rows, tokens, k, n_out, rank, adapters):
+    g = torch.Generator().manual_seed(rows * 100 + k)
+    x = torch.randn(rows, tokens, k, generator=g)
+    a, bt = torch.randn(adapters, rank, k, generator=g), torch.randn(adapters, rank, n_out, generator=g)
+    row_adapter = torch.randint(-1, adapters, (rows,), generator=g, dtype=torch.int32)
+    row_adapter[0] = -1  # a row with no adapter is left alone
+    y = torch.randn(rows, tokens, n_out, generator=g)
+    expected = y.clone()
+    for r, i in enumerate(row_adapter.tolist()):
+        if i >= 0:
+            expected[r] += (x[r] @ a[i].T) @ bt[i]
+    native.lora_bgmv_(y, x, row_adapter, a, bt)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+
+
+@needs_native
+def test_lora_bgmv_refuses_a_rank_over_its_limit():
+    x, y = torch.zeros(1, 1, 16), torch.zeros(1, 1, 16)
+    rank = native.LORA_MAX_RANK + 1
+    with pytest.raises(ValueError, match="rank"):
+        native.lora_bgmv_(y, x, torch.zeros(1, dtype=torch.int32), torch.zeros(1, rank, 16), torch.zeros(1, rank, 16))

@@ -142,18 +142,22 @@ def test_adapters_with_different_targets_and_ranks_mix_in_one_batch(serve_models
         assert "".join(collector.text) == alone(reference, tokenizer, ids, adapter, max_tokens), adapter
 
 
-def test_adapter_stacks_cover_the_batch_then_shrink(serve_models):
+@pytest.mark.parametrize("kernel", [None, False], ids=["kernel-where-it-runs", "dense"])
+def test_adapter_stacks_cover_the_batch_then_shrink(serve_models, kernel):
     """A stack holding more adapters than the batch uses (kept across a prefill/decode alternation)
-    must still add only each row's own delta, and shrinks once the extra adapters stay unused."""
+    must still add only each row's own delta, and shrinks once the extra adapters stay unused.
+    Both paths: lora_bgmv (where qwenlab's native kernels build) and the dense masked product."""
     from qwenlab.adapters import active_adapters, attach_adapter
     from qwenlab.model import load_model
+    from qwenlab.quant import native
     from qwenlab.serve.adapters_bridge import SHRINK_AFTER, AdapterSet
 
     model, reference = load_model(serve_models["base"]), load_model(serve_models["base"])
-    adapters = AdapterSet(model)
+    adapters = AdapterSet(model, kernel=kernel)
     for name in ADAPTERS:
         adapters.attach(name, adapters.read(serve_models[name]), str(serve_models[name]))
         attach_adapter(reference, serve_models[name], name)
+    assert adapters.use_kernel == (kernel is None and native.available())
     tokens = torch.tensor([[5, 9, 2, 7], [3, 3, 8, 1], [4, 6, 6, 2]])
 
     def expected(rows):

@@ -1,4 +1,5 @@
-"""qwenlab's own int8/int4 matmul kernel (AVX-512 VNNI), compiled on first use, called through ctypes.
+"""qwenlab's own CPU kernels (AVX-512 VNNI), compiled on first use, called through ctypes: the int8/int4
+matmul (qmatmul.cpp) and the per-row LoRA delta serving uses for mixed-adapter batches (lora_bgmv.cpp).
 
 Why our own: PyTorch's CPU kernels are per-channel for int8 (`_weight_int8pack_mm`) and dequantize
 int4 to floating point before multiplying (`_weight_int4pack_mm_for_cpu`). This kernel quantizes
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "lora_bgmv.cpp")]
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
          "-pthread", "-shared", "-fPIC"]
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
@@ -45,7 +46,7 @@ def _cpu_has_vnni() -> bool:
 
 
 def _build() -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"libqwenlab_qmatmul-{key}.so"
     if target.is_file():
@@ -54,7 +55,7 @@ def _build() -> Path:
     compiler = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], check=True, capture_output=True, timeout=300)
+        subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)], check=True, capture_output=True, timeout=300)
         os.replace(out, target)  # atomic: concurrent first uses never load a half-written file
     return target
 
@@ -66,6 +67,13 @@ class _Library:
         lib.qwenlab_gemm_int8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i32]
         lib.qwenlab_gemm_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, i32]
         lib.qwenlab_gemm_int8.restype = lib.qwenlab_gemm_int4.restype = None
+        # The LoRA delta takes microseconds: called through PyDLL it keeps the GIL, since releasing and
+        # re-taking it per linear let the server's event-loop thread in between every call (measured:
+        # mixed-adapter decode inside `qwenlab serve` ran slower than the same loop alone).
+        held = ctypes.PyDLL(str(path))
+        held.qwenlab_lora_bgmv.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, p]
+        held.qwenlab_lora_bgmv.restype = i32
+        self.lora_bgmv = held.qwenlab_lora_bgmv
         self.gemm_int8, self.gemm_int4 = lib.qwenlab_gemm_int8, lib.qwenlab_gemm_int4
         self.path = path
 
@@ -222,3 +230,20 @@ def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Ten
     library().gemm_int4(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), rows,
                         group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads())
     return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
+
+
+# ---- LoRA deltas for mixed-adapter batches ------------------------------------------------------------
+LORA_MAX_RANK = 256  # lora_bgmv.cpp's MAX_RANK
+
+
+def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
+    """y[r, t] += bt[i]ᵀ (a[i] x[r, t]) with i = row_adapter[r] (rows with -1 are left alone), in place.
+
+    x [rows, T, K] and y [rows, T, N] contiguous fp32; row_adapter int32 [rows]; a [n, R, K] and
+    bt [n, R, N] contiguous fp32 (scalings folded into bt)."""
+    rows, tokens, k = x.shape
+    n_out = y.shape[-1]
+    status = library().lora_bgmv(x.data_ptr(), rows, tokens, k, row_adapter.data_ptr(), a.data_ptr(), bt.data_ptr(),
+                                 a.shape[1], n_out, y.data_ptr())
+    if status != 0:
+        raise ValueError(f"lora_bgmv: rank {a.shape[1]} is over {LORA_MAX_RANK}")
