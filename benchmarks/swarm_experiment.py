@@ -34,6 +34,7 @@ def peer_configs(arm: str, seed: int, args, out: Path):
         write_seeded_identity(folder, f"swarm-experiment:{seed}:{index}")  # same peer, same draws, in both arms
         grpo = GRPOConfig(model=args.model, tasks=[args.task], difficulty=args.difficulty,
                           num_generations=args.generations, learning_rate=args.learning_rate,
+                          temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, seed=seed * 1000 + index)
         configs.append(PeerConfig(grpo=grpo, out=str(folder), swarm=swarm_name,
                                   network=arm == "sapo", host="127.0.0.1", local=local, external=external,
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per peer process")
     parser.add_argument("--timeout", type=float, default=3600)

@@ -6,7 +6,7 @@ Peers run as separate processes on loopback (peer 0 bootstraps, the others join 
 own LoRA policy started from `adapter` (an earlier stage's adapter; omitted: a fresh LoRA). The
 adapter of peer 0 is registered under `as`. The report shows every peer's reward per round, the
 records exchanged and rejected, and greedy accuracy before and after on evaluation seeds.
-Optional: difficulty, local, external, num_generations, learning_rate, max_new_tokens, eval_n, seed.
+Optional: difficulty, local, external, num_generations, learning_rate, temperature, max_new_tokens, eval_n, seed.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def run(ctx, params: dict) -> tuple[dict, str]:
         grpo = GRPOConfig(model=base, tasks=[task], difficulty=difficulty, init_adapter=init,
                           num_generations=int(params.get("num_generations", 8)),
                           learning_rate=float(params.get("learning_rate", 1e-3)),
+                          temperature=float(params.get("temperature", 1.0)),
                           max_new_tokens=int(params.get("max_new_tokens", 8)), seed=seed * 1000 + index)
         configs.append(PeerConfig(grpo=grpo, out=str(folder / f"peer{index}"), swarm=swarm_name,
                                   network=peers > 1, host="127.0.0.1", local=int(params.get("local", 4)),
