@@ -63,6 +63,10 @@ class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
         self.qkv_proj: nn.Module | None = None  # optional fused q|k|v (quantized models): one matmul, not three
+        # Optional fused decode step for the q|k|v output (set by qwenlab.quant where its native kernels
+        # run): (qkv, cos, sin, keys, values, slot, num_heads) -> attention output [B, 1, Hq·D], or None
+        # to take the PyTorch path. Only called for one new token per row, no padding, a plain KVCache.
+        self.decode_kernel = None
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         self.q_proj = Linear(h, self.num_heads * d, bias=True)
@@ -74,6 +78,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         if self.qkv_proj is not None:  # fused: q and k heads are adjacent, so one RoPE covers both
             qkv = self.qkv_proj(x)
+            if self.decode_kernel is not None and t == 1 and mask is None and type(cache) is KVCache:
+                out = self.decode_kernel(qkv, cos, sin, cache.keys[layer], cache.values[layer], start, self.num_heads)
+                if out is not None:
+                    return self.o_proj(out)
             qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
             qk = qkv[..., :qk_width].view(b, t, -1, self.head_dim).transpose(1, 2)
             q, k = (qk * cos + rotate_half(qk) * sin).split((self.num_heads, self.num_kv_heads), dim=1)

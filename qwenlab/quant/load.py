@@ -136,6 +136,9 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
     model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)
     model.quantization = dict(section)
     model.native = any(getattr(m, "backend", None) == "native" for m in model.modules())
+    if fuse and model.native:  # one fused native call per layer for a decode step's attention
+        for layer in model.model.layers:
+            layer.self_attn.decode_kernel = native.decode_attention
     release_free_memory()
     return model.eval().requires_grad_(False)
 

@@ -11,7 +11,10 @@ from qwenlab.model import GenerationConfig, load_model
 from qwenlab.model.generate import generate_token_ids
 from qwenlab.quant import load_quantized_model, quantize_model
 from qwenlab.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from qwenlab.quant import native
 from qwenlab.quant.linear import Int4WeightLinear, Int8WeightLinear, QuantizedEmbedding
+
+needs_native_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
 
 
 def load_q(path, **kw):
@@ -128,3 +131,35 @@ def test_logit_comparison_figures(tiny32_dir, quantized_dirs):
     assert same["rel_rms_error"] == 0 and same["top1_agreement"] == 1 and abs(same["kl"]) < 1e-6
     int8, int4 = (compare_logits(reference, load_q(quantized_dirs[b]), sequences) for b in (8, 4))
     assert 0 < int8["rel_rms_error"] < int4["rel_rms_error"] < 0.2 and int8["kl"] < int4["kl"]
+
+
+@needs_native_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_decode_attention_equals_the_pytorch_path(quantized_dirs, bits):
+    """Decode steps through the native fused attention (RoPE + cache write + softmax·V) give the logits
+    and cache contents of the PyTorch path, step after step, for a batch of rows."""
+    fused = load_q(quantized_dirs[bits])
+    plain = load_q(quantized_dirs[bits])
+    assert all(layer.self_attn.decode_kernel is not None for layer in fused.model.layers)
+    for layer in plain.model.layers:
+        layer.self_attn.decode_kernel = None
+    taken = []
+
+    def counted(*args):
+        out = native.decode_attention(*args)
+        taken.append(out is not None)
+        return out
+
+    for layer in fused.model.layers:
+        layer.self_attn.decode_kernel = counted
+    prompt = tokens(shape=(3, 9), seed=2)
+    caches = [m.new_cache(3, 24) for m in (fused, plain)]
+    with torch.inference_mode():
+        outs = [m(prompt, cache=c) for m, c in zip((fused, plain), caches)]
+        for step in range(8):
+            torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+            nxt = outs[1][:, -1:].argmax(-1)
+            outs = [m(nxt, cache=c) for m, c in zip((fused, plain), caches)]
+        for k_fused, k_plain in zip(caches[0].keys, caches[1].keys):
+            torch.testing.assert_close(k_fused[:, :, :17], k_plain[:, :, :17], atol=1e-5, rtol=1e-5)
+    assert len(taken) == 8 * len(fused.model.layers) and all(taken)  # every decode step took the fused path

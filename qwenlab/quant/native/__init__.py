@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "lora_bgmv.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "lora_bgmv.cpp", "decode_attention.cpp")]
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
          "-pthread", "-shared", "-fPIC"]
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
@@ -74,6 +74,9 @@ class _Library:
         held.qwenlab_lora_bgmv.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, p]
         held.qwenlab_lora_bgmv.restype = i32
         self.lora_bgmv = held.qwenlab_lora_bgmv
+        held.qwenlab_decode_attention.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, p]
+        held.qwenlab_decode_attention.restype = i32
+        self.decode_attention = held.qwenlab_decode_attention
         self.gemm_int8, self.gemm_int4 = lib.qwenlab_gemm_int8, lib.qwenlab_gemm_int4
         self.path = path
 
@@ -247,3 +250,20 @@ def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: t
                                  a.shape[1], n_out, y.data_ptr())
     if status != 0:
         raise ValueError(f"lora_bgmv: rank {a.shape[1]} is over {LORA_MAX_RANK}")
+
+
+# ---- fused decode attention ---------------------------------------------------------------------------
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, pos: int, num_heads: int) -> torch.Tensor | None:
+    """One new token per row: RoPE, cache write at slot `pos`, attention over slots 0..pos.
+
+    qkv [B, 1, (Hq + 2 Hkv) D], cos/sin [B, 1, 1, D], keys/values [B, Hkv, cap, D], all fp32 and
+    contiguous (returns None otherwise: the caller takes the PyTorch path). Returns [B, 1, Hq D]."""
+    b, hkv, cap, d = keys.shape
+    tensors = (qkv, cos, sin, keys, values)
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or qkv.shape[1] != 1:
+        return None
+    out = torch.empty(b, 1, num_heads * d)
+    status = library().decode_attention(qkv.data_ptr(), b, num_heads, hkv, d, cos.data_ptr(), sin.data_ptr(),
+                                        keys.data_ptr(), values.data_ptr(), cap, pos, out.data_ptr())
+    return out if status == 0 else None

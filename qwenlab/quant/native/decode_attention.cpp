@@ -1,0 +1,79 @@
+// One decode step of attention for one layer, fused: RoPE on q and k, the new k/v written into the
+// KV cache, and softmax(q kᵀ / √D) v over every cached slot, per query head (GQA: query head h reads
+// kv head h / (Hq / Hkv)). It replaces ~15 small PyTorch ops per layer (views, the rotate-half RoPE,
+// two cache copies, SDPA, the output transpose), which cost more than the attention arithmetic
+// itself at decode (one new token per row).
+//
+// qkv [B, (Hq + 2 Hkv) D] is the fused projection output (q heads, then k heads, then v heads);
+// cos/sin [B, D] the row's RoPE angles in HF's rotate-half layout; the caches are [B, Hkv, cap, D];
+// every row writes slot `pos` and attends to slots 0..pos (no padding). out is [B, Hq D].
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+static inline void rope(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+        out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+}
+
+extern "C" int qwenlab_decode_attention(const float* qkv, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                                        const float* cos, const float* sin, float* kcache, float* vcache,
+                                        int64_t cap, int64_t pos, float* out) {
+    if (pos < 0 || pos >= cap || Hkv <= 0 || Hq % Hkv != 0 || D % 2 != 0) return -1;
+    const int64_t group = Hq / Hkv, S = pos + 1, width = (Hq + 2 * Hkv) * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    float* q = (float*)malloc(sizeof(float) * (Hq * D + S));
+    if (!q) return -2;
+    float* p = q + Hq * D;
+    for (int64_t b = 0; b < B; ++b) {
+        const float* row = qkv + b * width;
+        const float *c = cos + b * D, *s = sin + b * D;
+        for (int64_t h = 0; h < Hq; ++h) rope(row + h * D, c, s, D, q + h * D);
+        for (int64_t g = 0; g < Hkv; ++g) {
+            float* kslot = kcache + ((b * Hkv + g) * cap + pos) * D;
+            rope(row + (Hq + g) * D, c, s, D, kslot);
+            memcpy(vcache + ((b * Hkv + g) * cap + pos) * D, row + (Hq + Hkv + g) * D, sizeof(float) * D);
+        }
+        for (int64_t h = 0; h < Hq; ++h) {
+            const int64_t g = h / group;
+            const float* K = kcache + (b * Hkv + g) * cap * D;
+            const float* V = vcache + (b * Hkv + g) * cap * D;
+            const float* qh = q + h * D;
+            float top = -INFINITY;
+            for (int64_t t = 0; t < S; ++t) {
+                p[t] = dot_f32(qh, K + t * D, D) * scale;
+                if (p[t] > top) top = p[t];
+            }
+            float total = 0.0f;
+            for (int64_t t = 0; t < S; ++t) total += (p[t] = expf(p[t] - top));
+            const float inv = 1.0f / total;
+            float* o = out + b * Hq * D + h * D;
+            memset(o, 0, sizeof(float) * D);
+            for (int64_t t = 0; t < S; ++t) {
+                const float w = p[t] * inv;
+                const float* v = V + t * D;
+                int64_t i = 0;
+                const __m512 wv = _mm512_set1_ps(w);
+                for (; i + 16 <= D; i += 16)
+                    _mm512_storeu_ps(o + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(o + i)));
+                for (; i < D; ++i) o[i] += w * v[i];
+            }
+        }
+    }
+    free(q);
+    return 0;
+}
