@@ -20,8 +20,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel = None  # optional (x, weight, eps) -> output or None, set by qwenlab.quant (native code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            out = self.kernel(x, self.weight, self.eps)
+            if out is not None:
+                return out
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same sums, one call
         # Normalise in fp32 and cast back before the weight, exactly as Qwen2 does in bf16.

@@ -14,7 +14,7 @@ import torch
 
 from qwenlab.checkpoint.names import layer_prefix
 from qwenlab.errors import QwenlabError
-from qwenlab.model.qwen2 import Qwen2ForCausalLM
+from qwenlab.model.qwen2 import Qwen2ForCausalLM, RMSNorm
 from qwenlab.quant import native
 from qwenlab.quant.memory import release_free_memory
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
@@ -139,6 +139,10 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
     if fuse and model.native:  # one fused native call per layer for a decode step's attention
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = native.decode_attention
+    if model.native:  # RMSNorm in one native call instead of torch's ~10-op CPU decomposition
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = native.rms_norm
     release_free_memory()
     return model.eval().requires_grad_(False)
 

@@ -77,6 +77,9 @@ class _Library:
         held.qwenlab_decode_attention.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, p]
         held.qwenlab_decode_attention.restype = i32
         self.decode_attention = held.qwenlab_decode_attention
+        held.qwenlab_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+        held.qwenlab_rms_norm.restype = i32
+        self.rms_norm = held.qwenlab_rms_norm
         self.gemm_int8, self.gemm_int4 = lib.qwenlab_gemm_int8, lib.qwenlab_gemm_int4
         self.path = path
 
@@ -267,3 +270,13 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     status = library().decode_attention(qkv.data_ptr(), b, num_heads, hkv, d, cos.data_ptr(), sin.data_ptr(),
                                         keys.data_ptr(), values.data_ptr(), cap, pos, out.data_ptr())
     return out if status == 0 else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of fp32 contiguous x [..., n] with weight [n]; None (use PyTorch) for anything else."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    library().rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
+    return out
