@@ -103,3 +103,13 @@ def test_lora_bgmv_refuses_a_rank_over_its_limit():
     rank = native.LORA_MAX_RANK + 1
     with pytest.raises(ValueError, match="rank"):
         native.lora_bgmv_(y, x, torch.zeros(1, dtype=torch.int32), torch.zeros(1, rank, 16), torch.zeros(1, rank, 16))
+
+
+@needs_native
+@pytest.mark.parametrize("width", [64, 896, 37])
+def test_native_rms_norm_equals_torch(width):
+    g = torch.Generator().manual_seed(width)
+    x, w = torch.randn(3, 5, width, generator=g) * 3, torch.randn(width, generator=g)
+    expected = torch.nn.functional.rms_norm(x, (width,), w, 1e-6)
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-6), expected, atol=1e-5, rtol=1e-5)
+    assert native.rms_norm(x.requires_grad_(), w, 1e-6) is None  # a gradient needs PyTorch's path

@@ -264,7 +264,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     contiguous (returns None otherwise: the caller takes the PyTorch path). Returns [B, 1, Hq D]."""
     b, hkv, cap, d = keys.shape
     tensors = (qkv, cos, sin, keys, values)
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or qkv.shape[1] != 1:
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or qkv.shape[1] != 1 \
+            or qkv.requires_grad:  # no autograd formula here: anything that needs a gradient takes PyTorch's path
         return None
     out = torch.empty(b, 1, num_heads * d)
     status = library().decode_attention(qkv.data_ptr(), b, num_heads, hkv, d, cos.data_ptr(), sin.data_ptr(),
@@ -274,8 +275,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of fp32 contiguous x [..., n] with weight [n]; None (use PyTorch) for anything else."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous():
-        return None
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+        return None  # (no autograd formula here: anything that needs a gradient takes PyTorch's path)
     n = x.shape[-1]
     out = torch.empty_like(x)
     library().rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
