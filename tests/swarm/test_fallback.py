@@ -59,7 +59,9 @@ def test_restart_after_a_dht_process_died_holding_hivemind_lock():
         assert dht.start()
         dht._dht.terminate()
         dht._dht.join(5)
-        MPFuture._update_lock.acquire()  # what the killed process would have left behind
+        # What a killed process leaves behind. The terminate() above may itself have killed the DHT
+        # process while it held the lock (then it is held already: the same situation), so never block here.
+        MPFuture._update_lock.acquire(timeout=1)
         dht.start_timeout_s = 60
         assert dht.fetch("me") == ([], 0) and dht.healthy  # restarted, and answering
     finally:
