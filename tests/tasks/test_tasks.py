@@ -155,25 +155,24 @@ def _quoted(prompt: str) -> list[str]:
     return re.findall(r"'([a-z]+)'", prompt)
 
 
-@pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
-def test_reverse_lengths_and_expected(difficulty):
-    lengths = set()
-    for seed in range(100):
-        instance = generate("reverse", seed, difficulty)
-        (word,) = _quoted(instance.prompt)
-        assert instance.prompt == f"Reverse the word '{word}'."
-        assert instance.expected == word[::-1]
-        lengths.add(len(word))
-    assert lengths == {difficulty + 2, difficulty + 3}
+# task -> (its prompt for a word, its answer for that word)
+WORD_TASK_FORMS = {
+    "reverse": ("Reverse the word '{}'.", lambda word: word[::-1]),
+    "sort_letters": ("Sort the letters of '{}' alphabetically.", lambda word: "".join(sorted(word))),
+    "repeat": ("Repeat the word '{}'.", lambda word: word),
+}
 
 
+@pytest.mark.parametrize("task", list(WORD_TASK_FORMS))
 @pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
-def test_sort_letters_lengths_and_expected(difficulty):
+def test_word_task_prompts_lengths_and_expected(task, difficulty):
+    prompt, answer = WORD_TASK_FORMS[task]
     lengths = set()
     for seed in range(100):
-        instance = generate("sort_letters", seed, difficulty)
+        instance = generate(task, seed, difficulty)
         (word,) = _quoted(instance.prompt)
-        assert instance.expected == "".join(sorted(word))
+        assert instance.prompt == prompt.format(word)
+        assert instance.expected == answer(word)
         lengths.add(len(word))
     assert lengths == {difficulty + 2, difficulty + 3}
 
@@ -255,18 +254,6 @@ def test_word_completions_that_are_right(completion):
 ])
 def test_word_completions_that_are_wrong(completion):
     assert score("reverse", completion, "elppa") == 0.0
-
-
-@pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
-def test_repeat_lengths_and_expected(difficulty):
-    lengths = set()
-    for seed in range(100):
-        instance = generate("repeat", seed, difficulty)
-        (word,) = _quoted(instance.prompt)
-        assert instance.prompt == f"Repeat the word '{word}'."
-        assert instance.expected == word
-        lengths.add(len(word))
-    assert lengths == {difficulty + 2, difficulty + 3}
 
 
 def test_sort_letters_parses_like_reverse():
