@@ -395,7 +395,7 @@ def _fmt(summary, digits: int, scale: float = 1.0) -> str:
 
 def format_table(report: SpeedReport, markdown: bool = True) -> str:
     """One row per engine x dtype x context; medians with (min-max); ratios against peers below."""
-    header = ["engine", "dtype", "weights", "ctx", "TTFT ms", "prompt tok/s", "decode tok/s", "peak RSS MB"]
+    header = ["engine", "dtype", "weights", "ctx", "TTFT ms", "prompt tok/s", "decode tok/s", "peak RSS MiB"]
     rows = []
     for r in report.results:
         for ctx in report.contexts:

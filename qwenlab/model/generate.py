@@ -15,6 +15,7 @@ from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
 from qwenlab.model.sampling import choose_next_tokens
 from qwenlab.model.tokenizer import Tokenizer
+from qwenlab.quant.memory import release_free_memory
 
 
 @dataclass
@@ -72,6 +73,9 @@ def fit_prompts(prompts: list[list[int]], config: GenerationConfig, model_contex
     return prompts, min(context, longest + config.max_new_tokens)
 
 
+PREFILL_TRIM_BYTES = 4 << 20
+
+
 @torch.inference_mode()
 def generate_token_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], config: GenerationConfig,
                        stop_ids: set[int]) -> Iterator[list[int | None]]:
@@ -92,6 +96,12 @@ def generate_token_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], config
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool)
         seen.scatter_(1, tokens, valid)
+    # Hand back the heap pages the last call's prefill freed: glibc keeps them, fragmented, and the
+    # next prefill's buffers do not all fit in the holes, so the peak grew call after call (1.5B int4,
+    # 128-token prompt: +12 MiB on the second call). Only where the prefill's largest buffer (the MLP's
+    # gate|up output) is megabytes: a trim costs ~0.5-4 ms, 2% of a small model's whole call.
+    if batch * longest * 2 * model.config.intermediate_size * 4 >= PREFILL_TRIM_BYTES:
+        release_free_memory()
     cache = model.new_cache(batch, capacity)
     logits = model(tokens, positions=positions, cache=cache, valid=valid, last_only=True)[:, -1]
     next_position = positions[:, -1:] + 1

@@ -82,6 +82,18 @@ class QuantizedLinear(nn.Module):
             if start:  # a layer of several chunks (the 151936-row head): drop each chunk's temporaries
                 release_free_memory()
 
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) from a fused gate|up output [..., 2 * in_features] (the MLP's down
+        projection). The native kernel applies SiLU·mul while it quantizes its input, so no
+        intermediate tensor exists; other backends compute it in PyTorch."""
+        if self.backend != "native":
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self(F.silu(gate) * up)
+        args = (self.qweight, self.scales, self.mins) if self.bits == 4 else (self.qweight, self.scales)
+        kernel = native.linear_int4 if self.bits == 4 else native.linear_int8
+        y = kernel(gate_up, self.out_features, *args, self.group_size, self.native_bias, silu_mul=True)
+        return y if gate_up.dtype == torch.float32 else y.to(gate_up.dtype)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, backend={self.backend}, bias={self.bias is not None}")
@@ -142,7 +154,9 @@ class Int8WeightLinear(QuantizedLinear):
             return self.qweight[rows].float() * self.scales[rows].float()[:, None]
         return dequantize_int8(self.qweight[rows], self.scales[rows])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        if silu_mul:
+            return self.forward_silu_mul(x)
         if self.backend == "native":
             y = native.linear_int8(x, self.out_features, self.qweight, self.scales, self.group_size, self.native_bias)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -193,7 +207,9 @@ class Int4WeightLinear(QuantizedLinear):
             return full.t().float()[rows]
         return dequantize_int4(unpack_int4(self.qweight[rows]), self.scales[rows], self.zeros[rows])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        if silu_mul:
+            return self.forward_silu_mul(x)
         if self.backend == "native":
             y = native.linear_int4(x, self.out_features, self.qweight, self.scales, self.mins, self.group_size,
                                    self.native_bias)

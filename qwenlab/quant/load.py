@@ -139,6 +139,8 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
     if fuse and model.native:  # one fused native call per layer for a decode step's attention
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = native.decode_attention
+            if layer.mlp.down_proj.backend == "native":
+                layer.mlp.down_of_silu_mul = layer.mlp.down_proj.forward_silu_mul
     if model.native:  # RMSNorm in one native call instead of torch's ~10-op CPU decomposition
         for module in model.modules():
             if isinstance(module, RMSNorm):

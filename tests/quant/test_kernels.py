@@ -59,6 +59,34 @@ def test_native_kernel_on_arbitrary_activations_is_within_int8_activation_error(
     assert rel < 0.01  # int8 activations in blocks of 32: ~0.5% on Gaussian inputs
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_silu_mul_input_equals_silu_times_up_then_the_layer(bits, backend):
+    """forward_silu_mul(gate|up) = layer(silu(gate) * up): the native kernel applies it while quantizing
+    its input (own exp polynomial), over decode and prefill row counts and gates from -90 to 90."""
+    lin, w, b = layer(bits, 80, 256, 64, backend)
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 4, 7):
+        gate_up = torch.randn(m, 512, generator=g) * 4
+        gate_up[0, :4] = torch.tensor([-90.0, -30.0, 30.0, 90.0])  # exp's clamped range and beyond
+        gate, up = gate_up.chunk(2, dim=-1)
+        expected = lin(torch.nn.functional.silu(gate) * up)
+        got = lin.forward_silu_mul(gate_up)
+        assert got.shape == (m, 80)
+        # An exp a few ulp from PyTorch's could move a value across an int8 rounding boundary (one
+        # step, 1/127 of its block's amax): rare enough that the outputs agree to float rounding here.
+        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+@needs_native
+def test_native_kernel_refuses_an_input_of_the_wrong_width():
+    lin, _, _ = layer(8, 80, 256, 64, "native")
+    with pytest.raises(ValueError, match="expects 512 .gate.up"):
+        lin.forward_silu_mul(torch.zeros(1, 256))  # gate|up must be twice the layer's input width
+    with pytest.raises(ValueError, match="expects 256"):
+        lin(torch.zeros(1, 128))  # before, the kernel read past the row
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_pytorch_kernel_backend(bits):
     lin, w, b = layer(bits, 64, 256, 32, "aten")

@@ -136,13 +136,15 @@ def test_logit_comparison_figures(tiny32_dir, quantized_dirs):
 @needs_native_kernel
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fused_decode_attention_equals_the_pytorch_path(quantized_dirs, bits):
-    """Decode steps through the native fused attention (RoPE + cache write + softmax·V) and native
-    RMSNorm give the logits and cache contents of the PyTorch path, step after step, for a batch of rows."""
+    """Decode steps through the native fused attention (RoPE + cache write + softmax·V), native
+    RMSNorm and SiLU·mul inside the down projection give the logits and cache contents of the PyTorch
+    path, step after step, for a batch of rows."""
     fused = load_q(quantized_dirs[bits])
     plain = load_q(quantized_dirs[bits])
     assert all(layer.self_attn.decode_kernel is not None for layer in fused.model.layers)
+    assert all(layer.mlp.down_of_silu_mul is not None for layer in fused.model.layers)
     for layer in plain.model.layers:
-        layer.self_attn.decode_kernel = None
+        layer.self_attn.decode_kernel = layer.mlp.down_of_silu_mul = None
         layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None  # PyTorch's RMSNorm too
     plain.model.norm.kernel = None
     assert fused.model.norm.kernel is not None

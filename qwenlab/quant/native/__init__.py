@@ -64,8 +64,8 @@ class _Library:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.qwenlab_gemm_int8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i32]
-        lib.qwenlab_gemm_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, i32]
+        lib.qwenlab_gemm_int8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i32, i32]
+        lib.qwenlab_gemm_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, i32, i32]
         lib.qwenlab_gemm_int8.restype = lib.qwenlab_gemm_int4.restype = None
         # The LoRA delta takes microseconds: called through PyDLL it keeps the GIL, since releasing and
         # re-taking it per linear let the server's event-loop thread in between every call (measured:
@@ -211,30 +211,39 @@ class torch_single_threaded:
 
 
 # ---- the matmuls --------------------------------------------------------------------------------
-def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (any float dtype) -> fp32 [..., n]; bias (if any) padded to the packed rows."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+def _gemm_input(x: torch.Tensor, k: int, silu_mul: bool) -> tuple[torch.Tensor, int]:
+    """x as fp32 contiguous rows, and the kernel's act flag (see qmatmul.cpp)."""
+    width = 2 * k if silu_mul else k
+    if x.shape[-1] != width:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {width}"
+                         + (" (gate|up for SiLU-mul)" if silu_mul else ""))
+    x2 = x.reshape(-1, width)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
+    return x2, int(silu_mul)
+
+
+def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """x [..., K] (any float dtype) -> fp32 [..., n]; bias (if any) padded to the packed rows.
+    silu_mul: x is a fused gate|up output [..., 2K] and the layer multiplies silu(gate) * up."""
+    k = packed.shape[1] * ACT_BLOCK
+    x2, act = _gemm_input(x, k, silu_mul)
     rows = packed.shape[0] * ROW_GROUP
     y = torch.empty(x2.shape[0], rows)
     library().gemm_int8(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), rows, group_size,
-                        None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads())
+                        None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads(), act)
     return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
 
 
 def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
+                group_size: int, bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+    k = packed.shape[1] * ACT_BLOCK
+    x2, act = _gemm_input(x, k, silu_mul)
     rows = packed.shape[0] * ROW_GROUP
     y = torch.empty(x2.shape[0], rows)
     library().gemm_int4(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), rows,
-                        group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads())
+                        group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads(), act)
     return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
 
 
