@@ -169,6 +169,10 @@ class Qwen2ForCausalLM(nn.Module):
         # A tied head reads embed_tokens.weight: no lm_head parameter exists (as in the file).
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # Optional: (x, cos, sin, cache, start) -> x after every decoder layer in one call, or None to run
+        # the layers one by one (set by qwenlab.quant for fused native models; used for one new token
+        # per row with no padding and a plain KVCache).
+        self.decode_stack = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,8 +205,14 @@ class Qwen2ForCausalLM(nn.Module):
         mask = self._attention_mask(valid, cache, start)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
-        for index, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, index, start)
+        stacked = None
+        if self.decode_stack is not None and t == 1 and mask is None and type(cache) is KVCache:
+            stacked = self.decode_stack(x, cos, sin, cache, start)
+        if stacked is not None:
+            x = stacked
+        else:
+            for index, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, mask, cache, index, start)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

@@ -141,6 +141,10 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
             layer.self_attn.decode_kernel = native.decode_attention
             if layer.mlp.down_proj.backend == "native":
                 layer.mlp.down_of_silu_mul = layer.mlp.down_proj.forward_silu_mul
+    layer_linears = lambda layer: (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                   layer.mlp.down_proj)
+    if fuse and all(getattr(m, "backend", None) == "native" for layer in model.model.layers for m in layer_linears(layer)):
+        model.decode_stack = native.DecodeStack(model.model.layers, config)  # a decode step's layers in one call
     if model.native:  # RMSNorm in one native call instead of torch's ~10-op CPU decomposition
         for module in model.modules():
             if isinstance(module, RMSNorm):

@@ -135,36 +135,48 @@ def test_logit_comparison_figures(tiny32_dir, quantized_dirs):
 
 @needs_native_kernel
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fused_decode_attention_equals_the_pytorch_path(quantized_dirs, bits):
-    """Decode steps through the native fused attention (RoPE + cache write + softmax·V), native
-    RMSNorm and SiLU·mul inside the down projection give the logits and cache contents of the PyTorch
-    path, step after step, for a batch of rows."""
-    fused = load_q(quantized_dirs[bits])
-    plain = load_q(quantized_dirs[bits])
-    assert all(layer.self_attn.decode_kernel is not None for layer in fused.model.layers)
-    assert all(layer.mlp.down_of_silu_mul is not None for layer in fused.model.layers)
+def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits):
+    """Decode steps through the native paths give the logits and cache contents of the PyTorch path,
+    step after step, for a batch of rows: the whole stack of layers in one call (decode_stack.cpp),
+    and layer by layer with the fused attention (RoPE + cache write + softmax·V), native RMSNorm and
+    SiLU·mul inside the down projection."""
+    stacked, layered, plain = (load_q(quantized_dirs[bits]) for _ in range(3))
+    assert stacked.decode_stack is not None
+    assert all(layer.self_attn.decode_kernel is not None for layer in layered.model.layers)
+    assert all(layer.mlp.down_of_silu_mul is not None for layer in layered.model.layers)
+    layered.decode_stack = plain.decode_stack = None
     for layer in plain.model.layers:
         layer.self_attn.decode_kernel = layer.mlp.down_of_silu_mul = None
         layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None  # PyTorch's RMSNorm too
     plain.model.norm.kernel = None
-    assert fused.model.norm.kernel is not None
-    taken = []
+    assert stacked.model.norm.kernel is not None
+    taken = {"stack": [], "attention": []}
 
-    def counted(*args):
-        out = native.decode_attention(*args)
-        taken.append(out is not None)
-        return out
+    def counted(kind, fn):
+        def call(*args):
+            out = fn(*args)
+            taken[kind].append(out is not None)
+            return out
+        return call
 
-    for layer in fused.model.layers:
-        layer.self_attn.decode_kernel = counted
+    stacked.decode_stack = counted("stack", stacked.decode_stack)
+    for layer in layered.model.layers:
+        layer.self_attn.decode_kernel = counted("attention", native.decode_attention)
+    models = (stacked, layered, plain)
     prompt = tokens(shape=(3, 9), seed=2)
-    caches = [m.new_cache(3, 24) for m in (fused, plain)]
+    caches = [m.new_cache(3, 24) for m in models]
     with torch.inference_mode():
-        outs = [m(prompt, cache=c) for m, c in zip((fused, plain), caches)]
+        outs = [m(prompt, cache=c) for m, c in zip(models, caches)]
         for step in range(8):
-            torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
-            nxt = outs[1][:, -1:].argmax(-1)
-            outs = [m(nxt, cache=c) for m, c in zip((fused, plain), caches)]
-        for k_fused, k_plain in zip(caches[0].keys, caches[1].keys):
-            torch.testing.assert_close(k_fused[:, :, :17], k_plain[:, :, :17], atol=1e-5, rtol=1e-5)
-    assert len(taken) == 8 * len(fused.model.layers) and all(taken)  # every decode step took the fused path
+            for out in outs[:2]:
+                torch.testing.assert_close(out, outs[2], atol=1e-4, rtol=1e-4)
+            nxt = outs[2][:, -1:].argmax(-1)
+            outs = [m(nxt, cache=c) for m, c in zip(models, caches)]
+        for cache in caches[:2]:
+            for k_fused, k_plain in zip(cache.keys, caches[2].keys):
+                torch.testing.assert_close(k_fused[:, :, :17], k_plain[:, :, :17], atol=1e-5, rtol=1e-5)
+            for v_fused, v_plain in zip(cache.values, caches[2].values):
+                torch.testing.assert_close(v_fused[:, :, :17], v_plain[:, :, :17], atol=1e-5, rtol=1e-5)
+    # every decode step took the fused paths (the prefill, 9 tokens per row, is not a decode step)
+    assert taken["stack"] == [True] * 8
+    assert len(taken["attention"]) == 8 * len(layered.model.layers) and all(taken["attention"])

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "lora_bgmv.cpp", "decode_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("qmatmul.cpp", "lora_bgmv.cpp", "decode_attention.cpp", "decode_stack.cpp")]
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
          "-pthread", "-shared", "-fPIC"]
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
@@ -81,6 +82,10 @@ class _Library:
         held.qwenlab_rms_norm.restype = i32
         self.rms_norm = held.qwenlab_rms_norm
         self.gemm_int8, self.gemm_int4 = lib.qwenlab_gemm_int8, lib.qwenlab_gemm_int4
+        # A whole decode step (~10 ms): through CDLL, so it releases the GIL like the matmuls.
+        lib.qwenlab_decode_stack.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, ctypes.c_float, i32]
+        lib.qwenlab_decode_stack.restype = i32
+        self.decode_stack = lib.qwenlab_decode_stack
         self.path = path
 
 
@@ -290,3 +295,64 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     out = torch.empty_like(x)
     library().rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
     return out
+
+
+# ---- a whole decode step through every layer (decode_stack.cpp) -------------------------------------
+class _QLinear(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mz", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("gs", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+class _DecodeLayer(ctypes.Structure):
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", _QLinear), ("o", _QLinear),
+                ("gate_up", _QLinear), ("down", _QLinear), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+
+
+def _qlinear(layer) -> _QLinear:
+    mins = layer.mins.data_ptr() if layer.bits == 4 else None
+    bias = None if layer.native_bias is None else layer.native_bias.data_ptr()
+    return _QLinear(layer.qweight.data_ptr(), layer.scales.data_ptr(), mins, bias,
+                    layer.qweight.shape[0] * ROW_GROUP, layer.in_features, layer.group_size, layer.bits)
+
+
+class DecodeStack:
+    """Every decoder layer of a fused native quantized model as one native call per decode step.
+
+    Holds pointers to the layers' packed weights (the model must keep its modules while this is in use)
+    and, per KV cache, the table of its layers' key/value buffers. Called as
+    (x, cos, sin, cache, pos) -> x after the last layer, or None where it does not apply (the caller
+    then runs the layers one by one): one token per row, fp32, a cache of contiguous fp32 buffers.
+    """
+
+    def __init__(self, layers, config):
+        self.layers = [(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                        _qlinear(layer.self_attn.qkv_proj), _qlinear(layer.self_attn.o_proj),
+                        _qlinear(layer.mlp.gate_up_proj), _qlinear(layer.mlp.down_proj)) for layer in layers]
+        self.hidden, self.eps = config.hidden_size, float(config.rms_norm_eps)
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def _table(self, cache):
+        table = getattr(cache, "native_decode_table", None)
+        if table is None or table[0] is not self:
+            buffers = list(zip(cache.keys, cache.values))
+            if len(buffers) != len(self.layers) or any(
+                    t.dtype != torch.float32 or not t.is_contiguous() for kv in buffers for t in kv):
+                return None
+            array = (_DecodeLayer * len(self.layers))(*[
+                _DecodeLayer(*static, k.data_ptr(), v.data_ptr()) for static, (k, v) in zip(self.layers, buffers)])
+            table = cache.native_decode_table = (self, array)
+        return table[1]
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, pos: int) -> torch.Tensor | None:
+        b, t, h = x.shape
+        if t != 1 or h != self.hidden or x.requires_grad or any(
+                a.dtype != torch.float32 for a in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()):
+            return None
+        table = self._table(cache)
+        if table is None:
+            return None
+        out = x.contiguous().clone()  # updated in place by the kernel
+        status = library().decode_stack(out.data_ptr(), b, h, ctypes.addressof(table), len(self.layers), self.heads,
+                                        self.kv_heads, self.head_dim, cos.data_ptr(), sin.data_ptr(),
+                                        cache.capacity, pos, self.eps, kernel_threads())
+        return out if status == 0 else None
