@@ -74,6 +74,10 @@ def fit_prompts(prompts: list[list[int]], config: GenerationConfig, model_contex
 
 
 PREFILL_TRIM_BYTES = 4 << 20
+# Prompt tokens per prefill pass. The pass's buffers grow with its length (the MLP's gate|up output,
+# T x 2I floats; attention scores, heads x T x S), so a long prompt goes through in chunks, each
+# attending to the cache the earlier ones filled (chunked prefill, as vLLM does).
+PREFILL_CHUNK = 128
 
 
 @torch.inference_mode()
@@ -103,7 +107,11 @@ def generate_token_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], config
     if batch * longest * 2 * model.config.intermediate_size * 4 >= PREFILL_TRIM_BYTES:
         release_free_memory()
     cache = model.new_cache(batch, capacity)
-    logits = model(tokens, positions=positions, cache=cache, valid=valid, last_only=True)[:, -1]
+    for begin in range(0, longest, PREFILL_CHUNK):  # a long prompt in chunks: bounded prefill buffers
+        part = slice(begin, begin + PREFILL_CHUNK)
+        logits = model(tokens[:, part], positions=positions[:, part], cache=cache, valid=valid[:, part],
+                       last_only=True)
+    logits = logits[:, -1]
     next_position = positions[:, -1:] + 1
     done = [False] * batch
     stop = torch.tensor(sorted(stop_ids)) if stop_ids else torch.empty(0, dtype=torch.long)

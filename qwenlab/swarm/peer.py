@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qwenlab.adapters.peft_format import save_adapter_files
 from qwenlab.errors import QwenlabError
 from qwenlab.swarm.dht import SwarmDHT
 from qwenlab.swarm.metrics import SwarmMetrics, mean
@@ -49,6 +51,7 @@ class PeerConfig:
     fill_local: bool = True  # fill missing external slots with extra local rollouts
     rounds: int = 0  # stop after this round (0: run until stopped)
     save_every: int = 10
+    snapshot_every: int = 0  # also keep the adapter every N rounds in OUT/snapshots/round-N (0: never)
     min_round_seconds: float = 0.0  # a floor on this peer's own round time (0: as fast as it can)
     dht_timeout_s: float = 10.0
     dht_retry_s: float = 30.0
@@ -70,8 +73,8 @@ class PeerConfig:
                                f"got {self.local}/{self.external}")
         if self.local == 0 and not self.fill_local:
             raise QwenlabError("swarm: local 0 needs fill_local (a round with no external records has nothing)")
-        if self.rounds < 0 or self.save_every < 1:
-            raise QwenlabError("swarm: rounds must be >= 0 and save_every >= 1")
+        if self.rounds < 0 or self.save_every < 1 or self.snapshot_every < 0:
+            raise QwenlabError("swarm: rounds must be >= 0, save_every >= 1 and snapshot_every >= 0")
         if "/" in self.swarm or not self.swarm:
             raise QwenlabError(f"swarm: the swarm name must be non-empty and contain no '/', got {self.swarm!r}")
         return self
@@ -241,6 +244,16 @@ class SwarmPeer:
     def save(self) -> None:
         self.learner.save(self.out / "checkpoint", extra={"round": self.round, "peer_id": self.peer_id})
 
+    def snapshot(self) -> None:
+        """The adapter as it is now, for picking a round afterwards (e.g. on validation accuracy)."""
+        folder = self.out / "snapshots" / f"round-{self.round:06d}"
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter_files(self.learner.adapter(), tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
     def run(self) -> dict:
         """Start, run rounds until `rounds` or a stop signal, checkpoint, shut down. Returns a summary."""
         try:
@@ -258,6 +271,8 @@ class SwarmPeer:
                     self.run_round()
                     if self.round % self.config.save_every == 0:
                         self.save()
+                    if self.config.snapshot_every and self.round % self.config.snapshot_every == 0:
+                        self.snapshot()
                     rest = self.config.min_round_seconds - (time.monotonic() - started)
                     if rest > 0 and not self.stop.requested:
                         time.sleep(rest)

@@ -1,5 +1,7 @@
 """Generation behaviour: batching with left padding, sampling, stop strings, context limits, streaming."""
 
+import sys
+
 import pytest
 import torch
 
@@ -33,6 +35,21 @@ def test_batched_left_padding_equals_one_by_one(model):
     batched = run_ids(model, prompts, max_new_tokens=12)
     single = [run_ids(model, [p], max_new_tokens=12)[0] for p in prompts]
     assert batched == single
+
+
+def test_chunked_prefill_equals_one_pass(model, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK goes through in chunks (each attending to the cache the
+    earlier ones filled): the same greedy tokens as one pass, with left padding."""
+    generate_module = sys.modules["qwenlab.model.generate"]
+    prompts = [[(7 * i) % 250 + 3 for i in range(23)], [5, 6, 7, 8, 9]]
+    one_pass = run_ids(model, prompts, max_new_tokens=10)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda tokens, **kw: seen.append(tokens.shape[1]) or forward(tokens, **kw))
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
+    assert run_ids(model, prompts, max_new_tokens=10) == one_pass
+    assert seen[:6] == [4, 4, 4, 4, 4, 3]  # 23 tokens in chunks of 4, then one token per decode step
+    assert all(t == 1 for t in seen[6:])
 
 
 def test_batched_sampling_with_padding_has_no_nan(model):

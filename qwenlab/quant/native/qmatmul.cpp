@@ -168,7 +168,7 @@ struct Pool {
     std::atomic<uint64_t> generation{0};
     std::atomic<uint64_t> state{0};  // (generation << 32) | next chunk
     std::atomic<int64_t> done{0};
-    int64_t total = 0;
+    std::atomic<int64_t> total{0};
     int64_t spin_us = getenv("QWENLAB_KERNEL_SPIN_US") ? atoll(getenv("QWENLAB_KERNEL_SPIN_US")) : SPIN_US;
     ChunkFn fn = nullptr;
     const void* job = nullptr;
@@ -177,7 +177,9 @@ struct Pool {
     void work(uint64_t gen) {
         for (;;) {
             uint64_t st = state.load(std::memory_order_acquire);
-            if ((st >> 32) != (gen & 0xffffffffu) || (int64_t)(st & 0xffffffffu) >= total) return;
+            if ((st >> 32) != (gen & 0xffffffffu) ||
+                (int64_t)(st & 0xffffffffu) >= total.load(std::memory_order_acquire))
+                return;
             if (!state.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) continue;
             fn(job, (int64_t)(st & 0xffffffffu));  // job and fn are stable while a claimed chunk is not done
             done.fetch_add(1, std::memory_order_release);
@@ -221,11 +223,17 @@ struct Pool {
                 threads.emplace_back([this] { worker(); });
                 threads.back().detach();
             }
+            const uint64_t gen = generation.load() + 1;
+            // Close the previous job's state first: a worker that read it (and may read the new
+            // `total` below) must fail its claim. Without this, a late worker could claim chunk k of
+            // the new job under the old tag, that chunk was then claimed twice, `done` reached the
+            // count early and the caller returned while a chunk still ran on its freed buffers
+            // (a rare segfault in prefill, caught under gdb in row_blocks<4, 4, 2>).
+            state.store(((gen & 0xffffffffu) << 32) | 0xffffffffu, std::memory_order_seq_cst);
             fn = f;
             job = j;
-            total = chunks;
+            total.store(chunks, std::memory_order_release);  // seen => the closing store is seen
             done.store(0, std::memory_order_relaxed);
-            const uint64_t gen = generation.load() + 1;
             state.store((gen & 0xffffffffu) << 32, std::memory_order_release);
             generation.store(gen, std::memory_order_release);
         }
