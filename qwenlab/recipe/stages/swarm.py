@@ -1,12 +1,18 @@
 """Stage `swarm`: a short local SAPO swarm (GRPO peers sharing rollouts over hivemind) on one task.
 
-    - swarm: {base: nano, adapter: sft-arithmetic, task: arithmetic, peers: 2, rounds: 6, as: swarm-arithmetic}
+    - swarm: {base: nano, adapter: sft-arithmetic, task: arithmetic, peers: 2, rounds: 100, as: swarm-arithmetic}
 
 Peers run as separate processes on loopback (peer 0 bootstraps, the others join it), each with its
-own LoRA policy started from `adapter` (an earlier stage's adapter; omitted: a fresh LoRA). The
-adapter of peer 0 is registered under `as`. The report shows every peer's reward per round, the
-records exchanged and rejected, and greedy accuracy before and after on evaluation seeds.
-Optional: difficulty, local, external, num_generations, learning_rate, temperature, max_new_tokens, eval_n, seed.
+own LoRA policy started from `adapter` (an earlier stage's adapter; omitted: a fresh LoRA). Every
+`select_every` rounds each peer keeps a snapshot of its adapter; afterwards every snapshot, and the
+starting adapter, is scored on validation instances (evaluation seed 1), and the best is registered
+under `as` (early stopping, as TRL's load_best_model_at_end does; one GRPO run's accuracy wanders
+by a few points between rounds). Before/after accuracy is measured on other instances (evaluation
+seed 0, the adapter_eval stage's), so the choice does not inflate the figure reported.
+The report shows every peer's reward per round, its validation accuracy per snapshot, the records
+exchanged and rejected, and the before/after table.
+Optional: difficulty, local, external, num_generations, learning_rate, temperature, max_new_tokens,
+eval_n, select_every (0: keep peer 0's final adapter, no selection), seed, timeout_s.
 """
 
 from __future__ import annotations
@@ -19,32 +25,48 @@ from pathlib import Path
 from qwenlab.errors import QwenlabError
 
 
-def _accuracy(base: str, adapter: str | None, task: str, n: int, difficulty) -> float:
-    from qwenlab.adapters import active_adapters, attach_adapter
+VALIDATION_SEED, TEST_SEED = 1, 0  # evaluation seeds: snapshots are chosen on 1, reported on 0
+
+
+def _accuracy(base: str, adapters: list[str | None], task: str, n: int, difficulty, seed: int) -> list[float]:
+    """Greedy accuracy of the base with each adapter (None: the base alone), loading the base once."""
+    from qwenlab.adapters import active_adapters, attach_adapter, detach_adapter
     from qwenlab.bench.task_eval import evaluate_tasks
     from qwenlab.cli.model_commands import load_for_generation
 
     model, tokenizer, _ = load_for_generation(base, "fp32")
-    if adapter:
-        attach_adapter(model, adapter, "candidate")  # (a name like "eval" would clash with nn.Module attributes)
-    with active_adapters(model, "candidate" if adapter else None):
-        return evaluate_tasks(model, tokenizer, [task], n=n, seed=0, difficulty=difficulty, progress=False)[task].accuracy
+    scores = []
+    for adapter in adapters:
+        if adapter:
+            attach_adapter(model, adapter, "candidate")  # (a name like "eval" would clash with nn.Module attributes)
+        with active_adapters(model, "candidate" if adapter else None):
+            result = evaluate_tasks(model, tokenizer, [task], n=n, seed=seed, difficulty=difficulty, progress=False)
+        scores.append(result[task].accuracy)
+        if adapter:
+            detach_adapter(model, "candidate")
+    return scores
 
 
-def _plot(rows_per_peer: list[list[dict]], png: Path) -> None:
+def _plot(rows_per_peer: list[list[dict]], validation: dict[int, list[tuple[int, float]]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=110)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.6), dpi=110)
     for index, rows in enumerate(rows_per_peer):
-        ax.plot([r["round"] for r in rows], [r["local_reward"] for r in rows], marker=".", label=f"peer {index}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean reward of own rollouts")
-    ax.set_title("swarm GRPO: reward per round")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        left.plot([r["round"] for r in rows], [r["local_reward"] for r in rows], marker=".", label=f"peer {index}")
+    left.set_xlabel("round")
+    left.set_ylabel("mean reward of own rollouts")
+    left.set_title("swarm GRPO: reward per round")
+    for index, points in sorted(validation.items()):
+        right.plot([r for r, _ in points], [a for _, a in points], marker="o", label=f"peer {index}")
+    right.set_xlabel("round")
+    right.set_ylabel("greedy accuracy (validation seeds)")
+    right.set_title("snapshots on validation")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -64,6 +86,9 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     base = ctx.model_path(params.get("base", "nano"))
     init = ctx.model_path(params["adapter"]) if params.get("adapter") else None
     difficulty, eval_n, seed = params.get("difficulty"), int(params.get("eval_n", 100)), int(params.get("seed", 0))
+    select_every = int(params.get("select_every", 25))
+    if select_every < 0:
+        raise QwenlabError("swarm stage: 'select_every' must be >= 0 (0: no selection)")
     folder = ctx.run_dir / "swarm" / name
     shutil.rmtree(folder, ignore_errors=True)
     configs, swarm_name = [], f"recipe-{time.time_ns()}"  # one name for all peers, new for every run
@@ -76,36 +101,62 @@ def run(ctx, params: dict) -> tuple[dict, str]:
         configs.append(PeerConfig(grpo=grpo, out=str(folder / f"peer{index}"), swarm=swarm_name,
                                   network=peers > 1, host="127.0.0.1", local=int(params.get("local", 4)),
                                   external=int(params.get("external", 4)) if peers > 1 else 0, rounds=rounds,
-                                  save_every=rounds, resume=False, quiet=True))
-    before = _accuracy(base, init, task, eval_n, difficulty)
+                                  save_every=rounds, snapshot_every=select_every, resume=False, quiet=True))
     started = time.time()
     codes = run_local_swarm(configs, timeout_s=float(params.get("timeout_s", 300)))
     swarm_s = time.time() - started
     if codes[0] != 0 or not (folder / "peer0" / "adapter").is_dir():
         raise QwenlabError(f"swarm stage: peer 0 failed (exit codes {codes}); see {folder}")
+    # Candidates: the starting adapter (round 0; a fresh LoRA is the base itself, so not a candidate)
+    # and every snapshot of every peer that finished.
+    candidates: list[tuple[int | None, int, str | None]] = [(None, 0, init)] if init else []
+    if select_every:
+        for index in range(peers):
+            for snap in sorted((folder / f"peer{index}" / "snapshots").glob("round-*")):
+                candidates.append((index, int(snap.name.split("-")[1]), str(snap)))
+    else:
+        candidates.append((0, rounds, str(folder / "peer0" / "adapter")))
+    scores = _accuracy(base, [c[2] for c in candidates], task, eval_n, difficulty, VALIDATION_SEED)
+    best = max(range(len(candidates)), key=lambda i: (scores[i], -i))  # ties: the earliest candidate
+    chosen_peer, chosen_round, chosen = candidates[best]
+    before, after = _accuracy(base, [init, chosen], task, eval_n, difficulty, TEST_SEED)
     out = ctx.new_model_dir(name)
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(folder / "peer0" / "adapter", out)
-    after = _accuracy(base, str(out), task, eval_n, difficulty)
+    shutil.copytree(chosen, out)
+    if not (out / "tokenizer_config.json").exists():  # snapshots hold the adapter files only
+        for extra in (folder / "peer0" / "adapter").iterdir():
+            if extra.is_file() and not (out / extra.name).exists():
+                shutil.copy2(extra, out / extra.name)
     rows = [[json.loads(line) for line in (folder / f"peer{i}" / "rounds.jsonl").read_text().splitlines()]
             for i in range(peers) if (folder / f"peer{i}" / "rounds.jsonl").is_file()]
-    _plot(rows, folder / "rewards.png")
+    validation: dict[int, list[tuple[int, float]]] = {}
+    for (peer, round_, _), score in zip(candidates, scores):
+        for index in (range(peers) if peer is None else [peer]):
+            validation.setdefault(index, []).append((round_, score))
+    _plot(rows, validation, folder / "rewards.png")
+    picked = "the starting adapter" if chosen_peer is None else f"peer {chosen_peer}'s adapter at round {chosen_round}"
     figures = {
         "task": task, "peers": peers, "rounds": rounds, "swarm_s": round(swarm_s, 1), "exit_codes": codes,
         "accuracy_before": round(before, 4), "accuracy_after": round(after, 4),
+        "chosen": {"peer": chosen_peer, "round": chosen_round, "validation_accuracy": round(scores[best], 4)},
+        "validation": {str(k): v for k, v in validation.items()},
         "reward_first_round": [r[0]["local_reward"] for r in rows],
         "reward_last_round": [r[-1]["local_reward"] for r in rows],
         "records_accepted": sum(x["accepted"] for r in rows for x in r),
         "records_rejected": sum(x["rejected"] for r in rows for x in r),
         "external_used": sum(x["external_used"] for r in rows for x in r),
     }
-    print(f"  swarm: {peers} peers x {rounds} rounds in {swarm_s:.0f} s; {task} accuracy {before:.3f} -> {after:.3f}")
+    print(f"  swarm: {peers} peers x {rounds} rounds in {swarm_s:.0f} s; chose {picked} on validation; "
+          f"{task} accuracy {before:.3f} -> {after:.3f}")
     start_from = f"adapter `{params['adapter']}`" if init else "a fresh LoRA"
+    curve = " | ".join(f"peer {k}: " + ", ".join(f"r{r} {a:.3f}" for r, a in v) for k, v in sorted(validation.items()))
     section = (f"## Swarm GRPO: {name}\n\n{peers} peers on loopback (hivemind DHT), {rounds} rounds each, starting "
                f"from {start_from}; every peer re-scored the {figures['records_accepted']} records it accepted "
                f"with its own verifier ({figures['records_rejected']} rejected, {figures['external_used']} external "
                f"rollout groups trained on). {swarm_s:.0f} s.\n\n"
-               f"| {task} (greedy, n={eval_n}, eval seeds) | accuracy |\n|---|---:|\n"
-               f"| before ({start_from}) | {before:.3f} |\n| after (peer 0's adapter) | {after:.3f} |\n\n"
-               f"![reward per round](swarm/{name}/rewards.png)")
+               f"Snapshots every {select_every or rounds} rounds, greedy accuracy on validation instances "
+               f"(evaluation seed {VALIDATION_SEED}, n={eval_n}): {curve}. Registered as `{name}`: {picked}.\n\n"
+               f"| {task} (greedy, n={eval_n}, evaluation seed {TEST_SEED}) | accuracy |\n|---|---:|\n"
+               f"| before ({start_from}) | {before:.3f} |\n| after ({picked}) | {after:.3f} |\n\n"
+               f"![reward per round and validation accuracy](swarm/{name}/rewards.png)")
     return figures, section
