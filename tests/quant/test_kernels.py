@@ -141,3 +141,23 @@ def test_native_rms_norm_equals_torch(width):
     expected = torch.nn.functional.rms_norm(x, (width,), w, 1e-6)
     torch.testing.assert_close(native.rms_norm(x, w, 1e-6), expected, atol=1e-5, rtol=1e-5)
     assert native.rms_norm(x.requires_grad_(), w, 1e-6) is None  # a gradient needs PyTorch's path
+
+
+@needs_native
+def test_native_kernel_is_exact_across_many_alternating_calls_on_two_threads():
+    """Prefill alternates a few-chunk job (activation quantization) and a many-chunk one (the matmul)
+    on the kernel's thread pool. A late worker once claimed a chunk of the next job under the previous
+    job's tag, so the caller returned while a chunk still ran (a rare segfault or wrong rows): every
+    call here must give the same rows as the first."""
+    lin, _, _ = layer(4, 4096, 512, 64, "native", bias=False)
+    x = torch.randn(128, 512, generator=torch.Generator().manual_seed(5))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with native.torch_single_threaded():
+            reference = lin(x)
+            for _ in range(150):
+                for m in (128, 64, 20, 5):
+                    assert torch.equal(lin(x[:m]), reference[:m])
+    finally:
+        torch.set_num_threads(saved)

@@ -26,6 +26,7 @@ import torch
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("qmatmul.cpp", "lora_bgmv.cpp", "decode_attention.cpp", "decode_stack.cpp")]
+HEADERS = [Path(__file__).with_name("vec.h")]
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
          "-pthread", "-shared", "-fPIC"]
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
@@ -47,7 +48,7 @@ def _cpu_has_vnni() -> bool:
 
 
 def _build() -> Path:
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])  # a header change rebuilds too
     key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"libqwenlab_qmatmul-{key}.so"
     if target.is_file():

@@ -13,14 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    float s = _mm512_reduce_add_ps(acc);
-    for (; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
+#include "vec.h"
 
 static inline void rope(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
     const int64_t half = D / 2;

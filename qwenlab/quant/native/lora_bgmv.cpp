@@ -9,22 +9,9 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#define MAX_RANK 256
+#include "vec.h"
 
-static inline float dot(const float* a, const float* b, int64_t K) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
-    }
-    for (; k + 16 <= K; k += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
-    if (k < K) {
-        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
-        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
+#define MAX_RANK 256
 
 extern "C" int qwenlab_lora_bgmv(const float* x, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter,
                                  const float* A, const float* Bt, int64_t R, int64_t N, float* y) {
@@ -38,7 +25,7 @@ extern "C" int qwenlab_lora_bgmv(const float* x, int64_t rows, int64_t T, int64_
         for (int64_t t = r * T; t < (r + 1) * T; ++t) {
             const float* xt = x + t * K;
             float* yt = y + t * N;
-            for (int64_t j = 0; j < R; ++j) h[j] = dot(Aa + j * K, xt, K);
+            for (int64_t j = 0; j < R; ++j) h[j] = dot_f32(Aa + j * K, xt, K);
             int64_t n = 0;
             for (; n + 16 <= N; n += 16) {
                 __m512 acc = _mm512_loadu_ps(yt + n);
