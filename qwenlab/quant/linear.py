@@ -154,9 +154,7 @@ class Int8WeightLinear(QuantizedLinear):
             return self.qweight[rows].float() * self.scales[rows].float()[:, None]
         return dequantize_int8(self.qweight[rows], self.scales[rows])
 
-    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
-        if silu_mul:
-            return self.forward_silu_mul(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
             y = native.linear_int8(x, self.out_features, self.qweight, self.scales, self.group_size, self.native_bias)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -207,9 +205,7 @@ class Int4WeightLinear(QuantizedLinear):
             return full.t().float()[rows]
         return dequantize_int4(unpack_int4(self.qweight[rows]), self.scales[rows], self.zeros[rows])
 
-    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
-        if silu_mul:
-            return self.forward_silu_mul(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
             y = native.linear_int4(x, self.out_features, self.qweight, self.scales, self.mins, self.group_size,
                                    self.native_bias)
