@@ -8,27 +8,14 @@ from qwenlab.errors import QwenlabError
 from qwenlab.model import load_model, load_tokenizer
 from qwenlab.quant.gguf_export import GLOBAL_NAMES, LAYER_NAMES, export_gguf
 
+from llama_child import LlamaChild
+
 PROMPT = "What is 12 + 7? The answer is"
 
 
-def llama(path, n_ctx=64):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, n_threads_batch=2, verbose=False)
-
-
-def llama_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])
-
-
-def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    out = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        out.append(token)
-        if len(out) == n:
-            return out
+def llama(path, n_ctx=64) -> LlamaChild:
+    """llama.cpp in a child process: a crash there fails this test, not the pytest run."""
+    return LlamaChild(path, n_ctx)
 
 
 def qwenlab_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -78,7 +65,7 @@ def test_metadata_and_tokenizer(tiny32_dir, exported):
     tokenizer = load_tokenizer(tiny32_dir)
     for text in (PROMPT, "Reverse the word: apple\n  hello  world!", tokenizer.apply_chat_template(
             [{"role": "user", "content": "hello"}])):
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text)
+        assert llm.tokenize(text) == tokenizer.encode(text)
     llm.close()
 
 
@@ -88,10 +75,10 @@ def test_f16_logits_and_greedy_output_match_qwenlab(tiny32_dir, exported):
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
     llm = llama(exported["f16"])
-    theirs = llama_logits(llm, ids)
+    theirs = llm.logits(ids)
     assert np.abs(theirs - ours).max() <= 1e-2 * np.abs(ours).max()  # f16 weights
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
-    assert llama_greedy(llm, ids, 8) == qwenlab_greedy(model, ids, 8)
+    assert llm.greedy(ids, 8) == qwenlab_greedy(model, ids, 8)
     llm.close()
 
 
@@ -102,11 +89,11 @@ def test_quantized_logits_match_qwenlab_on_the_same_weights(tiny32_dir, exported
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
     llm = llama(exported[kind])
-    theirs = llama_logits(llm, ids)
+    theirs = llm.logits(ids)
     # llama.cpp also rounds activations to 8 bits (Q8 blocks) inside its dot products
     assert np.abs(theirs - ours).max() <= 2e-2 * np.abs(ours).max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
-    assert llama_greedy(llm, ids, 8) == qwenlab_greedy(model, ids, 8)
+    assert llm.greedy(ids, 8) == qwenlab_greedy(model, ids, 8)
     llm.close()
 
 
@@ -121,12 +108,12 @@ def test_nano_exports_and_matches(tmp_path):
     model, tokenizer = load_model(folder), load_tokenizer(folder)
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}]))
     llm = llama(path, n_ctx=256)
-    assert llm.tokenize(tokenizer.decode(ids, skip_special_tokens=False).encode(), add_bos=False, special=True) == ids
+    assert llm.tokenize(tokenizer.decode(ids, skip_special_tokens=False)) == ids
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
-    theirs = llama_logits(llm, ids)
+    theirs = llm.logits(ids)
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.99
-    assert llama_greedy(llm, ids, 16) == qwenlab_greedy(model, ids, 16)
+    assert llm.greedy(ids, 16) == qwenlab_greedy(model, ids, 16)
     llm.close()
 
 
@@ -136,3 +123,13 @@ def test_bad_input(tiny32_dir, quantized_dirs, tmp_path):
     with pytest.raises(QwenlabError, match="already quantized"):
         export_gguf(quantized_dirs[4], tmp_path / "x.gguf", "q4_0")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_crash_in_llama_cpp_fails_one_call_not_the_run(exported):
+    import signal
+
+    llm = llama(exported["f16"])
+    llm.proc.send_signal(signal.SIGILL)  # what a llama.cpp built for another CPU dies of
+    with pytest.raises(RuntimeError, match="died with signal SIGILL during 'tokenize'"):
+        llm.tokenize("hello")
+    llm.close()
