@@ -7,36 +7,27 @@ the activations to int8 per 32 values (as llama.cpp does) and multiplies with VN
 products, group-wise for both widths; benchmarks/speed_bench.py shows what each buys.
 
 The source is compiled once per machine with the system C++ compiler (the same requirement as
-torch.compile on CPU) into ~/.cache/qwenlab/kernels; without a compiler, or on a CPU without
-AVX-512 VNNI, `available()` is False and the layers fall back to PyTorch's kernels.
+torch.compile on CPU) into a private ~/.cache/qwenlab/kernels, checked by hash and probed in a child
+process before it is loaded (build.py); without a compiler, or on a CPU without AVX-512 VNNI,
+`available()` is False and the layers fall back to PyTorch's kernels.
 Set QWENLAB_NATIVE=0 to disable it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
-import tempfile
+import sys
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name)
-           for name in ("qmatmul.cpp", "lora_bgmv.cpp", "decode_attention.cpp", "decode_stack.cpp")]
-HEADERS = [Path(__file__).with_name("vec.h")]
-FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
-         "-pthread", "-shared", "-fPIC"]
+from qwenlab.quant.native.build import NativeBuildError, built_library
+
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
 ROW_GROUP = 64  # 4 row blocks interleaved per 32-column block: one sequential stream per thread
 ACT_BLOCK = 32  # activations are quantized in blocks of 32 values
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("QWENLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwenlab")
-    return Path(root) / "kernels"
 
 
 def _cpu_has_vnni() -> bool:
@@ -47,44 +38,34 @@ def _cpu_has_vnni() -> bool:
     return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512_vnni", "f16c"))
 
 
-def _build() -> Path:
-    source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])  # a header change rebuilds too
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"libqwenlab_qmatmul-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CXX", "g++")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)], check=True, capture_output=True, timeout=300)
-        os.replace(out, target)  # atomic: concurrent first uses never load a half-written file
-    return target
-
-
 class _Library:
+    """The entry points, each returning a status code (vec.h): every buffer is passed with its length
+    in elements, which the kernel checks against the dimensions before it reads anything."""
+
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.qwenlab_gemm_int8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i32, i32]
-        lib.qwenlab_gemm_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, i32, i32]
-        lib.qwenlab_gemm_int8.restype = lib.qwenlab_gemm_int4.restype = None
+        # x, x_len, M, K, w, w_len, s, s_len, [mz, mz_len,] N, gs, bias, bias_len, y, y_len, threads, act
+        lib.qwenlab_gemm_int8.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32]
+        lib.qwenlab_gemm_int4.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32]
+        lib.qwenlab_gemm_int8.restype = lib.qwenlab_gemm_int4.restype = i32
         # The LoRA delta takes microseconds: called through PyDLL it keeps the GIL, since releasing and
         # re-taking it per linear let the server's event-loop thread in between every call (measured:
         # mixed-adapter decode inside `qwenlab serve` ran slower than the same loop alone).
         held = ctypes.PyDLL(str(path))
-        held.qwenlab_lora_bgmv.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, p]
+        held.qwenlab_lora_bgmv.argtypes = [p, i64, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, i64, p, i64]
         held.qwenlab_lora_bgmv.restype = i32
         self.lora_bgmv = held.qwenlab_lora_bgmv
-        held.qwenlab_decode_attention.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, p]
+        held.qwenlab_decode_attention.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64]
         held.qwenlab_decode_attention.restype = i32
         self.decode_attention = held.qwenlab_decode_attention
-        held.qwenlab_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+        held.qwenlab_rms_norm.argtypes = [p, i64, i64, i64, p, i64, ctypes.c_float, p, i64]
         held.qwenlab_rms_norm.restype = i32
         self.rms_norm = held.qwenlab_rms_norm
         self.gemm_int8, self.gemm_int4 = lib.qwenlab_gemm_int8, lib.qwenlab_gemm_int4
         # A whole decode step (~10 ms): through CDLL, so it releases the GIL like the matmuls.
-        lib.qwenlab_decode_stack.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, ctypes.c_float, i32]
+        lib.qwenlab_decode_stack.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, i64,
+                                             ctypes.c_float, i32]
         lib.qwenlab_decode_stack.restype = i32
         self.decode_stack = lib.qwenlab_decode_stack
         self.path = path
@@ -102,10 +83,12 @@ def library() -> _Library | None:
         _status["reason"] = "this CPU lacks AVX-512 VNNI"
         return None
     try:
-        return _Library(_build())
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        _status["reason"] = f"could not build the kernel ({e}; {detail.decode(errors='replace')[:200]})"
+        return _Library(built_library())
+    except (OSError, NativeBuildError) as e:
+        _status["reason"] = str(e)
+        # Said once per process (library() is cached), with the path every caller falls back to.
+        print(f"qwenlab: native kernels unavailable ({e}); using PyTorch's kernels instead (slower)",
+              file=sys.stderr, flush=True)
         return None
 
 
@@ -216,6 +199,40 @@ class torch_single_threaded:
             torch.set_num_threads(self.saved[1])
 
 
+# ---- status codes of the entry points (vec.h) ---------------------------------------------------------
+NOT_APPLICABLE, NO_MEMORY, BAD_SIZES = -1, -2, -3
+
+
+class KernelArgumentError(ValueError):
+    """A native kernel refused its arguments before touching them: a buffer that does not fit the sizes
+    it was given (a bug, or a crafted model file that got past the loader's checks)."""
+
+
+def _checked(status: int, kernel: str) -> int:
+    """A kernel's status, its errors raised: BAD_SIZES as KernelArgumentError, NO_MEMORY as MemoryError;
+    OK and NOT_APPLICABLE (the caller then takes PyTorch's path) are returned."""
+    if status == BAD_SIZES:
+        raise KernelArgumentError(f"native {kernel}: a buffer's length does not fit the dimensions it was "
+                                  "given; nothing was computed")
+    if status == NO_MEMORY:
+        raise MemoryError(f"native {kernel}: out of memory")
+    return status
+
+
+def _buffer(t: torch.Tensor, dtype: torch.dtype, what: str, kernel: str) -> tuple[int, int]:
+    """(address, length in elements) of a tensor a kernel reads or writes. It must hold `dtype` and be
+    contiguous, so that `length` elements from the address are the tensor's own memory (an expanded
+    tensor has more elements than memory); the kernel checks the length against its dimensions."""
+    if t.dtype != dtype or not t.is_contiguous():
+        raise KernelArgumentError(f"native {kernel}: {what} must be a contiguous {dtype} tensor, got "
+                                  f"{'a non-contiguous ' if not t.is_contiguous() else ''}{t.dtype}")
+    return t.data_ptr(), t.numel()
+
+
+def _optional_buffer(t: torch.Tensor | None, dtype: torch.dtype, what: str, kernel: str) -> tuple[int | None, int]:
+    return (None, 0) if t is None else _buffer(t, dtype, what, kernel)
+
+
 # ---- the matmuls --------------------------------------------------------------------------------
 def _gemm_input(x: torch.Tensor, k: int, silu_mul: bool) -> tuple[torch.Tensor, int]:
     """x as fp32 contiguous rows, and the kernel's act flag (see qmatmul.cpp)."""
@@ -237,8 +254,11 @@ def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Ten
     x2, act = _gemm_input(x, k, silu_mul)
     rows = packed.shape[0] * ROW_GROUP
     y = torch.empty(x2.shape[0], rows)
-    library().gemm_int8(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), rows, group_size,
-                        None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads(), act)
+    w, w_len = _buffer(packed, torch.uint8, "the packed weight", "gemm_int8")
+    s, s_len = _buffer(scales, torch.float16, "the scales", "gemm_int8")
+    b, b_len = _optional_buffer(bias, torch.float32, "the bias", "gemm_int8")
+    _checked(library().gemm_int8(x2.data_ptr(), x2.numel(), x2.shape[0], k, w, w_len, s, s_len, rows, group_size,
+                                 b, b_len, y.data_ptr(), y.numel(), kernel_threads(), act), "gemm_int8")
     return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
 
 
@@ -248,8 +268,12 @@ def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Ten
     x2, act = _gemm_input(x, k, silu_mul)
     rows = packed.shape[0] * ROW_GROUP
     y = torch.empty(x2.shape[0], rows)
-    library().gemm_int4(x2.data_ptr(), x2.shape[0], k, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), rows,
-                        group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), kernel_threads(), act)
+    w, w_len = _buffer(packed, torch.uint8, "the packed weight", "gemm_int4")
+    s, s_len = _buffer(scales, torch.float16, "the scales", "gemm_int4")
+    m, m_len = _buffer(mins, torch.float16, "the mins", "gemm_int4")
+    b, b_len = _optional_buffer(bias, torch.float32, "the bias", "gemm_int4")
+    _checked(library().gemm_int4(x2.data_ptr(), x2.numel(), x2.shape[0], k, w, w_len, s, s_len, m, m_len, rows,
+                                 group_size, b, b_len, y.data_ptr(), y.numel(), kernel_threads(), act), "gemm_int4")
     return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
 
 
@@ -264,9 +288,15 @@ def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: t
     bt [n, R, N] contiguous fp32 (scalings folded into bt)."""
     rows, tokens, k = x.shape
     n_out = y.shape[-1]
-    status = library().lora_bgmv(x.data_ptr(), rows, tokens, k, row_adapter.data_ptr(), a.data_ptr(), bt.data_ptr(),
-                                 a.shape[1], n_out, y.data_ptr())
-    if status != 0:
+    kernel = "lora_bgmv"
+    xp, x_len = _buffer(x, torch.float32, "x", kernel)
+    yp, y_len = _buffer(y, torch.float32, "y", kernel)
+    rp, r_len = _buffer(row_adapter, torch.int32, "row_adapter", kernel)
+    ap, a_len = _buffer(a, torch.float32, "a", kernel)
+    bp, b_len = _buffer(bt, torch.float32, "bt", kernel)
+    status = _checked(library().lora_bgmv(xp, x_len, rows, tokens, k, rp, r_len, ap, a_len, bp, b_len, a.shape[0],
+                                          a.shape[1], n_out, yp, y_len), kernel)
+    if status == NOT_APPLICABLE:
         raise ValueError(f"lora_bgmv: rank {a.shape[1]} is over {LORA_MAX_RANK}")
 
 
@@ -282,38 +312,55 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or qkv.shape[1] != 1 \
             or qkv.requires_grad:  # no autograd formula here: anything that needs a gradient takes PyTorch's path
         return None
+    if cos.shape != sin.shape or keys.shape != values.shape:  # the kernel takes one length for each pair
+        raise KernelArgumentError(f"native decode_attention: cos {list(cos.shape)} and sin {list(sin.shape)}, "
+                                  f"keys {list(keys.shape)} and values {list(values.shape)} must match")
     out = torch.empty(b, 1, num_heads * d)
-    status = library().decode_attention(qkv.data_ptr(), b, num_heads, hkv, d, cos.data_ptr(), sin.data_ptr(),
-                                        keys.data_ptr(), values.data_ptr(), cap, pos, out.data_ptr())
+    status = _checked(library().decode_attention(qkv.data_ptr(), qkv.numel(), b, num_heads, hkv, d, cos.data_ptr(),
+                                                 sin.data_ptr(), cos.numel(), keys.data_ptr(), values.data_ptr(),
+                                                 keys.numel(), cap, pos, out.data_ptr(), out.numel()),
+                      "decode_attention")
     return out if status == 0 else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of fp32 contiguous x [..., n] with weight [n]; None (use PyTorch) for anything else."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous() \
+            or not weight.is_contiguous() or x.requires_grad:
         return None  # (no autograd formula here: anything that needs a gradient takes PyTorch's path)
     n = x.shape[-1]
     out = torch.empty_like(x)
-    library().rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
+    _checked(library().rms_norm(x.data_ptr(), x.numel(), x.numel() // max(n, 1), n, weight.data_ptr(), weight.numel(),
+                                eps, out.data_ptr(), out.numel()), "rms_norm")
     return out
 
 
 # ---- a whole decode step through every layer (decode_stack.cpp) -------------------------------------
 class _QLinear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mz", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("gs", ctypes.c_int64), ("bits", ctypes.c_int64)]
+                ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("gs", ctypes.c_int64), ("bits", ctypes.c_int64),
+                ("w_len", ctypes.c_int64), ("s_len", ctypes.c_int64), ("mz_len", ctypes.c_int64),
+                ("bias_len", ctypes.c_int64)]
 
 
 class _DecodeLayer(ctypes.Structure):
     _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", _QLinear), ("o", _QLinear),
-                ("gate_up", _QLinear), ("down", _QLinear), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+                ("gate_up", _QLinear), ("down", _QLinear), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("norm1_len", ctypes.c_int64), ("norm2_len", ctypes.c_int64), ("kv_len", ctypes.c_int64)]
 
 
 def _qlinear(layer) -> _QLinear:
-    mins = layer.mins.data_ptr() if layer.bits == 4 else None
-    bias = None if layer.native_bias is None else layer.native_bias.data_ptr()
-    return _QLinear(layer.qweight.data_ptr(), layer.scales.data_ptr(), mins, bias,
-                    layer.qweight.shape[0] * ROW_GROUP, layer.in_features, layer.group_size, layer.bits)
+    kernel = "decode_stack"
+    w, w_len = _buffer(layer.qweight, torch.uint8, "a packed weight", kernel)
+    s, s_len = _buffer(layer.scales, torch.float16, "scales", kernel)
+    mz, mz_len = _optional_buffer(layer.mins if layer.bits == 4 else None, torch.float16, "mins", kernel)
+    bias, bias_len = _optional_buffer(layer.native_bias, torch.float32, "a bias", kernel)
+    return _QLinear(w, s, mz, bias, layer.qweight.shape[0] * ROW_GROUP, layer.in_features, layer.group_size,
+                    layer.bits, w_len, s_len, mz_len, bias_len)
+
+
+def _norm(layer_norm) -> tuple[int, int]:
+    return _buffer(layer_norm.weight, torch.float32, "a norm weight", "decode_stack")
 
 
 class DecodeStack:
@@ -323,10 +370,11 @@ class DecodeStack:
     and, per KV cache, the table of its layers' key/value buffers. Called as
     (x, cos, sin, cache, pos) -> x after the last layer, or None where it does not apply (the caller
     then runs the layers one by one): one token per row, fp32, a cache of contiguous fp32 buffers.
+    Every buffer goes with its length, which the kernel checks for every layer before the first runs.
     """
 
     def __init__(self, layers, config):
-        self.layers = [(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+        self.layers = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm),
                         _qlinear(layer.self_attn.qkv_proj), _qlinear(layer.self_attn.o_proj),
                         _qlinear(layer.mlp.gate_up_proj), _qlinear(layer.mlp.down_proj)) for layer in layers]
         self.hidden, self.eps = config.hidden_size, float(config.rms_norm_eps)
@@ -337,23 +385,26 @@ class DecodeStack:
         if table is None or table[0] is not self:
             buffers = list(zip(cache.keys, cache.values))
             if len(buffers) != len(self.layers) or any(
-                    t.dtype != torch.float32 or not t.is_contiguous() for kv in buffers for t in kv):
+                    t.dtype != torch.float32 or not t.is_contiguous() or t.shape != kv[0].shape
+                    for kv in buffers for t in kv):
                 return None
             array = (_DecodeLayer * len(self.layers))(*[
-                _DecodeLayer(*static, k.data_ptr(), v.data_ptr()) for static, (k, v) in zip(self.layers, buffers)])
+                _DecodeLayer(norm1[0], norm2[0], *linears, k.data_ptr(), v.data_ptr(), norm1[1], norm2[1], k.numel())
+                for (norm1, norm2, *linears), (k, v) in zip(self.layers, buffers)])
             table = cache.native_decode_table = (self, array)
         return table[1]
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, pos: int) -> torch.Tensor | None:
         b, t, h = x.shape
         if t != 1 or h != self.hidden or x.requires_grad or any(
-                a.dtype != torch.float32 for a in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()):
+                a.dtype != torch.float32 for a in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()) \
+                or cos.shape != sin.shape:
             return None
         table = self._table(cache)
         if table is None:
             return None
         out = x.contiguous().clone()  # updated in place by the kernel
-        status = library().decode_stack(out.data_ptr(), b, h, ctypes.addressof(table), len(self.layers), self.heads,
-                                        self.kv_heads, self.head_dim, cos.data_ptr(), sin.data_ptr(),
-                                        cache.capacity, pos, self.eps, kernel_threads())
-        return out if status == 0 else None
+        status = library().decode_stack(out.data_ptr(), out.numel(), b, h, ctypes.addressof(table), len(self.layers),
+                                        self.heads, self.kv_heads, self.head_dim, cos.data_ptr(), sin.data_ptr(),
+                                        cos.numel(), cache.capacity, pos, self.eps, kernel_threads())
+        return out if _checked(status, "decode_stack") == 0 else None
