@@ -1,24 +1,17 @@
-"""The merge methods: one file each, one line in METHODS. See spec.py for the calling convention."""
+"""The merge methods: one file each (the task-vector family: one row each in task_vectors.FAMILY), one
+line in METHODS. See spec.py for the calling convention."""
 
 from __future__ import annotations
 
 from qwenlab.errors import QwenlabError
-from qwenlab.merge.methods import (breadcrumbs, dare, della, linear, model_stock, nuslerp, passthrough,
-                                   slerp, task_arithmetic, ties)
+from qwenlab.merge.methods import linear, model_stock, nuslerp, passthrough, slerp, task_vectors
 from qwenlab.merge.methods.spec import MergeMethod, Parameter
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in (
     linear.METHOD,
     slerp.METHOD,
     nuslerp.METHOD,
-    task_arithmetic.METHOD,
-    ties.METHOD,
-    dare.DARE_LINEAR,
-    dare.DARE_TIES,
-    breadcrumbs.BREADCRUMBS,
-    breadcrumbs.BREADCRUMBS_TIES,
-    della.DELLA,
-    della.DELLA_LINEAR,
+    *task_vectors.METHODS,  # task arithmetic, TIES, DARE, breadcrumbs, DELLA: one row each
     model_stock.METHOD,
     passthrough.METHOD,
 )}
