@@ -8,12 +8,12 @@ __all__ = ["TrainConfig", "dpo_records_from_task", "load_jsonl", "load_train_con
 
 
 def train_sft(config):
-    from qwenlab.train.sft import train_sft as run
+    from qwenlab.train.trainers import train_sft as run  # TRL's import is slow: only when training
 
     return run(config)
 
 
 def train_dpo(config):
-    from qwenlab.train.dpo import train_dpo as run
+    from qwenlab.train.trainers import train_dpo as run
 
     return run(config)

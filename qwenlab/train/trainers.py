@@ -1,0 +1,65 @@
+"""LoRA SFT and DPO on TRL's trainers: the base in fp32, a PEFT LoRA, checkpoints, resume, eval loss.
+
+    result = train_sft(load_train_config("sft.yaml"))
+    result = train_dpo(load_train_config("dpo.yaml"))
+
+SFT: chat prompt/completion data takes the loss on the completion only; `messages` data on the whole
+conversation (TRL's rules). DPO: the policy is base + LoRA, the reference the same base with the
+adapter switched off (no second model in memory); data is prompt/chosen/rejected. Everything TRL
+does not need to decide is set in run.trainer_arguments.
+"""
+
+from __future__ import annotations
+
+import time
+
+from qwenlab.train.config import TrainConfig
+from qwenlab.train.run import (
+    TrainResult,
+    datasets,
+    finish_run,
+    load_training_model,
+    lora_config,
+    open_output,
+    prepare_run,
+    trainer_arguments,
+)
+
+
+def _sft_trainer(config: TrainConfig, arguments: dict) -> tuple[type, dict]:
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer, {"args": SFTConfig(**arguments, packing=False)}
+
+
+def _dpo_trainer(config: TrainConfig, arguments: dict) -> tuple[type, dict]:
+    from trl import DPOConfig, DPOTrainer
+
+    # with a PEFT model TRL uses the base (adapter disabled) as the reference
+    return DPOTrainer, {"ref_model": None,
+                        "args": DPOConfig(**arguments, beta=config.beta, loss_type=list(config.dpo_loss))}
+
+
+TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer}
+
+
+def train(config: TrainConfig, kind: str) -> TrainResult:
+    """One LoRA training run with TRL's trainer for `kind` ('sft' or 'dpo')."""
+    run = prepare_run(config, kind)
+    model, tokenizer = load_training_model(run)
+    train_data, eval_data = datasets(run)
+    trainer_class, specific = TRAINERS[kind](config, trainer_arguments(run))
+    trainer = trainer_class(model=model, train_dataset=train_data, eval_dataset=eval_data,
+                            processing_class=tokenizer, peft_config=lora_config(config), **specific)
+    open_output(run)
+    started = time.time()
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    return finish_run(trainer, run, started)
+
+
+def train_sft(config: TrainConfig) -> TrainResult:
+    return train(config, "sft")
+
+
+def train_dpo(config: TrainConfig) -> TrainResult:
+    return train(config, "dpo")
