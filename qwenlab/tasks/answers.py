@@ -21,6 +21,7 @@ a verifier should call wrong, and 0/1 keeps accuracy and RL rewards the same num
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from decimal import Decimal
 
 # "is" must end there: "answer isn't 5" is no marker.
@@ -34,13 +35,23 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 
 def _find(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
-    """The marker rule shared by numbers and words."""
-    for marker in reversed(list(_MARKER.finditer(text))):
-        match = pattern.search(text, marker.end())
-        if match:
-            return match
-    matches = list(pattern.finditer(text))
-    return matches[-1] if matches else None
+    """The marker rule shared by numbers and words, in linear time.
+
+    Two passes over the text (every marker, every candidate) and a binary search, instead of one
+    search to the end of the text per marker: that was quadratic, and a foreign 64 KiB completion
+    of repeated "answer is" took seconds to score. The result is the same because a marker never
+    ends inside a candidate (it ends after "is", ":" or spaces, none of which a number or word
+    continues through), so the first candidate starting at or after a marker's end is exactly what
+    `pattern.search(text, marker.end())` finds.
+    """
+    candidates = list(pattern.finditer(text))
+    if not candidates:
+        return None
+    starts = [m.start() for m in candidates]
+    for end in reversed([m.end() for m in _MARKER.finditer(text)]):
+        if end <= starts[-1]:  # the last marker with a candidate after it
+            return candidates[bisect_left(starts, end)]
+    return candidates[-1]
 
 
 def find_number(text: str) -> Decimal | None:

@@ -295,3 +295,44 @@ def test_sample_instances_difficulty_and_edge_sizes():
     for n in (-1, EVAL_SEED_LIMIT + 1, 2.5):
         with pytest.raises(QwenlabError, match="number of instances"):
             sample_instances("reverse", n, seed=0)
+
+
+def _marker_rule_by_definition(pattern, text):
+    """The marker rule as answers.py states it, searched marker by marker from the last (quadratic)."""
+    from qwenlab.tasks.answers import _MARKER
+
+    for marker in reversed(list(_MARKER.finditer(text))):
+        match = pattern.search(text, marker.end())
+        if match:
+            return match
+    matches = list(pattern.finditer(text))
+    return matches[-1] if matches else None
+
+
+def test_answer_extraction_agrees_with_the_marker_rule_on_random_text():
+    import random
+
+    from qwenlab.tasks.answers import _NUMBER, _WORD, _find
+
+    pieces = ["answer", "Answer", " is", "is", ":", " ", "-", "\u2212", "1", "23", ",", ",234", ".", "5", "abc",
+              "isn't", "'", "\n", "answer is", "answer:", "42", "Qwen2.5", "\u00e9"]
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        for pattern in (_NUMBER, _WORD):
+            ours, reference = _find(pattern, text), _marker_rule_by_definition(pattern, text)
+            assert (ours and (ours.span(), ours.group())) == (reference and (reference.span(), reference.group())), \
+                (text, pattern.pattern)
+
+
+@pytest.mark.parametrize("text", ["answer is " * 6553, "The answer is:" + " " * 65_000, "answer is x " * 5461,
+                                  "9" * 65_536, "1,234," * 10_922])
+def test_answer_extraction_of_64_kib_is_bounded(text):
+    """Linear time: a 64 KiB completion built to be slow scores within a generous regression bound
+    (marker by marker it took about 1.8 s of CPU)."""
+    import time
+
+    started = time.process_time()
+    score("arithmetic", text, "12")
+    score("reverse", text, "olleh")
+    assert time.process_time() - started < 0.2
