@@ -1,21 +1,23 @@
 """The task registry: one line per task, and the helpers the rest of qwenlab calls.
 
-Adding a task: write qwenlab/tasks/<name>.py (see base.py for its shape) and add one line to TASKS.
+Adding a task: write qwenlab/tasks/<name>.py (see base.py for its shape) and add one line to TASKS;
+a word-in, word-out task is one WordTask value in word_tasks.py.
 """
 
 from __future__ import annotations
 
 from qwenlab.errors import QwenlabError
-from qwenlab.tasks import arithmetic, count_letter, repeat, reverse, sort_letters
+from qwenlab.tasks import arithmetic, count_letter
 from qwenlab.tasks.base import Task, TaskInstance
 from qwenlab.tasks.rng import TaskRng
+from qwenlab.tasks.word_tasks import REPEAT, REVERSE, SORT_LETTERS
 
 TASKS: dict[str, Task] = {
     "arithmetic": arithmetic,
-    "reverse": reverse,
-    "sort_letters": sort_letters,
+    "reverse": REVERSE,
+    "sort_letters": SORT_LETTERS,
     "count_letter": count_letter,
-    "repeat": repeat,
+    "repeat": REPEAT,
 }
 
 DEFAULT_DIFFICULTY: dict[str, int] = {name: task.DEFAULT_DIFFICULTY for name, task in TASKS.items()}
