@@ -34,6 +34,7 @@ from pathlib import Path
 
 from qwenlab.checkpoint.lineage import library_versions
 from qwenlab.errors import QwenlabError
+from qwenlab.home import qwenlab_home
 
 MEASUREMENTS_FILE = "measurements.jsonl"
 SCHEMA = 1
@@ -75,7 +76,7 @@ def weights_fingerprint(folder: str | Path) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QWENLAB_HOME") or Path.home() / ".cache" / "qwenlab") / "measurements"
+    return qwenlab_home() / "measurements"
 
 
 def _inside_package(folder: Path) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
+from qwenlab.home import qwenlab_home
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 PEERS = ("llama.cpp", "hf")
@@ -200,8 +201,7 @@ def run_engine(spec: dict, timeout_s: float | None = None) -> EngineResult:
 
 # ---- variants: quantized folders and GGUF files, made once and cached ---------------------------
 def variants_dir() -> Path:
-    root = os.environ.get("QWENLAB_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "qwenlab")
-    return Path(root) / "bench-variants"
+    return qwenlab_home() / "bench-variants"
 
 
 def _folder_key(folder: Path, extra: str) -> str:

@@ -18,7 +18,7 @@ def test_flags_are_explicit_and_never_native_or_amx():
 
 def run_child(code: str, cache, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "QWENLAB_CACHE": str(cache), **env})
+                          env={**os.environ, "QWENLAB_HOME": str(cache), **env})
 
 
 AVAILABLE = "from qwenlab.quant import native; print(native.available(), native.available())"
@@ -52,7 +52,7 @@ def built_copy(tmp_path, monkeypatch):
     if not native.available():
         pytest.fail(f"the native kernels should build on this host: {native.unavailable_reason()}")
     source = native.library().path
-    monkeypatch.setenv("QWENLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("QWENLAB_HOME", str(tmp_path))
     folder = build.private_dir(tmp_path / "kernels")
     shutil.copy(source, folder / source.name)
     shutil.copy(source.with_name(source.name + ".sha256"), folder / (source.name + ".sha256"))
@@ -81,6 +81,6 @@ def test_a_symlinked_cache_is_refused(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "kernels").symlink_to(tmp_path / "elsewhere")
-    monkeypatch.setenv("QWENLAB_CACHE", str(tmp_path / "root"))
+    monkeypatch.setenv("QWENLAB_HOME", str(tmp_path / "root"))
     with pytest.raises(build.NativeBuildError, match="not a plain folder"):
         build.built_library()

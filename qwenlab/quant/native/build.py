@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from qwenlab.home import qwenlab_home
+
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in
            ("qmatmul.cpp", "lora_bgmv.cpp", "decode_attention.cpp", "decode_stack.cpp", "probe.cpp")]
@@ -34,10 +36,6 @@ PROBE_EXPECTED = PROBE_SEED * PROBE_SEED + PROBE_SEED + 1 + 5  # probe.cpp: dot 
 
 class NativeBuildError(Exception):
     """The kernels cannot be built, verified or run here; the message says why."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QWENLAB_CACHE") or Path.home() / ".cache" / "qwenlab")
 
 
 def private_dir(path: Path) -> Path:
@@ -111,7 +109,7 @@ def _probe(target: Path) -> None:
 
 def built_library() -> Path:
     """The path of a verified, probed kernel library for this machine, compiling it on first use."""
-    folder = private_dir(cache_root() / "kernels")
+    folder = private_dir(qwenlab_home() / "kernels")
     target = folder / f"libqwenlab_qmatmul-{build_key()}.so"
     if not target.is_file():
         _compile(target)
