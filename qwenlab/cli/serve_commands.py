@@ -6,22 +6,33 @@ import os
 
 
 def cmd_serve(args) -> int:
-    from qwenlab.checkpoint import parse_size
     from qwenlab.serve import ServeConfig, ServeLimits, serve
     from qwenlab.serve.server import parse_named_paths
 
-    limits = ServeLimits(max_body_bytes=parse_size(args.max_body_size), max_tokens=args.max_tokens,
+    limits = ServeLimits(max_body_bytes=body_size(args.max_body_size), max_tokens=args.max_tokens,
                          default_max_tokens=min(args.default_max_tokens, args.max_tokens),
                          max_concurrency=args.max_concurrency, request_timeout_s=args.request_timeout,
-                         api_key=args.api_key or os.environ.get("QWENLAB_API_KEY") or None)
+                         api_key=args.api_key or os.environ.get("QWENLAB_API_KEY") or None,
+                         allow_adapter_dir=args.allow_adapter_dir, max_adapters=args.max_adapters)
     config = ServeConfig(base=args.base, adapters=parse_named_paths(args.adapter, "--adapter"),
                          variants=parse_named_paths(args.variant, "--variant"),
                          served_model_name=args.served_model_name, host=args.host, port=args.port, dtype=args.dtype,
                          max_batch=args.max_batch, max_context=args.max_context,
                          max_prefill_tokens=args.max_prefill_tokens, threads=args.threads,
                          limits=limits)
-    serve(config)
+    serve(config)  # checks every setting (ServeConfig.check) before loading anything
     return 0
+
+
+def body_size(text: str) -> int:
+    from qwenlab.checkpoint import parse_size
+    from qwenlab.errors import QwenlabError
+
+    try:
+        return parse_size(text)
+    except (QwenlabError, ValueError, OverflowError):  # 'infMB' overflows in parse_size
+        raise QwenlabError(f"--max-body-size must be a size such as 1MB, 512KiB or a byte count, got '{text}'") \
+            from None
 
 
 def register(subparsers) -> None:
@@ -35,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set QWENLAB_API_KEY)")
+    p.add_argument("--allow-adapter-dir", default=None, metavar="DIR",
+                   help="let POST /v1/load_lora_adapter load folders under DIR (symlinks resolved); off without it")
+    p.add_argument("--max-adapters", type=int, default=16, help="adapters attached at once, start-up ones included")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (quantized folders keep their own format)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together per model")
     p.add_argument("--max-prefill-tokens", type=int, default=1024,

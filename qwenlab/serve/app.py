@@ -14,18 +14,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenlab.serve.completions import ClientGone, LoopMailbox, prepare, respond
 from qwenlab.serve.engine import EngineLoop
-from qwenlab.serve.limits import APIError, BodySizeLimit, ConcurrencyGate, ServeLimits, check_api_key
+from qwenlab.serve.limits import (APIError, BodySizeLimit, ConcurrencyGate, HostCheck, ServeLimits,
+                                  allowed_host_names, check_api_key)
 from qwenlab.serve.metrics import ServeMetrics
-from qwenlab.serve.registry import ModelRegistry
+from qwenlab.serve.registry import ModelRegistry, allowed_adapter_folder
 from qwenlab.serve.schemas import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, ModelList,
-                                   UnloadAdapterRequest, error_body)
+                                   NonFiniteValue, UnloadAdapterRequest, error_body)
 
 log = logging.getLogger("qwenlab.serve")
 PLAYGROUND = Path(__file__).parent / "playground" / "index.html"
 
 
-def create_app(registry: ModelRegistry, limits: ServeLimits, metrics: ServeMetrics) -> FastAPI:
-    """The ASGI app. The engine thread starts and stops with the app's lifespan."""
+def create_app(registry: ModelRegistry, limits: ServeLimits, metrics: ServeMetrics,
+               bind_host: str = "127.0.0.1") -> FastAPI:
+    """The ASGI app. The engine thread starts and stops with the app's lifespan.
+
+    bind_host: where it will listen; on a loopback address the Host header is checked."""
     gate = ConcurrencyGate(limits.max_concurrency, on_change=metrics.in_flight.set)
 
     @asynccontextmanager
@@ -47,6 +51,9 @@ def create_app(registry: ModelRegistry, limits: ServeLimits, metrics: ServeMetri
     _add_plain_routes(app, registry, metrics)
     # Outermost: a too-large body is refused before anything reads or parses it.
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, on_reject=metrics.observe_error)
+    allowed_hosts = allowed_host_names(bind_host)
+    if allowed_hosts is not None:  # added last, so outermost: a rebinding page gets nothing, not even a 413
+        app.add_middleware(HostCheck, allowed=allowed_hosts, on_reject=metrics.observe_error)
     return app
 
 
@@ -56,6 +63,7 @@ def _openai_router(registry: ModelRegistry, limits: ServeLimits, metrics: ServeM
         check_api_key(request, limits.api_key)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    adapter_root = limits.adapter_root()  # resolved once: the directory's own symlinks are the operator's
 
     async def generate(body, http_request: Request, endpoint: str):
         target = registry.resolve(body.model)
@@ -98,7 +106,8 @@ def _openai_router(registry: ModelRegistry, limits: ServeLimits, metrics: ServeM
     # vLLM's run-time LoRA endpoints, so the same client scripts work against both.
     @router.post("/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterRequest):
-        await registry.load_adapter(body.lora_name, body.lora_path)
+        folder = allowed_adapter_folder(adapter_root, body.lora_path)
+        await registry.load_adapter(body.lora_name, folder, body.lora_path, limits.max_adapters)
         return {"object": "adapter", "id": body.lora_name, "status": "loaded"}
 
     @router.post("/unload_lora_adapter")
@@ -137,8 +146,12 @@ def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
+        cause = (first.get("ctx") or {}).get("error")
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
+        text = first.get("msg", "invalid value").removeprefix("Value error, ")
+        if isinstance(cause, NonFiniteValue):  # found by the whole-body check: name the field it is in
+            param, text = cause.param, "must be a finite number (NaN and infinity are refused)"
+        message = f"{param}: {text}" if param else text
         return reply(400, error_body(message, "invalid_request_error", "invalid_value", param))
 
     @app.exception_handler(Exception)

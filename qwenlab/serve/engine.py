@@ -8,6 +8,11 @@ Each `step()`:
   4. runs one decode step for every running row (each row with its own adapter and position).
 A row leaves the moment it finishes, and a waiting request takes its place at the next step.
 
+Faults stay as small as they can: an exception while setting up, sampling or emitting one row ends
+that row's request with an error event and the batch goes on; a failed prefill retries its
+newcomers one at a time (the running rows never saw it); only a failed decode forward pass, which
+may have written part of the shared KV cache, ends every running row - and the engine serves on.
+
 `EngineLoop` is the single background thread that steps every engine (the base and each
 variant), so the CPU cores are never split between two forward passes.
 """
@@ -30,6 +35,8 @@ from qwenlab.serve.batch_cache import BatchKVCache
 from qwenlab.serve.requests import EngineEvent, EngineRequest, RowState
 
 log = logging.getLogger("qwenlab.serve")
+ROW_ERROR = "internal error while generating this request; other requests are unaffected"
+ENGINE_ERROR = "internal error in the generation engine"
 
 
 class Engine:
@@ -38,7 +45,7 @@ class Engine:
         self.name, self.model, self.tokenizer, self.stop_ids = name, model, tokenizer, stop_ids
         self.max_batch, self.max_context, self.max_prefill_tokens = max_batch, max_context, max_prefill_tokens
         self.adapters = AdapterSet(model)
-        self.path: str | None = None  # the folder it was loaded from (shown in /v1/models)
+        self.path: str | None = None  # the folder it was loaded from (/v1/models shows its name only)
         self.metrics = metrics
         self.cache = BatchKVCache(model.config, max_batch, max_context, model.dtype)
         self.rows: list[RowState] = []  # rows[i] is cache row i
@@ -83,16 +90,9 @@ class Engine:
         self._drop_cancelled()
         newcomers = self._admit()
         if newcomers:
-            try:
-                self._prefill(newcomers)
-            except Exception:  # they are in neither `waiting` nor `rows`: tell them before fail_all
-                joined = {id(row.request) for row in self.rows}
-                for request in newcomers:
-                    if id(request) not in joined:
-                        request.on_event(EngineEvent("error", "internal error in the generation engine"))
-                raise
+            self._prefill_isolated(newcomers)
         if self.rows:
-            self._decode()
+            self._decode()  # a fault here reaches EngineLoop, which ends the running rows only
         self._report()
         return True
 
@@ -124,7 +124,7 @@ class Engine:
                     continue
                 if request.adapter and request.adapter not in self.adapters.known:
                     self.waiting.popleft()  # unloaded after the request was accepted
-                    request.on_event(EngineEvent("error", f"adapter '{request.adapter}' was unloaded"))
+                    self._tell(request, EngineEvent("error", f"adapter '{request.adapter}' was unloaded"))
                     continue
                 longest_after = max(longest, len(request.prompt_ids))
                 if chosen and longest_after * (len(chosen) + 1) > self.max_prefill_tokens:
@@ -133,7 +133,40 @@ class Engine:
                 longest = longest_after
         return chosen
 
-    def _prefill(self, requests: list[EngineRequest]) -> None:
+    def _prefill_isolated(self, requests: list[EngineRequest]) -> None:
+        """Prefill the newcomers; if the shared pass fails, retry each alone so only the culprit ends.
+
+        A prefill writes a cache of its own, so a pass that fails leaves the running rows untouched."""
+        states = self._new_rows(requests)
+        joined_before = len(self.rows)
+        try:
+            self._prefill(states)
+            return
+        except Exception:
+            if len(self.rows) != joined_before or self.cache.rows != joined_before:
+                # It failed after rows joined the batch: the shared state is suspect, so the running
+                # rows are ended (EngineLoop); the newcomers that had not joined are told here.
+                joined = {id(row) for row in self.rows}
+                for state in states:
+                    if id(state) not in joined:
+                        self._fail_request(state.request, "prefill")
+                raise
+            if len(states) == 1:
+                self._fail_request(states[0].request, "prefill")
+                return
+            log.warning("a prefill of %d requests failed; retrying them one at a time", len(states))
+        for state in states:
+            try:
+                self._prefill([state])
+            except Exception:
+                if self.cache.rows != len(self.rows):
+                    raise
+                self._fail_request(state.request, "prefill")
+
+    def _prefill(self, states: list[RowState]) -> None:
+        if not states:
+            return
+        requests = [state.request for state in states]
         longest = max(len(r.prompt_ids) for r in requests)
         tokens = torch.tensor([[0] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in requests])
         valid = torch.tensor([[False] * (longest - len(r.prompt_ids)) + [True] * len(r.prompt_ids) for r in requests])
@@ -141,11 +174,21 @@ class Engine:
         cache = self.model.new_cache(len(requests), longest)
         self.adapters.select([r.adapter for r in requests])
         logits = self.model(tokens, positions=positions, cache=cache, valid=valid, last_only=True)[:, -1]
-        for index, request in enumerate(requests):
+        for index, state in enumerate(states):
             self.cache.add_row(cache, index)
-            self.rows.append(RowState(request, self.tokenizer, self.model.config.vocab_size))
-        first = len(self.rows) - len(requests)
+            self.rows.append(state)
+        first = len(self.rows) - len(states)
         self._choose_and_emit(logits, list(range(first, len(self.rows))))
+
+    def _new_rows(self, requests: list[EngineRequest]) -> list[RowState]:
+        """A RowState per request; one whose set-up fails (its seed, its prompt) ends alone."""
+        states = []
+        for request in requests:
+            try:
+                states.append(RowState(request, self.tokenizer, self.model.config.vocab_size))
+            except Exception:
+                self._fail_request(request, "set-up")
+        return states
 
     def _decode(self) -> None:
         self.cache.make_room(1)
@@ -163,23 +206,57 @@ class Engine:
             self.metrics.observe_decode_step(self.name, count, time.perf_counter() - started)
 
     def _choose_and_emit(self, logits: torch.Tensor, row_indices: list[int]) -> None:
-        """logits[i] belongs to self.rows[row_indices[i]]; finished rows leave the batch."""
+        """logits[i] belongs to self.rows[row_indices[i]]; finished or faulted rows leave the batch."""
         greedy = logits.argmax(dim=-1).tolist()
-        finished: list[tuple[int, str]] = []
+        leaving: list[tuple[int, str | None]] = []  # (row index, finish reason; None: the row faulted)
         for i, index in enumerate(row_indices):
-            row = self.rows[index]
-            token = greedy[i] if row.request.params.greedy else row.choose(logits[i:i + 1])
-            first = row.request.first_token_s is None
-            reason = row.accept(token, self.stop_ids)
-            self._observe_token(row.request, first)
+            try:
+                reason = self._advance(self.rows[index], logits[i:i + 1], greedy[i])
+            except Exception:
+                log.exception("request %s failed while sampling; only it is ended", self.rows[index].request.request_id)
+                leaving.append((index, None))
+                continue
             if reason:
-                finished.append((index, reason))
+                leaving.append((index, reason))
         if self.metrics is not None:
             self.metrics.observe_step_tokens(len(row_indices))
-        for index, reason in sorted(finished, reverse=True):  # highest first: removal moves the last row
-            self.rows[index].finish(reason)
-            self._count(reason)
+        for index, reason in sorted(leaving, reverse=True):  # highest first: removal moves the last row
+            row = self.rows[index]
             self._remove(index)
+            if reason is None or not self._finish(row, reason):
+                self._tell(row.request, EngineEvent("error", ROW_ERROR))
+                self._count("error")
+
+    def _advance(self, row: RowState, logits: torch.Tensor, greedy_token: int) -> str | None:
+        """Choose one row's next token and emit its text; its finish reason when it is done."""
+        token = greedy_token if row.request.params.greedy else row.choose(logits)
+        first = row.request.first_token_s is None
+        reason = row.accept(token, self.stop_ids)
+        self._observe_token(row.request, first)
+        return reason
+
+    def _finish(self, row: RowState, reason: str) -> bool:
+        """Send a row's last text and its finish event; False when that fails (then it gets an error)."""
+        try:
+            row.finish(reason)
+        except Exception:
+            log.exception("request %s failed while finishing", row.request.request_id)
+            return False
+        self._count(reason)
+        return True
+
+    def _fail_request(self, request: EngineRequest, stage: str) -> None:
+        log.exception("request %s failed at %s; only it is ended", request.request_id, stage)
+        self._tell(request, EngineEvent("error", ROW_ERROR))
+        self._count("error")
+
+    @staticmethod
+    def _tell(request: EngineRequest, event: EngineEvent) -> None:
+        """Deliver an event whatever the receiver does: a raising callback must not stop the engine."""
+        try:
+            request.on_event(event)
+        except Exception:
+            log.exception("request %s: its event callback failed", request.request_id)
 
     def _observe_token(self, request: EngineRequest, first: bool) -> None:
         if self.metrics is None:
@@ -202,15 +279,16 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_load(self.name, queued=len(self.waiting), running=len(self.rows))
 
-    def fail_all(self, message: str) -> None:
-        """After an unexpected error: end every request with an error event and start clean."""
-        with self.lock:
-            requests = [row.request for row in self.rows] + list(self.waiting)
-            self.waiting.clear()
+    def fail_running(self, message: str) -> None:
+        """After a fault in a shared pass: end the running rows with an error event and start a clean cache.
+
+        Waiting requests stay queued: they had no part in it, and are admitted at the next step."""
+        requests = [row.request for row in self.rows]
         self.rows.clear()
         self.cache = BatchKVCache(self.model.config, self.max_batch, self.max_context, self.model.dtype)
         for request in requests:
-            request.on_event(EngineEvent("error", message))
+            self._tell(request, EngineEvent("error", message))
+            self._count("error")
 
 
 class EngineLoop(threading.Thread):
@@ -229,15 +307,28 @@ class EngineLoop(threading.Thread):
             self._wake.clear()  # cleared before looking, so a submit during the round is never lost
             busy = False
             for engine in self.engines:
-                try:
-                    busy = engine.step() or busy
-                except Exception:
-                    log.exception("engine %s failed; its requests are ended with an error", engine.name)
-                    engine.fail_all("internal error in the generation engine")
-                for listener in engine.step_listeners:
-                    listener()
+                busy = self._step(engine) or busy
             if not busy:
                 self._wake.wait(timeout=1.0)
+
+    @staticmethod
+    def _step(engine: Engine) -> bool:
+        """One engine's round; no exception leaves it, so the thread serves the next request."""
+        busy = True
+        try:
+            busy = engine.step()
+        except Exception:
+            log.exception("engine %s failed; its running requests are ended with an error", engine.name)
+            try:
+                engine.fail_running(ENGINE_ERROR)
+            except Exception:
+                log.exception("engine %s could not reset", engine.name)
+        for listener in engine.step_listeners:
+            try:
+                listener()
+            except Exception:  # e.g. the event loop closed during shutdown
+                log.exception("a step listener of engine %s failed", engine.name)
+        return busy
 
     def stop(self) -> None:
         self._stopping = True

@@ -51,6 +51,34 @@ def load_engine(name: str, path: str | Path, *, dtype: str = "fp32", max_batch: 
     return engine
 
 
+def folder_name(path: str | Path | None) -> str | None:
+    return Path(path).name if path else None
+
+
+def allowed_adapter_folder(allowed_dir: Path | None, requested: str) -> Path:
+    """The folder a /v1/load_lora_adapter request may read, or an APIError.
+
+    allowed_dir: the resolved --allow-adapter-dir (None: run-time loading is off). A relative
+    lora_path is taken under it. The check runs on the path with every symlink resolved, so a link
+    inside the directory that points out of it is refused. A path outside, a missing one and a file
+    get the same answer, so a client cannot probe which paths exist on the server.
+    """
+    if allowed_dir is None:
+        raise APIError(403, "Loading adapters at run time is off on this server (start it with "
+                       "--allow-adapter-dir DIR to allow folders under DIR).", code="adapter_loading_disabled",
+                       param="lora_path")
+    # Not even the requested path is echoed: the answer is the same text for every refused path.
+    refused = APIError(400, "lora_path is not an adapter folder under the server's adapter directory.",
+                       code="invalid_adapter_path", param="lora_path")
+    try:
+        folder = (allowed_dir / requested).resolve()  # an absolute `requested` replaces allowed_dir
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        raise refused from None
+    if not folder.is_relative_to(allowed_dir) or not folder.is_dir():
+        raise refused
+    return folder
+
+
 class ModelRegistry:
     def __init__(self, base: Engine, variants: dict[str, Engine] | None = None):
         self.base = base
@@ -77,10 +105,12 @@ class ModelRegistry:
                        param="model")
 
     def cards(self) -> list[ModelCard]:
-        cards = [ModelCard(id=self.base.name, root=self.base.path, kind="base")]
-        cards += [ModelCard(id=name, root=self.base.adapters.paths.get(name), parent=self.base.name, kind="adapter")
-                  for name in sorted(self.base.adapters.known)]
-        cards += [ModelCard(id=name, root=e.path, kind="variant") for name, e in self.variants.items()]
+        """The served models. `root` is a folder's name only: a full path would tell any client how the
+        server's disk is laid out (user names, mount points)."""
+        cards = [ModelCard(id=self.base.name, root=folder_name(self.base.path), kind="base")]
+        cards += [ModelCard(id=name, root=folder_name(self.base.adapters.paths.get(name)), parent=self.base.name,
+                            kind="adapter") for name in sorted(self.base.adapters.known)]
+        cards += [ModelCard(id=name, root=folder_name(e.path), kind="variant") for name, e in self.variants.items()]
         return cards
 
     # ---- adapters at run time -------------------------------------------------------------------
@@ -89,21 +119,36 @@ class ModelRegistry:
         self._check_new_name(name)
         self.base.adapters.attach(name, self.base.adapters.read(path), str(path))
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, folder: Path, shown: str, max_adapters: int) -> None:
+        """Attach the adapter in `folder` (already checked against the allowed directory) as `name`.
+
+        shown: the path as the client wrote it; error messages name that, never the resolved folder."""
         self._check_new_name(name)
+        self._check_room(max_adapters)
         try:
-            adapter = await run_in_threadpool(self.base.adapters.read, path)  # file I/O off the event loop
+            adapter = await run_in_threadpool(self.base.adapters.read, folder)  # file I/O off the event loop
         except QwenlabError as e:
-            raise APIError(400, str(e), code="invalid_adapter", param="lora_path") from None
-        future = self.base.call(lambda: self._attach_checked(name, adapter, path))
+            raise APIError(400, str(e).replace(str(folder), shown), code="invalid_adapter", param="lora_path") from None
+        except OSError:  # e.g. a file it may not read: say so without the server's own path or errno text
+            raise APIError(400, f"lora_path '{shown}': the adapter's files cannot be read.", code="invalid_adapter",
+                           param="lora_path") from None
+        future = self.base.call(lambda: self._attach_checked(name, adapter, folder, max_adapters))
         try:
             await asyncio.wrap_future(future)
         except QwenlabError as e:
-            raise APIError(400, str(e), code="invalid_adapter", param="lora_path") from None
+            raise APIError(400, str(e).replace(str(folder), shown), code="invalid_adapter", param="lora_path") from None
 
-    def _attach_checked(self, name: str, adapter, path: str) -> None:
-        self._check_new_name(name)  # again on the engine thread: two loads of one name may race
-        self.base.adapters.attach(name, adapter, path)
+    def _attach_checked(self, name: str, adapter, folder: Path, max_adapters: int) -> None:
+        # again on the engine thread: two loads may race past the checks made before reading
+        self._check_new_name(name)
+        self._check_room(max_adapters)
+        self.base.adapters.attach(name, adapter, str(folder))
+
+    def _check_room(self, max_adapters: int) -> None:
+        if len(self.base.adapters.known) >= max_adapters:
+            raise APIError(400, f"{len(self.base.adapters.known)} adapters are loaded, the most this server allows "
+                           f"(--max-adapters {max_adapters}); unload one first.", code="adapter_limit_reached",
+                           param="lora_name")
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self.base.adapters.known:

@@ -6,17 +6,69 @@ that qwenlab does not implement are rejected with a 400 naming the field, never 
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # OpenAI fields that change the output in ways qwenlab does not implement: (field, value meaning "off").
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "logit_bias": None,
                "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
                "best_of": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "n": (None, 1)}
+
+# Sampling bounds that keep every row's arithmetic finite, so one request can never poison a batch:
+# logits / temperature and logits / repetition_penalty stay far below float32's 3.4e38 for any
+# logit a model produces (|logit| < 1e4) when both are at least 1e-2 / 1e-5. A smaller positive
+# temperature is refused rather than rounded to greedy, so a client learns its value was not used.
+MIN_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def non_finite_path(value: Any, path: tuple = ()) -> tuple | None:
+    """The location of the first NaN or +-inf anywhere in a decoded JSON value (None when all finite).
+
+    Python's json module reads NaN, Infinity and 1e999 as floats; none of them is meaningful in a
+    request, and in a sampling field they turn a whole batch's logits into NaN.
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite_path(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+class NonFiniteValue(ValueError):
+    """Raised for a NaN/inf; `param` is where it is, so the 400 names the field like any other."""
+
+    def __init__(self, param: str):
+        super().__init__(f"{param} must be a finite number (NaN and infinity are refused)")
+        self.param = param
+
+
+class FiniteBody(BaseModel):
+    """A request body whose every number, declared field or not, is finite."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_everywhere(cls, data):
+        path = non_finite_path(data)
+        if path is not None:
+            raise NonFiniteValue(".".join(str(p) for p in path) or "body")
+        return data
 
 
 class TextPart(BaseModel):
@@ -39,22 +91,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(FiniteBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # -1 or 0: off (vLLM uses -1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_not_tiny(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -99,12 +158,12 @@ class CompletionRequest(SamplingFields):
         return self.prompt
 
 
-class LoadAdapterRequest(BaseModel):
+class LoadAdapterRequest(FiniteBody):
     lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\-/:]+$")
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
-class UnloadAdapterRequest(BaseModel):
+class UnloadAdapterRequest(FiniteBody):
     lora_name: str = Field(min_length=1)
 
 
@@ -187,7 +246,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "qwenlab"
-    root: str | None = None  # the folder it was loaded from
+    root: str | None = None  # the name of the folder it was loaded from (never a full path)
     parent: str | None = None  # for an adapter: the base it runs over
     kind: Literal["base", "adapter", "variant"] = "base"
 

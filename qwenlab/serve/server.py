@@ -6,17 +6,19 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
-from qwenlab.serve.limits import ServeLimits
+from qwenlab.serve.limits import ServeLimits, at_least, is_loopback
 from qwenlab.serve.metrics import ServeMetrics
 from qwenlab.serve.registry import ModelRegistry, load_engine
 
 log = logging.getLogger("qwenlab.serve")
+MAX_BATCH = 1024  # rows per engine; the batch KV cache is sized by it, so a typo must not allocate for 10^9
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -33,6 +35,28 @@ class ServeConfig:
     max_prefill_tokens: int = 1024  # padded prompt tokens per prefill: bounds the pause of running rows
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def check(self) -> None:
+        """Refuse nonsense settings at start, each with one line naming its flag."""
+        from qwenlab.model.load import DTYPES
+
+        at_least("--port", self.port, 1, 65535)
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise QwenlabError("--host must be an address to bind, e.g. 127.0.0.1")
+        if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
+            raise QwenlabError(f"--dtype must be one of fp32, bf16, fp16, got '{self.dtype}'")
+        at_least("--max-batch", self.max_batch, 1, MAX_BATCH)
+        at_least("--max-prefill-tokens", self.max_prefill_tokens, 1)
+        if self.max_context is not None:
+            at_least("--max-context", self.max_context, 2)  # one prompt token and one to generate
+        if self.threads is not None:
+            at_least("--threads", self.threads, 1, MAX_THREADS)
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise QwenlabError("--served-model-name must not be empty")
+        self.limits.check()
+        if len(self.adapters) > self.limits.max_adapters:
+            raise QwenlabError(f"--adapter is given {len(self.adapters)} times but --max-adapters is "
+                               f"{self.limits.max_adapters}")
 
 
 def base_name(config: ServeConfig) -> str:
@@ -55,24 +79,29 @@ def build_registry(config: ServeConfig, metrics: ServeMetrics) -> ModelRegistry:
 def build_app(config: ServeConfig):
     from qwenlab.serve.app import create_app
 
+    config.check()
     metrics = ServeMetrics()
-    return create_app(build_registry(config, metrics), config.limits, metrics)
+    return create_app(build_registry(config, metrics), config.limits, metrics, bind_host=config.host)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def exposure_warning(config: ServeConfig) -> str | None:
+    """The start-up warning for a server others can reach and use without a key."""
+    if is_loopback(config.host) or config.limits.api_key:
+        return None
+    loading = (f"; and load adapters from {config.limits.allow_adapter_dir}" if config.limits.allow_adapter_dir
+               else "")
+    return (f"warning: serving on {config.host} without --api-key: anyone who can reach this address can "
+            f"generate with every served model{loading}")
 
 
 def serve(config: ServeConfig) -> None:
     import uvicorn
 
-    if not is_loopback(config.host) and not config.limits.api_key:
-        log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
+    config.check()
+    warning = exposure_warning(config)
+    if warning:
+        # stderr directly: logging is not configured yet, and this must be seen whatever the log level
+        print(warning, file=sys.stderr, flush=True)
     if config.threads:
         import torch
 

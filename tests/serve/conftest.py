@@ -118,12 +118,14 @@ def metric(text: str, name: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def server(serve_models):
-    """The base with two adapters at start-up and the int8 copy as a variant."""
-    from qwenlab.serve import ServeConfig, build_app
+    """The base with two adapters at start-up and the int8 copy as a variant; run-time loading is
+    allowed from the folder that holds the test models."""
+    from qwenlab.serve import ServeConfig, ServeLimits, build_app
 
     config = ServeConfig(base=str(serve_models["base"]), served_model_name="base",
                          adapters={"math": str(serve_models["math"]), "reverse": str(serve_models["reverse"])},
-                         variants={"base-int8": str(serve_models["int8"])}, max_batch=8)
+                         variants={"base-int8": str(serve_models["int8"])}, max_batch=8,
+                         limits=ServeLimits(allow_adapter_dir=str(serve_models["base"].parent)))
     with LiveServer(build_app(config)) as live:
         yield live
 

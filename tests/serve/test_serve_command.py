@@ -7,6 +7,7 @@ import time
 import urllib.error
 
 import openai
+import pytest
 
 from tests.serve.conftest import free_port, get_json
 
@@ -40,10 +41,75 @@ def test_serve_command_answers_and_stops(serve_models, reference):
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
+    assert "without --api-key" not in output  # loopback, and a key: nothing to warn about
 
 
 def test_serve_command_rejects_a_malformed_adapter_flag(serve_models, capsys):
     from qwenlab.cli import main
 
-    assert main(["serve", str(serve_models["base"]), "--adapter", "nameonly"]) == 1
+    assert main(["serve", str(serve_models["base"]), "--adapter", "nameonly"]) != 0
     assert "--adapter expects name=path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-batch", "100000000"], "--max-batch"),
+    (["--port", "-1"], "--port"),
+    (["--port", "0"], "--port"),
+    (["--port", "65536"], "--port"),
+    (["--max-prefill-tokens", "0"], "--max-prefill-tokens"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", "-4"], "--threads"),
+    (["--max-context", "1"], "--max-context"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--default-max-tokens", "-1"], "--default-max-tokens"),
+    (["--max-concurrency", "0"], "--max-concurrency"),
+    (["--max-body-size", "0"], "--max-body-size"),
+    (["--max-body-size=-5MB"], "--max-body-size"),
+    (["--max-body-size", "lots"], "--max-body-size"),
+    (["--max-body-size", "infMB"], "--max-body-size"),
+    (["--request-timeout", "0"], "--request-timeout"),
+    (["--request-timeout", "nan"], "--request-timeout"),
+    (["--request-timeout", "inf"], "--request-timeout"),
+    (["--max-adapters", "0"], "--max-adapters"),
+    (["--dtype", "int3"], "--dtype"),
+    (["--host", ""], "--host"),
+    (["--served-model-name", " "], "--served-model-name"),
+    (["--allow-adapter-dir", "/no/such/dir"], "--allow-adapter-dir"),
+    (["--max-adapters", "1", "--adapter", "a=x", "--adapter", "b=y"], "--max-adapters"),
+])
+def test_nonsense_flags_are_refused_at_start(tmp_path, capsys, flags, named):
+    """Refused before anything loads: the base does not even exist, so only the flag check can answer."""
+    from qwenlab.cli import main
+
+    assert main(["serve", str(tmp_path / "no-model"), *flags]) != 0
+    err = capsys.readouterr().err.strip()
+    assert named in err and "\n" not in err and "Traceback" not in err, err
+    assert "no-model" not in err  # it stopped at the flag, before looking at the model
+
+
+def wait_for_health(process, port: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, "the server exited"
+        try:
+            if get_json(f"http://127.0.0.1:{port}/health")["status"] == "ok":
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
+def test_a_non_loopback_bind_without_a_key_warns(serve_models):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenlab", "serve", str(serve_models["base"]), "--host", "0.0.0.0", "--port", str(port),
+         "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_health(process, port)
+    finally:
+        process.send_signal(signal.SIGINT)
+        err = process.communicate(timeout=30)[1]
+    warnings = [line for line in err.splitlines() if "without --api-key" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: serving on 0.0.0.0"), err
