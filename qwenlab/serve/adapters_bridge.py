@@ -68,8 +68,9 @@ class _KernelStack:
             self.a[i, :r] = module.lora_A[n].float()
             self.bt[i, :r] = (module.lora_B[n].float() * module.scaling[n]).t()
         # What each call passes to the kernel, read once (a Python call per linear per step adds up).
-        self.rank, self.out_features = rank, module.out_features
+        self.rank, self.out_features, self.count = rank, module.out_features, len(order)
         self.a_ptr, self.bt_ptr = self.a.data_ptr(), self.bt.data_ptr()
+        self.a_len, self.bt_len = self.a.numel(), self.bt.numel()  # the kernel checks them against the sizes
 
 
 class AdapterSet:
@@ -175,8 +176,9 @@ class AdapterSet:
                 raise QwenlabError(f"the adapter selection has {len(self._row_adapter)} rows but the batch has {rows}")
             tokens = x.numel() // (rows * width)
             target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.zeros(out.shape)
-            status = self._bgmv(x.data_ptr(), rows, tokens, width, self._row_adapter_ptr, stack.a_ptr, stack.bt_ptr,
-                                stack.rank, stack.out_features, target.data_ptr())  # in place: target += delta
+            status = self._bgmv(x.data_ptr(), x.numel(), rows, tokens, width, self._row_adapter_ptr, rows,
+                                stack.a_ptr, stack.a_len, stack.bt_ptr, stack.bt_len, stack.count, stack.rank,
+                                stack.out_features, target.data_ptr(), target.numel())  # in place: target += delta
             if status != 0:
                 raise QwenlabError(f"lora_bgmv failed on a rank-{stack.rank} stack")
             return out if target is out else out + target.to(out.dtype)
