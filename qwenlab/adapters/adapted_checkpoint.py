@@ -79,7 +79,8 @@ def merge_adapter_into_folder(base: str | Path, adapter: str | Path, out: str | 
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[out_dtype]
     config = dict(adapted.config_dict, torch_dtype=dtype_name)
     config.pop("dtype", None)
-    with CheckpointWriter(out, config, generation_config=adapted.generation_config or None, force=force) as writer:
+    with CheckpointWriter(out, config, generation_config=adapted.generation_config or None, force=force,
+                          inputs=[adapted.path, adapter]) as writer:
         for name in tqdm(adapted.tensor_names(), desc="merge", unit="tensor", disable=not progress):
             writer.add(name, adapted.get_fp32(name).to(out_dtype))
         copy_tokenizer_files(adapted.path, writer.path_in_output(""))

@@ -171,5 +171,5 @@ def combine_adapters_to_folder(adapter_dirs: list[str | Path], out: str | Path, 
                            {f"adapter{i}": Path(d) for i, d in enumerate(adapter_dirs)},
                            {"weights": weights, "rank": report.rank, "density": density, "seed": seed})
     tokenizer_from = next((Path(d) for d in adapter_dirs if (Path(d) / "tokenizer.json").is_file()), None)
-    write_adapter(combined, out, force=force, tokenizer_from=tokenizer_from, lineage=lineage)
+    write_adapter(combined, out, force=force, tokenizer_from=tokenizer_from, lineage=lineage, inputs=adapter_dirs)
     return report

@@ -94,8 +94,8 @@ def extract_adapter_to_folder(base, finetuned, out: str | Path, rank: int, targe
 
     adapter, report = extract_adapter(base, finetuned, rank, targets, progress)
     base_path = open_checkpoint(base, validate=False).path
-    lineage = make_lineage("adapter", "lora-extract", {"base": base_path, "finetuned": open_checkpoint(
-        finetuned, validate=False).path}, {"rank": rank, "total_energy": report.total_energy,
-                                           "not_captured": report.not_captured})
-    write_adapter(adapter, out, force=force, tokenizer_from=base_path, lineage=lineage)
+    tuned_path = open_checkpoint(finetuned, validate=False).path
+    lineage = make_lineage("adapter", "lora-extract", {"base": base_path, "finetuned": tuned_path},
+                           {"rank": rank, "total_energy": report.total_energy, "not_captured": report.not_captured})
+    write_adapter(adapter, out, force=force, tokenizer_from=base_path, lineage=lineage, inputs=[base_path, tuned_path])
     return report

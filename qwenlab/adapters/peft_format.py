@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -185,23 +181,11 @@ def adapter_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return state
 
 
-@contextmanager
-def atomic_folder(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `out`, on error it is removed."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise QwenlabError(f"{out}: output folder exists (use --force to replace it)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+def atomic_folder(out: str | Path, force: bool = False, inputs=()):
+    """A temporary sibling folder that replaces `out` when complete (qwenlab.checkpoint.writer.atomic_folder)."""
+    from qwenlab.checkpoint.writer import atomic_folder as _atomic_folder
+
+    return _atomic_folder(out, force, inputs)
 
 
 def save_adapter_files(adapter: LoraAdapter, folder: Path, dtype: torch.dtype | None = None) -> None:
@@ -214,12 +198,14 @@ def save_adapter_files(adapter: LoraAdapter, folder: Path, dtype: torch.dtype | 
 
 
 def write_adapter(adapter: LoraAdapter, out: str | Path, *, force: bool = False, dtype: torch.dtype | None = None,
-                  tokenizer_from: Path | None = None, lineage: dict | None = None) -> Path:
-    """Write a PEFT adapter folder atomically (with the base's tokenizer files and a lineage.json)."""
+                  tokenizer_from: Path | None = None, lineage: dict | None = None, inputs=()) -> Path:
+    """Write a PEFT adapter folder atomically (with the base's tokenizer files and a lineage.json).
+
+    inputs: the folders it was made from; `out` may not be or hold one of them, even with force."""
     from qwenlab.checkpoint.lineage import write_lineage
     from qwenlab.checkpoint.writer import copy_tokenizer_files
 
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, [*inputs, tokenizer_from]) as tmp:
         save_adapter_files(adapter, tmp, dtype)
         if tokenizer_from is not None:
             copy_tokenizer_files(Path(tokenizer_from), tmp)

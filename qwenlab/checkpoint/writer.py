@@ -2,6 +2,11 @@
 
 Everything goes to a temporary sibling folder first; only a complete folder is renamed into
 place, so an interrupted write never leaves a half-written model behind.
+
+Every command that writes an output (merge, quantize, adapter ops, train, GGUF export) checks it
+with `prepare_output_dir` first and swaps it in with `replace_output`: `--force` replaces only the
+output itself, never an input, a folder that holds an input, `/`, the home folder or the current
+folder, and the old output is removed only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,11 +45,108 @@ def parse_size(text: str | int) -> int:
         raise QwenlabError(f"invalid size '{text}': expected e.g. 2GB, 500MB or a byte count") from None
 
 
-def prepare_output_dir(out: str | Path, force: bool = False) -> Path:
+def _real(path: str | Path) -> Path:
+    """The absolute path with every symlink resolved (also for a path that does not exist yet)."""
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def _holds(folder: Path, path: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling symlink is still something to replace
+
+
+def prepare_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (), *,
+                       kind: str = "folder") -> Path:
+    """Check that OUT may be written (or, with force, replaced) before any work; returns it as a Path.
+
+    Refused, with or without force: an output that is, or holds, one of `inputs` (after resolving
+    symlinks: replacing it would delete the input); an existing output of the wrong kind (a file
+    where a folder is written, or the reverse); and `/`, the home folder, the current folder or any
+    folder holding one of them. kind: "folder" or "file".
+    """
     out = Path(out)
-    if out.exists() and not force:
-        raise QwenlabError(f"{out}: output folder exists (use --force to replace it)")
+    what = "folder" if kind == "folder" else "file"
+    if out.name in ("", ".", ".."):
+        raise QwenlabError(f"{str(out) or repr('')}: expected an output {what} name, not the current or a parent folder")
+    real = _real(out)
+    for item in inputs:
+        if item is not None and _holds(real, _real(item)):
+            relation = "is" if _real(item) == real else "holds"
+            raise QwenlabError(f"{out}: the output {relation} the input {item}; write to another {what}")
+    if not _exists(out):
+        return out
+    if not force:
+        raise QwenlabError(f"{out}: output {what} exists (use --force to replace it)")
+    if kind == "folder" and out.exists() and not out.is_dir():
+        raise QwenlabError(f"{out}: exists and is a file, not a folder; --force replaces only an output folder")
+    if kind == "file" and out.is_dir():
+        raise QwenlabError(f"{out}: exists and is a folder; --force replaces only an output file")
+    for name, protected in (("the root folder", Path("/")), ("your home folder", Path.home()),
+                            ("the current folder", Path.cwd())):
+        if _holds(real, _real(protected)):
+            raise QwenlabError(f"{out}: --force would replace {name} ({protected}); choose another output {what}")
     return out
+
+
+def temp_sibling(out: Path, tag: str = "tmp") -> Path:
+    """A hidden sibling of `out` for this process: `.NAME.tmp-PID` (same filesystem, so renames are atomic)."""
+    return out.parent / f".{out.name}.{tag}-{os.getpid()}"
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a folder."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def replace_output(tmp: Path, out: Path) -> None:
+    """Move the complete `tmp` to `out`. An old `out` is first set aside and removed only after the
+    new one is in place, so an interruption leaves the old output or the new one, never a mix."""
+    if not _exists(out):
+        os.rename(tmp, out)
+        return
+    if out.is_file() and not out.is_symlink():
+        os.replace(tmp, out)  # a file: one atomic step
+        return
+    old = temp_sibling(out, "old")
+    remove_path(old)
+    os.rename(out, old)  # renames a symlink itself, never its target
+    os.rename(tmp, out)
+    remove_path(old)
+
+
+@contextmanager
+def atomic_folder(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; when the block completes it replaces `out`, and if
+    the block raises (an error, Ctrl-C) it is removed and `out` is left as it was."""
+    out = prepare_output_dir(out, force, inputs)
+    tmp = temp_sibling(out)
+    remove_path(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small file through a temporary sibling, so a reader never sees it half-written."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -57,12 +161,15 @@ class CheckpointWriter:
     """
 
     def __init__(self, out: str | Path, config: dict, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 generation_config: dict | None = None, force: bool = False):
-        self.out = prepare_output_dir(out, force)
+                 generation_config: dict | None = None, force: bool = False,
+                 inputs: Iterable[str | Path | None] = ()):
+        self.inputs = tuple(inputs)
+        self.force = force
+        self.out = prepare_output_dir(out, force, self.inputs)
         self.config = config
         self.generation_config = generation_config
         self.max_shard_bytes = max(1, int(max_shard_bytes))
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self.tmp = temp_sibling(self.out)
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []
@@ -70,8 +177,7 @@ class CheckpointWriter:
         self._names: set[str] = set()
 
     def __enter__(self) -> "CheckpointWriter":
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        remove_path(self.tmp)
         self.tmp.mkdir(parents=True)
         return self
 
@@ -116,9 +222,8 @@ class CheckpointWriter:
         write_json(self.tmp / "config.json", self.config)
         if self.generation_config:
             write_json(self.tmp / "generation_config.json", self.generation_config)
-        if self.out.exists():
-            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
-        self.tmp.rename(self.out)
+        prepare_output_dir(self.out, self.force, self.inputs)  # again: something may have appeared meanwhile
+        replace_output(self.tmp, self.out)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

@@ -139,6 +139,13 @@ def _start_lineage(plan: MergePlan, sources: dict[str, TensorSource]) -> tuple[t
     return thread, result
 
 
+def input_paths(sources: dict[str, TensorSource]) -> list[Path]:
+    """Every folder a merge reads (models, and the adapters of BASE+ADAPTER inputs): OUT may hold none."""
+    paths = [getattr(s, "path", None) for s in sources.values()]
+    paths += [getattr(s, "adapter_path", None) for s in sources.values()]
+    return [p for p in paths if p is not None]
+
+
 def write_merge(plan: MergePlan, sources: dict[str, TensorSource], out: Path, *, dtype: torch.dtype | None,
                 force: bool, max_shard_bytes: int, progress: bool, seed: int) -> Path:
     config = plan.config
@@ -151,7 +158,7 @@ def write_merge(plan: MergePlan, sources: dict[str, TensorSource], out: Path, *,
     warn_on_differences(sources)
     lineage_thread, lineage = _start_lineage(plan, sources)
     with CheckpointWriter(out, output_config_dict(plan, out_dtype), max_shard_bytes=max_shard_bytes,
-                          generation_config=generation_config, force=force) as writer:
+                          generation_config=generation_config, force=force, inputs=input_paths(sources)) as writer:
         for planned in tqdm(plan.tensors, desc=f"merge ({plan.method.name})", unit="tensor", disable=not progress):
             writer.add(planned.name, merge_tensor(plan, planned, sources, load_dtype, out_dtype, seed))
             release_inputs(sources)
@@ -188,6 +195,7 @@ def merge(config: MergeConfig | dict | str | Path, out: str | Path, *, dtype: st
         dtype = parse_dtype(dtype, "--dtype")
     plan, sources = plan_merge(config, open_model=open_model)
     try:
+        prepare_output_dir(out, force, input_paths(sources))  # before any work, now that the inputs are known
         with retained_heap():
             return write_merge(plan, sources, out, dtype=dtype, force=force, max_shard_bytes=max_shard_bytes,
                                progress=progress, seed=seed)

@@ -135,14 +135,14 @@ def export_gguf(model: str | Path, out: str | Path, kind: str = "q8_0", *, head_
         raise QwenlabError(f"{checkpoint.path}: is already quantized by qwenlab; "
                            "export the float model it was made from")
     checkpoint.validate()
-    out = Path(out)
-    if out.exists() and not force:
-        raise QwenlabError(f"{out}: output file exists (use --force to replace it)")
+    from qwenlab.checkpoint.writer import prepare_output_dir, temp_sibling, write_text_atomic
+
+    out = prepare_output_dir(out, force, [checkpoint.path], kind="file")
     config = checkpoint.config
     tokens, types, merges = read_gguf_vocab(checkpoint.path, config.vocab_size)
     special, chat_template = _special_ids(checkpoint.path, config, tokens)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)  # written whole, then renamed over OUT: never a half-written .gguf
     writer = gguf.GGUFWriter(str(tmp), "qwen2")
     writer.add_name(checkpoint.path.name)
     writer.add_context_length(config.max_position_embeddings)
@@ -190,6 +190,6 @@ def export_gguf(model: str | Path, out: str | Path, kind: str = "q8_0", *, head_
         raise
     lineage = make_lineage("export", f"gguf-{kind}", {"source": checkpoint.path},
                            {"type": kind, "head_type": head_kind})
-    out.with_name(out.name + ".lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    write_text_atomic(out.with_name(out.name + ".lineage.json"), json.dumps(lineage, indent=2) + "\n")
     return {"path": str(out), "type": kind, "tensors_by_type": written, "bytes": out.stat().st_size,
             "vocab": len(tokens)}

@@ -83,7 +83,8 @@ def quantize_model(model: str | Path, out: str | Path, *, bits: int = 4, group_s
 
     config_dict = dict(checkpoint.config_dict)
     config_dict["quantization"] = quantization_section(spec, head_bits)
-    with CheckpointWriter(out, config_dict, generation_config=checkpoint.generation_config, force=force) as writer:
+    with CheckpointWriter(out, config_dict, generation_config=checkpoint.generation_config, force=force,
+                          inputs=[checkpoint.path]) as writer:
         for name in tqdm(shapes, desc=f"int{bits} quantize", unit="tensor", disable=not progress):
             tensor = checkpoint.get(name)
             if is_linear_weight(name) or (name in head_names(config) and head_bits < 16):
@@ -97,6 +98,8 @@ def quantize_model(model: str | Path, out: str | Path, *, bits: int = 4, group_s
                 writer.add(name, tensor.float())  # norms and biases: tiny, kept exact
             del tensor
         copy_tokenizer_files(checkpoint.path, writer.path_in_output(""))
-    write_lineage(out, make_lineage("quantized", f"int{bits}-g{group_size}-{method}", {"base": checkpoint.path},
-                                    {**spec.as_dict(), "head_bits": head_bits}))
+        # inside the folder being written: the lineage is part of the output, never missing from it
+        write_lineage(writer.path_in_output(""), make_lineage(
+            "quantized", f"int{bits}-g{group_size}-{method}", {"base": checkpoint.path},
+            {**spec.as_dict(), "head_bits": head_bits}))
     return Path(out)

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
+
+# A model name becomes a folder name (models/NAME, swarm/NAME, cards/NAME.md), so it is one plain path
+# component: no separator, no '..', no leading dot (temporary siblings are hidden), no '+' (merges read
+# BASE+ADAPTER), and not NAME.partial (a training run's work folder).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name, where: str) -> str:
+    """`name` if it is a plain folder name; else a one-line QwenlabError naming `where` (the field)."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or ".." in name or name.endswith(".partial"):
+        raise QwenlabError(f"{where}: {name!r} is not a plain name; expected letters, digits, '.', '_' or '-' "
+                           "(at most 100, no path separators, no '..'), e.g. sft-arithmetic")
+    return name
 
 
 @dataclass
@@ -23,9 +37,18 @@ class RunContext:
             return name
         raise QwenlabError(f"recipe: unknown model '{name}'; known: {', '.join(self.models) or 'none'}")
 
-    def new_model_dir(self, name: str) -> Path:
+    def model_dir(self, name: str, where: str = "recipe") -> Path:
+        """run_dir/models/NAME, refused unless NAME is a plain name that stays inside models/."""
+        check_name(name, where)
+        models = (self.run_dir / "models").resolve()
+        path = models / name
+        if path.resolve().parent != models:  # e.g. a symlink planted in models/: never write through it
+            raise QwenlabError(f"{where}: {name!r} resolves outside the run's models folder {models}")
+        return self.run_dir / "models" / name
+
+    def new_model_dir(self, name: str, where: str = "recipe") -> Path:
         """Where a stage writes a model it makes; registered under `name` for later stages."""
-        path = self.run_dir / "models" / name
+        path = self.model_dir(name, where)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.models[name] = str(path)
         return path
@@ -36,5 +59,8 @@ class RunContext:
         self.save()
 
     def save(self) -> None:
-        (self.run_dir / "figures.json").write_text(json.dumps(self.figures, indent=2, default=str) + "\n")
-        (self.run_dir / "report.md").write_text("\n\n".join(self.sections) + "\n")
+        """figures.json and report.md, each replaced whole: an interruption never leaves half a report."""
+        from qwenlab.checkpoint.writer import write_text_atomic
+
+        write_text_atomic(self.run_dir / "figures.json", json.dumps(self.figures, indent=2, default=str) + "\n")
+        write_text_atomic(self.run_dir / "report.md", "\n\n".join(self.sections) + "\n")

@@ -4,8 +4,10 @@ A run folder:
     OUT/adapter_config.json, adapter_model.safetensors   the final adapter, PEFT format (written last)
     OUT/tokenizer files, lineage.json, loss_curve.png, training_log.json
     OUT/checkpoints/checkpoint-N/   adapter + optimizer, scheduler, RNG and trainer state (for --resume)
-Every input is checked before OUT is created, so bad input leaves nothing behind; the final files
-are written to a temporary folder and moved in, adapter_config.json last.
+Every input is checked before anything is written, so bad input leaves nothing behind. A new run
+trains in the sibling OUT.partial (its checkpoints are what --resume continues) and is renamed to
+OUT only when the final adapter is complete; with --force an old OUT stays until then. So OUT is
+always a finished run or absent, and an interrupted one is the clearly named OUT.partial.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ class TrainingRun:
     conversational: bool
     total_steps: int
     resume_from: str | None = None
+    work: Path | None = None  # where the run writes until it is complete (OUT.partial, or OUT when resumed in place)
 
     @property
     def checkpoints(self) -> Path:
-        return self.out / CHECKPOINTS
+        return (self.work or self.out) / CHECKPOINTS
 
 
 @dataclass
@@ -100,12 +103,27 @@ def _run_settings(run: TrainingRun) -> dict:
     return settings
 
 
+def partial_folder(out: Path) -> Path:
+    """Where a run trains until it is complete."""
+    return out.with_name(out.name + ".partial")
+
+
 def _prepare_output(run: TrainingRun) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
+    from qwenlab.checkpoint.writer import prepare_output_dir
+
     config, out = run.config, run.out
     settings = _run_settings(run)
+    partial = partial_folder(out)
+    inputs = [run.base, config.data, config.eval_data]
     if config.resume or config.resume_from:
+        # an interrupted run's work folder first; else OUT itself if it has checkpoints (a finished run,
+        # or one laid out by hand); else (--resume-from elsewhere) a new OUT.partial
+        in_place = (out / CHECKPOINTS).is_dir() and not (partial / CHECKPOINTS).is_dir()
+        run.work = out if in_place else partial
+        for folder in {out, run.work}:
+            prepare_output_dir(folder, True, inputs)  # even resumed, OUT is replaced at the end: never an input
         checkpoint = config.resume_from
         if not checkpoint and run.checkpoints.is_dir():
             checkpoint = get_last_checkpoint(str(run.checkpoints))
@@ -118,14 +136,24 @@ def _prepare_output(run: TrainingRun) -> None:
                 raise QwenlabError(f"--resume: '{key}' was {saved[key]!r} in the interrupted run and is {value!r} "
                                    "now; resume with the same settings and data")
         run.resume_from = str(checkpoint)
-    elif out.exists() and not config.force:
+        return
+    if (out.exists() or out.is_symlink()) and not config.force:
         raise QwenlabError(f"{out}: output folder exists (use --resume to continue it, or --force to replace it)")
+    if partial.exists() and not config.force:
+        raise QwenlabError(f"{partial}: an interrupted run of this output (use --resume to continue it, "
+                           "or --force to start again)")
+    prepare_output_dir(out, config.force, inputs)
+    prepare_output_dir(partial, config.force, inputs)
+    run.work = partial
 
 
 def open_output(run: TrainingRun) -> None:
-    """Create OUT/checkpoints (replacing OUT with --force) once every input has been checked."""
-    if not run.resume_from and run.out.exists():
-        shutil.rmtree(run.out)
+    """Create the work folder's checkpoints/ once every input has been checked. A new run starts from
+    an empty OUT.partial (an interrupted one of the same OUT is replaced with --force); OUT is untouched."""
+    from qwenlab.checkpoint.writer import remove_path
+
+    if not run.resume_from and run.work is not None and run.work != run.out:
+        remove_path(run.work)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     (run.checkpoints / RUN_CONFIG).write_text(json.dumps(_run_settings(run), indent=2) + "\n")
 
@@ -214,7 +242,10 @@ def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
     tokens = trainer.state.num_input_tokens_seen or None
     result = TrainResult(run.out, trainer.state.global_step, train_points[-1][1] if train_points else None,
                          eval_points[-1][1] if eval_points else None, runtime, tokens, history)
-    tmp = run.out / f".final.tmp-{os.getpid()}"
+    from qwenlab.checkpoint.writer import replace_output
+
+    work = run.work or run.out
+    tmp = work / f".final.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         trainer.model.save_pretrained(str(tmp))
@@ -231,7 +262,9 @@ def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
                                {**_run_settings(run), **summary})
         write_lineage(tmp, lineage)
         for file in sorted(tmp.iterdir(), key=lambda p: p.name == ADAPTER_CONFIG):  # config last
-            os.replace(file, run.out / file.name)
+            os.replace(file, work / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if work != run.out:
+        replace_output(work, run.out)  # complete: now it becomes OUT (an old OUT is removed only after)
     return result

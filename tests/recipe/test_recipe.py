@@ -74,3 +74,78 @@ stages:
         assert 0.0 <= row["accuracy"]["reverse"] <= 1.0
     assert "int4" in figures["base-int4"]["weights"] and "base-int4" in ctx.models
     assert "| base-int4 |" in (tmp_path / "run" / "report.md").read_text()
+
+
+# ---- names that become folders, and the run folder ------------------------------------------------
+@pytest.fixture
+def victim(tmp_path):
+    """A folder outside the run that a bad name would reach."""
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    return folder
+
+
+@pytest.mark.parametrize("stage,field", [("swarm", "as"), ("train", "as"), ("eval", "label")])
+@pytest.mark.parametrize("name", ["ABS", "../victim", "../../victim", "models/../../victim", "..", "", ".hidden",
+                                  "a+b", "x.partial"])
+def test_names_that_are_paths_are_refused_when_the_recipe_is_read(tmp_path, victim, stage, field, name):
+    name = str(victim) if name == "ABS" else name
+    path = write(tmp_path, f"stages:\n  - {stage}: {{task: arithmetic, {field}: {json.dumps(name)}}}\n")
+    with pytest.raises(QwenlabError, match=rf"stages\[0\]\.{stage}\.{field}: .* is not a plain name"):
+        run_recipe(path, tmp_path / "run")
+    assert (victim / "keep.txt").read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_model_names_of_the_recipe_are_checked_too(tmp_path, victim):
+    path = write(tmp_path, f"models: {{{json.dumps(str(victim))}: nano}}\nstages: [{{info: {{}}}}]\n")
+    with pytest.raises(QwenlabError, match="models: .* is not a plain name"):
+        load_recipe(path)
+
+
+def test_stages_refuse_escaping_names_even_when_called_directly(tmp_path, victim):
+    """Defense in depth, below the recipe reader: the swarm stage used to delete `as` wherever it pointed."""
+    from qwenlab.recipe.context import RunContext
+    from qwenlab.recipe.stages import STAGES
+
+    ctx = RunContext(run_dir=tmp_path / "run")
+    with pytest.raises(QwenlabError, match=r"swarm stage: as: .* is not a plain name"):
+        STAGES["swarm"](ctx, {"as": str(victim), "peers": 1, "rounds": 1})
+    with pytest.raises(QwenlabError, match="is not a plain name"):
+        ctx.new_model_dir("../../victim")
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    (tmp_path / "run" / "models" / "planted").symlink_to(victim)  # a plain name whose folder is a symlink out
+    with pytest.raises(QwenlabError, match="resolves outside the run's models folder"):
+        ctx.new_model_dir("planted")
+    assert (victim / "keep.txt").read_text() == "mine" and list(victim.iterdir()) == [victim / "keep.txt"]
+    assert ctx.models == {}
+
+
+def test_a_failed_run_is_marked_incomplete_and_a_finished_one_is_not(tiny_model_dir, tmp_path):
+    from qwenlab.recipe.runner import INCOMPLETE
+
+    path = write(tmp_path, f"models: {{base: {tiny_model_dir}}}\n"
+                           "stages: [{info: {model: base}}, {info: {model: ghost}}]\n")
+    with pytest.raises(QwenlabError, match="unknown model 'ghost'"):
+        run_recipe(path, tmp_path / "failed")
+    assert (tmp_path / "failed" / INCOMPLETE).read_text().startswith("Stopped at stage [2/2] info: failed")
+    report = (tmp_path / "failed" / "report.md").read_text()
+    assert "**Incomplete run**: stage [2/2] info failed" in report
+    assert list(json.loads((tmp_path / "failed" / "figures.json").read_text())) == ["01-info"]
+    run_recipe(write(tmp_path, f"models: {{base: {tiny_model_dir}}}\nstages: [{{info: {{model: base}}}}]\n"),
+               tmp_path / "done")
+    assert not (tmp_path / "done" / INCOMPLETE).exists() and (tmp_path / "done" / "report.md").is_file()
+
+
+def test_two_runs_never_share_a_run_folder(tiny_model_dir, tmp_path, monkeypatch):
+    import qwenlab.recipe.runner as runner
+
+    path = write(tmp_path, f"models: {{base: {tiny_model_dir}}}\nstages: [{{info: {{model: base}}}}]\n")
+    with pytest.raises(QwenlabError, match="exists and is not empty"):
+        run_recipe(path, tmp_path)  # an explicit --out that holds something (here: the recipe itself)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner.time, "strftime", lambda *_: "20250101-000000")  # both start "in the same second"
+    first, second = run_recipe(path), run_recipe(path)
+    assert first.run_dir != second.run_dir
+    assert sorted(p.name for p in (tmp_path / "qwenlab-runs").iterdir()) == ["20250101-000000", "20250101-000000-2"]
+    assert all((ctx.run_dir / "report.md").is_file() for ctx in (first, second))

@@ -66,8 +66,9 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     (a, a_adapters), (b, b_adapters) = (merge_input(ctx, name, base_path) for name in names)
     outputs = {}
     for method in methods:
-        out = ctx.new_model_dir(f"merge-{method}")
-        merge(method_config(method, base_path, a, b), out, dtype="float32", force=True, progress=False)
+        config = method_config(method, base_path, a, b)  # an unknown method fails before any folder is named
+        out = ctx.new_model_dir(f"merge-{method}", "merge stage: methods")
+        merge(config, out, dtype="float32", force=True, progress=False)
         outputs[f"merge-{method}"] = str(out)
     accuracy = {}
     inputs = {names[0]: (a, a_adapters), names[1]: (b, b_adapters), **{k: (v, []) for k, v in outputs.items()}}

@@ -10,6 +10,8 @@ variant in fresh subprocesses (TTFT, decode tokens/s, peak RSS); accuracy on the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qwenlab.errors import QwenlabError
 
 
@@ -29,10 +31,12 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     group_size = params.get("group_size")
     source = ctx.model_path(name)
     variants = {name: source}
+    # `model` may be a folder path rather than a run name: its variants are still named inside the run
+    stem = name if name in ctx.models else Path(str(name).rstrip("/")).name
     for bits in bits_list:
-        out = ctx.new_model_dir(f"{name}-int{bits}")
+        out = ctx.new_model_dir(f"{stem}-int{bits}", "quantize stage: model")
         quantize_model(source, out, bits=bits, group_size=group_size, force=True, progress=False)
-        variants[f"{name}-int{bits}"] = str(out)
+        variants[f"{stem}-int{bits}"] = str(out)
     rows, figures = [], {}
     for label, path in variants.items():
         dtype = "fp32" if label == name else f"int{label.rsplit('int', 1)[1]}"

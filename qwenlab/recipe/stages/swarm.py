@@ -77,9 +77,13 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     from qwenlab.swarm.local import run_local_swarm
     from qwenlab.train.grpo import GRPOConfig
 
+    from qwenlab.checkpoint.writer import atomic_folder, prepare_output_dir, remove_path
+    from qwenlab.recipe.context import check_name
+
     task, name = params.get("task", "arithmetic"), params.get("as")
     if not name:
         raise QwenlabError("swarm stage: 'as' (the name of the resulting adapter) is required")
+    check_name(name, "swarm stage: as")  # it names folders: models/NAME and swarm/NAME
     peers, rounds = int(params.get("peers", 2)), int(params.get("rounds", 6))
     if peers < 1 or rounds < 1:
         raise QwenlabError("swarm stage: 'peers' and 'rounds' must be >= 1")
@@ -89,8 +93,11 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     select_every = int(params.get("select_every", 25))
     if select_every < 0:
         raise QwenlabError("swarm stage: 'select_every' must be >= 0 (0: no selection)")
+    # Checked now, not after the swarm ran: the result may not replace its own starting adapter or base.
+    out = prepare_output_dir(ctx.model_dir(name, "swarm stage: as"), True, [init, base])
     folder = ctx.run_dir / "swarm" / name
-    shutil.rmtree(folder, ignore_errors=True)
+    prepare_output_dir(folder, True, [init, base])
+    remove_path(folder)  # an earlier swarm stage's peers of the same name, in this run
     configs, swarm_name = [], f"recipe-{time.time_ns()}"  # one name for all peers, new for every run
     for index in range(peers):
         grpo = GRPOConfig(model=base, tasks=[task], difficulty=difficulty, init_adapter=init,
@@ -120,13 +127,13 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     best = max(range(len(candidates)), key=lambda i: (scores[i], -i))  # ties: the earliest candidate
     chosen_peer, chosen_round, chosen = candidates[best]
     before, after = _accuracy(base, [init, chosen], task, eval_n, difficulty, TEST_SEED)
-    out = ctx.new_model_dir(name)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(chosen, out)
-    if not (out / "tokenizer_config.json").exists():  # snapshots hold the adapter files only
-        for extra in (folder / "peer0" / "adapter").iterdir():
-            if extra.is_file() and not (out / extra.name).exists():
-                shutil.copy2(extra, out / extra.name)
+    out = ctx.new_model_dir(name, "swarm stage: as")
+    with atomic_folder(out, True, [init, base]) as tmp:  # the old adapter stays until the new one is complete
+        shutil.copytree(chosen, tmp, dirs_exist_ok=True)
+        if not (tmp / "tokenizer_config.json").exists():  # snapshots hold the adapter files only
+            for extra in (folder / "peer0" / "adapter").iterdir():
+                if extra.is_file() and not (tmp / extra.name).exists():
+                    shutil.copy2(extra, tmp / extra.name)
     rows = [[json.loads(line) for line in (folder / f"peer{i}" / "rounds.jsonl").read_text().splitlines()]
             for i in range(peers) if (folder / f"peer{i}" / "rounds.jsonl").is_file()]
     validation: dict[int, list[tuple[int, float]]] = {}

@@ -32,8 +32,8 @@ def run(ctx, params: dict) -> tuple[dict, str]:
         policy = params.get("rejected_from")
         records = dpo_records_from_task(task, n, seed=seed, difficulty=params.get("difficulty"),
                                         rejected_from=ctx.model_path(policy) if policy else None)
+    out = ctx.new_model_dir(name, "train stage: as")  # checked first: the name becomes folder names
     data = write_jsonl(records, ctx.run_dir / "data" / f"{name}.jsonl", force=True)
-    out = ctx.new_model_dir(name)
     options = {k: params[k] for k in OPTIONAL if k in params}
     config = TrainConfig(base=ctx.model_path(params.get("base", "nano")), data=str(data), out=str(out), steps=steps,
                          seed=seed, save_steps=0, save_total_limit=1, logging_steps=max(1, steps // 20),
