@@ -92,9 +92,7 @@ class SwarmPeer:
         self.identity = PeerIdentity.load_or_create(self.out / KEY_FILE)
         self.peer_id = self.identity.peer_id
         self.metrics = SwarmMetrics(self.out, audit=config.audit)
-        self.pool = ExternalPool(config.swarm, self.peer_id, RecordLimits(max_record_bytes=config.max_record_bytes),
-                                 rate_burst=config.rate_burst, rate_per_s=config.rate_per_s,
-                                 seed=_derived_seed(config.grpo.seed, self.peer_id))
+        self.pool: ExternalPool | None = None  # made with the learner: it scores with the learner's tokenizer
         self.dht: SwarmDHT | None = None
         self.learner: GRPOLearner | None = None
         self.round = 0
@@ -126,7 +124,13 @@ class SwarmPeer:
         return addresses
 
     def start_learner(self) -> None:
-        self.learner = GRPOLearner.create(self.config.grpo)
+        c = self.config
+        self.learner = GRPOLearner.create(c.grpo)
+        # Foreign completions are scored on exactly the tokens this learner trains on.
+        self.pool = ExternalPool(c.swarm, self.peer_id, RecordLimits(max_record_bytes=c.max_record_bytes),
+                                 tokenizer=self.learner.tokenizer, max_completion_tokens=c.grpo.max_new_tokens,
+                                 rate_burst=c.rate_burst, rate_per_s=c.rate_per_s,
+                                 seed=_derived_seed(c.grpo.seed, self.peer_id))
         checkpoint = self.out / "checkpoint"
         if self.config.resume and has_checkpoint(checkpoint):
             extra = self.learner.load(checkpoint)

@@ -42,6 +42,7 @@ class RecordLimits:
     max_prompt_chars: int = 4096
     max_age_s: float = 900.0  # older records are stale (the DHT expires them anyway)
     max_clock_skew_s: float = 120.0  # records "from the future" beyond this are refused
+    max_score_s: float = 0.5  # CPU seconds to re-score one record (a linear-time verifier needs ~ms)
 
 
 class RecordRejected(Exception):
@@ -142,13 +143,19 @@ def _check_fields(body: dict, limits: RecordLimits) -> RolloutRecord:
     return RolloutRecord(**body)
 
 
-def decode_record(value, subkey, *, swarm: str, limits: RecordLimits = RecordLimits(),
-                  now: float | None = None) -> RolloutRecord:
-    """A verified record from a DHT (subkey, value) pair, or RecordRejected naming the failed check."""
+def check_raw_size(value, limits: RecordLimits = RecordLimits()) -> bytes:
+    """The first check, before any parsing: a DHT value must be bytes within the size cap."""
     if not isinstance(value, bytes):
         raise RecordRejected("malformed", f"value is {type(value).__name__}, not bytes")
     if len(value) > limits.max_record_bytes:
         raise RecordRejected("oversized", f"{len(value)} bytes > {limits.max_record_bytes}")
+    return value
+
+
+def decode_record(value, subkey, *, swarm: str, limits: RecordLimits = RecordLimits(),
+                  now: float | None = None) -> RolloutRecord:
+    """A verified record from a DHT (subkey, value) pair, or RecordRejected naming the failed check."""
+    check_raw_size(value, limits)
     try:
         envelope = _unpack(value, limits)
     except Exception as e:  # msgpack raises several types for bad or over-limit input

@@ -1,13 +1,18 @@
 """The SAPO mix: I local + J external rollouts per step, from a bounded pool of verified records.
 
 Every DHT entry a fetch returns goes through `ExternalPool.ingest`:
-  1. duplicate?   the same bytes, or the same (sender, task, seed, difficulty), seen before: dropped
-  2. decode_record (records.py): size cap, schema, fields, peer id, signature, age
-  3. rate limit   a token bucket per sender (burst, then records per second)
-  4. the task     rebuilt from (task, seed, difficulty) with our own generator; the seed must be a
+  1. not bytes, or over the size cap: rejected before anything reads it (not even a hash)
+  2. duplicate?   the same bytes, or the same (sender, task, seed, difficulty), seen before: dropped
+  3. decode_record (records.py): schema, fields, peer id, signature, age
+  4. rate limit   a token bucket per sender (burst, then records per second)
+  5. the task     rebuilt from (task, seed, difficulty) with our own generator; the seed must be a
                   training seed (never an evaluation one) and the prompt must be the rebuilt prompt
-  5. re-score     every completion with our own verifier; the sender's rewards are only compared,
-                  to count how often a sender's claim was wrong
+  6. re-score     what is scored is what is trained: each completion is re-tokenised with our
+                  tokenizer, cut to our max_new_tokens, and the text of exactly those ids is scored
+                  by our own verifier (a completion holding a special token scores 0). The pool
+                  keeps those ids, so training uses the same tokens. The sender's rewards are only
+                  compared, to count how often a sender's claim was wrong. Re-scoring a record has a
+                  CPU-time budget (RecordLimits.max_score_s): a record that exceeds it is rejected.
 Accepted records wait in the pool (oldest dropped beyond `max_pool`) until `take` hands them to
 training, each at most once. All tables are bounded, so a long run's memory stays flat.
 """
@@ -21,10 +26,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from qwenlab.errors import QwenlabError
-from qwenlab.swarm.records import RecordLimits, RecordRejected, RolloutRecord, decode_record
+from qwenlab.swarm.records import RecordLimits, RecordRejected, RolloutRecord, check_raw_size, decode_record
 from qwenlab.tasks import generate as generate_task
 from qwenlab.tasks import get_task
-from qwenlab.train.grpo.rollouts import TRAIN_SEED_HIGH, TRAIN_SEED_LOW, Rollout
+from qwenlab.train.grpo.rollouts import TRAIN_SEED_HIGH, TRAIN_SEED_LOW, Rollout, trained_completion
 
 
 @dataclass
@@ -73,8 +78,20 @@ class _BoundedSet:
         return len(self._keys)
 
 
-def rebuild_and_score(record: RolloutRecord) -> list[float]:
-    """Our rewards for a record's completions; RecordRejected if the instance does not check out."""
+@dataclass
+class Rescored:
+    """A record's completions as this peer trains on them, and its own rewards for exactly those."""
+
+    completions: list[str]  # the decoded text of `completion_ids`
+    completion_ids: list[list[int]]
+    finish_reasons: list[str]  # "length" where the completion was cut to the trained length
+    rewards: list[float]
+
+
+def rebuild_and_score(record: RolloutRecord, tokenizer, max_completion_tokens: int,
+                      limits: RecordLimits = RecordLimits()) -> Rescored:
+    """Our rewards for a record's completions, on the tokens we will train on; RecordRejected if the
+    instance does not check out or scoring runs over its CPU-time budget."""
     try:
         task = get_task(record.task)
     except QwenlabError:
@@ -87,14 +104,36 @@ def rebuild_and_score(record: RolloutRecord) -> list[float]:
         raise RecordRejected("invalid", str(e)) from None
     if instance.prompt != record.prompt:
         raise RecordRejected("prompt_mismatch", f"{record.task} seed {record.seed}")
-    return [float(task.score(text, instance.expected)) for text in record.completions]
+    # CPU time of this thread: other processes on the machine do not count against a record.
+    deadline = time.thread_time() + limits.max_score_s
+    out = Rescored([], [], [], [])
+    for text, reason in zip(record.completions, record.finish_reasons):
+        trained = trained_completion(tokenizer, text, max_completion_tokens)
+        reward = 0.0 if trained.control else float(task.score(trained.text, instance.expected))
+        out.completions.append(trained.text)
+        out.completion_ids.append(trained.ids)
+        out.finish_reasons.append("length" if trained.cut else reason)
+        out.rewards.append(reward)
+        if time.thread_time() > deadline:
+            raise RecordRejected("over_budget", f"re-scoring took over {limits.max_score_s} s of CPU")
+    return out
 
 
 class ExternalPool:
+    """Verified, re-scored foreign rollouts waiting to be trained on.
+
+    tokenizer and max_completion_tokens are the learner's: a foreign completion is scored on exactly
+    the tokens the learner will train on (see rebuild_and_score).
+    """
+
     def __init__(self, swarm: str, own_peer_id: str, limits: RecordLimits = RecordLimits(), *,
+                 tokenizer, max_completion_tokens: int,
                  rate_burst: float = 64, rate_per_s: float = 8.0, max_pool: int = 256,
                  max_seen: int = 65536, max_senders: int = 1024, seed: int = 0):
+        if max_completion_tokens < 1:
+            raise QwenlabError(f"swarm: max_completion_tokens must be >= 1, got {max_completion_tokens}")
         self.swarm, self.own_peer_id, self.limits = swarm, own_peer_id, limits
+        self.tokenizer, self.max_completion_tokens = tokenizer, max_completion_tokens
         self.rate_burst, self.rate_per_s = rate_burst, rate_per_s
         self.max_pool, self.max_senders = max_pool, max_senders
         self._seen = _BoundedSet(max_seen)
@@ -121,8 +160,12 @@ class ExternalPool:
         for subkey, value in entries:
             if isinstance(subkey, str) and subkey.startswith(self.own_peer_id + ":"):
                 continue  # our own records come back from the DHT too
-            digest = hashlib.sha256(value if isinstance(value, bytes) else repr(value).encode()[:4096]).digest()
-            if not self._seen.add(digest):
+            try:
+                check_raw_size(value, self.limits)  # before anything reads the value, even a hash
+            except RecordRejected as rejected:
+                self._reject(report, rejected, subkey)
+                continue
+            if not self._seen.add(hashlib.sha256(value).digest()):
                 report.duplicates += 1
                 continue
             try:
@@ -134,12 +177,11 @@ class ExternalPool:
                     continue
                 if not self._allow(record.peer_id, now):
                     raise RecordRejected("rate_limited", record.peer_id)
-                rewards = rebuild_and_score(record)
+                rescored = rebuild_and_score(record, self.tokenizer, self.max_completion_tokens, self.limits)
             except RecordRejected as rejected:
-                report.rejected[rejected.reason] += 1
-                report.audit.append({"accepted": False, "reason": rejected.reason, "detail": str(rejected)[:200],
-                                     "subkey": str(subkey)[:80]})
+                self._reject(report, rejected, subkey)
                 continue
+            rewards = rescored.rewards
             mismatch = [round(r, 4) for r in record.rewards] != [round(r, 4) for r in rewards]
             report.accepted += 1
             report.claim_mismatches += mismatch
@@ -147,14 +189,21 @@ class ExternalPool:
                                  "task": record.task, "seed": record.seed, "difficulty": record.difficulty,
                                  "claimed_rewards": list(record.rewards), "rewards": rewards,
                                  "claim_mismatch": mismatch})
-            self._add(record, rewards)
+            self._add(record, rescored)
         return report
 
-    def _add(self, record: RolloutRecord, rewards: list[float]) -> None:
+    @staticmethod
+    def _reject(report: IngestReport, rejected: RecordRejected, subkey) -> None:
+        report.rejected[rejected.reason] += 1
+        report.audit.append({"accepted": False, "reason": rejected.reason, "detail": str(rejected)[:200],
+                             "subkey": str(subkey)[:80]})
+
+    def _add(self, record: RolloutRecord, rescored: Rescored) -> None:
+        # The text, ids and finish reasons that were scored: training uses exactly these.
         rollout = Rollout(task=record.task, seed=record.seed, difficulty=record.difficulty, prompt=record.prompt,
-                          completions=list(record.completions), rewards=rewards,
-                          finish_reasons=list(record.finish_reasons), completion_ids=None, source=record.peer_id,
-                          claimed_rewards=list(record.rewards))
+                          completions=rescored.completions, rewards=rescored.rewards,
+                          finish_reasons=rescored.finish_reasons, completion_ids=rescored.completion_ids,
+                          source=record.peer_id, claimed_rewards=list(record.rewards))
         self._pool[(record.peer_id, record.round, record.slot)] = rollout
         while len(self._pool) > self.max_pool:
             self._pool.popitem(last=False)  # the oldest records are the most off-policy: drop them first

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from functools import cache
+
+from qwenlab.model.tokenizer import load_tokenizer
+from qwenlab.nano import nano_path
 from qwenlab.swarm.sampler import ExternalPool, _BoundedSet
 from qwenlab.swarm.signing import PeerIdentity
 from qwenlab.tasks import generate as generate_task
@@ -9,8 +13,14 @@ from qwenlab.train.grpo.rollouts import draw_instances
 from tests.swarm.test_records import SWARM, make_record
 
 
-def pool(**kwargs) -> ExternalPool:
-    return ExternalPool(SWARM, "f" * 40, **kwargs)
+@cache
+def nano_tokenizer():
+    return load_tokenizer(nano_path())
+
+
+def pool(own_peer_id: str = "f" * 40, **kwargs) -> ExternalPool:
+    kwargs = {"tokenizer": nano_tokenizer(), "max_completion_tokens": 16, **kwargs}
+    return ExternalPool(SWARM, own_peer_id, **kwargs)
 
 
 def test_wrong_claimed_rewards_are_recomputed_locally():
@@ -26,7 +36,10 @@ def test_wrong_claimed_rewards_are_recomputed_locally():
     (rollout,) = p.take(4)
     assert rollout.rewards == [0.0, 1.0]  # ours
     assert rollout.claimed_rewards == [1.0, 0.0]  # kept for the audit only
-    assert rollout.completion_ids is None and rollout.source == sender.peer_id
+    assert rollout.source == sender.peer_id
+    # both completions fit the trained length: trained on their own tokens, text unchanged
+    assert rollout.completions == [f"The answer is {wrong}.", instance.expected]
+    assert rollout.completion_ids == [nano_tokenizer().encode(text) for text in rollout.completions]
     assert report.audit[0]["claim_mismatch"] is True
 
 
@@ -54,7 +67,7 @@ def test_duplicates_are_dropped_and_own_records_skipped():
     instance = draw_instances(["reverse"], 1, "dup")[0]
     entry = make_record(sender, instance=instance)
     again_resigned = make_record(sender, instance=instance, slot=1)  # same instance, new bytes
-    p = ExternalPool(SWARM, sender.peer_id)
+    p = pool(sender.peer_id)
     assert p.ingest([entry]).accepted == 0  # our own record coming back
     p = pool()
     report = p.ingest([entry, entry, again_resigned])

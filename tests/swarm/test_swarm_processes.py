@@ -3,7 +3,8 @@
 One scenario (module fixture), several checks:
   - the three peers exchange records (each accepts records from the other two)
   - forged, tampered and oversized records are rejected and counted; a record whose claimed
-    rewards are wrong is accepted with the rewards recomputed locally
+    rewards are wrong is accepted with the rewards recomputed locally; a poison-prefix record (the
+    right answer only past the tokens a peer trains on) earns nothing
   - a peer killed with SIGKILL mid-round leaves the others training
   - SIGINT checkpoints and exits cleanly; restarting resumes from the checkpoint
 """
@@ -87,7 +88,7 @@ def senders(peer: Peer) -> set[str]:
 def attack(address: str, victim_id: str) -> dict:
     """Publish forged, tampered, oversized and lying records from a separate DHT node."""
     attacker, stranger = PeerIdentity.generate(), PeerIdentity.generate()
-    instances = draw_instances(["arithmetic"], 5, "attack")
+    instances = draw_instances(["arithmetic"], 6, "attack")
     entries = []
 
     def reencode(value: bytes, change) -> bytes:
@@ -113,6 +114,10 @@ def attack(address: str, victim_id: str) -> dict:
     wrong = str(int(instances[4].expected) + 1)
     entries.append(make_record(attacker, slot=3, instance=instances[4], swarm=SWARM,
                                completions=[f"The answer is {wrong}", instances[4].expected], rewards=[1.0, 0.0]))
+    # 6. poison prefix: garbage in the first --max-new-tokens tokens, the right answer after them
+    right = instances[5].expected
+    entries.append(make_record(attacker, slot=4, instance=instances[5], swarm=SWARM,
+                               completions=[f"zq#@!zq#@! The answer is {right}", right], rewards=[1.0, 1.0]))
     dht = SwarmDHT(SWARM, [address], host="127.0.0.1", timeout_s=10)
     try:
         assert dht.start(), "the attacker could not join"
@@ -121,7 +126,7 @@ def attack(address: str, victim_id: str) -> dict:
             time.sleep(1.0)
     finally:
         dht.shutdown()
-    return {"attacker": attacker.peer_id, "seed": instances[4].seed}
+    return {"attacker": attacker.peer_id, "seed": instances[4].seed, "poison_seed": instances[5].seed}
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +145,8 @@ def swarm(tmp_path_factory, tiny_model_dir):
         ids = {p.name: p.peer_id() for p in peers}
         # 2. the attack
         attack_info = attack(a.address(), ids["c"])  # c skips its own subkeys; a and b must catch it
-        wait_for(lambda: any(e.get("peer") == attack_info["attacker"] for e in a.audit())
-                 and any(e.get("peer") == attack_info["attacker"] for e in b.audit()), 60, "the attack records",
-                 [a, b, c])
+        wait_for(lambda: all({attack_info["seed"], attack_info["poison_seed"]} <= {e.get("seed") for e in p.audit()}
+                             for p in (a, b)), 60, "the attack records", [a, b, c])
         # 3. kill c mid-run; a and b keep training
         c.kill_group()
         at_kill = {p.name: len(p.rows()) for p in (a, b)}
@@ -193,10 +197,19 @@ def test_forged_tampered_and_oversized_records_are_rejected_and_counted(swarm):
 def test_wrong_claimed_rewards_are_recomputed(swarm):
     for name in "ab":
         # (the restarted a may meet the record again: the DHT still holds it, and a restart forgets what it saw)
-        entry = next(e for e in swarm[name].audit() if e.get("peer") == swarm["attack"]["attacker"])
-        assert entry["seed"] == swarm["attack"]["seed"]
+        entry = next(e for e in swarm[name].audit() if e.get("seed") == swarm["attack"]["seed"])
+        assert entry["peer"] == swarm["attack"]["attacker"]
         assert entry["claimed_rewards"] == [1.0, 0.0] and entry["rewards"] == [0.0, 1.0]
         assert entry["claim_mismatch"] is True
+
+
+def test_a_poison_prefix_earns_nothing(swarm):
+    """Scored whole, the poison completion holds the right answer; the peers train on its first 4
+    tokens (--max-new-tokens 4), all garbage, and score exactly those: reward 0."""
+    for name in "ab":
+        entry = next(e for e in swarm[name].audit() if e.get("seed") == swarm["attack"]["poison_seed"])
+        assert entry["accepted"] and entry["peer"] == swarm["attack"]["attacker"]
+        assert entry["claimed_rewards"] == [1.0, 1.0] and entry["rewards"] == [0.0, 1.0]
 
 
 def test_a_killed_peer_leaves_the_others_training(swarm):

@@ -1,8 +1,11 @@
 """Rollouts: G sampled completions per task instance, scored by the task's own verifier.
 
 Generation runs on the project's engine (qwenlab.model.generate: batched, KV cache) with the policy
-adapter switched on. A rollout keeps the sampled token ids when it was made here; a rollout that
-came from another peer carries text only and is re-tokenised for training.
+adapter switched on. A rollout keeps the sampled token ids when it was made here. A rollout that
+came from another peer carries text only: `trained_completion` re-tokenises it, cuts it to the
+trained length and decodes exactly those ids again, and that text is what gets scored. So the
+reward is always the reward of the tokens trained on (a foreign completion cannot earn reward with
+text past the cut, which training never sees).
 """
 
 from __future__ import annotations
@@ -41,6 +44,25 @@ class Rollout:
     @property
     def mean_reward(self) -> float:
         return sum(self.rewards) / len(self.rewards) if self.rewards else 0.0
+
+
+@dataclass(frozen=True)
+class TrainedCompletion:
+    ids: list[int]  # exactly the tokens trained on (before the end token a "stop" completion gets)
+    text: str  # those ids decoded, control tokens included as text: what is scored
+    cut: bool  # the completion was longer than the trained length (so it did not stop: "length")
+    control: bool  # it holds a special token (<|im_end|>, <|im_start|>, ...): scored 0
+
+
+def trained_completion(tokenizer, text: str, max_tokens: int) -> TrainedCompletion:
+    """The tokens a foreign completion is trained on, and the text those tokens decode to."""
+    ids = tokenizer.encode(text)
+    cut = len(ids) > max_tokens
+    ids = ids[:max_tokens]
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    # A special token decodes to nothing when skipped; an honest peer's decoded text never holds one.
+    control = decoded != tokenizer.decode(ids, skip_special_tokens=True)
+    return TrainedCompletion(ids, decoded, cut, control)
 
 
 def draw_instances(tasks: list[str], n: int, key: str, difficulty: int | None = None) -> list[TaskInstance]:

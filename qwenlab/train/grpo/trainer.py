@@ -154,11 +154,21 @@ class GRPOLearner:
         return ids
 
     def _completion_ids(self, rollout: Rollout, index: int) -> list[int]:
-        """Sampled ids for a local rollout; re-tokenised text for a foreign one; + <|im_end|> if it stopped."""
+        """The rollout's ids (sampled here, or fixed by the swarm's re-scoring), else its re-tokenised text;
+        + <|im_end|> if it stopped.
+
+        A text-only completion longer than max_new_tokens is refused, not cut: its reward was given to
+        the whole text, and training on a prefix would reward tokens that were never scored
+        (score the text of `trained_completion` instead, as the swarm does).
+        """
         if rollout.completion_ids is not None:
             ids = list(rollout.completion_ids[index])
         else:
-            ids = self.tokenizer.encode(rollout.completions[index])[:self.config.max_new_tokens]
+            ids = self.tokenizer.encode(rollout.completions[index])
+            if len(ids) > self.config.max_new_tokens:
+                raise QwenlabError(f"grpo: a {rollout.source} completion of {rollout.task} seed {rollout.seed} has "
+                                   f"{len(ids)} tokens, more than max_new_tokens {self.config.max_new_tokens}: its "
+                                   "reward would not be the reward of the tokens trained on")
         if rollout.finish_reasons[index] == "stop" and self.end_id is not None:
             ids.append(self.end_id)
         return ids
@@ -280,17 +290,19 @@ def save_final_adapter(learner: GRPOLearner, folder: str | Path, method: str, co
     """The trained adapter as a PEFT folder with the base's tokenizer files and a lineage.json."""
     from qwenlab.checkpoint import copy_tokenizer_files
     from qwenlab.checkpoint.lineage import make_lineage, write_lineage
+    from qwenlab.checkpoint.writer import atomic_folder
 
     folder = Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    save_adapter_files(learner.adapter(), folder)
-    if learner.base_path is not None:
-        copy_tokenizer_files(Path(learner.base_path), folder)
-        inputs = {"base": learner.base_path}
-        if learner.config.init_adapter:
-            inputs["init_adapter"] = learner.config.init_adapter
-        write_lineage(folder, make_lineage("adapter", method, inputs, config))
+    # Written beside and swapped in when complete: Ctrl-C here leaves the previous adapter or none.
+    # (It belongs to this run's folder, so it is replaced without --force; the inputs were read at start.)
+    with atomic_folder(folder, force=True) as tmp:
+        save_adapter_files(learner.adapter(), tmp)
+        if learner.base_path is not None:
+            copy_tokenizer_files(Path(learner.base_path), tmp)
+            inputs = {"base": learner.base_path}
+            if learner.config.init_adapter:
+                inputs["init_adapter"] = learner.config.init_adapter
+            write_lineage(tmp, make_lineage("adapter", method, inputs, config))
     return folder
 
 
