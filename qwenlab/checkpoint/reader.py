@@ -20,6 +20,7 @@ from qwenlab.model.config import Qwen2Config
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # what a float checkpoint's tensors may be stored as
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -47,6 +48,61 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
+def read_weight_map(folder: Path) -> dict[str, str] | None:
+    """The index's tensor -> shard map, or None for a single-file checkpoint."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise QwenlabError(f"{index}: missing 'weight_map' (an object of tensor name -> shard file name)")
+    return weight_map
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, each checked to lie inside it.
+
+    Shard names come from model.safetensors.index.json, a file anyone can craft: a name such as
+    '../../etc/passwd', an absolute path or a symlink leading out of the folder would make the loader
+    open (and report on) a file the user never pointed at.
+    """
+    weight_map = read_weight_map(folder)
+    if weight_map is not None:
+        index = folder / INDEX_FILE
+        shard_names = sorted(set(weight_map.values()))
+        paths = [inside_model_folder(folder, name, f"{index}: shard {name!r}") for name in shard_names]
+        missing = [name for name, path in zip(shard_names, paths) if not path.is_file()]
+        if missing:
+            raise QwenlabError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+        return paths
+    if (folder / SINGLE_FILE).is_file():
+        return [inside_model_folder(folder, SINGLE_FILE, f"{folder / SINGLE_FILE}")]
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        raise QwenlabError(f"{folder}: sharded safetensors without {INDEX_FILE}")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise QwenlabError(f"{folder}: found pickle checkpoint {pickles[0]}; qwenlab loads safetensors "
+                           "only (pickle files can run code). Convert it with a trusted tool first.")
+    raise QwenlabError(f"{folder}: no model.safetensors or {INDEX_FILE}")
+
+
+def inside_model_folder(folder: Path, name: str, what: str) -> Path:
+    """folder / name, refused unless `name` is a plain file name whose target (symlinks resolved) stays
+    in the folder. One exception: a Hugging Face hub snapshot (<repo>/snapshots/<rev>/) holds symlinks
+    into <repo>/blobs/, which is where the hub stores the files themselves."""
+    if not name or name in (".", "..") or "\0" in name or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise QwenlabError(f"{what} is not a file name in the model folder (no folders, '..' or absolute paths)")
+    try:
+        root, target = folder.resolve(), (folder / name).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise QwenlabError(f"{what} cannot be resolved (a symlink loop?)") from None
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(place) for place in allowed):
+        raise QwenlabError(f"{what} leads outside the model folder (a symlink to another place)")
+    return folder / name
+
+
 class Checkpoint:
     """A Qwen2 checkpoint folder. Nothing but the headers is read until `get` is called."""
 
@@ -65,31 +121,14 @@ class Checkpoint:
                 self._where[name] = file
 
     def _open_files(self) -> list[SafetensorsFile]:
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            weight_map = read_json_object(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise QwenlabError(f"{index}: missing 'weight_map'")
-            shard_names = sorted(set(weight_map.values()))
-            missing = [s for s in shard_names if not (self.path / s).is_file()]
-            if missing:
-                raise QwenlabError(f"{index}: shard file(s) missing: {', '.join(missing)}")
-            files = [SafetensorsFile(self.path / s) for s in shard_names]
+        files = [SafetensorsFile(path) for path in weight_files(self.path)]
+        weight_map = read_weight_map(self.path)
+        if weight_map is not None:
             for file in files:
                 for name in file.names():
                     if weight_map.get(name) != file.path.name:
                         raise QwenlabError(f"{file.path}: tensor '{name}' is not listed for this shard in {INDEX_FILE}")
-            return files
-        if (self.path / SINGLE_FILE).is_file():
-            return [SafetensorsFile(self.path / SINGLE_FILE)]
-        shards = sorted(self.path.glob("model-*-of-*.safetensors"))
-        if shards:
-            raise QwenlabError(f"{self.path}: sharded safetensors without {INDEX_FILE}")
-        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise QwenlabError(f"{self.path}: found pickle checkpoint {pickles[0]}; qwenlab loads safetensors "
-                               "only (pickle files can run code). Convert it with a trusted tool first.")
-        raise QwenlabError(f"{self.path}: no model.safetensors or {INDEX_FILE}")
+        return files
 
     # ---- tensors -------------------------------------------------------------
     def tensor_names(self) -> list[str]:
@@ -100,6 +139,10 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
+
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype ('F32', 'BF16', 'I8', ...) from the header, without reading the tensor."""
+        return self._file(name).dtype_name(name)
 
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).get(name)
@@ -132,8 +175,12 @@ class Checkpoint:
         for name, shape in expected.items():
             actual = self.shape(name)
             if actual != shape:
-                raise QwenlabError(f"{self.path}: tensor '{name}' has shape {list(actual)}, "
+                raise QwenlabError(f"{self._file(name).path}: tensor '{name}' has shape {list(actual)}, "
                                    f"expected {list(shape)} from config.json")
+            dtype = self.dtype_name(name)
+            if dtype not in FLOAT_DTYPES:  # an integer table would load as nonsense weights
+                raise QwenlabError(f"{self._file(name).path}: tensor '{name}' has dtype {dtype}, "
+                                   f"expected a float dtype ({', '.join(FLOAT_DTYPES)})")
         return self
 
 

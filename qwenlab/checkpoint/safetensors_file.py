@@ -20,6 +20,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: Path) -> dict[str, dict]:
     """Parse and check a safetensors header: returns {name: {dtype, shape, data_offsets}}."""
     size = path.stat().st_size
@@ -46,6 +50,10 @@ def read_header(path: Path) -> dict[str, dict]:
             for d in info["shape"]:
                 numel *= d
             expected = numel * _DTYPE_BYTES[info["dtype"]]
+            # Negative sizes or offsets would pass the byte count below (e.g. shape [-1] over end < start)
+            # and reach the readers as a negative length.
+            if not (_natural(start) and _natural(end) and start <= end and all(_natural(d) for d in info["shape"])):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise QwenlabError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
         if end > data_len:

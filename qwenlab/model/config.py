@@ -7,6 +7,7 @@ Qwen2.5's own config.json keeps `rope_theta` at the top level; transformers 5 wr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -14,6 +15,25 @@ from qwenlab.errors import QwenlabError
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen2",)
+
+# Upper bounds on a config's sizes, checked before anything is built or allocated from them. A crafted
+# config.json (10^9 layers, a 10^12-token vocabulary) otherwise runs the loader out of memory or time
+# while it builds the model's modules and the list of tensors to expect. Each bound is far above any
+# released Qwen2-architecture model (largest: Qwen2.5-72B, 80 layers, hidden 8192, intermediate 29568,
+# vocab 152064, 131072 positions; Qwen2.5-1M: 1010000 positions).
+MAX_SIZES = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65536,
+    "intermediate_size": 262144,
+    "vocab_size": 1 << 22,  # 4194304
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "max_position_embeddings": 1 << 24,  # 16777216
+}
+# And on what they imply together: 2^40 parameters (~1.1 T, 2.2 TB in bf16) is beyond any model a
+# CPU lab loads, yet far above the largest real one; without it, layers x hidden x intermediate at
+# their separate caps would describe a 10^14-parameter model.
+MAX_PARAMETERS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -43,21 +63,48 @@ class Qwen2Config:
         return self.num_attention_heads // self.num_key_value_heads
 
     def validate(self, source: str = "config") -> "Qwen2Config":
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
-        for name in positive:
+        """One-line errors naming `source` and the field; nothing is allocated from an unchecked size."""
+        for name, cap in MAX_SIZES.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise QwenlabError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+            if value > cap:
+                raise QwenlabError(f"{source}: field '{name}' is {value}, over qwenlab's limit of {cap}")
         if self.hidden_size % self.num_attention_heads:
             raise QwenlabError(f"{source}: hidden_size {self.hidden_size} is not divisible by "
                                f"num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise QwenlabError(f"{source}: num_attention_heads {self.num_attention_heads} is not divisible "
                                f"by num_key_value_heads {self.num_key_value_heads}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise QwenlabError(f"{source}: field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
+        if self.head_dim % 2:  # RoPE rotates the two halves of each head
+            raise QwenlabError(f"{source}: hidden_size / num_attention_heads = {self.head_dim} must be even "
+                               "(rotary embeddings split each head in two halves)")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                raise QwenlabError(f"{source}: field '{name}' must be a positive number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise QwenlabError(f"{source}: field 'tie_word_embeddings' must be true or false, "
+                               f"got {self.tie_word_embeddings!r}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise QwenlabError(f"{source}: the sizes imply {self.parameter_count():.3g} parameters, over "
+                               f"qwenlab's limit of {MAX_PARAMETERS:.3g} (check num_hidden_layers, hidden_size, "
+                               "intermediate_size and vocab_size)")
         return self
+
+    def context_window(self, requested: int | None = None, flag: str = "--max-context") -> int:
+        """The context window a generation may use: `requested` (tokens, prompt and completion), or
+        max_position_embeddings when None. A request beyond the model's positions is refused: RoPE was
+        never trained there, and the KV cache would be sized from an unchecked number."""
+        if requested is None:
+            return self.max_position_embeddings
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested <= 0:
+            raise QwenlabError(f"{flag} must be a positive number of tokens, got {requested!r}")
+        if requested > self.max_position_embeddings:
+            raise QwenlabError(f"{flag} {requested} is beyond the model's context of {self.max_position_embeddings} "
+                               "tokens (max_position_embeddings in config.json)")
+        return requested
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config.json") -> "Qwen2Config":
@@ -65,6 +112,8 @@ class Qwen2Config:
             raise QwenlabError(f"{source}: expected a JSON object")
         architectures = data.get("architectures") or []
         model_type = data.get("model_type")
+        if not isinstance(architectures, list):
+            architectures = [architectures]
         if model_type not in SUPPORTED_MODEL_TYPES or (architectures and architectures[0] not in SUPPORTED_ARCHITECTURES):
             raise QwenlabError(
                 f"{source}: unsupported architecture {architectures or model_type!r}; "
@@ -77,10 +126,14 @@ class Qwen2Config:
         kwargs = {k: data[k] for k in known if k in data and data[k] is not None}
         kwargs.setdefault("num_key_value_heads", data["num_attention_heads"])
         rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise QwenlabError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
         rope_theta = data.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
             raise QwenlabError(f"{source}: rope type '{rope_type}' is not supported (only default RoPE)")
+        if not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool):
+            raise QwenlabError(f"{source}: field 'rope_theta' must be a positive number, got {rope_theta!r}")
         dtype = data.get("torch_dtype") or data.get("dtype") or "float32"
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(rope_theta=float(rope_theta), torch_dtype=str(dtype), extra=extra, **kwargs).validate(source)

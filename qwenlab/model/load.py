@@ -34,6 +34,9 @@ def load_model(path, dtype: str | torch.dtype = "fp32") -> Qwen2ForCausalLM:
 
 
 def model_from_checkpoint(checkpoint, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    # Every tensor's shape and dtype against config.json first, also for a checkpoint opened with
+    # validate=False: a mis-shaped tensor must be a one-line error, not a failure deep in torch.
+    checkpoint.validate()
     with torch.device("meta"):
         model = Qwen2ForCausalLM(checkpoint.config)
     state = {}

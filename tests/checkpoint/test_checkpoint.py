@@ -203,6 +203,6 @@ def test_index_naming_a_missing_shard(tiny_model_dir, tmp_path):
 def test_cli_prints_one_line_and_exits_nonzero(tiny_model_dir, tmp_path, capsys):
     folder = copy_model(tiny_model_dir, tmp_path / "m")
     (folder / "model.safetensors").write_bytes(b"\x01\x02")
-    assert main(["info", str(folder)]) == 1
+    assert main(["info", str(folder)]) == 2  # a user error: exit code 2, as argparse gives a bad command line
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
