@@ -15,9 +15,14 @@ from qwenlab.errors import QwenlabError
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+def is_plain_name(name) -> bool:
+    return isinstance(name, str) and bool(_PLAIN_NAME.fullmatch(name)) and ".." not in name \
+        and not name.endswith(".partial")
+
+
 def check_name(name, where: str) -> str:
     """`name` if it is a plain folder name; else a one-line QwenlabError naming `where` (the field)."""
-    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or ".." in name or name.endswith(".partial"):
+    if not is_plain_name(name):
         raise QwenlabError(f"{where}: {name!r} is not a plain name; expected letters, digits, '.', '_' or '-' "
                            "(at most 100, no path separators, no '..'), e.g. sft-arithmetic")
     return name

@@ -149,3 +149,20 @@ def test_two_runs_never_share_a_run_folder(tiny_model_dir, tmp_path, monkeypatch
     assert first.run_dir != second.run_dir
     assert sorted(p.name for p in (tmp_path / "qwenlab-runs").iterdir()) == ["20250101-000000", "20250101-000000-2"]
     assert all((ctx.run_dir / "report.md").is_file() for ctx in (first, second))
+
+
+def test_card_of_a_model_named_by_its_path_stays_inside_the_run(tiny_model_dir, tmp_path):
+    """A stage's `models` may name an input by its path; its card still goes to cards/ in the run."""
+    import shutil
+
+    outside = tmp_path / "inputs" / "my model"
+    shutil.copytree(tiny_model_dir, outside)
+    path = write(tmp_path, f"stages:\n  - card: {{models: [{json.dumps(str(outside))}, "
+                           f"{json.dumps(str(outside / '..' / 'my model'))}]}}\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ctx = run_recipe(path, tmp_path / "run")
+    cards = ctx.figures["01-card"]["cards"]
+    assert sorted(cards.values()) == ["cards/my-model-2.md", "cards/my-model.md"]
+    assert all((tmp_path / "run" / p).is_file() for p in cards.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["run"])
+    assert not (outside / "README.md").exists() and not (outside.parent / "my model.md").exists()

@@ -11,6 +11,23 @@ cards/<name>.md in the run folder, so nothing outside the run is written. Option
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
+
+
+def card_file_name(name: str, folder: Path, taken: set[str]) -> str:
+    """cards/<this>.md for a model outside the run: its name when that is a plain name, else the folder's
+    name made plain (a name given as a path, e.g. /abs/model or ../x, must not place the card outside)."""
+    from qwenlab.recipe.context import is_plain_name
+
+    stem = name if is_plain_name(name) else \
+        re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name).strip(".-") or "model"
+    unique, n = stem, 1
+    while unique in taken:
+        n += 1
+        unique = f"{stem}-{n}"
+    taken.add(unique)
+    return f"{unique}.md"
 
 
 def run(ctx, params: dict) -> tuple[dict, str]:
@@ -23,12 +40,14 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     folders = {name: resolve_model_path(ctx.model_path(name)).resolve() for name in names}
     run_dir = ctx.run_dir.resolve()
     written: dict[str, str] = {}  # name -> path relative to the run folder
+    taken: set[str] = set()
     for name, folder in folders.items():
         others = list(folders.values()) if len(folders) > 1 else None
         text = build_card(folder, variants=others, base_model=params.get("base_model"), license=params.get("license"),
                           names={str(path): n for n, path in folders.items()})
         validate_card(text)
-        out = folder / "README.md" if folder.is_relative_to(run_dir) else run_dir / "cards" / f"{name}.md"
+        out = folder / "README.md" if folder.is_relative_to(run_dir) else \
+            run_dir / "cards" / card_file_name(name, folder, taken)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         written[name] = str(out.relative_to(run_dir))
