@@ -53,10 +53,19 @@ class QuantizedLinear(nn.Module):
                  bias: torch.Tensor | None = None, backend: str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        if out_features <= 0 or in_features <= 0 or group_size <= 0 or in_features % group_size:
+            raise ValueError(f"a {self.bits}-bit layer needs positive sizes and a group size that divides "
+                             f"in_features; got out {out_features}, in {in_features}, group {group_size}")
+        if bias is not None and tuple(bias.shape) != (out_features,):  # the kernel adds N floats from it
+            raise ValueError(f"bias has shape {list(bias.shape)}, expected [{out_features}]")
         self.backend = choose_backend(self.bits, out_features, in_features, group_size, backend)
         bias = None if bias is None else bias.detach().float().contiguous()
         self.store(bias=bias, native_bias=None if bias is None or self.backend != "native" else native.pad_rows(bias))
         self._load(read_rows)
+        # The kernel's buffers checked once, here, with their addresses and lengths: a forward passes them
+        # as they are (the kernel checks the lengths again, in O(1)).
+        self.packed = None if self.backend != "native" else native.PackedLinear(
+            self.qweight, self.scales, self.mins if self.bits == 4 else None, self.native_bias, group_size)
 
     @classmethod
     def from_tensors(cls, group_size: int, bias: torch.Tensor | None = None, backend: str | None = None,
@@ -78,9 +87,26 @@ class QuantizedLinear(nn.Module):
 
     def chunks(self, read_rows: RowReader):
         for start in range(0, self.out_features, CHUNK_ROWS):
-            yield start, read_rows(start, min(self.out_features, start + CHUNK_ROWS))
+            stop = min(self.out_features, start + CHUNK_ROWS)
+            yield start, self._checked_chunk(read_rows(start, stop), stop - start)
             if start:  # a layer of several chunks (the 151936-row head): drop each chunk's temporaries
                 release_free_memory()
+
+    def _checked_chunk(self, chunk: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        """Rows of the stored tensors, checked against this layer's sizes before they are repacked: the
+        packed buffers are sized from out/in_features, and the kernels read exactly those sizes."""
+        packed_width = self.in_features if self.bits == 8 else self.in_features // 2
+        expected = {"qweight": ((rows, packed_width), (torch.int8 if self.bits == 8 else torch.uint8,)),
+                    "scales": ((rows, self.in_features // self.group_size), (torch.float16, torch.float32))}
+        if self.bits == 4:
+            expected["zeros"] = expected["scales"]
+        for key, (shape, dtypes) in expected.items():
+            t = chunk.get(key)
+            if t is None or tuple(t.shape) != shape or t.dtype not in dtypes:
+                found = "missing" if t is None else f"{list(t.shape)} {t.dtype}"
+                raise ValueError(f"{self.bits}-bit layer: stored '{key}' is {found}, expected {list(shape)} "
+                                 f"of {' or '.join(str(d) for d in dtypes)}")
+        return chunk
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) from a fused gate|up output [..., 2 * in_features] (the MLP's down
@@ -89,9 +115,7 @@ class QuantizedLinear(nn.Module):
         if self.backend != "native":
             gate, up = gate_up.chunk(2, dim=-1)
             return self(F.silu(gate) * up)
-        args = (self.qweight, self.scales, self.mins) if self.bits == 4 else (self.qweight, self.scales)
-        kernel = native.linear_int4 if self.bits == 4 else native.linear_int8
-        y = kernel(gate_up, self.out_features, *args, self.group_size, self.native_bias, silu_mul=True)
+        y = self.packed(gate_up, self.out_features, silu_mul=True)
         return y if gate_up.dtype == torch.float32 else y.to(gate_up.dtype)
 
     def extra_repr(self) -> str:
@@ -156,7 +180,7 @@ class Int8WeightLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
-            y = native.linear_int8(x, self.out_features, self.qweight, self.scales, self.group_size, self.native_bias)
+            y = self.packed(x, self.out_features)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self.backend == "aten":
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
@@ -207,8 +231,7 @@ class Int4WeightLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
-            y = native.linear_int4(x, self.out_features, self.qweight, self.scales, self.mins, self.group_size,
-                                   self.native_bias)
+            y = self.packed(x, self.out_features)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self.backend == "aten":
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()

@@ -53,6 +53,7 @@ class _Library:
         # re-taking it per linear let the server's event-loop thread in between every call (measured:
         # mixed-adapter decode inside `qwenlab serve` ran slower than the same loop alone).
         held = ctypes.PyDLL(str(path))
+        # x, x_len, rows, T, K, row_adapter, ra_len, A, A_len, Bt, Bt_len, n_adapters, R, N, y, y_len
         held.qwenlab_lora_bgmv.argtypes = [p, i64, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, i64, p, i64]
         held.qwenlab_lora_bgmv.restype = i32
         self.lora_bgmv = held.qwenlab_lora_bgmv
@@ -246,35 +247,57 @@ def _gemm_input(x: torch.Tensor, k: int, silu_mul: bool) -> tuple[torch.Tensor, 
     return x2, int(silu_mul)
 
 
+class PackedLinear:
+    """A quantized layer's kernel buffers (packed weight, scales, int4 mins, padded bias), checked once
+    (dtype, contiguity) and kept with their addresses and lengths, so that a call passes them as they
+    are: no per-call checks in Python, while the kernel still checks every length against the sizes.
+    Holds the tensors, so the addresses stay valid as long as this object lives."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 bias: torch.Tensor | None, group_size: int):
+        self.bits = 8 if mins is None else 4
+        self.kernel = f"gemm_int{self.bits}"
+        self.tensors = (packed, scales, mins, bias)
+        self.group_size = group_size
+        if packed.dim() != 6:
+            raise KernelArgumentError(f"native {self.kernel}: the packed weight must be 6-dimensional (pack_int8/"
+                                      f"pack_int4), got shape {list(packed.shape)}")
+        self.k, self.rows = packed.shape[1] * ACT_BLOCK, packed.shape[0] * ROW_GROUP
+        buffers = [_buffer(packed, torch.uint8, "the packed weight", self.kernel),
+                   _buffer(scales, torch.float16, "the scales", self.kernel)]
+        if mins is not None:
+            buffers.append(_buffer(mins, torch.float16, "the mins", self.kernel))
+        weights = [value for buffer in buffers for value in buffer]
+        bias_args = _optional_buffer(bias, torch.float32, "the bias", self.kernel)
+        self.args = (*weights, self.rows, group_size, *bias_args)  # as qwenlab_gemm_int* takes them after K
+
+    def __deepcopy__(self, memo):  # a copy points into the copied tensors, never at the originals
+        import copy
+
+        return PackedLinear(*(copy.deepcopy(t, memo) for t in self.tensors), self.group_size)
+
+    def __call__(self, x: torch.Tensor, n: int, silu_mul: bool = False) -> torch.Tensor:
+        """x [..., K] (any float dtype) -> fp32 [..., n]; silu_mul: x is a fused gate|up output [..., 2K]
+        and the layer multiplies silu(gate) * up."""
+        x2, act = _gemm_input(x, self.k, silu_mul)
+        y = torch.empty(x2.shape[0], self.rows)
+        gemm = library().gemm_int8 if self.bits == 8 else library().gemm_int4
+        _checked(gemm(x2.data_ptr(), x2.numel(), x2.shape[0], self.k, *self.args, y.data_ptr(), y.numel(),
+                      kernel_threads(), act), self.kernel)
+        return (y if self.rows == n else y[:, :n]).view(*x.shape[:-1], n)
+
+
 def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
                 bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [..., K] (any float dtype) -> fp32 [..., n]; bias (if any) padded to the packed rows.
-    silu_mul: x is a fused gate|up output [..., 2K] and the layer multiplies silu(gate) * up."""
-    k = packed.shape[1] * ACT_BLOCK
-    x2, act = _gemm_input(x, k, silu_mul)
-    rows = packed.shape[0] * ROW_GROUP
-    y = torch.empty(x2.shape[0], rows)
-    w, w_len = _buffer(packed, torch.uint8, "the packed weight", "gemm_int8")
-    s, s_len = _buffer(scales, torch.float16, "the scales", "gemm_int8")
-    b, b_len = _optional_buffer(bias, torch.float32, "the bias", "gemm_int8")
-    _checked(library().gemm_int8(x2.data_ptr(), x2.numel(), x2.shape[0], k, w, w_len, s, s_len, rows, group_size,
-                                 b, b_len, y.data_ptr(), y.numel(), kernel_threads(), act), "gemm_int8")
-    return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
+    silu_mul: x is a fused gate|up output [..., 2K] and the layer multiplies silu(gate) * up.
+    (A layer calls its PackedLinear, built once, instead: this checks the tensors on every call.)"""
+    return PackedLinear(packed, scales, None, bias, group_size)(x, n, silu_mul)
 
 
 def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
-    k = packed.shape[1] * ACT_BLOCK
-    x2, act = _gemm_input(x, k, silu_mul)
-    rows = packed.shape[0] * ROW_GROUP
-    y = torch.empty(x2.shape[0], rows)
-    w, w_len = _buffer(packed, torch.uint8, "the packed weight", "gemm_int4")
-    s, s_len = _buffer(scales, torch.float16, "the scales", "gemm_int4")
-    m, m_len = _buffer(mins, torch.float16, "the mins", "gemm_int4")
-    b, b_len = _optional_buffer(bias, torch.float32, "the bias", "gemm_int4")
-    _checked(library().gemm_int4(x2.data_ptr(), x2.numel(), x2.shape[0], k, w, w_len, s, s_len, m, m_len, rows,
-                                 group_size, b, b_len, y.data_ptr(), y.numel(), kernel_threads(), act), "gemm_int4")
-    return (y if rows == n else y[:, :n]).view(*x.shape[:-1], n)
+    return PackedLinear(packed, scales, mins, bias, group_size)(x, n, silu_mul)
 
 
 # ---- LoRA deltas for mixed-adapter batches ------------------------------------------------------------

@@ -23,14 +23,22 @@ static inline void rope(const float* x, const float* cos, const float* sin, int6
     }
 }
 
-extern "C" int qwenlab_decode_attention(const float* qkv, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                                        const float* cos, const float* sin, float* kcache, float* vcache,
-                                        int64_t cap, int64_t pos, float* out) {
-    if (pos < 0 || pos >= cap || Hkv <= 0 || Hq % Hkv != 0 || D % 2 != 0) return -1;
+// Lengths count floats: qkv_len = B (Hq + 2 Hkv) D, cs_len = B D (cos and sin each), kv_len = B Hkv cap D
+// (keys and values each), out_len = B Hq D; anything else returns QWENLAB_BAD_SIZES before any access.
+extern "C" int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64_t Hq, int64_t Hkv,
+                                        int64_t D, const float* cos, const float* sin, int64_t cs_len, float* kcache,
+                                        float* vcache, int64_t kv_len, int64_t cap, int64_t pos, float* out,
+                                        int64_t out_len) {
+    if (pos < 0 || pos >= cap || Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0 || D <= 0 || D % 2 != 0)
+        return QWENLAB_NOT_APPLICABLE;
+    if (B < 0 || !has_elems(qkv_len, {B, Hq + 2 * Hkv, D}) || !has_elems(cs_len, {B, D}) ||
+        !has_elems(kv_len, {B, Hkv, cap, D}) || !has_elems(out_len, {B, Hq, D}) ||
+        (B > 0 && (!qkv || !cos || !sin || !kcache || !vcache || !out)))
+        return QWENLAB_BAD_SIZES;
     const int64_t group = Hq / Hkv, S = pos + 1, width = (Hq + 2 * Hkv) * D;
     const float scale = 1.0f / sqrtf((float)D);
     float* q = (float*)malloc(sizeof(float) * (Hq * D + S));
-    if (!q) return -2;
+    if (!q) return QWENLAB_NO_MEMORY;
     float* p = q + Hq * D;
     for (int64_t b = 0; b < B; ++b) {
         const float* row = qkv + b * width;
@@ -68,12 +76,17 @@ extern "C" int qwenlab_decode_attention(const float* qkv, int64_t B, int64_t Hq,
         }
     }
     free(q);
-    return 0;
+    return QWENLAB_OK;
 }
 
 // RMSNorm over the last dimension, fp32: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w. One call in place
 // of the ~10 ops torch 2.13's CPU rms_norm decomposes into (two norms per layer per decode step).
-extern "C" int qwenlab_rms_norm(const float* x, int64_t rows, int64_t n, const float* w, float eps, float* out) {
+// Lengths count floats: x_len = out_len = rows n, w_len = n (a norm weight of another length is refused).
+extern "C" int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, const float* w, int64_t w_len,
+                                float eps, float* out, int64_t out_len) {
+    if (rows < 0 || n <= 0 || !has_elems(x_len, {rows, n}) || !has_elems(out_len, {rows, n}) ||
+        !has_elems(w_len, {n}) || !w || (rows > 0 && (!x || !out)))
+        return QWENLAB_BAD_SIZES;
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * n;
         float* o = out + r * n;
@@ -84,5 +97,5 @@ extern "C" int qwenlab_rms_norm(const float* x, int64_t rows, int64_t n, const f
             _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + i), s), _mm512_loadu_ps(w + i)));
         for (; i < n; ++i) o[i] = xr[i] * inv * w[i];
     }
-    return 0;
+    return QWENLAB_OK;
 }

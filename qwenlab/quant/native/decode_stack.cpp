@@ -11,23 +11,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec.h"
+
 extern "C" {
-void qwenlab_gemm_int8(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, int64_t N,
-                       int64_t gs, const float* bias, float* y, int nthreads, int act);
-void qwenlab_gemm_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
-                       int64_t N, int64_t gs, const float* bias, float* y, int nthreads, int act);
-int qwenlab_decode_attention(const float* qkv, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const float* cos,
-                             const float* sin, float* kcache, float* vcache, int64_t cap, int64_t pos, float* out);
-int qwenlab_rms_norm(const float* x, int64_t rows, int64_t n, const float* w, float eps, float* out);
+int qwenlab_gemm_int8(const float* x, int64_t x_len, int64_t M, int64_t K, const uint8_t* w, int64_t w_len,
+                      const uint16_t* s, int64_t s_len, int64_t N, int64_t gs, const float* bias, int64_t bias_len,
+                      float* y, int64_t y_len, int nthreads, int act);
+int qwenlab_gemm_int4(const float* x, int64_t x_len, int64_t M, int64_t K, const uint8_t* w, int64_t w_len,
+                      const uint16_t* s, int64_t s_len, const uint16_t* mz, int64_t mz_len, int64_t N, int64_t gs,
+                      const float* bias, int64_t bias_len, float* y, int64_t y_len, int nthreads, int act);
+int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                             const float* cos, const float* sin, int64_t cs_len, float* kcache, float* vcache,
+                             int64_t kv_len, int64_t cap, int64_t pos, float* out, int64_t out_len);
+int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, const float* w, int64_t w_len, float eps,
+                     float* out, int64_t out_len);
 }
 
 // One packed quantized linear (qwenlab.quant.native's layout); N is its packed (padded) row count.
+// The lengths count elements of each buffer (w: bytes, s and mz: fp16 values, bias: floats).
 struct QLinear {
     const uint8_t* w;
     const uint16_t* s;
     const uint16_t* mz;  // int4 only
     const float* bias;   // padded to N, or null
     int64_t N, K, gs, bits;
+    int64_t w_len, s_len, mz_len, bias_len;
 };
 
 struct DecodeLayer {
@@ -36,48 +44,81 @@ struct DecodeLayer {
     QLinear qkv, o, gate_up, down;
     float* keys;    // [B, Hkv, cap, D]
     float* values;  // [B, Hkv, cap, D]
+    int64_t norm1_len, norm2_len, kv_len;  // floats: H, H, B Hkv cap D (keys and values each)
 };
 
-static void linear(const QLinear& l, const float* x, int64_t B, float* y, int nthreads, int act) {
-    if (l.bits == 8) qwenlab_gemm_int8(x, B, l.K, l.w, l.s, l.N, l.gs, l.bias, y, nthreads, act);
-    else qwenlab_gemm_int4(x, B, l.K, l.w, l.s, l.mz, l.N, l.gs, l.bias, y, nthreads, act);
+// x [B, K] (act 1: gate|up [B, 2K]) -> y [B, N]
+static int linear(const QLinear& l, const float* x, int64_t B, float* y, int nthreads, int act) {
+    const int64_t x_len = B * l.K * (act ? 2 : 1), y_len = B * l.N;
+    if (l.bits == 8)
+        return qwenlab_gemm_int8(x, x_len, B, l.K, l.w, l.w_len, l.s, l.s_len, l.N, l.gs, l.bias, l.bias_len, y,
+                                 y_len, nthreads, act);
+    return qwenlab_gemm_int4(x, x_len, B, l.K, l.w, l.w_len, l.s, l.s_len, l.mz, l.mz_len, l.N, l.gs, l.bias,
+                             l.bias_len, y, y_len, nthreads, act);
+}
+
+// The sizes a linear's buffers must have (what qwenlab_gemm_* checks again per call): checked for every
+// layer before the first one runs, so that a bad buffer cannot stop the stack half-way with x updated.
+static bool linear_ok(const QLinear& l) {
+    const int64_t limit = (int64_t)1 << 31;
+    if ((l.bits != 8 && l.bits != 4) || l.N <= 0 || l.N >= limit || l.K <= 0 || l.K >= limit || l.gs <= 0 ||
+        l.K % 32 || l.gs % 32 || l.K % l.gs || l.N % 64 || !l.w || !l.s || (l.bits == 4 && !l.mz))
+        return false;
+    return has_elems(l.w_len, {l.N, l.bits == 8 ? l.K : l.K / 2}) && has_elems(l.s_len, {l.N, l.K / l.gs}) &&
+           (l.bits == 8 || has_elems(l.mz_len, {l.N, l.K / l.gs})) && (!l.bias || has_elems(l.bias_len, {l.N}));
 }
 
 static void add_into(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-// x [B, H] is updated in place. cos/sin [B, D]. Returns 0, or -1 when a shape does not fit (the caller
-// then takes the per-op path): every linear's packed rows must equal its real output width here.
-extern "C" int qwenlab_decode_stack(float* x, int64_t B, int64_t H, const DecodeLayer* layers, int64_t n_layers,
-                                    int64_t Hq, int64_t Hkv, int64_t D, const float* cos, const float* sin,
-                                    int64_t cap, int64_t pos, float eps, int nthreads) {
+// x [B, H] is updated in place (x_len = B H floats). cos/sin [B, D] (cs_len = B D each). Returns
+// QWENLAB_OK; QWENLAB_NOT_APPLICABLE when a shape does not fit this path (the caller then takes the
+// per-op path: every linear's packed rows must equal its real output width here); QWENLAB_BAD_SIZES
+// when a buffer's length does not fit the dimensions; QWENLAB_NO_MEMORY when a malloc fails.
+extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t H, const DecodeLayer* layers,
+                                    int64_t n_layers, int64_t Hq, int64_t Hkv, int64_t D, const float* cos,
+                                    const float* sin, int64_t cs_len, int64_t cap, int64_t pos, float eps,
+                                    int nthreads) {
     // Checked here so that decode_attention cannot fail half-way through the stack (x updated in place).
-    if (n_layers <= 0 || pos < 0 || pos >= cap || Hkv <= 0 || Hq % Hkv != 0 || D % 2 != 0) return -1;
+    // (Head counts and width bounded so that the products below cannot overflow.)
+    if (n_layers <= 0 || !layers || pos < 0 || pos >= cap || Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0 || D <= 0 ||
+        D % 2 != 0 || Hq > (1 << 20) || D > (1 << 20))
+        return QWENLAB_NOT_APPLICABLE;
     const int64_t qkv_n = (Hq + 2 * Hkv) * D, I = layers[0].down.K;
     for (int64_t i = 0; i < n_layers; ++i) {
         const DecodeLayer& L = layers[i];
         if (L.qkv.N != qkv_n || L.qkv.K != H || L.o.N != H || L.o.K != Hq * D || L.gate_up.N != 2 * I ||
             L.gate_up.K != H || L.down.N != H || L.down.K != I)
-            return -1;
+            return QWENLAB_NOT_APPLICABLE;
+    }
+    if (B <= 0 || B >= ((int64_t)1 << 31) || H <= 0 || !x || !cos || !sin || !has_elems(x_len, {B, H}) || !has_elems(cs_len, {B, D}))
+        return QWENLAB_BAD_SIZES;
+    for (int64_t i = 0; i < n_layers; ++i) {
+        const DecodeLayer& L = layers[i];
+        if (!L.norm1 || !L.norm2 || !L.keys || !L.values || !has_elems(L.norm1_len, {H}) ||
+            !has_elems(L.norm2_len, {H}) || !has_elems(L.kv_len, {B, Hkv, cap, D}) || !linear_ok(L.qkv) ||
+            !linear_ok(L.o) || !linear_ok(L.gate_up) || !linear_ok(L.down))
+            return QWENLAB_BAD_SIZES;
     }
     float* h = (float*)malloc(sizeof(float) * B * H);
     float* qkv = (float*)malloc(sizeof(float) * B * qkv_n);
     float* att = (float*)malloc(sizeof(float) * B * Hq * D);
     float* gu = (float*)malloc(sizeof(float) * B * 2 * I);
     float* y = (float*)malloc(sizeof(float) * B * H);
-    int status = 0;
-    for (int64_t i = 0; i < n_layers && status == 0; ++i) {
+    int status = h && qkv && att && gu && y ? QWENLAB_OK : QWENLAB_NO_MEMORY;
+    for (int64_t i = 0; i < n_layers && status == QWENLAB_OK; ++i) {
         const DecodeLayer& L = layers[i];
-        qwenlab_rms_norm(x, B, H, L.norm1, eps, h);
-        linear(L.qkv, h, B, qkv, nthreads, 0);
-        status = qwenlab_decode_attention(qkv, B, Hq, Hkv, D, cos, sin, L.keys, L.values, cap, pos, att);
-        if (status != 0) break;
-        linear(L.o, att, B, y, nthreads, 0);
+        qwenlab_rms_norm(x, B * H, B, H, L.norm1, L.norm1_len, eps, h, B * H);
+        if ((status = linear(L.qkv, h, B, qkv, nthreads, 0)) != QWENLAB_OK) break;
+        status = qwenlab_decode_attention(qkv, B * qkv_n, B, Hq, Hkv, D, cos, sin, cs_len, L.keys, L.values,
+                                          L.kv_len, cap, pos, att, B * Hq * D);
+        if (status != QWENLAB_OK || (status = linear(L.o, att, B, y, nthreads, 0)) != QWENLAB_OK) break;
         add_into(x, y, B * H);
-        qwenlab_rms_norm(x, B, H, L.norm2, eps, h);
-        linear(L.gate_up, h, B, gu, nthreads, 0);
-        linear(L.down, gu, B, y, nthreads, 1);  // act 1: silu(gate) * up, applied while quantizing
+        qwenlab_rms_norm(x, B * H, B, H, L.norm2, L.norm2_len, eps, h, B * H);
+        if ((status = linear(L.gate_up, h, B, gu, nthreads, 0)) != QWENLAB_OK) break;
+        // act 1: silu(gate) * up, applied while quantizing
+        if ((status = linear(L.down, gu, B, y, nthreads, 1)) != QWENLAB_OK) break;
         add_into(x, y, B * H);
     }
     free(h); free(qkv); free(att); free(gu); free(y);

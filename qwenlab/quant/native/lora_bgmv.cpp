@@ -13,9 +13,9 @@
 
 #define MAX_RANK 256
 
-extern "C" int qwenlab_lora_bgmv(const float* x, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter,
-                                 const float* A, const float* Bt, int64_t R, int64_t N, float* y) {
-    if (R > MAX_RANK) return -1;
+// The delta itself; the entry points below check its arguments first.
+static void bgmv(const float* x, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter, const float* A,
+                 const float* Bt, int64_t R, int64_t N, float* y) {
     float h[MAX_RANK];
     for (int64_t r = 0; r < rows; ++r) {
         const int32_t a = row_adapter[r];
@@ -42,5 +42,22 @@ extern "C" int qwenlab_lora_bgmv(const float* x, int64_t rows, int64_t T, int64_
             }
         }
     }
-    return 0;
+}
+
+// Lengths count elements: x_len = rows T K, y_len = rows T N, ra_len = rows, A_len = n R K, Bt_len = n R N
+// for n adapters; a row's adapter index must be below n. Checked before y is touched: O(rows).
+extern "C" int qwenlab_lora_bgmv(const float* x, int64_t x_len, int64_t rows, int64_t T, int64_t K,
+                                 const int32_t* row_adapter, int64_t ra_len, const float* A, int64_t A_len,
+                                 const float* Bt, int64_t Bt_len, int64_t n_adapters, int64_t R, int64_t N, float* y,
+                                 int64_t y_len) {
+    if (R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;
+    if (rows < 0 || T < 0 || K < 0 || R < 0 || N < 0 || !has_elems(x_len, {rows, T, K}) ||
+        !has_elems(y_len, {rows, T, N}) || !has_elems(ra_len, {rows}) || !has_elems(A_len, {n_adapters, R, K}) ||
+        !has_elems(Bt_len, {n_adapters, R, N}) || (x_len && !x) || (y_len && !y) || (ra_len && !row_adapter) ||
+        (A_len && !A) || (Bt_len && !Bt))
+        return QWENLAB_BAD_SIZES;
+    for (int64_t r = 0; r < rows; ++r)
+        if (row_adapter[r] >= n_adapters) return QWENLAB_BAD_SIZES;
+    bgmv(x, rows, T, K, row_adapter, A, Bt, R, N, y);
+    return QWENLAB_OK;
 }

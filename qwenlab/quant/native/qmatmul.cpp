@@ -28,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include "vec.h"
+
 #define XB 32  // activation block
 
 static void quantize_row(const float* x, int64_t K, int8_t* xq, float* xs, int32_t* xsum) {
@@ -264,12 +266,17 @@ struct GemmJob {
     int8_t* xq;
     float* xs;
     int32_t* xsum;
+    mutable std::atomic<bool> out_of_memory{false};  // set by a chunk whose buffer could not be allocated
 };
 
 void quantize_chunk(const void* p, int64_t chunk) {
     const GemmJob& j = *(const GemmJob*)p;
     const int64_t end = (chunk + 1) * j.rows_per_chunk < j.M ? (chunk + 1) * j.rows_per_chunk : j.M;
     float* row = j.act ? (float*)aligned_alloc(64, ((j.K * sizeof(float) + 63) / 64) * 64) : nullptr;
+    if (j.act && !row) {
+        j.out_of_memory.store(true);
+        return;
+    }
     for (int64_t m = chunk * j.rows_per_chunk; m < end; ++m) {
         const float* in = j.x + m * j.K;
         if (j.act) {
@@ -308,31 +315,63 @@ void gemm_chunk(const void* p, int64_t chunk) {
 }
 }  // namespace
 
-// N must be a multiple of 64 (the Python side pads rows), K a multiple of 32 and of gs.
+// The dimensions and buffer lengths (in elements) a matmul needs, checked once per call before any work:
+// N a multiple of 64 (the Python side pads rows), K a multiple of 32 and of gs, and every buffer exactly
+// as long as those imply. Anything else (a bug, or a crafted model file that got past the loader) is
+// refused instead of read past its end. Each dimension stays under 2^31, so the kernel's own index
+// arithmetic cannot overflow either.
+static bool gemm_args_ok(int bits, const float* x, int64_t x_len, int64_t M, int64_t K, const uint8_t* w,
+                         int64_t w_len, const uint16_t* s, int64_t s_len, const uint16_t* mz, int64_t mz_len,
+                         int64_t N, int64_t gs, const float* bias, int64_t bias_len, const float* y, int64_t y_len,
+                         int act) {
+    const int64_t limit = (int64_t)1 << 31;
+    if (M < 0 || M >= limit || K <= 0 || K >= limit || N <= 0 || N >= limit || gs <= 0 || gs >= limit) return false;
+    if (K % XB || gs % XB || K % gs || N % (16 * RG) || (act != 0 && act != 1)) return false;
+    if (!x || !w || !s || !y || (bits == 4 && !mz)) return false;
+    return has_elems(x_len, {M, K, act ? 2 : 1}) && has_elems(y_len, {M, N}) &&
+           has_elems(w_len, {N, bits == 8 ? K : K / 2}) && has_elems(s_len, {N, K / gs}) &&
+           (bits == 8 || has_elems(mz_len, {N, K / gs})) && (!bias || has_elems(bias_len, {N}));
+}
+
 template <int BITS>
-static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
-                 int64_t N, int64_t gs, const float* bias, float* y, int nthreads, int act) {
-    if (M * N * K < (1 << 18)) nthreads = 1;  // tiny layers: waking a second thread costs more than it saves
+static int gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
+                int64_t N, int64_t gs, const float* bias, float* y, int nthreads, int act) {
+    if (M == 0) return QWENLAB_OK;  // no rows: nothing to compute (and malloc(0) may return null)
+    if ((double)M * N * K < (1 << 18)) nthreads = 1;  // tiny layers: waking a second thread costs more than it saves
     GemmJob job{x, M, K, N, gs, K / XB, K / gs, 16, act, w, s, mz, bias, y, nullptr, nullptr, nullptr};
     job.xq = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
     job.xs = (float*)malloc(sizeof(float) * M * job.KB);
     job.xsum = (int32_t*)malloc(sizeof(int32_t) * M * job.KB);
-    pool().run(quantize_chunk, &job, (M + job.rows_per_chunk - 1) / job.rows_per_chunk, nthreads);
-    const int64_t NG = N / (16 * RG);
-    pool().run(gemm_chunk<BITS>, &job, (NG + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK, nthreads);
+    int status = QWENLAB_NO_MEMORY;
+    if (job.xq && job.xs && job.xsum) {
+        pool().run(quantize_chunk, &job, (M + job.rows_per_chunk - 1) / job.rows_per_chunk, nthreads);
+        if (!job.out_of_memory.load()) {
+            const int64_t NG = N / (16 * RG);
+            pool().run(gemm_chunk<BITS>, &job, (NG + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK, nthreads);
+            status = QWENLAB_OK;
+        }
+    }
     free(job.xq); free(job.xs); free(job.xsum);
+    return status;
 }
 
 extern "C" {
 int qwenlab_has_vnni(void) { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
 
-void qwenlab_gemm_int8(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, int64_t N,
-                       int64_t gs, const float* bias, float* y, int nthreads, int act) {
-    gemm<8>(x, M, K, w, s, nullptr, N, gs, bias, y, nthreads, act);
+// Lengths count elements of each buffer's type (x, y, bias: floats; w: bytes; s, mz: fp16 values).
+int qwenlab_gemm_int8(const float* x, int64_t x_len, int64_t M, int64_t K, const uint8_t* w, int64_t w_len,
+                      const uint16_t* s, int64_t s_len, int64_t N, int64_t gs, const float* bias, int64_t bias_len,
+                      float* y, int64_t y_len, int nthreads, int act) {
+    if (!gemm_args_ok(8, x, x_len, M, K, w, w_len, s, s_len, nullptr, 0, N, gs, bias, bias_len, y, y_len, act))
+        return QWENLAB_BAD_SIZES;
+    return gemm<8>(x, M, K, w, s, nullptr, N, gs, bias, y, nthreads, act);
 }
 
-void qwenlab_gemm_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
-                       int64_t N, int64_t gs, const float* bias, float* y, int nthreads, int act) {
-    gemm<4>(x, M, K, w, s, mz, N, gs, bias, y, nthreads, act);
+int qwenlab_gemm_int4(const float* x, int64_t x_len, int64_t M, int64_t K, const uint8_t* w, int64_t w_len,
+                      const uint16_t* s, int64_t s_len, const uint16_t* mz, int64_t mz_len, int64_t N, int64_t gs,
+                      const float* bias, int64_t bias_len, float* y, int64_t y_len, int nthreads, int act) {
+    if (!gemm_args_ok(4, x, x_len, M, K, w, w_len, s, s_len, mz, mz_len, N, gs, bias, bias_len, y, y_len, act))
+        return QWENLAB_BAD_SIZES;
+    return gemm<4>(x, M, K, w, s, mz, N, gs, bias, y, nthreads, act);
 }
 }
