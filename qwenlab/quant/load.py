@@ -9,20 +9,17 @@ heap memory is handed back to the OS at the end, so resident memory is the model
 
 from __future__ import annotations
 
-
 import torch
 
-from qwenlab.checkpoint.names import layer_prefix
+from qwenlab.checkpoint.names import expected_tensor_shapes, layer_prefix
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM, RMSNorm
 from qwenlab.quant import native
 from qwenlab.quant.memory import release_free_memory
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
-from qwenlab.quant.quantize import FORMAT, FORMAT_VERSION, HEAD_BITS
+from qwenlab.quant.formats import GROUP_SIZES
+from qwenlab.quant.quantize import FORMAT, FORMAT_VERSION, HEAD_BITS, head_names, is_linear_weight
 from qwenlab.quant.stored import StoredTensors
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
@@ -36,7 +33,23 @@ class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
             return super().forward(*args, **kwargs)
 
 
+# Stored dtypes (safetensors names) of the format quantize.py writes: anything else is refused before a
+# kernel sees it (a float32 "qweight" would be packed as nonsense, a wrong width read out of bounds).
+QWEIGHT_DTYPES = {8: "I8", 4: "U8"}
+GROUP_PARAM_DTYPE = "F16"  # scales and zeros
+SMALL_DTYPE = "F32"  # norms and biases, kept exact
+FLOAT_HEAD_DTYPE = "BF16"  # head_bits 16: the embedding (and an untied head) kept in bf16
+
+
+def _section_int(section: dict, key: str, allowed: tuple[int, ...], where: str) -> int:
+    value = section.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+        raise QwenlabError(f"{where}: '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    return value
+
+
 def read_section(checkpoint) -> dict:
+    """The quantization section of config.json, every field the loader uses checked against config.json."""
     section = checkpoint.config.extra.get("quantization")
     where = f"{checkpoint.path / 'config.json'}: quantization"
     if not isinstance(section, dict) or section.get("format") != FORMAT:
@@ -45,43 +58,57 @@ def read_section(checkpoint) -> dict:
     if section.get("version") != FORMAT_VERSION:
         raise QwenlabError(f"{where}: format version {section.get('version')} is not supported "
                            f"(expected {FORMAT_VERSION})")
-    if section.get("bits") not in (8, 4) or section.get("head_bits") not in HEAD_BITS:
-        raise QwenlabError(f"{where}: 'bits' must be 8 or 4 and 'head_bits' 16, 8 or 4")
-    if section.get("group_size") not in (32, 64, 128):
-        raise QwenlabError(f"{where}: 'group_size' must be 32, 64 or 128")
+    _section_int(section, "bits", tuple(QWEIGHT_DTYPES), where)
+    _section_int(section, "head_bits", HEAD_BITS, where)
+    group_size = _section_int(section, "group_size", GROUP_SIZES, where)
+    config = checkpoint.config
+    for field in ("hidden_size", "intermediate_size"):  # the input widths of every quantized layer
+        if getattr(config, field) % group_size:
+            raise QwenlabError(f"{where}: 'group_size' {group_size} does not divide {field} "
+                               f"{getattr(config, field)} from config.json")
     return section
 
 
-def expected_modules(config, head_bits: int) -> dict[str, tuple[int, int]]:
-    """Every quantized module and its (out, in) shape."""
-    h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * config.head_dim
-    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-              "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-    modules = {f"{layer_prefix(n)}{'self_attn' if m in ATTENTION else 'mlp'}.{m}": s
-               for n in range(config.num_hidden_layers) for m, s in shapes.items()}
-    if head_bits < 16:
-        modules["model.embed_tokens"] = (config.vocab_size, h)
-        if not config.tie_word_embeddings:
-            modules["lm_head"] = (config.vocab_size, h)
-    return modules
+def expected_quantized_tensors(config, section: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of a quantized folder -> (shape, safetensors dtype), from config.json and its
+    quantization section: the float layout (names.py) with each quantized weight replaced by its
+    stored parts, norms and biases in fp32."""
+    bits, group_size, head_bits = section["bits"], section["group_size"], section["head_bits"]
+    heads = head_names(config)
+    expected = {}
+    for name, shape in expected_tensor_shapes(config).items():
+        width = bits if is_linear_weight(name) else head_bits if name in heads else None
+        if width is None or width == 16:
+            expected[name] = (shape, FLOAT_HEAD_DTYPE if name in heads else SMALL_DTYPE)
+            continue
+        module, (n, k) = name[: -len(".weight")], shape
+        expected[f"{module}.qweight"] = ((n, k if width == 8 else k // 2), QWEIGHT_DTYPES[width])
+        expected[f"{module}.scales"] = ((n, k // group_size), GROUP_PARAM_DTYPE)
+        if width == 4:
+            expected[f"{module}.zeros"] = ((n, k // group_size), GROUP_PARAM_DTYPE)
+    return expected
 
 
 def validate_quantized(checkpoint, stored: StoredTensors, section: dict) -> None:
-    """The quantized counterpart of Checkpoint.validate: every tensor present, with consistent shapes."""
-    config, gs = checkpoint.config, section["group_size"]
-    for module, (n, k) in expected_modules(config, section["head_bits"]).items():
-        bits = section["bits"] if "layers" in module else section["head_bits"]
-        expected = {"qweight": (n, k if bits == 8 else k // 2), "scales": (n, k // gs)}
-        if bits == 4:
-            expected["zeros"] = (n, k // gs)
-        for suffix, shape in expected.items():
-            name = f"{module}.{suffix}"
-            if name not in stored:
-                raise QwenlabError(f"{checkpoint.path}: missing tensor '{name}'")
-            if stored.shape(name) != shape:
-                raise QwenlabError(f"{checkpoint.path}: tensor '{name}' has shape {list(stored.shape(name))}, "
-                                   f"expected {list(shape)} from config.json and the quantization section")
+    """The quantized counterpart of Checkpoint.validate, from the headers alone and before any tensor is
+    read: every tensor present, none unexpected, each with the shape and dtype config.json implies. The
+    kernels trust these sizes (a norm of shape [1] made them read past its end)."""
+    expected = expected_quantized_tensors(checkpoint.config, section)
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QwenlabError(f"{checkpoint.path}: missing tensor '{missing[0]}'{more}")
+    unexpected = sorted(set(stored.names()) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise QwenlabError(f"{stored.file(unexpected[0])}: unexpected tensor '{unexpected[0]}'{more}")
+    for name, (shape, dtype) in expected.items():
+        if stored.shape(name) != shape:
+            raise QwenlabError(f"{stored.file(name)}: tensor '{name}' has shape {list(stored.shape(name))}, "
+                               f"expected {list(shape)} from config.json and its quantization section")
+        if stored.dtype_name(name) != dtype:
+            raise QwenlabError(f"{stored.file(name)}: tensor '{name}' has dtype {stored.dtype_name(name)}, "
+                               f"expected {dtype}")
 
 
 def _reader(stored: StoredTensors, module: str, bits: int):

@@ -8,12 +8,12 @@ reading rows in chunks bounds the temporaries of repacking the 151936-row embedd
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
 import torch
 
+from qwenlab.checkpoint.reader import weight_files
 from qwenlab.checkpoint.safetensors_file import read_header
 from qwenlab.errors import QwenlabError
 
@@ -23,13 +23,9 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I
 
 class StoredTensors:
     def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
         self.where: dict[str, tuple[Path, int, dict]] = {}
-        for name in files:
-            path = folder / name
+        # weight_files: the shard names of the index are checked to stay inside the folder
+        for path in weight_files(Path(folder)):
             header = read_header(path)  # validated: offsets inside the file, sizes match shapes
             with open(path, "rb") as f:
                 data_start = 8 + struct.unpack("<Q", f.read(8))[0]
@@ -39,8 +35,18 @@ class StoredTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def names(self) -> list[str]:
+        return list(self.where)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.where[name][2]["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype ('I8', 'F16', ...) from the header."""
+        return self.where[name][2]["dtype"]
+
+    def file(self, name: str) -> Path:
+        return self.where[name][0]
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor, or rows [start, stop) of it, in a new buffer."""
