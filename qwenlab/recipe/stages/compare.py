@@ -21,6 +21,7 @@ from qwenlab.errors import QwenlabError
 def run_variants(ctx, params: dict) -> dict[str, str]:
     """name -> folder for the stage's `models` (default: every model of the run), saved as variants.json."""
     from qwenlab.checkpoint.reader import resolve_model_path
+    from qwenlab.checkpoint.writer import write_text_atomic
 
     names = params.get("models") or list(ctx.models)
     if not names:
@@ -28,7 +29,7 @@ def run_variants(ctx, params: dict) -> dict[str, str]:
     variants = {name: str(resolve_model_path(ctx.model_path(name)).resolve()) for name in names}
     path = ctx.run_dir / "variants.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**known, **variants}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({**known, **variants}, indent=2) + "\n")  # never half-written
     return variants
 
 
