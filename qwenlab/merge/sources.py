@@ -11,7 +11,6 @@ Dropping is safe on a file mapping: a later access reads the same bytes again.
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from qwenlab.adapters.adapted_checkpoint import AdaptedCheckpoint
 from qwenlab.checkpoint import Checkpoint, open_checkpoint
-from qwenlab.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from qwenlab.checkpoint.reader import weight_files
 from qwenlab.checkpoint.safetensors_file import read_header
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import Qwen2Config
@@ -84,11 +83,7 @@ class MappedCheckpoint:
         self._where = {name: file for file in self._files.values() for name in file.header}
 
     def _shard_files(self) -> list[Path]:
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [self.path / name for name in sorted(set(weight_map.values()))]
-        return [self.path / SINGLE_FILE]
+        return weight_files(self.path)  # the reader's own list: each shard checked to lie inside the folder
 
     def tensor_names(self) -> list[str]:
         return list(self._where)

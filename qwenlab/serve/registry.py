@@ -44,7 +44,7 @@ def load_engine(name: str, path: str | Path, *, dtype: str = "fp32", max_batch: 
     else:
         model = load_model(checkpoint.validate(), dtype)
     tokenizer = load_tokenizer(checkpoint.path)
-    context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    context = model.config.context_window(max_context)  # beyond the model's positions: refused, not lowered
     engine = Engine(name, model, tokenizer, tokenizer.stop_ids(checkpoint.generation_config),
                     max_batch=max_batch, max_context=context, max_prefill_tokens=max_prefill_tokens, metrics=metrics)
     engine.path = str(checkpoint.path)

@@ -113,3 +113,13 @@ def test_a_non_loopback_bind_without_a_key_warns(serve_models):
         err = process.communicate(timeout=30)[1]
     warnings = [line for line in err.splitlines() if "without --api-key" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: serving on 0.0.0.0"), err
+
+
+def test_a_max_context_beyond_the_model_is_refused_not_lowered(serve_models):
+    from qwenlab.errors import QwenlabError
+    from qwenlab.serve.registry import load_engine
+
+    positions = load_engine("base", serve_models["base"]).max_context
+    with pytest.raises(QwenlabError, match=f"--max-context {positions + 1} is beyond the model's context of {positions}"):
+        load_engine("base", serve_models["base"], max_context=positions + 1)
+    assert load_engine("base", serve_models["base"], max_context=positions - 1).max_context == positions - 1
