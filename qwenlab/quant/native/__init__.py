@@ -7,7 +7,7 @@ the activations to int8 per 32 values (as llama.cpp does) and multiplies with VN
 products, group-wise for both widths; benchmarks/speed_bench.py shows what each buys.
 
 The source is compiled once per machine with the system C++ compiler (the same requirement as
-torch.compile on CPU) into a private ~/.cache/qwenlab/kernels, checked by hash and probed in a child
+torch.compile on CPU) into a private $QWENLAB_HOME/kernels (~/.cache/qwenlab/kernels), checked by hash and probed in a child
 process before it is loaded (build.py); without a compiler, or on a CPU without AVX-512 VNNI,
 `available()` is False and the layers fall back to PyTorch's kernels.
 Set QWENLAB_NATIVE=0 to disable it.
