@@ -6,6 +6,8 @@ row; `generate` collects finished completions.
 
 from __future__ import annotations
 
+import codecs
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -16,6 +18,13 @@ from qwenlab.model.qwen2 import Qwen2ForCausalLM
 from qwenlab.model.sampling import choose_next_tokens
 from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.quant.memory import release_free_memory
+
+
+# Bounds that keep the sampling arithmetic finite: logits / temperature and logits / penalty stay far
+# below float32's 3.4e38 for any logit a model produces (the server's schema uses the same bounds).
+MIN_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 @dataclass
@@ -31,14 +40,28 @@ class GenerationConfig:
     truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing
 
     def validate(self) -> "GenerationConfig":
-        if self.max_new_tokens < 0:
-            raise QwenlabError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise QwenlabError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise QwenlabError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise QwenlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Refuse values that would make the sampling arithmetic non-finite or meaningless."""
+        def number(name: str, value, low: float, high: float = math.inf) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                shown = f"[{low:g}, {high:g}]" if high != math.inf else f">= {low:g}"
+                raise QwenlabError(f"{name} must be a number {shown}, got {value!r}")
+
+        for name in ("max_new_tokens", "top_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise QwenlabError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        number("temperature", self.temperature, 0.0)
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / temperature would overflow float32
+            raise QwenlabError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+                               f"got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise QwenlabError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        number("repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            raise QwenlabError(f"seed must be an integer from 0 to 2**63-1, got {self.seed!r}")
+        if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 1):
+            raise QwenlabError(f"max_context must be an integer >= 1, got {self.max_context!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):  # "" would stop before the first token
+            raise QwenlabError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         return self
 
 
@@ -59,6 +82,10 @@ class StreamEvent:
 
 def fit_prompts(prompts: list[list[int]], config: GenerationConfig, model_context: int) -> tuple[list[list[int]], int]:
     """Apply the context-window limit; returns the prompts and the KV cache capacity."""
+    if config.max_context is not None and config.max_context > model_context:
+        # RoPE positions past the trained window give garbage, and the KV cache would be sized for it.
+        raise QwenlabError(f"max_context {config.max_context} exceeds the model's context window "
+                           f"({model_context} tokens, max_position_embeddings in config.json)")
     context = config.max_context or model_context
     longest = max(len(p) for p in prompts)
     if longest == 0:
@@ -138,34 +165,81 @@ def generate_token_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], config
         next_position = next_position + 1
 
 
+class _Utf8Tail:
+    """Whether a row's byte stream ends inside a UTF-8 character that the next bytes may complete.
+
+    Python's incremental UTF-8 decoder with errors="replace" keeps exactly such a tail and turns
+    bytes that can never be valid into U+FFFD at once, by the same rule (maximal subparts) as
+    the `tokenizers` library's lossy decode; so its buffer says which trailing U+FFFD of
+    `decode(ids)` is only provisional.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> bool | None:
+        """Feed a token; True while a character is incomplete, None when the tokenizer is not byte-level."""
+        data = self.tokenizer.token_bytes(token)
+        if data is None:
+            return None
+        self.decoder.decode(data)
+        return bool(self.decoder.getstate()[0])
+
+
 class _RowText:
-    """Incremental detokenisation of one row, holding back text that may start a stop string."""
+    """Incremental detokenisation of one row, holding back text that may start a stop string.
+
+    The row's text is always the tokenizer's own `decode(ids)`, so the emitted deltas join up to
+    exactly that (cut at a stop string). What may still change is held back: a last U+FFFD that
+    stands for an incomplete UTF-8 character (the next token may complete it), and the last
+    len(stop)-1 characters, which may begin a stop string. Bytes that can never be valid UTF-8 are
+    emitted as U+FFFD as soon as that is known, and `flush` emits whatever is held at the end.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
         self.emitted = 0
-        self.text = ""
+        self.text = ""  # decode(ids), cut at the stop string once one is found
+        self.stopped = False
         self.hold = max((len(s) for s in stop), default=1) - 1
+        self._tail = _Utf8Tail(tokenizer)
+
+    def _stable_length(self, text: str, incomplete: bool | None) -> int:
+        """How much of `text` no later token can change."""
+        if text.endswith("\ufffd") and incomplete is not False:  # None: not byte-level, assume the worst
+            return len(text) - 1
+        return len(text)
+
+    def _find_stop(self, text: str, end: int) -> int | None:
+        """Where the first stop string inside text[:end] begins, searching only past what was emitted."""
+        found = [i for s in self.stop if (i := text.find(s, max(0, self.emitted - len(s) + 1), end)) != -1]
+        return min(found) if found else None
 
     def add(self, token: int) -> tuple[str, bool]:
         """Returns (new text to emit, whether a stop string was hit)."""
+        if self.stopped:
+            return "", True
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
-            return "", False
-        self.text = text
-        for s in self.stop:
-            found = text.find(s, max(0, self.emitted - len(s)))
-            if found != -1:
-                self.text = text[:found]
-                return self.flush(), True
-        safe_end = max(self.emitted, len(text) - self.hold)
-        delta = text[self.emitted:safe_end]
+        incomplete = self._tail.add(token)
+        self.text = self.tokenizer.decode(self.ids)
+        stable = self._stable_length(self.text, incomplete)
+        found = self._find_stop(self.text, stable)
+        if found is not None:
+            self.text, self.stopped = self.text[:found], True
+            return self.flush(), True
+        safe_end = max(self.emitted, stable - self.hold)
+        delta = self.text[self.emitted:safe_end]
         self.emitted = safe_end
         return delta, False
 
     def flush(self) -> str:
+        """The rest of the text, at the end of the row: nothing is provisional any more."""
+        if not self.stopped:
+            found = self._find_stop(self.text, len(self.text))
+            if found is not None:
+                self.text, self.stopped = self.text[:found], True
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta
@@ -185,10 +259,13 @@ def stream_generate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, prompts: list
         results[:] = [None] * len(prompts)
 
     def finish(row: int, reason: str) -> StreamEvent:
+        tail = rows[row].flush()  # before the Completion: flushing settles the text
+        if rows[row].stopped:  # the last, settled characters completed a stop string
+            reason = "stop"
         finished[row] = reason
         if results is not None:
             results[row] = Completion(rows[row].text, rows[row].ids, len(prompts[row]), reason)
-        return StreamEvent(row, rows[row].flush(), reason)
+        return StreamEvent(row, tail, reason)
 
     for step in generate_token_ids(model, prompts, config, stop_ids):
         for row, token in enumerate(step):

@@ -14,6 +14,7 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders
 
 from qwenlab.errors import QwenlabError
 
@@ -23,12 +24,34 @@ ENDOFTEXT = "<|endoftext|>"
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):  # older configs store AddedToken dicts
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 def _raise_exception(message):
     raise TemplateError(message)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (bytes_to_unicode), inverted: the character each byte is spelt as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    spelling = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return {char: b for b, char in spelling.items()}
+
+
+def _read_tokenizer_config(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise QwenlabError(f"{path}: expected a JSON file, found a folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenlabError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise QwenlabError(f"{path}: expected a JSON object of tokenizer settings, got {type(config).__name__}")
+    return config
 
 
 class Tokenizer:
@@ -41,8 +64,7 @@ class Tokenizer:
             self._tok = RustTokenizer.from_file(str(path))
         except Exception as e:  # the Rust error is long; keep its first line
             raise QwenlabError(f"{path}: invalid tokenizer file ({str(e).splitlines()[0]})") from None
-        config_path = self.folder / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.config = _read_tokenizer_config(self.folder / "tokenizer_config.json")
         self.chat_template = self._read_chat_template()
         self.eos_token = _token_text(self.config.get("eos_token")) or ENDOFTEXT
         self.pad_token = _token_text(self.config.get("pad_token")) or ENDOFTEXT
@@ -50,10 +72,18 @@ class Tokenizer:
     def _read_chat_template(self) -> str | None:
         jinja = self.folder / "chat_template.jinja"
         if jinja.is_file():
-            return jinja.read_text()
+            try:
+                return jinja.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise QwenlabError(f"{jinja}: not UTF-8 text ({e.reason})") from None
         template = self.config.get("chat_template")
+        where = f"{self.folder / 'tokenizer_config.json'}: 'chat_template'"
         if isinstance(template, list):  # named templates: take the default one
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+                raise QwenlabError(f"{where}: expected a string or a list of {{name, template}} objects")
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise QwenlabError(f"{where}: expected a string, got {type(template).__name__}")
         return template
 
     # ---- ids -----------------------------------------------------------------
@@ -78,6 +108,40 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def _byte_alphabet(self) -> dict[str, int] | None:
+        """The byte each character of a token spells, when the decoder is plain byte-level (Qwen's)."""
+        return _byte_level_alphabet() if isinstance(self._tok.decoder, decoders.ByteLevel) else None
+
+    @cached_property
+    def _added_tokens(self) -> dict[int, tuple[str, bool]]:
+        return {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    @property
+    def byte_level(self) -> bool:
+        return self._byte_alphabet is not None
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes this token adds to `decode(ids)`'s UTF-8 stream (skip_special_tokens=True).
+
+        None when the decoder is not byte-level: then bytes are not what the tokens spell. An added
+        token is decoded as its text (a special one is skipped); any other token as the bytes its
+        characters stand for, which `decode` joins and turns into text as one UTF-8 stream.
+        """
+        alphabet = self._byte_alphabet
+        if alphabet is None:
+            return None
+        if token_id in self._added_tokens:
+            content, special = self._added_tokens[token_id]
+            return b"" if special else content.encode("utf-8")
+        token = self._tok.id_to_token(token_id)
+        if token is None:  # an id past the vocabulary decodes to nothing
+            return b""
+        try:
+            return bytes(alphabet[char] for char in token)
+        except KeyError:  # not spelt in the byte alphabet: decode takes the text as it is
+            return token.encode("utf-8")
 
     def stop_ids(self, generation_config: dict | None = None) -> set[int]:
         """Tokens that end a generation: eos from both configs, plus <|im_end|> and <|endoftext|>."""

@@ -132,3 +132,132 @@ def test_bad_generation_settings_are_rejected(model):
     for kw in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=-2)):
         with pytest.raises(QwenlabError):
             run_ids(model, [[1]], **kw)
+
+
+def test_sampling_settings_that_would_poison_the_arithmetic_are_rejected(model):
+    for kw in (dict(temperature=1e-300), dict(temperature=float("nan")), dict(repetition_penalty=float("inf")),
+               dict(repetition_penalty=1e-300), dict(top_k=-1), dict(seed=-1), dict(seed=2**63),
+               dict(max_context=0), dict(stop=("",))):
+        with pytest.raises(QwenlabError, match=next(iter(kw))):
+            run_ids(model, [[1]], **kw)
+    with pytest.raises(QwenlabError, match="exceeds the model's context window"):
+        run_ids(model, [[1]], max_context=model.config.max_position_embeddings + 1)
+
+
+# ---- streamed text equals the tokenizer's own decode ------------------------------------------------
+
+
+def _byte_token_ids(tokenizer) -> dict[int, int]:
+    """byte -> id of the token that is exactly that byte (every byte-level BPE has all 256)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {b: tokenizer.token_id(char) for b, char in bytes_to_unicode().items()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_with_added_token(tmp_path_factory):
+    """The fixture tokenizer plus a non-special added token, which decode writes as its text."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from tests.conftest import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok-added")
+    build_tokenizer(folder)
+    rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+    rust.add_tokens([AddedToken("<tool_call>", special=False)])
+    rust.save(str(folder / "tokenizer.json"))
+    return load_tokenizer(folder)
+
+
+def _random_ids(tokenizer, rng) -> list[int]:
+    """Token ids that split characters across tokens, and bytes that can never be valid UTF-8."""
+    bytes_ = _byte_token_ids(tokenizer)
+    high = [bytes_[b] for b in range(0x80, 0x100)]  # continuation bytes, lead bytes, 0xC0/0xF5-0xFF
+    pieces = [bytes_[b] for b in "é€😀中".encode("utf-8")]
+    special = [tokenizer.token_id(t) for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")]
+    added = [i for i in [tokenizer.token_id("<tool_call>")] if i is not None]
+    pools = [high, pieces, list(range(tokenizer.vocab_size)), special + added,
+             [tokenizer.vocab_size + 5]]  # an id past the vocabulary (a model's vocab may be larger)
+    ids = []
+    for _ in range(rng.randint(1, 24)):
+        pool = rng.choices(pools, weights=[5, 4, 4, 1, 0.2])[0]
+        ids.append(rng.choice(pool))
+    return ids
+
+
+def _stream(tokenizer, ids, stop=()) -> tuple[list[str], bool]:
+    from qwenlab.model.generate import _RowText
+
+    row, pieces = _RowText(tokenizer, tuple(stop)), []
+    for token in ids:
+        delta, hit = row.add(token)
+        pieces.append(delta)
+        if hit:
+            break
+    pieces.append(row.flush())
+    return pieces, row.stopped
+
+
+@pytest.mark.parametrize("which", ["nano", "fixture"])
+def test_streamed_pieces_join_to_the_tokenizers_decode(which, tokenizer_with_added_token):
+    import random
+
+    from qwenlab.nano import nano_path
+
+    tok = load_tokenizer(nano_path()) if which == "nano" else tokenizer_with_added_token
+    rng = random.Random(which)
+    replaced = 0
+    for _ in range(1500):
+        ids = _random_ids(tok, rng)
+        pieces, _ = _stream(tok, ids)
+        expected = tok.decode(ids)
+        assert "".join(pieces) == expected, ids
+        replaced += "\ufffd" in expected
+    assert replaced > 300  # the sequences did exercise invalid and split UTF-8
+
+
+def test_invalid_bytes_are_emitted_at_once_and_split_characters_are_held(tokenizer):
+    b = _byte_token_ids(tokenizer)
+    pieces, _ = _stream(tokenizer, [b[ord("a")], b[0x80]])  # a lone continuation byte: never valid
+    assert pieces == ["a", "\ufffd", ""]
+    euro = "€".encode("utf-8")
+    pieces, _ = _stream(tokenizer, [b[euro[0]], b[euro[1]], b[euro[2]]])
+    assert pieces == ["", "", "€", ""]
+    pieces, _ = _stream(tokenizer, [b[euro[0]], b[euro[1]]])  # cut short: flushed as decode shows it
+    assert pieces == ["", "", "\ufffd"] and tokenizer.decode([b[euro[0]], b[euro[1]]]) == "\ufffd"
+    pieces, _ = _stream(tokenizer, [b[0xE0], b[0x80]])  # E0 80 can never start a character
+    assert "".join(pieces[:2]) == "\ufffd\ufffd"
+
+
+def test_stop_strings_still_cut_the_stream(tokenizer):
+    import random
+
+    rng = random.Random(1)
+    cut = 0
+    for _ in range(400):
+        ids = _random_ids(tokenizer, rng)
+        full = tokenizer.decode(ids)
+        if len(full) < 3:
+            continue
+        start = rng.randrange(len(full) - 1)
+        stop = full[start:start + rng.randint(1, 3)]
+        pieces, hit = _stream(tokenizer, ids, (stop,))
+        assert hit and "".join(pieces) == full[:full.find(stop)], (ids, stop)
+        cut += 1
+    assert cut > 100
+
+
+def test_generated_stream_equals_decode_of_its_tokens(model, tokenizer):
+    """Sampled at a high temperature, the tiny model emits byte tokens that split or break UTF-8."""
+    prompts = [tokenizer.encode(p) for p in ("hello", "What is 12 + 7?", "apple")]
+    replaced = 0
+    for seed in range(6):
+        results = []
+        config = GenerationConfig(max_new_tokens=24, temperature=2.0, seed=seed)
+        events = list(stream_generate(model, tokenizer, prompts, config, set(), results))
+        for row, completion in enumerate(results):
+            streamed = "".join(e.text for e in events if e.row == row)
+            assert streamed == completion.text == tokenizer.decode(completion.token_ids)
+            replaced += "\ufffd" in completion.text
+    assert replaced > 0

@@ -49,3 +49,28 @@ def test_missing_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
     with pytest.raises(QwenlabError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"eos_token": ', "tokenizer_config.json: invalid JSON"),
+    ("[1, 2]", "tokenizer_config.json: expected a JSON object"),
+    ('{"chat_template": 7}', "'chat_template': expected a string"),
+    ('{"chat_template": [{"name": "default"}]}', "'chat_template': expected a string or a list"),
+])
+def test_bad_tokenizer_config_is_a_one_line_error(tiny_model_dir, tmp_path, content, message):
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "tokenizer_config.json").write_text(content)
+    with pytest.raises(QwenlabError, match=message):
+        load_tokenizer(folder)
+
+
+def test_token_bytes_decode_to_what_decode_gives(tiny_model_dir):
+    """Each token's bytes, read as UTF-8 the way `tokenizers` does, are its decode; specials add none."""
+    tok = load_tokenizer(tiny_model_dir)
+    assert tok.byte_level
+    for token in range(tok.vocab_size + 2):
+        data = tok.token_bytes(token)
+        assert data.decode("utf-8", errors="replace") == tok.decode([token]), token
+    assert tok.token_bytes(tok.token_id("<|im_end|>")) == b""
+    assert any(tok.decode([t]) == "\ufffd" for t in range(tok.vocab_size))  # lone bytes were covered
