@@ -1,4 +1,4 @@
-"""A preallocated key/value cache: allocated once per generation, written in place.
+"""The KV cache: the small protocol the model core needs, and KVCache, its preallocated form.
 
 Rows of a batch share slot indices (left padding aligns them); `valid` marks which slots hold
 real tokens, so padded slots are never attended.
@@ -6,7 +6,37 @@ real tokens, so padded slots are never attended.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class KVCacheProtocol(Protocol):
+    """What Qwen2ForCausalLM.forward reads and calls (serve's BatchKVCache is another implementation).
+
+    length: slots [0, length) are filled; capacity: slots allocated per row.
+    valid: bool [B, capacity], which slots hold a row's real tokens; has_padding: any invalid slot so far.
+    reserve(valid [B, T]) claims the next T slots; write(layer, start, k, v) stores and returns all so far.
+    slot_buffers(): per layer (keys, values) [B, Hkv, capacity, D] holding row r at row r and slot s at
+    slot s, for code that addresses the cache directly (qwenlab.quant's native decode); None where the
+    cache's storage is not that simple.
+    """
+
+    length: int
+    capacity: int
+
+    @property
+    def valid(self) -> torch.Tensor: ...
+
+    @property
+    def has_padding(self) -> bool: ...
+
+    def reserve(self, valid: torch.Tensor) -> int: ...
+
+    def write(self, layer: int, start: int, keys: torch.Tensor,
+              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def slot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None: ...
 
 
 class KVCache:
@@ -41,6 +71,9 @@ class KVCache:
         self.keys[layer][:, :, start:end] = keys
         self.values[layer][:, :, start:end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def slot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(self.keys, self.values))
 
     def reset(self) -> None:
         self.length = 0

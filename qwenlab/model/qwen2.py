@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlab.model.config import Qwen2Config
-from qwenlab.model.kv_cache import KVCache
+from qwenlab.model.kv_cache import KVCache, KVCacheProtocol
 from qwenlab.model.linear import Linear, fast_linear
 
 
@@ -20,13 +20,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.kernel = None  # optional (x, weight, eps) -> output or None, set by qwenlab.quant (native code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            out = self.kernel(x, self.weight, self.eps)
-            if out is not None:
-                return out
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same sums, one call
         # Normalise in fp32 and cast back before the weight, exactly as Qwen2 does in bf16.
@@ -69,11 +64,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        self.qkv_proj: nn.Module | None = None  # optional fused q|k|v (quantized models): one matmul, not three
-        # Optional fused decode step for the q|k|v output (set by qwenlab.quant where its native kernels
-        # run): (qkv, cos, sin, keys, values, slot, num_heads) -> attention output [B, 1, Hq·D], or None
-        # to take the PyTorch path. Only called for one new token per row, no padding, a plain KVCache.
-        self.decode_kernel = None
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         self.q_proj = Linear(h, self.num_heads * d, bias=True)
@@ -81,24 +71,18 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, self.num_kv_heads * d, bias=True)
         self.o_proj = Linear(self.num_heads * d, h, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, cache: KVCacheProtocol | None, layer: int, start: int):
         b, t, _ = x.shape
-        if self.qkv_proj is not None:  # fused: q and k heads are adjacent, so one RoPE covers both
-            qkv = self.qkv_proj(x)
-            if self.decode_kernel is not None and t == 1 and mask is None and type(cache) is KVCache:
-                out = self.decode_kernel(qkv, cos, sin, cache.keys[layer], cache.values[layer], start, self.num_heads)
-                if out is not None:
-                    return self.o_proj(out)
-            qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
-            qk = qkv[..., :qk_width].view(b, t, -1, self.head_dim).transpose(1, 2)
-            q, k = (qk * cos + rotate_half(qk) * sin).split((self.num_heads, self.num_kv_heads), dim=1)
-            v = qkv[..., qk_width:].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        else:
-            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return self.attend(q, k, v, mask, cache, layer, start)
+
+    def attend(self, q, k, v, mask, cache: KVCacheProtocol | None, layer: int, start: int) -> torch.Tensor:
+        """Cache write, attention over everything cached, output projection: o_proj(softmax(qkᵀ/√d)·v)."""
+        b, _, t, _ = q.shape
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
         # GQA: each KV head serves num_heads / num_kv_heads query heads, without copying k/v.
@@ -111,22 +95,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        self.gate_up_proj: nn.Module | None = None  # optional fused gate|up (quantized models)
-        # optional: down_proj(silu(gate) * up) straight from the fused gate|up output, in one call
-        # (set by qwenlab.quant for native kernels, which apply SiLU·mul while quantizing their input)
-        self.down_of_silu_mul = None
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = Linear(h, i, bias=False)
         self.up_proj = Linear(h, i, bias=False)
         self.down_proj = Linear(i, h, bias=False)
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)
-            if self.down_of_silu_mul is not None:
-                return self.down_of_silu_mul(gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -169,10 +143,6 @@ class Qwen2ForCausalLM(nn.Module):
         # A tied head reads embed_tokens.weight: no lm_head parameter exists (as in the file).
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
-        # Optional: (x, cos, sin, cache, start) -> x after every decoder layer in one call, or None to run
-        # the layers one by one (set by qwenlab.quant for fused native models; used for one new token
-        # per row with no padding and a plain KVCache).
-        self.decode_stack = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,7 +156,7 @@ class Qwen2ForCausalLM(nn.Module):
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache.for_model(self.config, batch, capacity, self.dtype)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCacheProtocol | None = None,
                 valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits for `tokens` [B, T].
 
@@ -205,22 +175,20 @@ class Qwen2ForCausalLM(nn.Module):
         mask = self._attention_mask(valid, cache, start)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
-        stacked = None
-        if self.decode_stack is not None and t == 1 and mask is None and type(cache) is KVCache:
-            stacked = self.decode_stack(x, cos, sin, cache, start)
-        if stacked is not None:
-            x = stacked
-        else:
-            for index, layer in enumerate(self.model.layers):
-                x = layer(x, cos, sin, mask, cache, index, start)
+        x = self.run_layers(x, cos, sin, mask, cache, start)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
         # lm_head is None when tied (Qwen2.5 0.5B-3B); quantized models set it to the shared quantized table.
         return self.lm_head(x) if self.lm_head is not None else fast_linear(x, self.model.embed_tokens.weight)
 
+    def run_layers(self, x, cos, sin, mask, cache: KVCacheProtocol | None, start: int) -> torch.Tensor:
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, index, start)
+        return x
+
     @staticmethod
-    def _attention_mask(valid: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor | None:
+    def _attention_mask(valid: torch.Tensor, cache: KVCacheProtocol | None, start: int) -> torch.Tensor | None:
         """None when plain causal attention is right; else a [B, 1, T, S] boolean mask."""
         b, t = valid.shape
         padded = cache.has_padding if cache is not None else not bool(valid.all())

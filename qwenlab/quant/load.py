@@ -18,19 +18,32 @@ from qwenlab.quant import native
 from qwenlab.quant.memory import release_free_memory
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
 from qwenlab.quant.formats import GROUP_SIZES
+from qwenlab.quant.fused import FusedAttention, FusedMLP, NativeRMSNorm
 from qwenlab.quant.quantize import FORMAT, FORMAT_VERSION, HEAD_BITS, head_names, is_linear_weight
 from qwenlab.quant.stored import StoredTensors
 
 
 class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
     """The model core with quantized layers; PyTorch's ops run single-threaded inside a forward
-    while the native kernel uses every thread (see native.torch_single_threaded)."""
+    while the native kernel uses every thread (see native.torch_single_threaded). Where every layer
+    is fused and native, a decode step runs all decoder layers in one native call (decode_stack)."""
+
+    native = False
+    decode_stack: native.DecodeStack | None = None
 
     def forward(self, *args, **kwargs):
         if not self.native:
             return super().forward(*args, **kwargs)
         with native.torch_single_threaded():
             return super().forward(*args, **kwargs)
+
+    def run_layers(self, x, cos, sin, mask, cache, start):
+        if self.decode_stack is not None and x.shape[1] == 1 and mask is None and cache is not None:
+            buffers = cache.slot_buffers()
+            stacked = self.decode_stack(x, cos, sin, cache, buffers, start) if buffers is not None else None
+            if stacked is not None:
+                return stacked
+        return super().run_layers(x, cos, sin, mask, cache, start)
 
 
 # Stored dtypes (safetensors names) of the format quantize.py writes: anything else is refused before a
@@ -142,40 +155,39 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
         model = QuantizedQwen2ForCausalLM(config)
     dtype = torch.float32  # activations: the native kernel reads and writes fp32
     build = lambda *modules: build_linear(stored, list(modules), bits, group_size, backend)
-    norm = lambda name: torch.nn.Parameter(stored.read(name).to(dtype), requires_grad=False)
+
+    def norm(norm_class: type[RMSNorm], name: str) -> RMSNorm:
+        module = norm_class(config.hidden_size, config.rms_norm_eps)
+        module.weight = torch.nn.Parameter(stored.read(name).to(dtype), requires_grad=False)
+        return module
+
+    is_native = lambda module: getattr(module, "backend", None) == "native"
     for i, layer in enumerate(model.model.layers):
         a, m = f"{layer_prefix(i)}self_attn.", f"{layer_prefix(i)}mlp."
         attn, mlp = layer.self_attn, layer.mlp
-        if fuse:
-            attn.qkv_proj = build(a + "q_proj", a + "k_proj", a + "v_proj")
-            attn.q_proj = attn.k_proj = attn.v_proj = None
-            mlp.gate_up_proj = build(m + "gate_proj", m + "up_proj")
-            mlp.gate_proj = mlp.up_proj = None
+        if fuse:  # module swaps: the model core's Attention and MLP stay plain PyTorch
+            qkv, down = build(a + "q_proj", a + "k_proj", a + "v_proj"), build(m + "down_proj")
+            layer.self_attn = FusedAttention(config, qkv, build(a + "o_proj"), native_decode=is_native(qkv))
+            layer.mlp = FusedMLP(build(m + "gate_proj", m + "up_proj"), down, silu_mul_in_down=is_native(down))
         else:
             attn.q_proj, attn.k_proj, attn.v_proj = build(a + "q_proj"), build(a + "k_proj"), build(a + "v_proj")
             mlp.gate_proj, mlp.up_proj = build(m + "gate_proj"), build(m + "up_proj")
-        attn.o_proj, mlp.down_proj = build(a + "o_proj"), build(m + "down_proj")
-        layer.input_layernorm.weight = norm(f"{layer_prefix(i)}input_layernorm.weight")
-        layer.post_attention_layernorm.weight = norm(f"{layer_prefix(i)}post_attention_layernorm.weight")
+            attn.o_proj, mlp.down_proj = build(a + "o_proj"), build(m + "down_proj")
         release_free_memory()  # the repacking buffers of this layer: freed heap pages would add up to the peak
-    model.model.norm.weight = norm("model.norm.weight")
     _load_embedding_and_head(model, stored, head_bits, group_size, backend, dtype)
+    model.native = any(is_native(module) for module in model.modules())
+    # RMSNorm in one native call instead of torch's ~10-op CPU decomposition, where the kernels run
+    norm_class = NativeRMSNorm if model.native else RMSNorm
+    for i, layer in enumerate(model.model.layers):
+        layer.input_layernorm = norm(norm_class, f"{layer_prefix(i)}input_layernorm.weight")
+        layer.post_attention_layernorm = norm(norm_class, f"{layer_prefix(i)}post_attention_layernorm.weight")
+    model.model.norm = norm(norm_class, "model.norm.weight")
     model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)
     model.quantization = dict(section)
-    model.native = any(getattr(m, "backend", None) == "native" for m in model.modules())
-    if fuse and model.native:  # one fused native call per layer for a decode step's attention
-        for layer in model.model.layers:
-            layer.self_attn.decode_kernel = native.decode_attention
-            if layer.mlp.down_proj.backend == "native":
-                layer.mlp.down_of_silu_mul = layer.mlp.down_proj.forward_silu_mul
     layer_linears = lambda layer: (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                    layer.mlp.down_proj)
-    if fuse and all(getattr(m, "backend", None) == "native" for layer in model.model.layers for m in layer_linears(layer)):
+    if fuse and all(is_native(m) for layer in model.model.layers for m in layer_linears(layer)):
         model.decode_stack = native.DecodeStack(model.model.layers, config)  # a decode step's layers in one call
-    if model.native:  # RMSNorm in one native call instead of torch's ~10-op CPU decomposition
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                module.kernel = native.rms_norm
     release_free_memory()
     return model.eval().requires_grad_(False)
 

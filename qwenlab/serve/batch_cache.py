@@ -1,6 +1,6 @@
 """A KV cache whose rows join and leave between decode steps (continuous batching).
 
-It keeps the model core's contract (`length`, `valid`, `has_padding`, `reserve`, `write`): every
+It keeps the model core's contract (model/kv_cache.KVCacheProtocol): every
 row writes its new token at the same slot `length`, and a per-row `valid` mask says which earlier
 slots hold that row's tokens. Slots are not positions (RoPE positions are passed per row and
 baked into the keys), so a row's prompt may sit at any slots before `length`:
@@ -54,6 +54,9 @@ class BatchKVCache:
         self.keys[layer][:rows, :, start:end] = keys
         self.values[layer][:rows, :, start:end] = values
         return self.keys[layer][:rows, :, :end], self.values[layer][:rows, :, :end]
+
+    def slot_buffers(self) -> None:
+        return None  # rows are packed and compacted between steps: only the views write() returns are valid
 
     # ---- rows joining and leaving ---------------------------------------------------------
     def add_row(self, source: KVCache, source_row: int) -> int:

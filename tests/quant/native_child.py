@@ -122,7 +122,7 @@ def decode_stack_norm_of_one():
         table = cache.native_decode_table[1]
         table[1].norm2_len = 1
         model.decode_stack(torch.zeros(1, 1, model.config.hidden_size), *model.rotary(torch.tensor([[4]]), torch.float32),
-                           cache, 4)
+                           cache, cache.slot_buffers(), 4)
 
 
 def expanded_weight_tensor():

@@ -135,21 +135,23 @@ def test_logit_comparison_figures(tiny32_dir, quantized_dirs):
 
 @needs_native_kernel
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits):
+def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits, monkeypatch):
     """Decode steps through the native paths give the logits and cache contents of the PyTorch path,
     step after step, for a batch of rows: the whole stack of layers in one call (decode_stack.cpp),
     and layer by layer with the fused attention (RoPE + cache write + softmax·V), native RMSNorm and
     SiLU·mul inside the down projection."""
+    from qwenlab.model.qwen2 import RMSNorm
+    from qwenlab.quant.fused import NativeRMSNorm
+
     stacked, layered, plain = (load_q(quantized_dirs[bits]) for _ in range(3))
     assert stacked.decode_stack is not None
-    assert all(layer.self_attn.decode_kernel is not None for layer in layered.model.layers)
-    assert all(layer.mlp.down_of_silu_mul is not None for layer in layered.model.layers)
+    assert all(layer.self_attn.native_decode and layer.mlp.silu_mul_in_down for layer in layered.model.layers)
+    assert isinstance(stacked.model.norm, NativeRMSNorm)
     layered.decode_stack = plain.decode_stack = None
     for layer in plain.model.layers:
-        layer.self_attn.decode_kernel = layer.mlp.down_of_silu_mul = None
-        layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None  # PyTorch's RMSNorm too
-    plain.model.norm.kernel = None
-    assert stacked.model.norm.kernel is not None
+        layer.self_attn.native_decode = layer.mlp.silu_mul_in_down = False
+        layer.input_layernorm.__class__ = layer.post_attention_layernorm.__class__ = RMSNorm  # PyTorch's RMSNorm too
+    plain.model.norm.__class__ = RMSNorm
     taken = {"stack": [], "attention": []}
 
     def counted(kind, fn):
@@ -160,8 +162,7 @@ def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits):
         return call
 
     stacked.decode_stack = counted("stack", stacked.decode_stack)
-    for layer in layered.model.layers:
-        layer.self_attn.decode_kernel = counted("attention", native.decode_attention)
+    monkeypatch.setattr(native, "decode_attention", counted("attention", native.decode_attention))  # layered only
     models = (stacked, layered, plain)
     prompt = tokens(shape=(3, 9), seed=2)
     caches = [m.new_cache(3, 24) for m in models]

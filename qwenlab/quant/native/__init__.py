@@ -391,7 +391,7 @@ class DecodeStack:
 
     Holds pointers to the layers' packed weights (the model must keep its modules while this is in use)
     and, per KV cache, the table of its layers' key/value buffers. Called as
-    (x, cos, sin, cache, pos) -> x after the last layer, or None where it does not apply (the caller
+    (x, cos, sin, cache, buffers, pos) -> x after the last layer, or None where it does not apply (the caller
     then runs the layers one by one): one token per row, fp32, a cache of contiguous fp32 buffers.
     Every buffer goes with its length, which the kernel checks for every layer before the first runs.
     """
@@ -403,10 +403,9 @@ class DecodeStack:
         self.hidden, self.eps = config.hidden_size, float(config.rms_norm_eps)
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
-    def _table(self, cache):
+    def _table(self, cache, buffers):
         table = getattr(cache, "native_decode_table", None)
         if table is None or table[0] is not self:
-            buffers = list(zip(cache.keys, cache.values))
             if len(buffers) != len(self.layers) or any(
                     t.dtype != torch.float32 or not t.is_contiguous() or t.shape != kv[0].shape
                     for kv in buffers for t in kv):
@@ -417,13 +416,14 @@ class DecodeStack:
             table = cache.native_decode_table = (self, array)
         return table[1]
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, pos: int) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, buffers, pos: int) -> torch.Tensor | None:
+        """buffers: the cache's slot_buffers() (per layer keys, values), kept per cache as a native table."""
         b, t, h = x.shape
         if t != 1 or h != self.hidden or x.requires_grad or any(
                 a.dtype != torch.float32 for a in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()) \
                 or cos.shape != sin.shape:
             return None
-        table = self._table(cache)
+        table = self._table(cache, buffers)
         if table is None:
             return None
         out = x.contiguous().clone()  # updated in place by the kernel
