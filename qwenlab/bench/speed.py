@@ -364,7 +364,7 @@ def _describe_quantized(section: dict) -> str:
 def _backend_label(backend: str | None) -> str:
     if backend not in (None, "auto"):
         return f"{backend} kernel"
-    from qwenlab.quant import native
+    from qwenlab import native
 
     return "native kernel" if native.available() else "PyTorch kernels"
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from qwenlab.model.kv_cache import KVCacheProtocol
 from qwenlab.model.qwen2 import Attention, RMSNorm, rotate_half
-from qwenlab.quant import native
+from qwenlab import native
 
 
 class FusedAttention(Attention):

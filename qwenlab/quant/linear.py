@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlab.errors import QwenlabError
+from qwenlab.native import available as kernels_available, unavailable_reason as kernels_unavailable_reason
 from qwenlab.quant import native
 from qwenlab.quant.memory import release_free_memory
 from qwenlab.quant.formats import QuantSpec, dequantize_int4, dequantize_int8, quantize_weight, unpack_int4
@@ -32,10 +33,10 @@ RowReader = Callable[[int, int], dict[str, torch.Tensor]]
 def choose_backend(bits: int, out_features: int, in_features: int, group_size: int, requested: str | None) -> str:
     if requested not in (None, "auto", *BACKENDS):
         raise QwenlabError(f"unknown kernel backend '{requested}'; expected one of auto, {', '.join(BACKENDS)}")
-    native_ok = native.supports(out_features, in_features, group_size) and native.available()
+    native_ok = native.supports(out_features, in_features, group_size) and kernels_available()
     aten_ok = bits == 8 or out_features % 16 == 0  # aten's int4 packing takes rows in blocks of 16
     if requested == "native" and not native_ok:
-        reason = native.unavailable_reason() or f"in_features {in_features} is not a multiple of 32"
+        reason = kernels_unavailable_reason() or f"in_features {in_features} is not a multiple of 32"
         raise QwenlabError(f"the native kernel cannot run this layer: {reason}")
     if requested == "aten" and not aten_ok:
         raise QwenlabError("PyTorch's int4 CPU kernel needs out_features to be a multiple of 16")

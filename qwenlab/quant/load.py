@@ -14,6 +14,7 @@ import torch
 from qwenlab.checkpoint.names import expected_tensor_shapes, layer_prefix
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM, RMSNorm
+from qwenlab.native import torch_single_threaded
 from qwenlab.quant import native
 from qwenlab.quant.memory import release_free_memory
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
@@ -34,7 +35,7 @@ class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
     def forward(self, *args, **kwargs):
         if not self.native:
             return super().forward(*args, **kwargs)
-        with native.torch_single_threaded():
+        with torch_single_threaded():
             return super().forward(*args, **kwargs)
 
     def run_layers(self, x, cos, sin, mask, cache, start):

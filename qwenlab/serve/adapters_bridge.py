@@ -35,7 +35,7 @@ from torch import nn
 from qwenlab.adapters import LoraAdapter, adapter_names, attach_adapter, detach_adapter, read_adapter
 from qwenlab.adapters.apply import lora_modules
 from qwenlab.errors import QwenlabError
-from qwenlab.quant import native
+from qwenlab import native
 
 # Selects in a row whose batch needed fewer adapters than are stacked before the stacks shrink.
 SHRINK_AFTER = 64

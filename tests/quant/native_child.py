@@ -6,13 +6,13 @@ exception; exits 3 if it returned normally. Without the checks, a kernel reading
 end this process with a signal (or silently read other memory), which the parent test tells apart.
 """
 
-import ctypes
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from qwenlab.quant import native
+from qwenlab import native
+from qwenlab.quant.native import linear_int4, linear_int8
 from qwenlab.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from qwenlab.quant.linear import Int4WeightLinear, Int8WeightLinear
 
@@ -40,30 +40,30 @@ def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
 def gemm_int8_short_scales():
     lin, w, bias = layer(8)
     x = torch.randn(3, K)
-    close(native.linear_int8(x, N, lin.qweight, lin.scales, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
-    native.linear_int8(x, N, lin.qweight, lin.scales[:, :-1].contiguous(), GROUP, lin.native_bias)
+    close(linear_int8(x, N, lin.qweight, lin.scales, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
+    linear_int8(x, N, lin.qweight, lin.scales[:, :-1].contiguous(), GROUP, lin.native_bias)
 
 
 def gemm_int8_short_bias():
     lin, w, bias = layer(8)
     x = torch.randn(1, K)
-    close(native.linear_int8(x, N, lin.qweight, lin.scales, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
-    native.linear_int8(x, N, lin.qweight, lin.scales, GROUP, torch.zeros(1))
+    close(linear_int8(x, N, lin.qweight, lin.scales, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
+    linear_int8(x, N, lin.qweight, lin.scales, GROUP, torch.zeros(1))
 
 
 def gemm_int4_short_mins():
     lin, w, bias = layer(4)
     x = torch.randn(2, K)
-    close(native.linear_int4(x, N, lin.qweight, lin.scales, lin.mins, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
-    native.linear_int4(x, N, lin.qweight, lin.scales, lin.mins[:1].contiguous(), GROUP, lin.native_bias)
+    close(linear_int4(x, N, lin.qweight, lin.scales, lin.mins, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
+    linear_int4(x, N, lin.qweight, lin.scales, lin.mins[:1].contiguous(), GROUP, lin.native_bias)
 
 
 def gemm_group_size_that_does_not_fit():
     """The scales were made for group 32; group 64 says half as many per row: refused, not misread."""
     lin, w, bias = layer(8)
     x = torch.randn(2, K)
-    close(native.linear_int8(x, N, lin.qweight, lin.scales, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
-    native.linear_int8(x, N, lin.qweight, lin.scales, 2 * GROUP, lin.native_bias)
+    close(linear_int8(x, N, lin.qweight, lin.scales, GROUP, lin.native_bias), x @ w.T + bias, 0.02)
+    linear_int8(x, N, lin.qweight, lin.scales, 2 * GROUP, lin.native_bias)
 
 
 def gemm_raw_entry_short_weight():
@@ -77,7 +77,7 @@ def gemm_raw_entry_short_weight():
     close(y, x @ w.T, 0.02)
     status = lib.gemm_int8(*args(lin.qweight.numel() // 2))
     assert status == native.BAD_SIZES, status
-    native._checked(status, "gemm_int8")
+    native.checked(status, "gemm_int8")
 
 
 def rms_norm_weight_of_one():
@@ -128,7 +128,7 @@ def decode_stack_norm_of_one():
 def expanded_weight_tensor():
     """An expanded tensor has more elements than memory: the wrapper refuses it before the kernel."""
     lin, _, _ = layer(8)
-    native.linear_int8(torch.randn(1, K), N, lin.qweight[:1].expand_as(lin.qweight), lin.scales, GROUP)
+    linear_int8(torch.randn(1, K), N, lin.qweight[:1].expand_as(lin.qweight), lin.scales, GROUP)
 
 
 CASES = {f.__name__: f for f in (gemm_int8_short_scales, gemm_int8_short_bias, gemm_int4_short_mins,

@@ -8,11 +8,11 @@ from qwenlab.cli import main
 def test_quantize_and_export(tiny32_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny32_dir), str(tmp_path / "q8"), "--bits", "8", "--group-size", "32"]) == 0
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
-    assert main(["quantize", str(tmp_path / "q8"), str(tmp_path / "again")]) == 1
-    assert main(["quantize", str(tiny32_dir), str(tmp_path / "bad"), "--group-size", "128"]) == 1
+    assert main(["quantize", str(tmp_path / "q8"), str(tmp_path / "again")]) == 2
+    assert main(["quantize", str(tiny32_dir), str(tmp_path / "bad"), "--group-size", "128"]) == 2
     assert main(["export", "gguf", str(tiny32_dir), str(tmp_path / "m.gguf"), "--type", "q4_0"]) == 0
     assert (tmp_path / "m.gguf").stat().st_size > 0
-    assert main(["export", "gguf", str(tiny32_dir), str(tmp_path / "m2.gguf"), "--type", "q3_k"]) == 1
+    assert main(["export", "gguf", str(tiny32_dir), str(tmp_path / "m2.gguf"), "--type", "q3_k"]) == 2
     err = capsys.readouterr().err
     assert "already quantized" in err and "group size 128 does not divide" in err and "unknown GGUF type 'q3_k'" in err
 
@@ -36,8 +36,8 @@ def test_bench_without_llama_cpp_says_how_to_install(tiny32_dir, capsys, monkeyp
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
-    assert main(["bench", str(tiny32_dir), "--vs", "llama.cpp", "--no-record"]) == 1
+    assert main(["bench", str(tiny32_dir), "--vs", "llama.cpp", "--no-record"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install llama-cpp-python" in err
-    assert main(["bench", str(tiny32_dir), "--dtype", "int3"]) == 1
+    assert main(["bench", str(tiny32_dir), "--dtype", "int3"]) == 2
     assert "unknown dtype 'int3'" in capsys.readouterr().err

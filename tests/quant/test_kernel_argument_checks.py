@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenlab.quant import native
+from qwenlab import native
 
 CHILD = Path(__file__).with_name("native_child.py")
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
@@ -36,8 +36,8 @@ def test_an_inconsistent_call_raises_in_the_child_instead_of_crashing(quantized_
 
 
 def test_the_status_codes_become_exceptions():
-    assert native._checked(0, "k") == 0 and native._checked(native.NOT_APPLICABLE, "k") == native.NOT_APPLICABLE
+    assert native.checked(0, "k") == 0 and native.checked(native.NOT_APPLICABLE, "k") == native.NOT_APPLICABLE
     with pytest.raises(native.KernelArgumentError, match="native k: a buffer's length"):
-        native._checked(native.BAD_SIZES, "k")
+        native.checked(native.BAD_SIZES, "k")
     with pytest.raises(MemoryError, match="native k: out of memory"):
-        native._checked(native.NO_MEMORY, "k")
+        native.checked(native.NO_MEMORY, "k")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qwenlab.quant import native
+from qwenlab import native
 from qwenlab.quant.formats import dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8
 from qwenlab.quant.linear import Int4WeightLinear, Int8WeightLinear
 

@@ -11,7 +11,7 @@ from qwenlab.model import GenerationConfig, load_model
 from qwenlab.model.generate import generate_token_ids
 from qwenlab.quant import load_quantized_model, quantize_model
 from qwenlab.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
-from qwenlab.quant import native
+from qwenlab import native
 from qwenlab.quant.linear import Int4WeightLinear, Int8WeightLinear, QuantizedEmbedding
 
 needs_native_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")

@@ -149,7 +149,7 @@ def test_adapter_stacks_cover_the_batch_then_shrink(serve_models, kernel):
     Both paths: lora_bgmv (where qwenlab's native kernels build) and the dense masked product."""
     from qwenlab.adapters import active_adapters, attach_adapter
     from qwenlab.model import load_model
-    from qwenlab.quant import native
+    from qwenlab import native
     from qwenlab.serve.adapters_bridge import SHRINK_AFTER, AdapterSet
 
     model, reference = load_model(serve_models["base"]), load_model(serve_models["base"])

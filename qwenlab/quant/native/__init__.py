@@ -1,105 +1,24 @@
-"""qwenlab's own CPU kernels (AVX-512 VNNI), compiled on first use, called through ctypes: the int8/int4
-matmul (qmatmul.cpp) and the per-row LoRA delta serving uses for mixed-adapter batches (lora_bgmv.cpp).
+"""The int8/int4 kernels of the quantized formats: the matmul (qmatmul.cpp), the one-call decode stack
+(decode_stack.cpp), and the packing of stored tensors into their layout. They are built into qwenlab's
+one native library (qwenlab/native/: build, thread policy, status codes; `available()` says whether it runs).
 
 Why our own: PyTorch's CPU kernels are per-channel for int8 (`_weight_int8pack_mm`) and dequantize
 int4 to floating point before multiplying (`_weight_int4pack_mm_for_cpu`). This kernel quantizes
 the activations to int8 per 32 values (as llama.cpp does) and multiplies with VNNI integer dot
 products, group-wise for both widths; benchmarks/speed_bench.py shows what each buys.
-
-The source is compiled once per machine with the system C++ compiler (the same requirement as
-torch.compile on CPU) into a private $QWENLAB_HOME/kernels (~/.cache/qwenlab/kernels), checked by hash and probed in a child
-process before it is loaded (build.py); without a compiler, or on a CPU without AVX-512 VNNI,
-`available()` is False and the layers fall back to PyTorch's kernels.
-Set QWENLAB_NATIVE=0 to disable it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from qwenlab.quant.native.build import NativeBuildError, built_library
+from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer
 
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
 ROW_GROUP = 64  # 4 row blocks interleaved per 32-column block: one sequential stream per thread
 ACT_BLOCK = 32  # activations are quantized in blocks of 32 values
-
-
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512_vnni", "f16c"))
-
-
-class _Library:
-    """The entry points, each returning a status code (vec.h): every buffer is passed with its length
-    in elements, which the kernel checks against the dimensions before it reads anything."""
-
-    def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        # x, x_len, M, K, w, w_len, s, s_len, [mz, mz_len,] N, gs, bias, bias_len, y, y_len, threads, act
-        lib.qwenlab_gemm_int8.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32]
-        lib.qwenlab_gemm_int4.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32]
-        lib.qwenlab_gemm_int8.restype = lib.qwenlab_gemm_int4.restype = i32
-        # The LoRA delta takes microseconds: called through PyDLL it keeps the GIL, since releasing and
-        # re-taking it per linear let the server's event-loop thread in between every call (measured:
-        # mixed-adapter decode inside `qwenlab serve` ran slower than the same loop alone).
-        held = ctypes.PyDLL(str(path))
-        # x, x_len, rows, T, K, row_adapter, ra_len, A, A_len, Bt, Bt_len, n_adapters, R, N, y, y_len
-        held.qwenlab_lora_bgmv.argtypes = [p, i64, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, i64, p, i64]
-        held.qwenlab_lora_bgmv.restype = i32
-        self.lora_bgmv = held.qwenlab_lora_bgmv
-        held.qwenlab_decode_attention.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64]
-        held.qwenlab_decode_attention.restype = i32
-        self.decode_attention = held.qwenlab_decode_attention
-        held.qwenlab_rms_norm.argtypes = [p, i64, i64, i64, p, i64, ctypes.c_float, p, i64]
-        held.qwenlab_rms_norm.restype = i32
-        self.rms_norm = held.qwenlab_rms_norm
-        self.gemm_int8, self.gemm_int4 = lib.qwenlab_gemm_int8, lib.qwenlab_gemm_int4
-        # A whole decode step (~10 ms): through CDLL, so it releases the GIL like the matmuls.
-        lib.qwenlab_decode_stack.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, i64,
-                                             ctypes.c_float, i32]
-        lib.qwenlab_decode_stack.restype = i32
-        self.decode_stack = lib.qwenlab_decode_stack
-        self.path = path
-
-
-_status = {"reason": None}
-
-
-@lru_cache(maxsize=1)
-def library() -> _Library | None:
-    if os.environ.get("QWENLAB_NATIVE", "1") == "0":
-        _status["reason"] = "disabled by QWENLAB_NATIVE=0"
-        return None
-    if not _cpu_has_vnni():
-        _status["reason"] = "this CPU lacks AVX-512 VNNI"
-        return None
-    try:
-        return _Library(built_library())
-    except (OSError, NativeBuildError) as e:
-        _status["reason"] = str(e)
-        # Said once per process (library() is cached), with the path every caller falls back to.
-        print(f"qwenlab: native kernels unavailable ({e}); using PyTorch's kernels instead (slower)",
-              file=sys.stderr, flush=True)
-        return None
-
-
-def available() -> bool:
-    return library() is not None
-
-
-def unavailable_reason() -> str | None:
-    library()
-    return _status["reason"]
 
 
 def supports(out_features: int, in_features: int, group_size: int) -> bool:
@@ -168,72 +87,6 @@ def gather_group_params(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return p[group, :, block, lane]  # [T, G]
 
 
-# ---- threads ---------------------------------------------------------------------------------------
-_kernel_threads: int | None = None
-
-
-def kernel_threads() -> int:
-    return _kernel_threads or torch.get_num_threads()
-
-
-class torch_single_threaded:
-    """Run PyTorch's own ops on one thread while the kernel keeps all of them.
-
-    A decode step is ~100 tiny PyTorch ops between the matmuls; when PyTorch runs them with OpenMP,
-    every parallel region ends in a barrier that waits for every thread, and on a shared machine a
-    preempted thread holds up each of those barriers (measured: 2 threads decoded 4-6x slower than
-    1). The kernel's own pool never waits for a thread that has not started (qmatmul.cpp).
-    """
-
-    def __enter__(self):
-        global _kernel_threads
-        self.saved = (_kernel_threads, torch.get_num_threads())
-        _kernel_threads = self.saved[0] or self.saved[1]
-        if self.saved[1] != 1:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        global _kernel_threads
-        _kernel_threads = self.saved[0]
-        if self.saved[1] != 1:
-            torch.set_num_threads(self.saved[1])
-
-
-# ---- status codes of the entry points (vec.h) ---------------------------------------------------------
-NOT_APPLICABLE, NO_MEMORY, BAD_SIZES = -1, -2, -3
-
-
-class KernelArgumentError(ValueError):
-    """A native kernel refused its arguments before touching them: a buffer that does not fit the sizes
-    it was given (a bug, or a crafted model file that got past the loader's checks)."""
-
-
-def _checked(status: int, kernel: str) -> int:
-    """A kernel's status, its errors raised: BAD_SIZES as KernelArgumentError, NO_MEMORY as MemoryError;
-    OK and NOT_APPLICABLE (the caller then takes PyTorch's path) are returned."""
-    if status == BAD_SIZES:
-        raise KernelArgumentError(f"native {kernel}: a buffer's length does not fit the dimensions it was "
-                                  "given; nothing was computed")
-    if status == NO_MEMORY:
-        raise MemoryError(f"native {kernel}: out of memory")
-    return status
-
-
-def _buffer(t: torch.Tensor, dtype: torch.dtype, what: str, kernel: str) -> tuple[int, int]:
-    """(address, length in elements) of a tensor a kernel reads or writes. It must hold `dtype` and be
-    contiguous, so that `length` elements from the address are the tensor's own memory (an expanded
-    tensor has more elements than memory); the kernel checks the length against its dimensions."""
-    if t.dtype != dtype or not t.is_contiguous():
-        raise KernelArgumentError(f"native {kernel}: {what} must be a contiguous {dtype} tensor, got "
-                                  f"{'a non-contiguous ' if not t.is_contiguous() else ''}{t.dtype}")
-    return t.data_ptr(), t.numel()
-
-
-def _optional_buffer(t: torch.Tensor | None, dtype: torch.dtype, what: str, kernel: str) -> tuple[int | None, int]:
-    return (None, 0) if t is None else _buffer(t, dtype, what, kernel)
-
-
 # ---- the matmuls --------------------------------------------------------------------------------
 def _gemm_input(x: torch.Tensor, k: int, silu_mul: bool) -> tuple[torch.Tensor, int]:
     """x as fp32 contiguous rows, and the kernel's act flag (see qmatmul.cpp)."""
@@ -263,12 +116,12 @@ class PackedLinear:
             raise KernelArgumentError(f"native {self.kernel}: the packed weight must be 6-dimensional (pack_int8/"
                                       f"pack_int4), got shape {list(packed.shape)}")
         self.k, self.rows = packed.shape[1] * ACT_BLOCK, packed.shape[0] * ROW_GROUP
-        buffers = [_buffer(packed, torch.uint8, "the packed weight", self.kernel),
-                   _buffer(scales, torch.float16, "the scales", self.kernel)]
+        buffers = [buffer(packed, torch.uint8, "the packed weight", self.kernel),
+                   buffer(scales, torch.float16, "the scales", self.kernel)]
         if mins is not None:
-            buffers.append(_buffer(mins, torch.float16, "the mins", self.kernel))
+            buffers.append(buffer(mins, torch.float16, "the mins", self.kernel))
         weights = [value for buffer in buffers for value in buffer]
-        bias_args = _optional_buffer(bias, torch.float32, "the bias", self.kernel)
+        bias_args = optional_buffer(bias, torch.float32, "the bias", self.kernel)
         self.args = (*weights, self.rows, group_size, *bias_args)  # as qwenlab_gemm_int* takes them after K
 
     def __deepcopy__(self, memo):  # a copy points into the copied tensors, never at the originals
@@ -282,7 +135,7 @@ class PackedLinear:
         x2, act = _gemm_input(x, self.k, silu_mul)
         y = torch.empty(x2.shape[0], self.rows)
         gemm = library().gemm_int8 if self.bits == 8 else library().gemm_int4
-        _checked(gemm(x2.data_ptr(), x2.numel(), x2.shape[0], self.k, *self.args, y.data_ptr(), y.numel(),
+        checked(gemm(x2.data_ptr(), x2.numel(), x2.shape[0], self.k, *self.args, y.data_ptr(), y.numel(),
                       kernel_threads(), act), self.kernel)
         return (y if self.rows == n else y[:, :n]).view(*x.shape[:-1], n)
 
@@ -298,64 +151,6 @@ def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Ten
 def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     return PackedLinear(packed, scales, mins, bias, group_size)(x, n, silu_mul)
-
-
-# ---- LoRA deltas for mixed-adapter batches ------------------------------------------------------------
-LORA_MAX_RANK = 256  # lora_bgmv.cpp's MAX_RANK
-
-
-def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
-    """y[r, t] += bt[i]ᵀ (a[i] x[r, t]) with i = row_adapter[r] (rows with -1 are left alone), in place.
-
-    x [rows, T, K] and y [rows, T, N] contiguous fp32; row_adapter int32 [rows]; a [n, R, K] and
-    bt [n, R, N] contiguous fp32 (scalings folded into bt)."""
-    rows, tokens, k = x.shape
-    n_out = y.shape[-1]
-    kernel = "lora_bgmv"
-    xp, x_len = _buffer(x, torch.float32, "x", kernel)
-    yp, y_len = _buffer(y, torch.float32, "y", kernel)
-    rp, r_len = _buffer(row_adapter, torch.int32, "row_adapter", kernel)
-    ap, a_len = _buffer(a, torch.float32, "a", kernel)
-    bp, b_len = _buffer(bt, torch.float32, "bt", kernel)
-    status = _checked(library().lora_bgmv(xp, x_len, rows, tokens, k, rp, r_len, ap, a_len, bp, b_len, a.shape[0],
-                                          a.shape[1], n_out, yp, y_len), kernel)
-    if status == NOT_APPLICABLE:
-        raise ValueError(f"lora_bgmv: rank {a.shape[1]} is over {LORA_MAX_RANK}")
-
-
-# ---- fused decode attention ---------------------------------------------------------------------------
-def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor, pos: int, num_heads: int) -> torch.Tensor | None:
-    """One new token per row: RoPE, cache write at slot `pos`, attention over slots 0..pos.
-
-    qkv [B, 1, (Hq + 2 Hkv) D], cos/sin [B, 1, 1, D], keys/values [B, Hkv, cap, D], all fp32 and
-    contiguous (returns None otherwise: the caller takes the PyTorch path). Returns [B, 1, Hq D]."""
-    b, hkv, cap, d = keys.shape
-    tensors = (qkv, cos, sin, keys, values)
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or qkv.shape[1] != 1 \
-            or qkv.requires_grad:  # no autograd formula here: anything that needs a gradient takes PyTorch's path
-        return None
-    if cos.shape != sin.shape or keys.shape != values.shape:  # the kernel takes one length for each pair
-        raise KernelArgumentError(f"native decode_attention: cos {list(cos.shape)} and sin {list(sin.shape)}, "
-                                  f"keys {list(keys.shape)} and values {list(values.shape)} must match")
-    out = torch.empty(b, 1, num_heads * d)
-    status = _checked(library().decode_attention(qkv.data_ptr(), qkv.numel(), b, num_heads, hkv, d, cos.data_ptr(),
-                                                 sin.data_ptr(), cos.numel(), keys.data_ptr(), values.data_ptr(),
-                                                 keys.numel(), cap, pos, out.data_ptr(), out.numel()),
-                      "decode_attention")
-    return out if status == 0 else None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm of fp32 contiguous x [..., n] with weight [n]; None (use PyTorch) for anything else."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous() \
-            or not weight.is_contiguous() or x.requires_grad:
-        return None  # (no autograd formula here: anything that needs a gradient takes PyTorch's path)
-    n = x.shape[-1]
-    out = torch.empty_like(x)
-    _checked(library().rms_norm(x.data_ptr(), x.numel(), x.numel() // max(n, 1), n, weight.data_ptr(), weight.numel(),
-                                eps, out.data_ptr(), out.numel()), "rms_norm")
-    return out
 
 
 # ---- a whole decode step through every layer (decode_stack.cpp) -------------------------------------
@@ -374,16 +169,16 @@ class _DecodeLayer(ctypes.Structure):
 
 def _qlinear(layer) -> _QLinear:
     kernel = "decode_stack"
-    w, w_len = _buffer(layer.qweight, torch.uint8, "a packed weight", kernel)
-    s, s_len = _buffer(layer.scales, torch.float16, "scales", kernel)
-    mz, mz_len = _optional_buffer(layer.mins if layer.bits == 4 else None, torch.float16, "mins", kernel)
-    bias, bias_len = _optional_buffer(layer.native_bias, torch.float32, "a bias", kernel)
+    w, w_len = buffer(layer.qweight, torch.uint8, "a packed weight", kernel)
+    s, s_len = buffer(layer.scales, torch.float16, "scales", kernel)
+    mz, mz_len = optional_buffer(layer.mins if layer.bits == 4 else None, torch.float16, "mins", kernel)
+    bias, bias_len = optional_buffer(layer.native_bias, torch.float32, "a bias", kernel)
     return _QLinear(w, s, mz, bias, layer.qweight.shape[0] * ROW_GROUP, layer.in_features, layer.group_size,
                     layer.bits, w_len, s_len, mz_len, bias_len)
 
 
 def _norm(layer_norm) -> tuple[int, int]:
-    return _buffer(layer_norm.weight, torch.float32, "a norm weight", "decode_stack")
+    return buffer(layer_norm.weight, torch.float32, "a norm weight", "decode_stack")
 
 
 class DecodeStack:
@@ -430,4 +225,4 @@ class DecodeStack:
         status = library().decode_stack(out.data_ptr(), out.numel(), b, h, ctypes.addressof(table), len(self.layers),
                                         self.heads, self.kv_heads, self.head_dim, cos.data_ptr(), sin.data_ptr(),
                                         cos.numel(), cache.capacity, pos, self.eps, kernel_threads())
-        return out if _checked(status, "decode_stack") == 0 else None
+        return out if checked(status, "decode_stack") == 0 else None

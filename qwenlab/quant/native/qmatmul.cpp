@@ -356,7 +356,6 @@ static int gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const ui
 }
 
 extern "C" {
-int qwenlab_has_vnni(void) { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
 
 // Lengths count elements of each buffer's type (x, y, bias: floats; w: bytes; s, mz: fp16 values).
 int qwenlab_gemm_int8(const float* x, int64_t x_len, int64_t M, int64_t K, const uint8_t* w, int64_t w_len,

@@ -25,8 +25,9 @@ from pathlib import Path
 from qwenlab.home import qwenlab_home
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in
-           ("qmatmul.cpp", "lora_bgmv.cpp", "decode_attention.cpp", "decode_stack.cpp", "probe.cpp")]
+QUANT_KERNELS = HERE.parent / "quant" / "native"  # the int8/int4 matmul and decode stack: one library for all
+SOURCES = [HERE / "lora_bgmv.cpp", HERE / "decode_attention.cpp", HERE / "probe.cpp",
+           QUANT_KERNELS / "qmatmul.cpp", QUANT_KERNELS / "decode_stack.cpp"]
 HEADERS = [HERE / "vec.h"]
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
          "-pthread", "-shared", "-fPIC"]
@@ -68,7 +69,7 @@ def _compile(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         try:
-            subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)],
+            subprocess.run([compiler, *FLAGS, f"-I{HERE}", "-o", str(out), *map(str, SOURCES)],
                            check=True, capture_output=True, timeout=600)
         except (OSError, subprocess.SubprocessError) as e:
             detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qwenlab.quant.native import build
+from qwenlab.native import build
 
 
 def test_flags_are_explicit_and_never_native_or_amx():
@@ -21,7 +21,7 @@ def run_child(code: str, cache, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, "QWENLAB_HOME": str(cache), **env})
 
 
-AVAILABLE = "from qwenlab.quant import native; print(native.available(), native.available())"
+AVAILABLE = "from qwenlab import native; print(native.available(), native.available())"
 
 
 def test_a_failed_build_says_so_once_and_names_the_fallback(tmp_path):
@@ -47,7 +47,7 @@ def test_a_build_prints_its_start_and_its_time_and_later_runs_are_silent(tmp_pat
 @pytest.fixture
 def built_copy(tmp_path, monkeypatch):
     """This install's kernel library, copied (with its recorded hash) into a fresh private cache."""
-    from qwenlab.quant import native
+    from qwenlab import native
 
     if not native.available():
         pytest.fail(f"the native kernels should build on this host: {native.unavailable_reason()}")

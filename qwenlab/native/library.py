@@ -1,0 +1,118 @@
+"""Loading the native library once per process, the kernels' thread policy, and their status codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from qwenlab.native.build import NativeBuildError, built_library
+from qwenlab.native.signatures import Library
+
+_status = {"reason": None}
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512_vnni", "f16c"))
+
+
+@lru_cache(maxsize=1)
+def library() -> Library | None:
+    if os.environ.get("QWENLAB_NATIVE", "1") == "0":
+        _status["reason"] = "disabled by QWENLAB_NATIVE=0"
+        return None
+    if not _cpu_has_vnni():
+        _status["reason"] = "this CPU lacks AVX-512 VNNI"
+        return None
+    try:
+        return Library(built_library())
+    except (OSError, NativeBuildError) as e:
+        _status["reason"] = str(e)
+        # Said once per process (library() is cached), with the path every caller falls back to.
+        print(f"qwenlab: native kernels unavailable ({e}); using PyTorch's kernels instead (slower)",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _status["reason"]
+
+
+# ---- threads ---------------------------------------------------------------------------------------
+_kernel_threads: int | None = None
+
+
+def kernel_threads() -> int:
+    return _kernel_threads or torch.get_num_threads()
+
+
+class torch_single_threaded:
+    """Run PyTorch's own ops on one thread while the kernel keeps all of them.
+
+    A decode step is ~100 tiny PyTorch ops between the matmuls; when PyTorch runs them with OpenMP,
+    every parallel region ends in a barrier that waits for every thread, and on a shared machine a
+    preempted thread holds up each of those barriers (measured: 2 threads decoded 4-6x slower than
+    1). The kernel's own pool never waits for a thread that has not started (qmatmul.cpp).
+    """
+
+    def __enter__(self):
+        global _kernel_threads
+        self.saved = (_kernel_threads, torch.get_num_threads())
+        _kernel_threads = self.saved[0] or self.saved[1]
+        if self.saved[1] != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        global _kernel_threads
+        _kernel_threads = self.saved[0]
+        if self.saved[1] != 1:
+            torch.set_num_threads(self.saved[1])
+
+
+# ---- status codes of the entry points (vec.h) ---------------------------------------------------------
+NOT_APPLICABLE, NO_MEMORY, BAD_SIZES = -1, -2, -3
+
+
+class KernelArgumentError(ValueError):
+    """A native kernel refused its arguments before touching them: a buffer that does not fit the sizes
+    it was given (a bug, or a crafted model file that got past the loader's checks)."""
+
+
+def checked(status: int, kernel: str) -> int:
+    """A kernel's status, its errors raised: BAD_SIZES as KernelArgumentError, NO_MEMORY as MemoryError;
+    OK and NOT_APPLICABLE (the caller then takes PyTorch's path) are returned."""
+    if status == BAD_SIZES:
+        raise KernelArgumentError(f"native {kernel}: a buffer's length does not fit the dimensions it was "
+                                  "given; nothing was computed")
+    if status == NO_MEMORY:
+        raise MemoryError(f"native {kernel}: out of memory")
+    return status
+
+
+def buffer(t: torch.Tensor, dtype: torch.dtype, what: str, kernel: str) -> tuple[int, int]:
+    """(address, length in elements) of a tensor a kernel reads or writes. It must hold `dtype` and be
+    contiguous, so that `length` elements from the address are the tensor's own memory (an expanded
+    tensor has more elements than memory); the kernel checks the length against its dimensions."""
+    if t.dtype != dtype or not t.is_contiguous():
+        raise KernelArgumentError(f"native {kernel}: {what} must be a contiguous {dtype} tensor, got "
+                                  f"{'a non-contiguous ' if not t.is_contiguous() else ''}{t.dtype}")
+    return t.data_ptr(), t.numel()
+
+
+def optional_buffer(t: torch.Tensor | None, dtype: torch.dtype, what: str, kernel: str) -> tuple[int | None, int]:
+    return (None, 0) if t is None else buffer(t, dtype, what, kernel)
+
+

@@ -1,0 +1,69 @@
+"""The kernels that are not quantization: the per-row LoRA delta, a decode step's attention, RMSNorm.
+
+Each wrapper checks dtype and contiguity, passes every buffer with its length (the kernel checks the
+lengths against the dimensions), and returns None where its fast path does not apply.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenlab.native.library import NOT_APPLICABLE, KernelArgumentError, buffer, checked, library
+
+
+# ---- LoRA deltas for mixed-adapter batches ------------------------------------------------------------
+LORA_MAX_RANK = 256  # lora_bgmv.cpp's MAX_RANK
+
+
+def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
+    """y[r, t] += bt[i]ᵀ (a[i] x[r, t]) with i = row_adapter[r] (rows with -1 are left alone), in place.
+
+    x [rows, T, K] and y [rows, T, N] contiguous fp32; row_adapter int32 [rows]; a [n, R, K] and
+    bt [n, R, N] contiguous fp32 (scalings folded into bt)."""
+    rows, tokens, k = x.shape
+    n_out = y.shape[-1]
+    kernel = "lora_bgmv"
+    xp, x_len = buffer(x, torch.float32, "x", kernel)
+    yp, y_len = buffer(y, torch.float32, "y", kernel)
+    rp, r_len = buffer(row_adapter, torch.int32, "row_adapter", kernel)
+    ap, a_len = buffer(a, torch.float32, "a", kernel)
+    bp, b_len = buffer(bt, torch.float32, "bt", kernel)
+    status = checked(library().lora_bgmv(xp, x_len, rows, tokens, k, rp, r_len, ap, a_len, bp, b_len, a.shape[0],
+                                          a.shape[1], n_out, yp, y_len), kernel)
+    if status == NOT_APPLICABLE:
+        raise ValueError(f"lora_bgmv: rank {a.shape[1]} is over {LORA_MAX_RANK}")
+
+
+# ---- fused decode attention ---------------------------------------------------------------------------
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, pos: int, num_heads: int) -> torch.Tensor | None:
+    """One new token per row: RoPE, cache write at slot `pos`, attention over slots 0..pos.
+
+    qkv [B, 1, (Hq + 2 Hkv) D], cos/sin [B, 1, 1, D], keys/values [B, Hkv, cap, D], all fp32 and
+    contiguous (returns None otherwise: the caller takes the PyTorch path). Returns [B, 1, Hq D]."""
+    b, hkv, cap, d = keys.shape
+    tensors = (qkv, cos, sin, keys, values)
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or qkv.shape[1] != 1 \
+            or qkv.requires_grad:  # no autograd formula here: anything that needs a gradient takes PyTorch's path
+        return None
+    if cos.shape != sin.shape or keys.shape != values.shape:  # the kernel takes one length for each pair
+        raise KernelArgumentError(f"native decode_attention: cos {list(cos.shape)} and sin {list(sin.shape)}, "
+                                  f"keys {list(keys.shape)} and values {list(values.shape)} must match")
+    out = torch.empty(b, 1, num_heads * d)
+    status = checked(library().decode_attention(qkv.data_ptr(), qkv.numel(), b, num_heads, hkv, d, cos.data_ptr(),
+                                                 sin.data_ptr(), cos.numel(), keys.data_ptr(), values.data_ptr(),
+                                                 keys.numel(), cap, pos, out.data_ptr(), out.numel()),
+                      "decode_attention")
+    return out if status == 0 else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of fp32 contiguous x [..., n] with weight [n]; None (use PyTorch) for anything else."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous() \
+            or not weight.is_contiguous() or x.requires_grad:
+        return None  # (no autograd formula here: anything that needs a gradient takes PyTorch's path)
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    checked(library().rms_norm(x.data_ptr(), x.numel(), x.numel() // max(n, 1), n, weight.data_ptr(), weight.numel(),
+                                eps, out.data_ptr(), out.numel()), "rms_norm")
+    return out
