@@ -1,13 +1,21 @@
 """The `qwenlab` command: argparse over the library. Each capability registers its verbs in one file.
 
-User errors (QwenlabError, missing files) print one line to stderr and exit 1, never a traceback.
+Exit codes: 0 done; 2 a user error (bad flag, file or field), printed as one `error: ...` line on
+stderr that names the culprit; 1 a bug, printed with its traceback and a request to report it;
+130 interrupted. `--debug` prints the traceback of user errors too.
+
+User errors are QwenlabError, raised where the library reads its inputs, and OSErrors that name
+a file (a missing path, a folder where a file belongs, no permission, a full disk). Anything else
+is a bug: it is never turned into a one-line message here, so it cannot be mistaken for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from qwenlab import __version__
 from qwenlab.errors import QwenlabError
@@ -27,14 +35,56 @@ COMMAND_MODULES = [
     "qwenlab.cli.quant_commands",
 ]
 
+USER_ERROR = 2  # argparse's own code for a bad command line, so every user error exits alike
+BUG = 1
+INTERRUPTED = 130
+BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
+
+DEBUG_HELP = "on an error, print the full traceback"
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:  # argparse keeps sub-commands in _SubParsersAction
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.values()
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """`--debug` on every verb as well, so it works after the verb too (`qwenlab merge c.yaml out --debug`).
+
+    SUPPRESS as default: a verb's parser must not reset a `--debug` given before the verb.
+    """
+    for sub in _subparsers(parser):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        _add_debug_flag(sub)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenlab", description="A CPU-first lab for Qwen2.5 small models.")
     parser.add_argument("--version", action="version", version=f"qwenlab {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _add_debug_flag(parser)
     return parser
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one line for a user error, or None when `error` is a bug."""
+    if isinstance(error, QwenlabError):
+        return str(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        # The OS names the path; its errno text says what was wrong with it.
+        what = error.strerror or type(error).__name__
+        path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+        return f"{path}: {what}"
+    return None
+
+
+def report_bug() -> None:
+    traceback.print_exc()
+    print(f"qwenlab {__version__} hit a bug; please report it with the command and this trace", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,19 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return USER_ERROR
+    debug = args.debug or os.environ.get("QWENLAB_DEBUG") == "1"
     try:
-        result = args.func(args)
-        return int(result or 0)
-    except QwenlabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        return 1
+        return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+    except BrokenPipeError:  # `qwenlab ... | head`: the reader left; nothing to report
+        sys.stdout = open(os.devnull, "w")  # else the interpreter's final flush fails again
+        return BROKEN_PIPE
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None:
+            report_bug()
+            return BUG
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
+from qwenlab.cli import types
 from qwenlab.errors import QwenlabError
 
 
@@ -41,9 +43,9 @@ def cmd_combine(args) -> int:
     weights = None
     if args.weights:
         try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise QwenlabError(f"--weights: expected comma-separated numbers, got '{args.weights}'") from None
+            weights = [types.finite_float(w) for w in args.weights.split(",")]
+        except argparse.ArgumentTypeError:
+            raise QwenlabError(f"--weights: expected comma-separated finite numbers, got '{args.weights}'") from None
     report = combine_adapters_to_folder(args.adapters, args.out, weights=weights, method=args.method, rank=args.rank,
                                         density=args.density, majority=args.majority_sign, seed=args.seed,
                                         force=args.force)
@@ -71,7 +73,7 @@ def register(subparsers) -> None:
     p.add_argument("base")
     p.add_argument("finetuned")
     p.add_argument("out")
-    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--rank", type=types.positive_int, required=True)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="linear modules to extract (comma-separated)")
     p.add_argument("--json", action="store_true", help="print the energy report as JSON")
@@ -84,10 +86,10 @@ def register(subparsers) -> None:
     p.add_argument("adapters", nargs="+", help="two or more adapter folders of the same base")
     p.add_argument("--method", default="cat", choices=["cat", "svd", "ties", "dare_linear", "dare_ties", "linear"])
     p.add_argument("--weights", default=None, help="one weight per adapter, comma-separated (default: 1 each)")
-    p.add_argument("--rank", type=int, default=None, help="svd/ties/dare: output rank (default: the largest input)")
-    p.add_argument("--density", type=float, default=1.0, help="ties/dare: fraction of each delta kept")
+    p.add_argument("--rank", type=types.positive_int, default=None, help="svd/ties/dare: output rank (default: the largest input)")
+    p.add_argument("--density", type=types.fraction, default=1.0, help="ties/dare: fraction of each delta kept")
     p.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="ties: sign election")
-    p.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
+    p.add_argument("--seed", type=types.seed, default=0, help="dare: seed of the random drop")
     p.add_argument("--json", action="store_true")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_combine)

@@ -23,12 +23,12 @@ def _task_list(text: str | None) -> list[str]:
 
 def cmd_eval(args) -> int:
     from qwenlab.bench.listing import load_variant
-    from qwenlab.tasks import TASKS, get_task
+    from qwenlab.tasks import TASKS, generate
 
     file_modes = bool(args.perplexity or args.gsm8k or args.lm_eval)
     tasks = _task_list(args.tasks) if args.tasks else ([] if file_modes else list(TASKS))
     for task in tasks:
-        get_task(task)  # unknown names fail before the model loads
+        generate(task, 0, args.difficulty)  # an unknown name or difficulty fails before the model loads
     model, tokenizer, variant = load_variant(args.model, args.dtype, adapter=args.adapter)
     report: dict = {"model": str(variant.path), "seed": args.seed}
     texts: list[str] = []
@@ -145,32 +145,35 @@ def _version(name: str) -> str | None:
 def register(subparsers) -> None:
     import argparse
 
+    from qwenlab.cli import types
+
     p = subparsers.add_parser("eval", help="accuracy on verifiable tasks, perplexity, GSM8K-style files, lm_eval tasks")
     p.add_argument("model", help="a model folder, 'nano', a quantized folder or an adapter folder")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply over MODEL (unmerged)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all, unless a file "
                                                  "evaluation below is asked for)")
-    p.add_argument("--n", type=int, default=200, help="instances per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--difficulty", type=int, default=None, help="default: each task's default difficulty")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n", type=types.positive_int, default=200, help="instances per task")
+    p.add_argument("--seed", type=types.seed, default=0)
+    p.add_argument("--difficulty", type=types.positive_int, default=None,
+                   help="default: each task's default difficulty")
+    p.add_argument("--batch-size", type=types.positive_int, default=32)
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--perplexity", action="append", default=[], metavar="FILE",
                    help="perplexity of a text file (one document) or JSONL (one per line); repeatable")
     p.add_argument("--field", default="text", help="the JSONL field holding the text (default: text)")
-    p.add_argument("--max-length", type=int, default=None, help="perplexity window in tokens (default: "
+    p.add_argument("--max-length", type=types.positive_int, default=None, help="perplexity window in tokens (default: "
                                                                 "min(context, 1024))")
-    p.add_argument("--stride", type=int, default=None, help="new tokens per window (default: half the window)")
+    p.add_argument("--stride", type=types.positive_int, default=None, help="new tokens per window (default: half the window)")
     p.add_argument("--gsm8k", default=None, metavar="FILE", help='JSONL of {"question", "answer": "... #### N"}')
-    p.add_argument("--fewshot", type=int, default=0, help="GSM8K: the first K records become examples")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="GSM8K: tokens per answer (default 256)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many documents / records / lm_eval "
+    p.add_argument("--fewshot", type=types.nonnegative_int, default=0, help="GSM8K: the first K records become examples")
+    p.add_argument("--max-new-tokens", type=types.positive_int, default=None, help="GSM8K: tokens per answer (default 256)")
+    p.add_argument("--limit", type=types.positive_int, default=None, help="at most this many documents / records / lm_eval "
                                                            "samples per task")
     p.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
     p.add_argument("--include-path", default=None, help="lm_eval: a folder of custom task YAML files")
     p.add_argument("--only-include-path", action="store_true",
                    help="lm_eval: load tasks from --include-path only (skips indexing the built-in tasks)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="lm_eval: few-shot examples per task")
+    p.add_argument("--num-fewshot", type=types.nonnegative_int, default=None, help="lm_eval: few-shot examples per task")
     p.add_argument("--chat", action="store_true", help="lm_eval: apply the chat template to prompts")
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
                    help="record the figures in the variant's measurements.jsonl (default: on)")

@@ -13,6 +13,8 @@ import types
 import typing
 from dataclasses import fields
 
+from qwenlab.cli import types as flag_types
+
 HELP = {
     "model": "base model folder or 'nano'", "tasks": "task names",
     "difficulty": "task difficulty (default: each task's default)", "steps": "optimizer steps",
@@ -22,6 +24,24 @@ HELP = {
     "micro_batch": "rows per forward/backward pass", "save_every": "checkpoint every N steps/rounds",
     "threads": "torch CPU threads (default: torch's choice)",
 }
+
+
+# Flags whose values have a range: refused at parsing, naming the flag. Other int and float fields
+# get integer / finite-number parsing (a nan temperature passes every `<= 0` check downstream).
+FIELD_TYPES = {
+    "port": flag_types.port, "seed": flag_types.seed,
+    "difficulty": flag_types.positive_int, "threads": flag_types.positive_int,
+    **dict.fromkeys(("steps", "batch", "num_generations", "lora_rank", "max_new_tokens", "micro_batch",
+                     "save_every", "max_record_bytes"), flag_types.positive_int),
+    **dict.fromkeys(("local", "external", "rounds", "snapshot_every", "wait_for_peers"),
+                    flag_types.nonnegative_int),
+    "top_p": flag_types.fraction,
+    **dict.fromkeys(("temperature", "learning_rate", "lora_alpha", "max_grad_norm", "epsilon", "dht_timeout_s",
+                     "dht_retry_s", "record_ttl_s", "peer_timeout_s", "rate_burst", "rate_per_s"),
+                    flag_types.positive_float),
+    **dict.fromkeys(("beta", "min_round_seconds", "wait_timeout_s"), flag_types.nonnegative_float),
+}
+_DEFAULT_TYPES = {int: flag_types.integer, float: flag_types.finite_float}
 
 
 def _flag_type(annotation):
@@ -52,7 +72,8 @@ def add_dataclass_flags(parser, cls, skip: tuple[str, ...] = (), defaults: dict 
                                 help=f"{text} (comma-separated; default: %(default)s)")
         else:
             shown = "" if default is None else " (default: %(default)s)"
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=text + shown)
+            parse = FIELD_TYPES.get(f.name) or _DEFAULT_TYPES.get(kind, kind)
+            parser.add_argument(flag, dest=f.name, type=parse, default=default, help=text + shown)
 
 
 def dataclass_from_args(cls, args, skip: tuple[str, ...] = (), **extra):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from qwenlab.cli import types
+from qwenlab.errors import QwenlabError
 
 
 def cmd_ls(args) -> int:
@@ -42,6 +46,8 @@ def cmd_card(args) -> int:
 def cmd_merge_search(args) -> int:
     from qwenlab.bench.merge_search import load_search_config, run_search, search_report, write_best
 
+    if args.write_best and Path(args.write_best).exists() and not args.force:  # before hours of trials
+        raise QwenlabError(f"{args.write_best}: --write-best folder exists (use --force to replace it)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     config = load_search_config(args.config, trials=args.trials, tasks=tasks, n=args.n, seed=args.seed,
                                 sampler=args.sampler)
@@ -83,10 +89,10 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("merge-search", help="tune merge parameters against task accuracy (Optuna)")
     p.add_argument("config", help="YAML: merge (a merge config), search (paths and ranges), objective")
-    p.add_argument("--trials", type=int, default=None)
+    p.add_argument("--trials", type=types.positive_int, default=None)
     p.add_argument("--tasks", default=None, help="comma-separated tasks (overrides objective.tasks)")
-    p.add_argument("--n", type=int, default=None, help="instances per task per trial")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n", type=types.positive_int, default=None, help="instances per task per trial")
+    p.add_argument("--seed", type=types.seed, default=None)
     p.add_argument("--sampler", choices=["tpe", "random"], default=None)
     p.add_argument("--out", default="qwenlab-merge-search", help="folder for merge_search.json, best.yaml, report.md")
     p.add_argument("--write-best", default=None, metavar="DIR", help="also write the best merge as a model folder")

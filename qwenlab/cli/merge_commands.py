@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qwenlab.cli import types
+
 
 def cmd_merge(args) -> int:
     from qwenlab.checkpoint import parse_size
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("out", nargs="?", help="output model folder (not needed with --dry-run)")
     p.add_argument("--dtype", default=None, help="saved dtype (overrides out_dtype/dtype): bfloat16, float16, float32")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--max-shard-size", default="1GiB", help="largest output shard (default 1GiB)")
-    p.add_argument("--seed", type=int, default=0, help="seed of DARE/DELLA random masks (default 0)")
+    p.add_argument("--max-shard-size", type=types.size, default="1GiB", help="largest output shard (default 1GiB)")
+    p.add_argument("--seed", type=types.seed, default=0, help="seed of DARE/DELLA random masks (default 0)")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the per-layer parameter table")
     p.set_defaults(func=cmd_merge)

@@ -6,18 +6,20 @@ import json
 import sys
 from pathlib import Path
 
+from qwenlab.cli import types
 from qwenlab.errors import QwenlabError
 
 
 def add_generation_flags(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=types.nonnegative_int, default=128)
+    p.add_argument("--temperature", type=types.nonnegative_float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=types.nonnegative_int, default=0, help="0: no top-k cut (default)")
+    p.add_argument("--top-p", type=types.fraction, default=1.0)
+    p.add_argument("--repetition-penalty", type=types.positive_float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-context", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--seed", type=types.seed, default=None)
+    p.add_argument("--max-context", type=types.positive_int, default=None,
+                   help="context window (default: the model's)")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens when it does not fit")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
     p.add_argument("--adapter", action="append", default=[], metavar="PATH",
@@ -173,9 +175,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("random", help="write a random-weight model with a preset's exact shapes")
     p.add_argument("preset", help="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b or qwen2.5-7b")
     p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=types.seed, default=0)
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", type=types.size, default="5GB")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_random)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from qwenlab.cli import types
+
 
 def cmd_quantize(args) -> int:
     from qwenlab.quant.quantize import quantize_model
@@ -66,11 +68,12 @@ def register(subparsers) -> None:
     p.add_argument("model", help="a float or quantized model folder (or 'nano')")
     p.add_argument("--dtype", default="int4", help="comma list of fp32, bf16, int8, int4 (default int4)")
     p.add_argument("--ctx", default="128", help="comma list of prompt lengths (default 128)")
-    p.add_argument("--gen", type=int, default=128, help="tokens to decode per run (default 128)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: torch's)")
+    p.add_argument("--gen", type=types.positive_int, default=128, help="tokens to decode per run (default 128)")
+    p.add_argument("--runs", type=types.positive_int, default=5)
+    p.add_argument("--threads", type=types.positive_int, default=None, help="threads for every engine (default: torch's)")
     p.add_argument("--vs", action="append", default=[], help="llama.cpp and/or hf (repeatable or comma list)")
-    p.add_argument("--kernel", default=None, help="quantized kernels: auto (default), native, aten, reference")
+    p.add_argument("--kernel", default=None, choices=["auto", "native", "aten", "reference"],
+                   help="quantized kernels: auto (default), native, aten, reference")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-record", action="store_true", help="do not store the figures in the model folder")

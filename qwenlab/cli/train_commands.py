@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qwenlab.cli import types
+
 
 def cmd_train(args) -> int:
     from qwenlab.train import load_train_config, train_dpo, train_sft
@@ -50,9 +52,9 @@ def register(subparsers) -> None:
         p = kinds.add_parser(kind, help=text)
         p.add_argument("out", help="the JSONL file to write")
         p.add_argument("--task", required=True, help="a task name (see qwenlab eval)")
-        p.add_argument("--n", type=int, required=True, help="number of records")
-        p.add_argument("--seed", type=int, default=0, help="data seed (instances never overlap evaluation's)")
-        p.add_argument("--difficulty", type=int, default=None, help="default: the task's default difficulty")
+        p.add_argument("--n", type=types.positive_int, required=True, help="number of records")
+        p.add_argument("--seed", type=types.seed, default=0, help="data seed (instances never overlap evaluation's)")
+        p.add_argument("--difficulty", type=types.positive_int, default=None, help="default: the task's default difficulty")
         p.add_argument("--force", action="store_true", help="replace an existing file")
         if kind == "dpo":
             p.add_argument("--rejected-from", default=None, metavar="MODEL",

@@ -67,7 +67,7 @@ def test_adapter_for_another_base_names_module_and_shapes(other_base_dir, adapte
         AdaptedCheckpoint(open_checkpoint(other_base_dir), a)
     with pytest.raises(QwenlabError, match=r"expects \[48, 80\]"):
         attach_adapter(load_model(other_base_dir, "fp32"), a, "a")
-    assert main(["adapter", "merge", str(other_base_dir), str(a), str(tmp_path / "out")]) == 1
+    assert main(["adapter", "merge", str(other_base_dir), str(a), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "made for another base" in err
     assert not any(tmp_path.iterdir())  # nothing written, not even a temporary folder
@@ -75,7 +75,7 @@ def test_adapter_for_another_base_names_module_and_shapes(other_base_dir, adapte
 
 def test_rank_mismatch_for_linear_combine(adapters, tmp_path, capsys):
     a, b = adapters
-    assert main(["adapter", "combine", str(tmp_path / "out"), str(a), str(b), "--method", "linear"]) == 1
+    assert main(["adapter", "combine", str(tmp_path / "out"), str(a), str(b), "--method", "linear"]) == 2
     assert "needs adapters of equal rank" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -150,7 +150,7 @@ def test_generate_with_an_adapter_for_another_base_fails_in_one_line(other_base_
     from tests.conftest import build_tokenizer
 
     build_tokenizer(other_base_dir)
-    assert main(["generate", str(other_base_dir), "--prompt", "hi", "--adapter", str(a)]) == 1
+    assert main(["generate", str(other_base_dir), "--prompt", "hi", "--adapter", str(a)]) == 2
     assert "error:" in capsys.readouterr().err
 
 

@@ -56,7 +56,7 @@ def test_ls_cli_shows_lineage_size_and_latest_figures(fresh_family, capsys):
 
 
 def test_ls_errors(tmp_path, capsys):
-    assert main(["ls", str(tmp_path)]) == 1
+    assert main(["ls", str(tmp_path)]) == 2
     assert "no model or adapter folders found" in capsys.readouterr().err
     with pytest.raises(QwenlabError, match="not a model or adapter folder"):
         describe_variant(tmp_path)

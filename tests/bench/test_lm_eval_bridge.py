@@ -96,4 +96,4 @@ def test_eval_cli_lm_eval_records(fresh_family, task_dir, capsys):
     assert latest(folder, "accuracy")["lm_eval:qwenlab_tiny_mc"].values["metric"] == "acc,none"
     assert latest(folder, "perplexity")["lm_eval:qwenlab_tiny_ppl"].values["perplexity"] > 1
     assert main(["eval", str(folder), "--lm-eval", "no_such_task", "--include-path", str(task_dir),
-                 "--only-include-path"]) == 1
+                 "--only-include-path"]) == 2

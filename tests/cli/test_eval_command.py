@@ -15,5 +15,5 @@ def test_eval_json_reports_accuracy_per_task(tiny_model_dir, capsys):
 def test_eval_table_and_unknown_task(tiny_model_dir, capsys):
     assert main(["eval", str(tiny_model_dir), "--tasks", "reverse", "--n", "2"]) == 0
     assert "| reverse | 2 |" in capsys.readouterr().out
-    assert main(["eval", str(tiny_model_dir), "--tasks", "nope"]) == 1
+    assert main(["eval", str(tiny_model_dir), "--tasks", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err

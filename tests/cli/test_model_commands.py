@@ -1,7 +1,10 @@
 """One smoke test per model-core verb, through the real entry point."""
 
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from qwenlab.cli import main
 
@@ -38,7 +41,7 @@ def test_generate_streams_the_same_text_as_the_library(tiny_model_dir):
 def test_generate_chat_and_prompt_too_long(tiny_model_dir):
     assert run_cli("generate", str(tiny_model_dir), "--prompt", "hi", "--chat", "--max-new-tokens", "3").returncode == 0
     result = run_cli("generate", str(tiny_model_dir), "--prompt", "hello world " * 50, "--max-context", "16")
-    assert result.returncode == 1 and result.stderr.startswith("error: prompt has") and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: prompt has") and "Traceback" not in result.stderr
 
 
 def test_chat_multi_turn_with_reset_and_exit(tiny_model_dir):
@@ -49,5 +52,51 @@ def test_chat_multi_turn_with_reset_and_exit(tiny_model_dir):
 
 
 def test_unknown_preset_for_random(tmp_path, capsys):
-    assert main(["random", "qwen9-huge", str(tmp_path / "x")]) == 1
+    assert main(["random", "qwen9-huge", str(tmp_path / "x")]) == 2
     assert "unknown preset 'qwen9-huge'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def random_hf_model(tmp_path_factory):
+    """A tiny random transformers Qwen2 with nano's byte-level tokenizer. Its greedy tokens are lone
+    bytes that decode to U+FFFD, at the end of the completion too (issue 18's case)."""
+    from qwenlab.nano import nano_path
+    from tests.conftest import build_hf_model
+
+    folder = tmp_path_factory.mktemp("hf-random") / "model"
+    model = build_hf_model(folder, vocab_size=400, seed=13, std=0.05, with_tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(nano_path() / name, folder / name)
+    return folder, model
+
+
+def transformers_greedy_text(folder, model, prompt: str, new_tokens: int) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert len(out) == new_tokens  # no stop token: the whole completion is compared
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_generate_prints_exactly_what_transformers_decodes(random_hf_model, capsys):
+    folder, model = random_hf_model
+    expected = transformers_greedy_text(folder, model, "hello", 16)
+    assert expected.endswith("\ufffd")  # bytes that can never be UTF-8, last: they used to be dropped
+    assert main(["generate", str(folder), "--prompt", "hello", "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_reply_is_exactly_what_transformers_decodes(random_hf_model, capsys, monkeypatch):
+    import io
+
+    from qwenlab.model import load_tokenizer
+
+    folder, model = random_hf_model
+    prompt = load_tokenizer(folder).apply_chat_template([{"role": "user", "content": "hello"}])
+    expected = transformers_greedy_text(folder, model, prompt, 12)
+    assert expected.endswith("\ufffd")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(folder), "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == f"> {expected}\n> "

@@ -95,7 +95,7 @@ def test_cli_train_grpo(bf16_model_dir, tmp_path, capsys):
     assert code == 0
     assert "1 steps" in capsys.readouterr().out
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert main(["grpo", "--model", str(bf16_model_dir), "--out", str(out), "--num-generations", "1"]) == 1
+    assert main(["grpo", "--model", str(bf16_model_dir), "--out", str(out), "--num-generations", "1"]) == 2
 
 
 def test_merged_generation_samples_the_same_policy_and_restores_the_weights(tiny_model_dir):

@@ -93,7 +93,7 @@ def test_cli_merge_and_one_line_errors(models, tmp_path, capsys):
     result = subprocess.run([sys.executable, "-m", "qwenlab", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
-    assert main(args) == 1
+    assert main(args) == 2
     assert "output folder exists" in capsys.readouterr().err
-    assert main(["merge", str(tmp_path / "missing.yaml"), str(tmp_path / "x")]) == 1
+    assert main(["merge", str(tmp_path / "missing.yaml"), str(tmp_path / "x")]) == 2
     assert "missing.yaml: no such merge config file" in capsys.readouterr().err

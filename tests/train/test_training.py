@@ -147,5 +147,5 @@ def test_sft_through_the_cli_with_flags_only(tiny_model_dir, tmp_path, capsys):
     assert "1 steps" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["use_rslora"] is True
     assert main(["train", "sft", "--base", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o"),
-                 "--steps", "1"]) == 1
+                 "--steps", "1"]) == 2
     assert "output folder exists" in capsys.readouterr().err

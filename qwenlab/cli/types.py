@@ -1,0 +1,102 @@
+"""argparse types for numeric flags: a bad value is refused at parsing, naming the flag (exit 2).
+
+Each returns the parsed value or raises argparse.ArgumentTypeError, which argparse prints as
+`qwenlab VERB: error: argument --flag: <message>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+# Seeds seed torch.Generator (and the server's schema takes the same range): signed 64-bit, non-negative.
+MAX_SEED = 2**63 - 1
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):  # nan/inf poison every later comparison and tensor
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def integer(text: str) -> int:
+    return _int(text)
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63-1, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 to 65535, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _float(text)
+
+
+def nonnegative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1]: top-p, density."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def size(text: str) -> int:
+    """A byte size ('2GB', '500MB', a byte count), at least one byte."""
+    from qwenlab.checkpoint import parse_size
+    from qwenlab.errors import QwenlabError
+
+    try:
+        value = parse_size(text)
+    except (QwenlabError, OverflowError):  # OverflowError: 'infGB'
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or a byte count, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return value
