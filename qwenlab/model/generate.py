@@ -17,7 +17,7 @@ from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
 from qwenlab.model.sampling import choose_next_tokens
 from qwenlab.model.tokenizer import Tokenizer
-from qwenlab.quant.memory import release_free_memory
+from qwenlab.model.memory import release_free_memory
 
 
 # Bounds that keep the sampling arithmetic finite: logits / temperature and logits / penalty stay far

@@ -20,7 +20,7 @@ from torch import nn
 from qwenlab.errors import QwenlabError
 from qwenlab.native import available as kernels_available, unavailable_reason as kernels_unavailable_reason
 from qwenlab.quant import native
-from qwenlab.quant.memory import release_free_memory
+from qwenlab.model.memory import release_free_memory
 from qwenlab.quant.formats import QuantSpec, dequantize_int4, dequantize_int8, quantize_weight, unpack_int4
 
 BACKENDS = ("native", "aten", "reference")

@@ -16,7 +16,7 @@ from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM, RMSNorm
 from qwenlab.native import torch_single_threaded
 from qwenlab.quant import native
-from qwenlab.quant.memory import release_free_memory
+from qwenlab.model.memory import release_free_memory
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
 from qwenlab.quant.formats import GROUP_SIZES
 from qwenlab.quant.fused import FusedAttention, FusedMLP, NativeRMSNorm
