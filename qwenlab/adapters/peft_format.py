@@ -97,9 +97,33 @@ def _read_config(path: Path) -> dict:
         if value not in (off, None, False, [], {}):
             raise QwenlabError(f"{config_path}: '{key}': {value!r} is not supported by qwenlab's LoRA layer")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+        if not _is_number(config.get(key)) or not config[key] > 0:
             raise QwenlabError(f"{config_path}: '{key}' must be a positive number, got {config.get(key)!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and (not _is_number(dropout) or not 0 <= dropout < 1):
+        raise QwenlabError(f"{config_path}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    _check_alpha_pattern(config.get("alpha_pattern"), config_path)
     return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_alpha_pattern(patterns, config_path: Path) -> None:
+    """{regex: alpha}: each key is matched against module names (PEFT's rule), so it must compile."""
+    if patterns is None:
+        return
+    where = f"{config_path}: 'alpha_pattern'"
+    if not isinstance(patterns, dict):
+        raise QwenlabError(f"{where}: expected an object of module-name regex -> alpha, got {type(patterns).__name__}")
+    for pattern, alpha in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise QwenlabError(f"{where}: key {pattern!r} is not a valid regular expression ({e})") from None
+        if not _is_number(alpha) or not alpha > 0:
+            raise QwenlabError(f"{where}: {pattern!r} must map to a positive number, got {alpha!r}")
 
 
 def read_adapter(path: str | Path) -> LoraAdapter:
@@ -129,9 +153,13 @@ def read_adapter(path: str | Path) -> LoraAdapter:
             missing = ({"A", "B"} - set(pair)).pop()
             raise QwenlabError(f"{weights_path}: module '{module}' has no lora_{missing} tensor")
         a, b = pair["A"], pair["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
             raise QwenlabError(f"{weights_path}: module '{module}': lora_A {list(a.shape)} and lora_B "
-                               f"{list(b.shape)} do not form a rank-r pair ([r, in] and [out, r])")
+                               f"{list(b.shape)} do not form a rank-r pair ([r, in] and [out, r], r >= 1)")
+        for which, tensor in (("A", a), ("B", b)):
+            if not tensor.dtype.is_floating_point:  # integer weights would be silently cast
+                raise QwenlabError(f"{weights_path}: module '{module}': lora_{which} has dtype {tensor.dtype}, "
+                                   f"expected a float dtype (F32, BF16, F16)")
         modules[module] = (a, b)
     return LoraAdapter(modules=modules, alpha=float(config["lora_alpha"]),
                        use_rslora=bool(config.get("use_rslora", False)),

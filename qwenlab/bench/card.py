@@ -17,6 +17,7 @@ import yaml
 
 from qwenlab.bench.listing import Variant, describe_variant, display_name, format_table, lineage_chain
 from qwenlab.bench.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
+from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.errors import QwenlabError
 from qwenlab.model.info import describe, human_bytes, human_count
 
@@ -34,9 +35,10 @@ def hub_id_of(folder: Path) -> str | None:
     """A Hub id recorded in a folder's config (transformers writes `_name_or_path`), if it looks like one."""
     for name, key in (("config.json", "_name_or_path"), ("adapter_config.json", "base_model_name_or_path")):
         try:
-            value = json.loads((folder / name).read_text()).get(key)
-        except (OSError, json.JSONDecodeError):
+            data = json.loads((folder / name).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
+        value = data.get(key) if isinstance(data, dict) else None
         if isinstance(value, str) and _HUB_ID.match(value) and not Path(value).exists():
             return value
     return None
@@ -134,7 +136,7 @@ def hyperparameters_section(variant: Variant) -> str:
     adapter_config = variant.path / "adapter_config.json"
     if adapter_config.is_file():
         keep = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern")
-        data = {k: v for k, v in json.loads(adapter_config.read_text()).items() if k in keep}
+        data = {k: v for k, v in read_json_object(adapter_config).items() if k in keep}
         parts += ["LoRA (adapter_config.json):", "```json\n" + json.dumps(data, indent=2) + "\n```"]
     generation = variant.path / "generation_config.json"
     if generation.is_file():

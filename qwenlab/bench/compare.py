@@ -18,6 +18,7 @@ from pathlib import Path
 from qwenlab.bench.listing import (Variant, describe_variant, find_variants, format_table, is_variant_folder,
                                    short_origin, size_text, summary_row)
 from qwenlab.bench.results import latest_all
+from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.errors import QwenlabError
 from qwenlab.model.info import human_bytes, human_count
 
@@ -49,13 +50,15 @@ def expand_inputs(paths: list[str | Path]) -> tuple[list[Variant], list[dict], d
     for raw in paths:
         path = Path(raw)
         if str(raw) != "nano" and path.is_dir() and (path / SEARCH_FILE).is_file():
-            searches.append(json.loads((path / SEARCH_FILE).read_text()))
+            searches.append(read_json_object(path / SEARCH_FILE))
             best = path / "best"
             if is_variant_folder(best):
                 variants.append(describe_variant(best))
             continue
         if str(raw) != "nano" and path.is_dir() and (path / RUN_VARIANTS_FILE).is_file():
-            for name, folder in json.loads((path / RUN_VARIANTS_FILE).read_text()).items():
+            for name, folder in read_json_object(path / RUN_VARIANTS_FILE).items():
+                if not isinstance(folder, str):
+                    raise QwenlabError(f"{path / RUN_VARIANTS_FILE}: '{name}': expected a folder path, got {folder!r}")
                 variant = describe_variant(folder)
                 names[str(variant.path.resolve())] = name
                 variants.append(variant)
@@ -394,8 +397,10 @@ def write_comparison(paths: list[str | Path], out: str | Path, title: str = "qwe
                      names: dict[str, str] | None = None) -> tuple[Comparison, dict[str, Path]]:
     """Write compare.md, compare.html, compare.json and the PNG plots into `out`; returns them and their paths."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QwenlabError(f"{out}: exists and is not a folder; --out needs a folder for the comparison files")
+    c = build_comparison(paths, names)  # before creating `out`: bad inputs leave nothing behind
     out.mkdir(parents=True, exist_ok=True)
-    c = build_comparison(paths, names)
     plots: list[tuple[str, Path]] = []
     for caption, plot, name in (("Accuracy per task", plot_accuracy, "accuracy.png"),
                                 ("Speed vs size", plot_speed_vs_size, "speed_vs_size.png"),

@@ -92,12 +92,16 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
         data = path
     else:
         file = Path(path)
+        if file.is_dir():
+            raise QwenlabError(f"{file}: expected a search config YAML file, found a folder")
         if not file.is_file():
             raise QwenlabError(f"{file}: no such search config file")
         try:
-            data = yaml.safe_load(file.read_text())
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise QwenlabError(f"{file}: invalid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise QwenlabError(f"{file}: not UTF-8 text ({e.reason})") from None
     if not isinstance(data, dict) or not isinstance(data.get("merge"), dict):
         raise QwenlabError(f"{source}: expected a mapping with 'merge' (a merge config), 'search' and 'objective'")
     unknown = set(data) - {"merge", "search", "objective", "trials", "sampler", "seed", "dtype"}
@@ -126,9 +130,14 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
     objective = data.get("objective") or {}
     if not isinstance(objective, dict):
         raise QwenlabError(f"{source}: 'objective' must be a mapping (tasks, n, seed, difficulty)")
-    config = SearchConfig(merge=data["merge"], space=space, tasks=list(objective.get("tasks") or []),
-                          n=int(objective.get("n", 20)), seed=int(data.get("seed", objective.get("seed", 0))),
-                          difficulty=objective.get("difficulty"), trials=int(data.get("trials", 20)),
+    tasks = objective.get("tasks") or []
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise QwenlabError(f"{source}: objective.tasks: expected a list of task names, got {tasks!r}")
+    config = SearchConfig(merge=data["merge"], space=space, tasks=list(tasks),
+                          n=_integer(objective.get("n", 20), f"{source}: objective.n"),
+                          seed=_integer(data.get("seed", objective.get("seed", 0)), f"{source}: seed"),
+                          difficulty=objective.get("difficulty"),
+                          trials=_integer(data.get("trials", 20), f"{source}: trials"),
                           sampler=str(data.get("sampler", "tpe")), dtype=str(data.get("dtype", "fp32")), source=source)
     for key, value in overrides.items():
         if value is not None:
@@ -141,7 +150,24 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
         raise QwenlabError(f"{source}: sampler must be tpe or random, got {config.sampler!r}")
     if config.trials < 1 or config.n < 1:
         raise QwenlabError(f"{source}: trials and n must be positive")
+    if config.seed < 0:
+        raise QwenlabError(f"{source}: seed must be >= 0, got {config.seed}")
+    _check_objective(config)
     return config
+
+
+def _integer(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QwenlabError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
+def _check_objective(config: SearchConfig) -> None:
+    """Unknown tasks or difficulties fail here, before the first trial (Optuna would log each failure)."""
+    from qwenlab.tasks import generate
+
+    for task in config.tasks:
+        generate(task, 0, config.difficulty)  # raises naming the task or the difficulty
 
 
 def _parts(path: str) -> list[str | int]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qwenlab.bench.jsonl import jsonl_records
+from qwenlab.bench.jsonl import jsonl_records, read_text_file
 from qwenlab.errors import QwenlabError
 
 LOGITS_BUDGET_BYTES = 1 << 30
@@ -65,10 +65,8 @@ class PerplexityResult:
 def read_documents(path: str | Path, field: str = "text", limit: int | None = None) -> list[str]:
     """A .jsonl/.json-lines file gives one document per line (its `field`); any other file is one document."""
     path = Path(path)
-    if not path.is_file():
-        raise QwenlabError(f"{path}: no such file")
     if path.suffix not in (".jsonl", ".ndjson"):
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path)
         if not text.strip():
             raise QwenlabError(f"{path}: the file is empty")
         return [text]

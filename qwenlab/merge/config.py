@@ -19,8 +19,9 @@ ScalarOrGradient = Union[Scalar, list[Scalar]]
 
 
 class _Strict(BaseModel):
-    # A misspelt key (e.g. `paramters`) must fail, not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt key (e.g. `paramters`) must fail, not be silently ignored; a .nan or .inf weight
+    # would write a model of NaNs without a word.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ConditionalValue(_Strict):
@@ -71,6 +72,11 @@ class MergeConfig(_Strict):
         for index, output_slice in enumerate(self.slices or []):
             if not output_slice.sources:
                 raise ValueError(f"slices[{index}].sources is empty")
+        listed = [entry.model for entry in self.models or []]
+        for index, model in enumerate(listed):
+            # The planner keys parameters by model path: a second entry would be merged as the first.
+            if model in listed[:index]:
+                raise ValueError(f"models[{index}].model: {model} is listed twice")
         return self
 
     def model_paths(self) -> list[str]:
@@ -129,13 +135,17 @@ def load_merge_config(config: "MergeConfig | dict | str | Path") -> MergeConfig:
     source = "merge config"
     if isinstance(config, (str, Path)):
         path = Path(config)
+        if path.is_dir():
+            raise QwenlabError(f"{path}: expected a merge config YAML file, found a folder")
         if not path.is_file():
             raise QwenlabError(f"{path}: no such merge config file")
         source = str(path)
         try:
-            config = yaml.safe_load(path.read_text())
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not isinstance(config, dict):
         raise QwenlabError(f"{source}: expected a mapping with merge_method and models or slices")
     try:

@@ -167,7 +167,12 @@ class Tokenizer:
                 messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                 bos_token=_token_text(self.config.get("bos_token")) or "", eos_token=self.eos_token)
         except TemplateError as e:
-            raise QwenlabError(f"chat template: {e}") from None
+            raise QwenlabError(f"{self._template_source}: chat template: {e}") from None
+
+    @property
+    def _template_source(self) -> Path:
+        jinja = self.folder / "chat_template.jinja"
+        return jinja if jinja.is_file() else self.folder / "tokenizer_config.json"
 
     @cached_property
     def _compiled_template(self):

@@ -6,6 +6,7 @@ Unknown keys and values of the wrong type fail with the key's name and the file.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -16,6 +17,10 @@ import yaml
 from qwenlab.errors import QwenlabError
 
 DEFAULT_LEARNING_RATE = {"sft": 2e-4, "dpo": 5e-5}
+# transformers' lr_scheduler_type values that need no scheduler-specific arguments (cosine_with_min_lr,
+# reduce_lr_on_plateau, ... fail deep inside the trainer without them)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 # TRL 1.x DPOConfig.loss_type values
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -84,6 +89,7 @@ class TrainConfig:
         for name in ("data", "out"):
             if not getattr(self, name):
                 raise QwenlabError(f"{source}: '{name}' is required")
+        _check_output_parent(Path(self.out), source)
         positive = ("lora_r", "batch_size", "grad_accum", "max_length", "logging_steps")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -91,8 +97,21 @@ class TrainConfig:
         for name in ("steps", "save_steps", "save_total_limit", "eval_steps", "threads"):
             if getattr(self, name) < 0:
                 raise QwenlabError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
+        for f in fields(self):  # nan/inf would reach the optimizer and poison every weight
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise QwenlabError(f"{source}: '{f.name}' must be a finite number, got {value}")
         if self.lora_alpha <= 0:
             raise QwenlabError(f"{source}: 'lora_alpha' must be > 0, got {self.lora_alpha}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise QwenlabError(f"{source}: 'learning_rate' must be > 0, got {self.learning_rate}")
+        for name in ("warmup", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise QwenlabError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.beta <= 0:
+            raise QwenlabError(f"{source}: 'beta' must be > 0, got {self.beta}")
+        if self.scheduler not in SCHEDULERS:
+            raise QwenlabError(f"{source}: 'scheduler' must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.lora_dropout < 1:
             raise QwenlabError(f"{source}: 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.val_fraction < 1:
@@ -115,6 +134,15 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_output_parent(out: Path, source: str) -> None:
+    """Fail before the model loads when `out` cannot be created: its nearest existing ancestor is a file."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QwenlabError(f"{source}: 'out' {out}: {parent} is not a folder, so the output cannot be written there")
 
 
 # ---- YAML and flags ------------------------------------------------------------------------
@@ -160,12 +188,16 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
     if path:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise QwenlabError(f"{path}: expected a YAML config file, found a folder")
         if not path.is_file():
             raise QwenlabError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
         if not isinstance(loaded, dict):
             raise QwenlabError(f"{path}: expected a mapping of training options")
         for key, value in loaded.items():

@@ -69,6 +69,8 @@ def check_record(record, kind: str, where: str) -> tuple[str, bool]:
 def load_jsonl(path: str | Path, kind: str) -> tuple[list[dict], bool]:
     """Read and check a JSONL data file: (records with only the format's keys, conversational?)."""
     path = Path(path)
+    if path.is_dir():
+        raise QwenlabError(f"{path}: expected a JSONL data file, found a folder")
     if not path.is_file():
         raise QwenlabError(f"{path}: data file not found")
     records, first = [], None
@@ -115,6 +117,8 @@ def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list
 def write_jsonl(records: list[dict], out: str | Path, force: bool = False) -> Path:
     """Write records atomically (a temporary file renamed into place)."""
     out = Path(out)
+    if out.is_dir():  # --force replaces a file, never a folder
+        raise QwenlabError(f"{out}: is a folder; expected the path of a JSONL file to write")
     if out.exists() and not force:
         raise QwenlabError(f"{out}: file exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
