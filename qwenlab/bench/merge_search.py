@@ -118,9 +118,13 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
         for key in ("path", "low", "high"):
             if key not in entry:
                 raise QwenlabError(f"{where}.{key}: required key is missing")
-        if not isinstance(entry["low"], (int, float)) or not isinstance(entry["high"], (int, float)) \
-                or entry["low"] >= entry["high"]:
+        if not _finite(entry["low"]) or not _finite(entry["high"]) or entry["low"] >= entry["high"]:
             raise QwenlabError(f"{where}: need numbers low < high, got {entry['low']!r}, {entry['high']!r}")
+        step = entry.get("step")
+        if step is not None and (not _finite(step) or not 0 < step <= entry["high"] - entry["low"]):
+            raise QwenlabError(f"{where}.step: expected a number in (0, high - low], got {step!r}")
+        if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+            raise QwenlabError(f"{where}.filter: expected a tensor-name substring, got {entry['filter']!r}")
         groups = entry.get("groups", 1)
         if not isinstance(groups, int) or groups < 1:
             raise QwenlabError(f"{where}.groups: expected a positive integer, got {groups!r}")
@@ -154,6 +158,18 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
         raise QwenlabError(f"{source}: seed must be >= 0, got {config.seed}")
     _check_objective(config)
     return config
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _storage_errors() -> tuple[type[Exception], ...]:
+    try:
+        from sqlalchemy.exc import SQLAlchemyError  # Optuna's RDB storage
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, SQLAlchemyError)
 
 
 def _integer(value, where: str) -> int:
@@ -321,8 +337,11 @@ def run_search(config: SearchConfig, out: str | Path | None = None, *, progress:
     merger = InMemoryMerger(apply_params(config.merge, config.space, midpoints), config.dtype)
     sampler = optuna.samplers.TPESampler(seed=config.seed) if config.sampler == "tpe" else \
         optuna.samplers.RandomSampler(seed=config.seed)
-    study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage, study_name=study_name,
-                                load_if_exists=bool(storage))
+    try:
+        study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage, study_name=study_name,
+                                    load_if_exists=bool(storage))
+    except _storage_errors() as e:  # a bad URL, a database that cannot be opened
+        raise QwenlabError(f"--storage {storage}: cannot open the study ({str(e).splitlines()[0]})") from None
     trials: list[Trial] = []
 
     def objective(trial: optuna.Trial) -> float:

@@ -147,7 +147,11 @@ class Tokenizer:
         """Tokens that end a generation: eos from both configs, plus <|im_end|> and <|endoftext|>."""
         ids = set()
         eos = (generation_config or {}).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in eos):
+            raise QwenlabError(f"{self.folder / 'generation_config.json'}: 'eos_token_id' must be a token id "
+                               f"or a list of token ids, got {(generation_config or {}).get('eos_token_id')!r}")
+        ids.update(eos)
         for text in (self.eos_token, IM_END, ENDOFTEXT):
             token = self.token_id(text)
             if token is not None:

@@ -94,6 +94,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise QwenlabError(f"{source}: '{name}' must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range, which transformers' set_seed uses
+            raise QwenlabError(f"{source}: 'seed' must be from 0 to 2**32-1, got {self.seed}")
         for name in ("steps", "save_steps", "save_total_limit", "eval_steps", "threads"):
             if getattr(self, name) < 0:
                 raise QwenlabError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
