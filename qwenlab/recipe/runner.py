@@ -25,6 +25,7 @@ import yaml
 from qwenlab.errors import QwenlabError
 from qwenlab.recipe.context import RunContext, check_name
 from qwenlab.recipe.stages import STAGES
+from qwenlab.recipe.stages.params import validate_params
 
 BUILTIN_RECIPE = Path(__file__).parent / "builtin" / "nano.yaml"
 INCOMPLETE = "INCOMPLETE"
@@ -32,31 +33,42 @@ NAME_FIELDS = ("as", "label")  # stage parameters that name a folder in the run
 
 
 def load_recipe(path: str | Path | None) -> dict:
+    """The recipe, every stage's parameters validated (its Params) and every model name it uses known."""
     path = Path(path) if path else BUILTIN_RECIPE
     if not path.is_file():
         raise QwenlabError(f"{path}: recipe file not found")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise QwenlabError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     except yaml.YAMLError as e:
         raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
         raise QwenlabError(f"{path}: expected a mapping with a non-empty 'stages' list")
-    for i, stage in enumerate(recipe["stages"]):
-        if not isinstance(stage, dict) or len(stage) != 1:
-            raise QwenlabError(f"{path}: stages[{i}] must be a mapping with one stage name, e.g. '- eval: {{...}}'")
-        (kind, params), = stage.items()
-        if kind not in STAGES:
-            raise QwenlabError(f"{path}: stages[{i}]: unknown stage '{kind}'; known: {', '.join(STAGES)}")
-        if params is not None and not isinstance(params, dict):
-            raise QwenlabError(f"{path}: stages[{i}].{kind}: expected a mapping of parameters")
-        for name_field in NAME_FIELDS:
-            if params and name_field in params:
-                check_name(params[name_field], f"{path}: stages[{i}].{kind}.{name_field}")
     if not isinstance(recipe.get("models") or {}, dict):
         raise QwenlabError(f"{path}: 'models' must map names to folders")
     for name in recipe.get("models") or {}:
         check_name(name, f"{path}: models")
-    return recipe
+    known = {"nano", *(recipe.get("models") or {})}
+    stages = []
+    for i, stage in enumerate(recipe["stages"]):
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise QwenlabError(f"{path}: stages[{i}] must be a mapping with one stage name, e.g. '- eval: {{...}}'")
+        (kind, raw), = stage.items()
+        where = f"{path}: stages[{i}].{kind}"
+        if kind not in STAGES:
+            raise QwenlabError(f"{path}: stages[{i}]: unknown stage '{kind}'; known: {', '.join(STAGES)}")
+        for name_field in NAME_FIELDS:  # first: these name folders, whatever else is wrong
+            if isinstance(raw, dict) and name_field in raw:
+                check_name(raw[name_field], f"{where}.{name_field}")
+        params = validate_params(STAGES[kind].Params, raw, where)
+        for name in params.model_names():
+            if name not in known and not Path(name).is_dir():
+                raise QwenlabError(f"{where}: unknown model '{name}'; known: {', '.join(sorted(known))} "
+                                   "(or give a model folder)")
+        known.update(params.outputs())
+        stages.append((kind, params))
+    return {**recipe, "stages": stages}
 
 
 def new_run_dir(out: str | Path | None) -> Path:
@@ -94,13 +106,12 @@ def run_recipe(path: str | Path | None = None, out: str | Path | None = None) ->
     started = time.time()
     stages = recipe["stages"]
     for index, stage in enumerate(stages, start=1):
-        (kind, params), = stage.items()
-        params = params or {}
-        label = params.get("label", kind)
+        kind, params = stage
+        label = params.label or kind
         print(f"\n[{index}/{len(stages)}] {label}", flush=True)
         stage_started = time.time()
         try:
-            figures, section = STAGES[kind](ctx, params)
+            figures, section = STAGES[kind].run(ctx, params)
         except BaseException as e:  # also Ctrl-C: say in the report where the run stopped
             _mark_stopped(ctx, f"[{index}/{len(stages)}] {label}", e)
             raise

@@ -50,9 +50,18 @@ def test_bad_recipes_name_the_problem(tmp_path, text, pattern):
         load_recipe(write(tmp_path, text))
 
 
-def test_unknown_model_name_in_a_stage(tmp_path):
-    with pytest.raises(QwenlabError, match="unknown model 'ghost'"):
-        run_recipe(write(tmp_path, "stages: [{info: {model: ghost}}]"), tmp_path / "run")
+def test_unknown_model_name_in_a_stage_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(QwenlabError, match=r"stages\[1\]\.eval: unknown model 'ghost'; known: nano, sft"):
+        run_recipe(write(tmp_path, "stages: [{train: {task: reverse, as: sft}}, {eval: {models: [sft, ghost]}}]"),
+                   tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_a_stage_parameter_names_the_stage_and_the_field(tmp_path):
+    with pytest.raises(QwenlabError, match=r"stages\[0\]\.eval\.sead: unknown parameter \(allowed: .*seed"):
+        load_recipe(write(tmp_path, "stages: [{eval: {sead: 3}}]"))
+    with pytest.raises(QwenlabError, match=r"stages\[0\]\.quantize\.bits\.0: Input should be 8 or 4, got 3"):
+        load_recipe(write(tmp_path, "stages: [{quantize: {model: nano, bits: [3]}}]"))
 
 
 def test_quantize_stage_benches_and_evaluates_each_variant(tmp_path):
@@ -106,11 +115,11 @@ def test_model_names_of_the_recipe_are_checked_too(tmp_path, victim):
 def test_stages_refuse_escaping_names_even_when_called_directly(tmp_path, victim):
     """Defense in depth, below the recipe reader: the swarm stage used to delete `as` wherever it pointed."""
     from qwenlab.recipe.context import RunContext
-    from qwenlab.recipe.stages import STAGES
+    from qwenlab.recipe.stages import run_stage
 
     ctx = RunContext(run_dir=tmp_path / "run")
     with pytest.raises(QwenlabError, match=r"swarm stage: as: .* is not a plain name"):
-        STAGES["swarm"](ctx, {"as": str(victim), "peers": 1, "rounds": 1})
+        run_stage("swarm", ctx, {"as": str(victim), "peers": 1, "rounds": 1})
     with pytest.raises(QwenlabError, match="is not a plain name"):
         ctx.new_model_dir("../../victim")
     (tmp_path / "run" / "models").mkdir(parents=True)
@@ -124,9 +133,10 @@ def test_stages_refuse_escaping_names_even_when_called_directly(tmp_path, victim
 def test_a_failed_run_is_marked_incomplete_and_a_finished_one_is_not(tiny_model_dir, tmp_path):
     from qwenlab.recipe.runner import INCOMPLETE
 
+    (tmp_path / "not-a-model").mkdir()  # a folder, so the recipe reads; opening it fails at run time
     path = write(tmp_path, f"models: {{base: {tiny_model_dir}}}\n"
-                           "stages: [{info: {model: base}}, {info: {model: ghost}}]\n")
-    with pytest.raises(QwenlabError, match="unknown model 'ghost'"):
+                           f"stages: [{{info: {{model: base}}}}, {{info: {{model: {tmp_path / 'not-a-model'}}}}}]\n")
+    with pytest.raises(QwenlabError, match="config.json"):
         run_recipe(path, tmp_path / "failed")
     assert (tmp_path / "failed" / INCOMPLETE).read_text().startswith("Stopped at stage [2/2] info: failed")
     report = (tmp_path / "failed" / "report.md").read_text()

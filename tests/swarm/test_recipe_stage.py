@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from qwenlab.recipe.context import RunContext
-from qwenlab.recipe.stages import STAGES
+from qwenlab.recipe.stages import run_stage
 
 
 def test_swarm_stage_picks_a_snapshot_on_validation_registers_it_and_reports(tiny_model_dir, tmp_path):
     ctx = RunContext(run_dir=tmp_path, models={"base": str(tiny_model_dir)})
-    figures, section = STAGES["swarm"](ctx, {"base": "base", "task": "arithmetic", "peers": 1, "rounds": 2,
+    figures, section = run_stage("swarm", ctx, {"base": "base", "task": "arithmetic", "peers": 1, "rounds": 2,
                                              "num_generations": 2, "local": 1, "eval_n": 4, "select_every": 1,
                                              "as": "swarm-arith"})
     assert figures["exit_codes"] == [0] and len(figures["reward_last_round"]) == 1

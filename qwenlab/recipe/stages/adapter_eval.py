@@ -8,33 +8,38 @@ server would switch them. The table shows accuracy and the change against the ba
 
 from __future__ import annotations
 
-from qwenlab.errors import QwenlabError
+from pydantic import Field
+
+from qwenlab.recipe.stages.params import EvalParams
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
+class Params(EvalParams):
+    MODEL_FIELDS = ("base", "adapters")
+    base: str = "nano"
+    adapters: list[str] = Field(min_length=1)
+
+
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.adapters import active_adapters, attach_adapter
     from qwenlab.bench.task_eval import evaluate_tasks
     from qwenlab.cli.model_commands import load_for_generation
     from qwenlab.tasks import TASKS
 
-    base = params.get("base", "nano")
-    names = params.get("adapters") or []
-    if not names:
-        raise QwenlabError("adapter_eval stage: 'adapters' must list at least one adapter name")
-    tasks = params.get("tasks") or list(TASKS)
-    n, seed = int(params.get("n", 100)), int(params.get("seed", 0))
-    model, tokenizer, _ = load_for_generation(ctx.model_path(base), params.get("dtype", "fp32"))
+    base, names = params.base, params.adapters
+    tasks = params.tasks or list(TASKS)
+    n, seed = params.n, params.seed
+    model, tokenizer, _ = load_for_generation(ctx.model_path(base), params.dtype)
     for name in names:
         attach_adapter(model, ctx.model_path(name), name)
     figures: dict[str, dict[str, float]] = {}
     for name in [None, *names]:
         with active_adapters(model, name):
-            results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"),
+            results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty,
                                      progress=False)
         figures[name or base] = {task: round(r.accuracy, 4) for task, r in results.items()}
     table = _table(figures, base, tasks)
     print(table)
-    title = params.get("title", f"Adapters over {base}: task accuracy")
+    title = params.title or f"Adapters over {base}: task accuracy"
     return figures, (f"## {title}\n\nGreedy, {n} instances per task, seed {seed} (the same instances for every "
                      f"row); in brackets the change against {base}.\n\n{table}")
 

@@ -14,6 +14,15 @@ import json
 import re
 from pathlib import Path
 
+from qwenlab.recipe.stages.params import StageParams
+
+
+class Params(StageParams):
+    MODEL_FIELDS = ("models",)
+    models: list[str] | None = None
+    base_model: str | None = None  # a Hub id for the metadata
+    license: str | None = None
+
 
 def card_file_name(name: str, folder: Path, taken: set[str]) -> str:
     """cards/<this>.md for a model outside the run: its name when that is a plain name, else the folder's
@@ -30,20 +39,20 @@ def card_file_name(name: str, folder: Path, taken: set[str]) -> str:
     return f"{unique}.md"
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.bench.card import build_card, validate_card
     from qwenlab.checkpoint.reader import resolve_model_path
 
     saved = ctx.run_dir / "variants.json"
     default = json.loads(saved.read_text()) if saved.is_file() else {}
-    names = params.get("models") or list(default) or list(ctx.models)
+    names = params.models or list(default) or list(ctx.models)
     folders = {name: resolve_model_path(ctx.model_path(name)).resolve() for name in names}
     run_dir = ctx.run_dir.resolve()
     written: dict[str, str] = {}  # name -> path relative to the run folder
     taken: set[str] = set()
     for name, folder in folders.items():
         others = list(folders.values()) if len(folders) > 1 else None
-        text = build_card(folder, variants=others, base_model=params.get("base_model"), license=params.get("license"),
+        text = build_card(folder, variants=others, base_model=params.base_model, license=params.license,
                           names={str(path): n for n, path in folders.items()})
         validate_card(text)
         out = folder / "README.md" if folder.is_relative_to(run_dir) else \

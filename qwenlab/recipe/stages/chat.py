@@ -1,14 +1,26 @@
 """Stage `chat`: a few sample chats, to show what the model says."""
 
+from typing import Literal
+
+from pydantic import PositiveInt
+
 from qwenlab.cli.model_commands import load_for_generation
 from qwenlab.model.generate import GenerationConfig, generate
+from qwenlab.recipe.stages.params import StageParams
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
-    name = params.get("model", "nano")
-    prompts = params.get("prompts") or ["What is 12 + 7?"]
-    model, tokenizer, _ = load_for_generation(ctx.model_path(name), params.get("dtype", "fp32"))
-    completions = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=int(params.get("max_new_tokens", 32))),
+class Params(StageParams):
+    MODEL_FIELDS = ("model",)
+    model: str = "nano"
+    prompts: list[str] = ["What is 12 + 7?"]
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    max_new_tokens: PositiveInt = 32
+
+
+def run(ctx, params: Params) -> tuple[dict, str]:
+    name, prompts = params.model, params.prompts
+    model, tokenizer, _ = load_for_generation(ctx.model_path(name), params.dtype)
+    completions = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=params.max_new_tokens),
                            chat=True)
     rows = [{"prompt": p, "reply": c.text} for p, c in zip(prompts, completions)]
     for row in rows:

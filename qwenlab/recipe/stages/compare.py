@@ -15,15 +15,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import NonNegativeInt, PositiveInt
+
 from qwenlab.errors import QwenlabError
+from qwenlab.recipe.stages.params import StageParams
 
 
-def run_variants(ctx, params: dict) -> dict[str, str]:
+class Params(StageParams):
+    MODEL_FIELDS = ("models",)
+    models: list[str] | None = None  # default: every model of the run
+    tasks: list[str] = []
+    n: PositiveInt = 50
+    seed: NonNegativeInt = 0
+    difficulty: PositiveInt | None = None
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    perplexity: str | None = None  # a text/JSONL file measured the same way
+    title: str = "All variants: quality, speed, size"
+
+
+def run_variants(ctx, params: Params) -> dict[str, str]:
     """name -> folder for the stage's `models` (default: every model of the run), saved as variants.json."""
     from qwenlab.checkpoint.reader import resolve_model_path
     from qwenlab.checkpoint.writer import write_text_atomic
 
-    names = params.get("models") or list(ctx.models)
+    names = params.models or list(ctx.models)
     if not names:
         raise QwenlabError("compare stage: no models to compare (give 'models' or define some in the recipe)")
     variants = {name: str(resolve_model_path(ctx.model_path(name)).resolve()) for name in names}
@@ -33,15 +50,13 @@ def run_variants(ctx, params: dict) -> dict[str, str]:
     return variants
 
 
-def measure_missing(variants: dict[str, str], params: dict) -> list[str]:
+def measure_missing(variants: dict[str, str], params: Params) -> list[str]:
     """Measure and record accuracy (and perplexity) where no matching figure is recorded; returns what ran."""
     from qwenlab.bench.listing import load_variant
     from qwenlab.bench.results import latest, record_accuracy, record_measurement
     from qwenlab.bench.task_eval import evaluate_tasks
 
-    tasks = params.get("tasks") or []
-    n, seed, dtype = int(params.get("n", 50)), int(params.get("seed", 0)), params.get("dtype", "fp32")
-    perplexity_file = params.get("perplexity")
+    tasks, n, seed, dtype, perplexity_file = params.tasks, params.n, params.seed, params.dtype, params.perplexity
     measured = []
     for name, folder in variants.items():
         accuracy = latest(folder, "accuracy")
@@ -52,9 +67,9 @@ def measure_missing(variants: dict[str, str], params: dict) -> list[str]:
             continue
         model, tokenizer, _ = load_variant(folder, dtype)
         if missing:
-            results = evaluate_tasks(model, tokenizer, missing, n=n, seed=seed, difficulty=params.get("difficulty"),
+            results = evaluate_tasks(model, tokenizer, missing, n=n, seed=seed, difficulty=params.difficulty,
                                      progress=False)
-            record_accuracy(folder, results, seed=seed, difficulty=params.get("difficulty"), dtype=dtype)
+            record_accuracy(folder, results, seed=seed, difficulty=params.difficulty, dtype=dtype)
             measured.append(f"{name}: accuracy on {', '.join(missing)}")
         if need_ppl:
             from qwenlab.bench.perplexity import evaluate_perplexity, read_documents
@@ -69,13 +84,13 @@ def measure_missing(variants: dict[str, str], params: dict) -> list[str]:
     return measured
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.bench.compare import comparison_markdown, main_table, write_comparison
 
     variants = run_variants(ctx, params)
     measured = measure_missing(variants, params)
-    title = params.get("title", "All variants: quality, speed, size")
-    folder = params.get("label", "compare")  # two compare stages write two folders
+    title = params.title
+    folder = params.label or "compare"  # two compare stages write two folders
     comparison, _ = write_comparison(list(variants.values()), ctx.run_dir / folder, title=title,
                                      names={path: name for name, path in variants.items()})
     print(main_table(comparison, markdown=False))

@@ -2,17 +2,24 @@
 
 from qwenlab.bench.task_eval import evaluate_tasks
 from qwenlab.cli.model_commands import load_for_generation
+from qwenlab.recipe.stages.params import EvalParams
 from qwenlab.tasks import TASKS
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
-    names = params.get("models") or [params.get("model", "nano")]
-    tasks = params.get("tasks") or list(TASKS)
-    n, seed = int(params.get("n", 100)), int(params.get("seed", 0))
+class Params(EvalParams):
+    MODEL_FIELDS = ("model", "models")
+    model: str = "nano"
+    models: list[str] | None = None
+
+
+def run(ctx, params: Params) -> tuple[dict, str]:
+    names = params.models or [params.model]
+    tasks = params.tasks or list(TASKS)
+    n, seed = params.n, params.seed
     figures = {}
     for name in names:
-        model, tokenizer, _ = load_for_generation(ctx.model_path(name), params.get("dtype", "fp32"))
-        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"))
+        model, tokenizer, _ = load_for_generation(ctx.model_path(name), params.dtype)
+        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty)
         figures[name] = {task: round(r.accuracy, 4) for task, r in results.items()}
     header = "| model | " + " | ".join(tasks) + " | mean |"
     lines = [header, "|---|" + "---:|" * (len(tasks) + 1)]
@@ -21,5 +28,5 @@ def run(ctx, params: dict) -> tuple[dict, str]:
         lines.append(f"| {name} | " + " | ".join(f"{accs[t]:.3f}" for t in tasks) + f" | {mean:.3f} |")
     table = "\n".join(lines)
     print(table)
-    title = params.get("title", "Task accuracy")
+    title = params.title or "Task accuracy"
     return figures, f"## {title}\n\nGreedy, {n} instances per task, seed {seed}.\n\n{table}"

@@ -13,7 +13,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt
+
 from qwenlab.errors import QwenlabError
+from qwenlab.recipe.stages.params import StageParams
+
+METHODS = ("linear", "slerp", "task_arithmetic", "ties")
+
+
+class Params(StageParams):
+    MODEL_FIELDS = ("base", "models")
+    base: str = "nano"
+    models: list[str] = Field(min_length=2, max_length=2)  # the two specialists
+    tasks: list[str] = Field(min_length=2, max_length=2)  # each specialist's task, in the same order
+    methods: list[Literal[METHODS]] = ["linear", "ties", "slerp", "task_arithmetic"]
+    n: PositiveInt = 50
+    seed: NonNegativeInt = 0
+    difficulty: PositiveInt | None = None
+
+    def outputs(self) -> list[str]:
+        return [f"merge-{method}" for method in self.methods]
 
 
 def method_config(method: str, base: str, a: str, b: str) -> dict:
@@ -49,19 +70,12 @@ def _load(reference: str, adapters: list[str], base_path: str):
     return model, tokenizer
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.bench.task_eval import evaluate_tasks
     from qwenlab.merge import merge
 
-    base = params.get("base", "nano")
-    names = params.get("models") or []
-    if len(names) != 2:
-        raise QwenlabError("merge stage: 'models' must name exactly two specialists")
-    tasks = params.get("tasks") or []
-    if len(tasks) != 2:
-        raise QwenlabError("merge stage: 'tasks' must name each specialist's task, in the same order")
-    methods = params.get("methods") or ["linear", "ties", "slerp", "task_arithmetic"]
-    n, seed = int(params.get("n", 50)), int(params.get("seed", 0))
+    base, names, tasks, methods = params.base, params.models, params.tasks, params.methods
+    n, seed = params.n, params.seed
     base_path = str(Path(ctx.model_path(base)).resolve()) if base != "nano" else str(_nano())
     (a, a_adapters), (b, b_adapters) = (merge_input(ctx, name, base_path) for name in names)
     outputs = {}
@@ -74,7 +88,7 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     inputs = {names[0]: (a, a_adapters), names[1]: (b, b_adapters), **{k: (v, []) for k, v in outputs.items()}}
     for label, (path, adapters) in inputs.items():
         model, tokenizer = _load(path, adapters, base_path)
-        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"), progress=False)
+        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty, progress=False)
         accuracy[label] = {t: round(r.accuracy, 4) for t, r in results.items()}
     specialist = {tasks[0]: accuracy[names[0]][tasks[0]], tasks[1]: accuracy[names[1]][tasks[1]]}
     kept = {m: {t: (round(accuracy[m][t] / specialist[t], 3) if specialist[t] else None) for t in tasks}

@@ -12,23 +12,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwenlab.errors import QwenlabError
+from typing import Literal
+
+from pydantic import NonNegativeInt, PositiveInt
+
+from qwenlab.recipe.stages.params import StageParams
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
+class Params(StageParams):
+    MODEL_FIELDS = ("model",)
+    model: str
+    bits: list[Literal[8, 4]] = [8, 4]
+    tasks: list[str] = ["arithmetic"]
+    n: PositiveInt = 50
+    seed: NonNegativeInt = 0
+    difficulty: PositiveInt | None = None
+    ctx: PositiveInt = 128  # prompt tokens for the speed figures
+    gen: PositiveInt = 32
+    runs: PositiveInt = 2
+    group_size: PositiveInt | None = None
+
+    def outputs(self) -> list[str]:
+        stem = Path(self.model.rstrip("/")).name
+        return [f"{name}-int{bits}" for name in {self.model, stem} for bits in self.bits]
+
+
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.bench.speed import bench_speed
     from qwenlab.bench.task_eval import evaluate_tasks
     from qwenlab.cli.model_commands import load_for_generation
     from qwenlab.quant import quantize_model
 
-    name = params.get("model")
-    if not name:
-        raise QwenlabError("quantize stage: 'model' is required")
-    bits_list = [int(b) for b in params.get("bits", [8, 4])]
-    tasks = params.get("tasks") or ["arithmetic"]
-    n, seed = int(params.get("n", 50)), int(params.get("seed", 0))
-    ctx_len, gen, runs = int(params.get("ctx", 128)), int(params.get("gen", 32)), int(params.get("runs", 2))
-    group_size = params.get("group_size")
+    name, bits_list, tasks, group_size = params.model, params.bits, params.tasks, params.group_size
+    n, seed, ctx_len, gen, runs = params.n, params.seed, params.ctx, params.gen, params.runs
     source = ctx.model_path(name)
     variants = {name: source}
     # `model` may be a folder path rather than a run name: its variants are still named inside the run
@@ -46,7 +62,7 @@ def run(ctx, params: dict) -> tuple[dict, str]:
         decode = result.summary(ctx_len, "decode_tokens_per_s")[0]
         model, tokenizer, _ = load_for_generation(path, "fp32")
         accs = {t: round(r.accuracy, 4) for t, r in
-                evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.get("difficulty"), progress=False).items()}
+                evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty, progress=False).items()}
         figures[label] = {"ttft_s": round(ttft, 4), "decode_tokens_per_s": round(decode, 1),
                           "peak_rss_bytes": result.peak_rss_bytes, "accuracy": accs, "weights": result.weights}
         rows.append(f"| {label} | {result.weights} | {ttft * 1000:.0f} | {decode:.1f} | "

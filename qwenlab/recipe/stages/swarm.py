@@ -22,7 +22,34 @@ import shutil
 import time
 from pathlib import Path
 
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+
 from qwenlab.errors import QwenlabError
+from qwenlab.recipe.stages.params import StageParams, named_output
+
+
+class Params(StageParams):
+    MODEL_FIELDS = ("base", "adapter")
+    as_: str = named_output()
+    task: str = "arithmetic"
+    base: str = "nano"
+    adapter: str | None = None  # the LoRA the peers start from (default: a fresh one)
+    peers: PositiveInt = 2
+    rounds: PositiveInt = 6
+    local: NonNegativeInt = 4  # rollouts per round from the peer's own tasks
+    external: NonNegativeInt = 4  # rollouts per round sampled from other peers
+    difficulty: PositiveInt | None = None
+    eval_n: PositiveInt = 100
+    seed: NonNegativeInt = 0
+    select_every: NonNegativeInt = 25  # snapshot interval (rounds) for choosing the best adapter; 0: none
+    num_generations: PositiveInt = 8
+    learning_rate: PositiveFloat = 1e-3
+    temperature: PositiveFloat = 1.0
+    max_new_tokens: PositiveInt = 8
+    timeout_s: PositiveFloat = 300
+
+    def outputs(self) -> list[str]:
+        return [self.as_]
 
 
 VALIDATION_SEED, TEST_SEED = 1, 0  # evaluation seeds: snapshots are chosen on 1, reported on 0
@@ -72,7 +99,7 @@ def _plot(rows_per_peer: list[list[dict]], validation: dict[int, list[tuple[int,
     plt.close(fig)
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.swarm import PeerConfig
     from qwenlab.swarm.local import run_local_swarm
     from qwenlab.train.grpo import GRPOConfig
@@ -80,19 +107,12 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     from qwenlab.checkpoint.writer import atomic_folder, prepare_output_dir, remove_path
     from qwenlab.recipe.context import check_name
 
-    task, name = params.get("task", "arithmetic"), params.get("as")
-    if not name:
-        raise QwenlabError("swarm stage: 'as' (the name of the resulting adapter) is required")
+    task, name = params.task, params.as_
     check_name(name, "swarm stage: as")  # it names folders: models/NAME and swarm/NAME
-    peers, rounds = int(params.get("peers", 2)), int(params.get("rounds", 6))
-    if peers < 1 or rounds < 1:
-        raise QwenlabError("swarm stage: 'peers' and 'rounds' must be >= 1")
-    base = ctx.model_path(params.get("base", "nano"))
-    init = ctx.model_path(params["adapter"]) if params.get("adapter") else None
-    difficulty, eval_n, seed = params.get("difficulty"), int(params.get("eval_n", 100)), int(params.get("seed", 0))
-    select_every = int(params.get("select_every", 25))
-    if select_every < 0:
-        raise QwenlabError("swarm stage: 'select_every' must be >= 0 (0: no selection)")
+    peers, rounds = params.peers, params.rounds
+    base = ctx.model_path(params.base)
+    init = ctx.model_path(params.adapter) if params.adapter else None
+    difficulty, eval_n, seed, select_every = params.difficulty, params.eval_n, params.seed, params.select_every
     # Checked now, not after the swarm ran: the result may not replace its own starting adapter or base.
     out = prepare_output_dir(ctx.model_dir(name, "swarm stage: as"), True, [init, base])
     folder = ctx.run_dir / "swarm" / name
@@ -101,16 +121,15 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     configs, swarm_name = [], f"recipe-{time.time_ns()}"  # one name for all peers, new for every run
     for index in range(peers):
         grpo = GRPOConfig(model=base, tasks=[task], difficulty=difficulty, init_adapter=init,
-                          num_generations=int(params.get("num_generations", 8)),
-                          learning_rate=float(params.get("learning_rate", 1e-3)),
-                          temperature=float(params.get("temperature", 1.0)),
-                          max_new_tokens=int(params.get("max_new_tokens", 8)), seed=seed * 1000 + index)
+                          num_generations=params.num_generations, learning_rate=params.learning_rate,
+                          temperature=params.temperature, max_new_tokens=params.max_new_tokens,
+                          seed=seed * 1000 + index)
         configs.append(PeerConfig(grpo=grpo, out=str(folder / f"peer{index}"), swarm=swarm_name,
-                                  network=peers > 1, host="127.0.0.1", local=int(params.get("local", 4)),
-                                  external=int(params.get("external", 4)) if peers > 1 else 0, rounds=rounds,
+                                  network=peers > 1, host="127.0.0.1", local=params.local,
+                                  external=params.external if peers > 1 else 0, rounds=rounds,
                                   save_every=rounds, snapshot_every=select_every, resume=False, quiet=True))
     started = time.time()
-    codes = run_local_swarm(configs, timeout_s=float(params.get("timeout_s", 300)))
+    codes = run_local_swarm(configs, timeout_s=params.timeout_s)
     swarm_s = time.time() - started
     if codes[0] != 0 or not (folder / "peer0" / "adapter").is_dir():
         raise QwenlabError(f"swarm stage: peer 0 failed (exit codes {codes}); see {folder}")
@@ -155,7 +174,7 @@ def run(ctx, params: dict) -> tuple[dict, str]:
     }
     print(f"  swarm: {peers} peers x {rounds} rounds in {swarm_s:.0f} s; chose {picked} on validation; "
           f"{task} accuracy {before:.3f} -> {after:.3f}")
-    start_from = f"adapter `{params['adapter']}`" if init else "a fresh LoRA"
+    start_from = f"adapter `{params.adapter}`" if init else "a fresh LoRA"
     curve = " | ".join(f"peer {k}: " + ", ".join(f"r{r} {a:.3f}" for r, a in v) for k, v in sorted(validation.items()))
     section = (f"## Swarm GRPO: {name}\n\n{peers} peers on loopback (hivemind DHT), {rounds} rounds each, starting "
                f"from {start_from}; every peer re-scored the {figures['records_accepted']} records it accepted "

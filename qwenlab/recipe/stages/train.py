@@ -10,36 +10,64 @@ registered under `as` (ctx.model_path) and its loss curve is linked in the repor
 
 from __future__ import annotations
 
-from qwenlab.errors import QwenlabError
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt
+
+from qwenlab.recipe.stages.params import StageParams, named_output
 
 OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "dpo_loss",
             "target_modules", "max_length", "threads")
 
 
-def run(ctx, params: dict) -> tuple[dict, str]:
+class Params(StageParams):
+    MODEL_FIELDS = ("base", "rejected_from")
+    kind: Literal["sft", "dpo"] = "sft"
+    task: str
+    as_: str = named_output()
+    base: str = "nano"
+    n: PositiveInt = 400
+    steps: PositiveInt = 60
+    seed: NonNegativeInt = 0
+    difficulty: PositiveInt | None = None
+    rejected_from: str | None = None
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    # passed to TrainConfig as given (it validates them): the LoRA and optimiser settings
+    lora_r: PositiveInt | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    learning_rate: float | None = None
+    batch_size: PositiveInt | None = None
+    beta: float | None = None
+    dpo_loss: list[str] | None = None
+    target_modules: list[str] | str | None = None
+    max_length: PositiveInt | None = None
+    threads: PositiveInt | None = None
+
+    def outputs(self) -> list[str]:
+        return [self.as_]
+
+
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.train import TrainConfig, train_dpo, train_sft
     from qwenlab.train.data import dpo_records_from_task, sft_records_from_task, write_jsonl
 
-    kind, task, name = params.get("kind", "sft"), params.get("task"), params.get("as")
-    if kind not in ("sft", "dpo"):
-        raise QwenlabError(f"train stage: 'kind' must be sft or dpo, got {kind!r}")
-    if not task or not name:
-        raise QwenlabError("train stage: 'task' and 'as' (the adapter's name) are required")
-    n, steps, seed = int(params.get("n", 400)), int(params.get("steps", 60)), int(params.get("seed", 0))
+    kind, task, name = params.kind, params.task, params.as_
+    n, steps, seed = params.n, params.steps, params.seed
     if kind == "sft":
-        records = sft_records_from_task(task, n, seed=seed, difficulty=params.get("difficulty"))
+        records = sft_records_from_task(task, n, seed=seed, difficulty=params.difficulty)
     else:
-        policy = params.get("rejected_from")
-        records = dpo_records_from_task(task, n, seed=seed, difficulty=params.get("difficulty"),
+        policy = params.rejected_from
+        records = dpo_records_from_task(task, n, seed=seed, difficulty=params.difficulty,
                                         rejected_from=ctx.model_path(policy) if policy else None)
     out = ctx.new_model_dir(name, "train stage: as")  # checked first: the name becomes folder names
     data = write_jsonl(records, ctx.run_dir / "data" / f"{name}.jsonl", force=True)
-    options = {k: params[k] for k in OPTIONAL if k in params}
-    config = TrainConfig(base=ctx.model_path(params.get("base", "nano")), data=str(data), out=str(out), steps=steps,
+    options = {k: getattr(params, k) for k in OPTIONAL if getattr(params, k) is not None}
+    config = TrainConfig(base=ctx.model_path(params.base), data=str(data), out=str(out), steps=steps,
                          seed=seed, save_steps=0, save_total_limit=1, logging_steps=max(1, steps // 20),
-                         val_fraction=float(params.get("val_fraction", 0.05)), force=True, **options)
+                         val_fraction=params.val_fraction, force=True, **options)
     result = (train_sft if kind == "sft" else train_dpo)(config)
-    figures = {"kind": kind, "task": task, "difficulty": params.get("difficulty"), "n": n, "steps": result.steps,
+    figures = {"kind": kind, "task": task, "difficulty": params.difficulty, "n": n, "steps": result.steps,
                "learning_rate": config.learning_rate_for(kind), "train_loss": result.train_loss,
                "eval_loss": result.eval_loss, "train_s": round(result.runtime_s, 1),
                "tokens_per_s": round(result.tokens_per_s, 1) if result.tokens_per_s else None}
