@@ -126,17 +126,24 @@ def _check_alpha_pattern(patterns, config_path: Path) -> None:
             raise QwenlabError(f"{where}: {pattern!r} must map to a positive number, got {alpha!r}")
 
 
-def read_adapter(path: str | Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder, checking every key and shape."""
+def read_adapter_config(path: str | Path) -> dict:
+    """The adapter folder's checked adapter_config.json, and that its weights file is there (not read)."""
     path = Path(path)
     config = _read_config(path)
-    weights_path = path / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
+    if not (path / ADAPTER_WEIGHTS).is_file():
         pickled = path / "adapter_model.bin"
         if pickled.is_file():
             raise QwenlabError(f"{pickled}: pickle adapters are refused (they can run code); "
                                "re-save it with safe_serialization=True")
         raise QwenlabError(f"{path}: missing {ADAPTER_WEIGHTS}")
+    return config
+
+
+def read_adapter(path: str | Path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder, checking every key and shape."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    weights_path = path / ADAPTER_WEIGHTS
     file = SafetensorsFile(weights_path)
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key in file.names():

@@ -28,7 +28,8 @@ from qwenlab.swarm.records import RecordLimits, encode_record
 from qwenlab.swarm.sampler import ExternalPool
 from qwenlab.swarm.signing import PeerIdentity
 from qwenlab.train.grpo.rollouts import Rollout, draw_instances
-from qwenlab.train.grpo.trainer import GRPOConfig, GRPOLearner, GracefulStop, has_checkpoint, save_final_adapter
+from qwenlab.train.grpo.trainer import (GRPOConfig, GRPOLearner, GracefulStop, check_grpo_inputs, has_checkpoint,
+                                        save_final_adapter)
 
 KEY_FILE = "peer_key.pem"
 P2P_IDENTITY_FILE = "p2p_identity.key"
@@ -87,6 +88,7 @@ def _derived_seed(*parts) -> int:
 class SwarmPeer:
     def __init__(self, config: PeerConfig):
         self.config = config.validate()
+        check_grpo_inputs(config.grpo)  # a bad model or adapter path leaves no peer folder behind
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.identity = PeerIdentity.load_or_create(self.out / KEY_FILE)

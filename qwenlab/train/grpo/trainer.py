@@ -306,11 +306,22 @@ def save_final_adapter(learner: GRPOLearner, folder: str | Path, method: str, co
     return folder
 
 
+def check_grpo_inputs(config: GRPOConfig) -> None:
+    """The model folder and the starting adapter are readable: checked before any output is made, so a
+    mistyped path leaves nothing behind (reads config.json and the files' headers, no weights)."""
+    from qwenlab.adapters.peft_format import read_adapter_config
+    from qwenlab.checkpoint import open_checkpoint
+
+    open_checkpoint(config.model)
+    if config.init_adapter:
+        read_adapter_config(config.init_adapter)
+
+
 def run_grpo(config: GRPOConfig, out: str | Path, resume: bool = True, progress: bool = True) -> dict:
     """Train for config.steps steps; out/ gets checkpoint/, adapter/, rewards.jsonl and rewards.png."""
     out = Path(out)
+    learner = GRPOLearner.create(config)  # a bad model or adapter fails here, before out/ exists
     out.mkdir(parents=True, exist_ok=True)
-    learner = GRPOLearner.create(config)
     checkpoint_dir, log = out / "checkpoint", JsonlLog(out / "rewards.jsonl")
     if resume and has_checkpoint(checkpoint_dir):
         learner.load(checkpoint_dir)
