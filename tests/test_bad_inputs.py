@@ -237,6 +237,8 @@ case("train-negative-warmup", [*TRAIN, "--warmup", "-1"], "warmup", data)
 case("train-unknown-scheduler", [*TRAIN, "--scheduler", "bogus"], "scheduler", data)
 case("train-negative-seed", [*TRAIN, "--seed", "-1"], "seed", data)
 case("train-base-missing", [*TRAIN[:2], "--base", "{t}/nope", *TRAIN[4:]], "{t}/nope", data)
+case("train-resume-damaged-checkpoint", [*TRAIN, "--resume"], "trainer_state.json",
+     lambda t, fx: (data(t, fx), files(**{"out/checkpoints/checkpoint-1/trainer_state.json": "{{bad"})(t, fx)))
 case("train-output-exists", TRAIN, "{t}/out", lambda t, fx: (data(t, fx), existing("out")(t, fx)))
 case("train-unwritable-output", [*TRAIN[:6], "--out", UNWRITABLE, *TRAIN[8:]], "{t}/afile", data)
 case("data-zero-n", ["data", "sft", "{t}/d.jsonl", "--task", "reverse", "--n", "0"], "--n")
@@ -340,6 +342,14 @@ case("serve-adapter-missing", ["serve", "{model}", "--adapter", "a={t}/nope"], "
 case("swarm-negative-port", ["swarm", "bootstrap", "--model", "{model}", "--out", "{t}/out", "--port", "-1"], "--port")
 case("swarm-negative-local", ["swarm", "join", "--peers", "/ip4/127.0.0.1/tcp/1", "--model", "{model}", "--out",
                               "{t}/out", "--local", "-1"], "--local")
+case("swarm-peers-garbage", ["swarm", "join", "--peers", "garbage", "--model", "{model}", "--out", "{t}/out"],
+     "garbage")
+case("swarm-peers-without-id", ["swarm", "join", "--peers", "/ip4/127.0.0.1/tcp/1", "--model", "{model}", "--out",
+                                "{t}/out"], "/p2p/PEER_ID")
+case("swarm-announce-not-an-ip", ["swarm", "bootstrap", "--model", "{model}", "--out", "{t}/out", "--announce",
+                                  "not-an-ip"], "--announce")
+case("swarm-host-out-of-range", ["swarm", "bootstrap", "--model", "{model}", "--out", "{t}/out", "--host",
+                                 "999.1.1.1"], "--host")
 case("swarm-model-missing", ["swarm", "bootstrap", "--model", "{t}/nope", "--out", "{t}/out", "--port", "0"],
      "{t}/nope")
 

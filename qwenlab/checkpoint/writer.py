@@ -96,6 +96,15 @@ def temp_sibling(out: Path, tag: str = "tmp") -> Path:
     return out.parent / f".{out.name}.{tag}-{os.getpid()}"
 
 
+def make_temp_folder(tmp: Path, out: Path) -> None:
+    """Create the temporary sibling; a failure names the output the user gave, not the hidden folder."""
+    remove_path(tmp)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise QwenlabError(f"{out}: cannot write the output here ({e.strerror or e})") from None
+
+
 def remove_path(path: Path) -> None:
     """Remove a file, a symlink (never what it points to) or a folder."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
@@ -126,8 +135,7 @@ def atomic_folder(out: str | Path, force: bool = False, inputs: Iterable[str | P
     the block raises (an error, Ctrl-C) it is removed and `out` is left as it was."""
     out = prepare_output_dir(out, force, inputs)
     tmp = temp_sibling(out)
-    remove_path(tmp)
-    tmp.mkdir(parents=True)
+    make_temp_folder(tmp, out)
     try:
         yield tmp
         replace_output(tmp, out)
@@ -177,8 +185,7 @@ class CheckpointWriter:
         self._names: set[str] = set()
 
     def __enter__(self) -> "CheckpointWriter":
-        remove_path(self.tmp)
-        self.tmp.mkdir(parents=True)
+        make_temp_folder(self.tmp, self.out)
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:

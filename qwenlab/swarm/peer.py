@@ -14,6 +14,7 @@ stops at once (the last checkpoint stands).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import shutil
 import time
@@ -78,7 +79,39 @@ class PeerConfig:
             raise QwenlabError("swarm: rounds must be >= 0, save_every >= 1 and snapshot_every >= 0")
         if "/" in self.swarm or not self.swarm:
             raise QwenlabError(f"swarm: the swarm name must be non-empty and contain no '/', got {self.swarm!r}")
+        self._validate_addresses()
         return self
+
+    def _validate_addresses(self) -> None:
+        """Before any network or process starts: a bad address would otherwise hang the DHT or run alone."""
+        _check_ip(self.host, "--host")
+        if self.announce is not None:
+            _check_ip(self.announce, "--announce")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise QwenlabError(f"swarm: --port must be 0..65535, got {self.port!r}")
+        for address in self.initial_peers:
+            _check_peer_address(address)
+
+
+def _check_ip(value: str, flag: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise QwenlabError(f"swarm: {flag} must be an IPv4 or IPv6 address, got {value!r}") from None
+
+
+def _check_peer_address(value: str) -> None:
+    """A multiaddr that names the peer: /ip4/HOST/tcp/PORT/p2p/ID (what bootstrap prints)."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        protocols = [p.name for p in Multiaddr(value).protocols()]
+    except Exception as e:  # hivemind's parser raises several types (StringParseError, ValueError, ...)
+        raise QwenlabError(f"swarm: --peers {value!r} is not a multiaddr ({str(e).splitlines()[0]}); "
+                           "expected /ip4/HOST/tcp/PORT/p2p/PEER_ID as printed by `qwenlab swarm bootstrap`") from None
+    if "p2p" not in protocols or "tcp" not in protocols:
+        raise QwenlabError(f"swarm: --peers {value!r} lacks /tcp/PORT or /p2p/PEER_ID; "
+                           "expected /ip4/HOST/tcp/PORT/p2p/PEER_ID as printed by `qwenlab swarm bootstrap`")
 
 
 def _derived_seed(*parts) -> int:

@@ -67,6 +67,17 @@ class TrainResult:
         return self.tokens_seen / self.runtime_s if self.tokens_seen and self.runtime_s else None
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QwenlabError(f"{path}: not valid JSON ({e}); the checkpoint is damaged: resume from an "
+                           "earlier checkpoint-N with --resume-from, or start again with --force") from None
+    if not isinstance(data, dict):
+        raise QwenlabError(f"{path}: expected a JSON object; the checkpoint is damaged")
+    return data
+
+
 def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
     """Check everything (base, data, chat template, output folder, resume state); writes nothing."""
     from qwenlab.checkpoint import open_checkpoint
@@ -129,8 +140,9 @@ def _prepare_output(run: TrainingRun) -> None:
             checkpoint = get_last_checkpoint(str(run.checkpoints))
         if not checkpoint or not Path(checkpoint, "trainer_state.json").is_file():
             raise QwenlabError(f"{config.resume_from or run.checkpoints}: no checkpoint-N folder to resume from")
+        _read_json(Path(checkpoint, "trainer_state.json"))  # corrupt: one line now, not transformers' trace later
         saved_path = Path(checkpoint).parent / RUN_CONFIG
-        saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+        saved = _read_json(saved_path) if saved_path.is_file() else {}
         for key, value in settings.items():
             if key in saved and saved[key] != value:
                 raise QwenlabError(f"--resume: '{key}' was {saved[key]!r} in the interrupted run and is {value!r} "
