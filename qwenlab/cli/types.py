@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-# Seeds seed torch.Generator (and the server's schema takes the same range): signed 64-bit, non-negative.
-MAX_SEED = 2**63 - 1
+from qwenlab.model.generate import MAX_SEED  # seeds seed torch.Generator: signed 64-bit, non-negative
 
 
 def _int(text: str) -> int:

@@ -105,6 +105,8 @@ class RowState:
 
     def finish(self, reason: str) -> None:
         tail = self.text.flush()
+        if self.text.stopped and reason == "length":
+            reason = "stop"  # the held tail completed a stop string: the text ends there, as with a stop mid-way
         if tail:
             self.request.on_event(EngineEvent("delta", tail))
         self.request.on_event(EngineEvent("finish", finish_reason=reason, prompt_tokens=len(self.request.prompt_ids),

@@ -13,19 +13,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qwenlab.model.generate import MAX_SEED, MIN_TEMPERATURE, REPETITION_PENALTY_RANGE
+
 # OpenAI fields that change the output in ways qwenlab does not implement: (field, value meaning "off").
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "logit_bias": None,
                "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
                "best_of": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "n": (None, 1)}
 
-# Sampling bounds that keep every row's arithmetic finite, so one request can never poison a batch:
-# logits / temperature and logits / repetition_penalty stay far below float32's 3.4e38 for any
-# logit a model produces (|logit| < 1e4) when both are at least 1e-2 / 1e-5. A smaller positive
-# temperature is refused rather than rounded to greedy, so a client learns its value was not used.
-MIN_TEMPERATURE = 1e-5
-REPETITION_PENALTY_RANGE = (1e-2, 1e2)
-SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+# Sampling bounds that keep every row's arithmetic finite, so one request can never poison a batch: the
+# model core's own (model/generate.py), which GenerationConfig checks too. A smaller positive temperature
+# is refused rather than rounded to greedy, so a client learns its value was not used.
 
 
 def non_finite_path(value: Any, path: tuple = ()) -> tuple | None:
@@ -102,7 +100,7 @@ class SamplingFields(FiniteBody):
     top_k: int = Field(0, ge=-1)  # -1 or 0: off (vLLM uses -1)
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
