@@ -7,12 +7,12 @@ base. Its lineage.json says how it was made; folders without one are described f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenlab.bench.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
 from qwenlab.checkpoint.lineage import read_lineage
+from qwenlab.loading import adapter_base
 from qwenlab.checkpoint.safetensors_file import _DTYPE_BYTES, read_header
 from qwenlab.errors import QwenlabError
 from qwenlab.model.info import human_bytes, human_count
@@ -52,14 +52,9 @@ class Variant:
 
 def display_name(path: str | Path) -> str:
     path = Path(path)
-    try:
-        from qwenlab.nano import WEIGHTS_DIR
+    from qwenlab.checkpoint.reader import NANO_DIR
 
-        if path.resolve() == WEIGHTS_DIR.resolve():
-            return "nano"
-    except ImportError:
-        pass
-    return path.name
+    return "nano" if path.resolve() == NANO_DIR.resolve() else path.name
 
 
 def is_variant_folder(path: Path) -> bool:
@@ -100,29 +95,6 @@ def _numel(tensors: dict[str, dict]) -> int:
             numel *= d
         total += numel
     return total
-
-
-def adapter_base(folder: Path, lineage: dict | None) -> Path | None:
-    """The base an adapter applies to: lineage's `base` input, else adapter_config's base_model_name_or_path."""
-    candidates = [i.get("path") for i in (lineage or {}).get("inputs", []) if i.get("role") == "base"]
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        candidates.append(config.get("base_model_name_or_path"))
-    except (OSError, json.JSONDecodeError):
-        pass
-    for candidate in candidates:
-        if not candidate:
-            continue
-        if candidate == "nano":
-            from qwenlab.nano import WEIGHTS_DIR
-
-            if (WEIGHTS_DIR / "config.json").is_file():
-                return WEIGHTS_DIR
-            continue
-        path = Path(candidate)
-        if (path / "config.json").is_file():
-            return path
-    return None
 
 
 def describe_variant(path: str | Path) -> Variant:
@@ -381,33 +353,10 @@ def load_variant(path: str | Path, dtype: str = "fp32", adapter: str | Path | No
 
     An adapter (the folder itself, or `adapter=`) is attached unmerged and made active, as at serving time.
     """
-    from qwenlab.checkpoint import open_checkpoint
-    from qwenlab.model import load_model, load_tokenizer
+    from qwenlab.loading import load
 
     variant = describe_variant(path)
-    adapter_path = Path(adapter) if adapter else (variant.path if variant.kind == "adapter" else None)
-    if adapter_path is not None and variant.kind == "adapter":
-        if variant.base is None:
-            raise QwenlabError(f"{variant.path}: cannot find the adapter's base model (lineage.json and "
-                               "adapter_config.json's base_model_name_or_path name no existing folder)")
-        base = variant.base
-    else:
-        base = variant.path
-    checkpoint = open_checkpoint(base, validate="quantization" not in _config_extra(base))
-    model = load_model(checkpoint, dtype)
-    if adapter_path is not None:
-        from qwenlab.adapters import attach_adapter, set_active_adapters
-
-        attach_adapter(model, adapter_path, "adapter")
-        set_active_adapters(model, "adapter")
-        if adapter and variant.kind != "adapter":
-            variant = describe_variant(adapter_path)  # the measured variant is the adapter
-    tokenizer_folder = adapter_path if adapter_path and (adapter_path / "tokenizer.json").is_file() else base
-    return model, load_tokenizer(tokenizer_folder), variant
-
-
-def _config_extra(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    loaded = load(variant.path, dtype, [adapter] if adapter else (), adapter_mode="attach")
+    if adapter and variant.kind != "adapter":
+        variant = describe_variant(adapter)  # the measured variant is the adapter
+    return loaded.model, loaded.tokenizer, variant

@@ -93,18 +93,10 @@ def _time_stream(tokens_iter, gen: int) -> tuple[float, float]:
 def _run_qwenlab(spec: dict):
     import torch
 
-    from qwenlab.checkpoint import open_checkpoint
+    from qwenlab.loading import load
     from qwenlab.model.generate import GenerationConfig, generate_token_ids
-    from qwenlab.model.load import load_model
 
-    checkpoint = open_checkpoint(spec["path"], validate=False)
-    if "quantization" in checkpoint.config.extra:
-        from qwenlab.quant.load import load_quantized_model
-
-        model = load_quantized_model(checkpoint, backend=spec.get("backend"), fuse=spec.get("fuse", True))
-    else:
-        model = load_model(checkpoint.validate(), spec["dtype"])
-    del checkpoint
+    model = load(spec["path"], spec["dtype"], quant_backend=spec.get("backend"), fuse=spec.get("fuse", True)).model
     vocab = model.config.vocab_size
 
     def run(prompt: list[int], gen: int) -> tuple[float, float]:

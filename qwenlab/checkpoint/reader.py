@@ -23,12 +23,17 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F32", "BF16", "F16")  # what a float checkpoint's tensors may be stored as
 
 
+# The shipped nano model's folder: package data, named here so that loading never imports qwenlab.nano
+# (nano depends on the library, not the reverse).
+NANO_DIR = Path(__file__).resolve().parents[1] / "nano" / "weights"
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """A MODEL argument as a folder: 'nano' names the shipped model; anything else is a path."""
     if str(model) == "nano":
-        from qwenlab.nano import nano_path
-
-        return nano_path()
+        if not (NANO_DIR / "config.json").is_file():
+            raise QwenlabError(f"{NANO_DIR}: the nano model is not built; run `python -m qwenlab.nano.train`")
+        return NANO_DIR
     path = Path(model).expanduser()
     if not path.exists():
         raise QwenlabError(f"{path}: no such model folder")

@@ -50,38 +50,11 @@ def cmd_info(args) -> int:
     return 0
 
 
-def load_for_generation(model: str, dtype: str, adapters: list[str] | None = None):
-    from qwenlab.checkpoint import open_checkpoint
-    from qwenlab.model import load_model, load_tokenizer
-
-    checkpoint = open_checkpoint(model)
-    if not adapters:
-        return load_model(checkpoint, dtype), load_tokenizer(checkpoint.path), checkpoint
-    from qwenlab.adapters.apply import attach_adapter, merge_adapter, set_active_adapters
-
-    if "quantization" in checkpoint.config.extra:
-        # Quantized weights cannot absorb a delta: the adapter runs beside them, unmerged, on the
-        # unfused projections it was trained on.
-        if len(adapters) > 1:
-            raise QwenlabError("--adapter: a quantized base takes one adapter; merge the others first "
-                               "(qwenlab adapter combine)")
-        from qwenlab.quant import load_quantized_model
-
-        loaded = load_quantized_model(checkpoint, fuse=False)
-        attach_adapter(loaded, adapters[0], "adapter")
-        set_active_adapters(loaded, "adapter")
-    else:
-        loaded = load_model(checkpoint, dtype)
-        for i, folder in enumerate(adapters):  # folded in, in order: no per-token LoRA cost
-            attach_adapter(loaded, folder, f"adapter{i}")
-            merge_adapter(loaded, f"adapter{i}")
-    return loaded, load_tokenizer(checkpoint.path), checkpoint
-
-
 def cmd_generate(args) -> int:
+    from qwenlab.loading import load
     from qwenlab.model.generate import stream_generate
 
-    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype, args.adapter)
+    model, tokenizer, checkpoint = load(args.model, args.dtype, args.adapter or ())
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -95,9 +68,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from qwenlab.loading import load
     from qwenlab.model.generate import stream_generate
 
-    model, tokenizer, checkpoint = load_for_generation(args.model, args.dtype, args.adapter)
+    model, tokenizer, checkpoint = load(args.model, args.dtype, args.adapter or ())
     config = generation_config(args)
     stop_ids = tokenizer.stop_ids(checkpoint.generation_config)
     tokenizer.apply_chat_template([{"role": "user", "content": "check"}])  # fail early without a template

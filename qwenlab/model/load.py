@@ -21,15 +21,14 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path, dtype: str | torch.dtype = "fp32") -> Qwen2ForCausalLM:
-    """Load a checkpoint folder (or 'nano') into the model core, in `dtype`."""
+    """Load a float checkpoint folder (or 'nano') into the model core, in `dtype`. Any folder, quantized
+    ones and adapters included, loads through qwenlab.load()."""
     # Imported here: qwenlab.checkpoint depends on qwenlab.model.config, not the other way round.
     from qwenlab.checkpoint.reader import Checkpoint, open_checkpoint
 
-    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path, validate=False)
     if "quantization" in checkpoint.config.extra:
-        from qwenlab.quant import load_quantized_model  # quantized folders carry their own layout
-
-        return load_quantized_model(checkpoint)
+        raise QwenlabError(f"{checkpoint.path}: a quantized folder; load it with qwenlab.load()")
     return model_from_checkpoint(checkpoint, parse_dtype(dtype))
 
 

@@ -2,13 +2,11 @@
 
 from pathlib import Path
 
-from qwenlab.errors import QwenlabError
+from qwenlab.checkpoint.reader import NANO_DIR, resolve_model_path
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = NANO_DIR  # where train.py writes the model
 
 
 def nano_path() -> Path:
     """The folder of the shipped nano model (a normal Hugging Face Qwen2 folder)."""
-    if not (WEIGHTS_DIR / "config.json").is_file():
-        raise QwenlabError(f"{WEIGHTS_DIR}: the nano model is not built; run `python -m qwenlab.nano.train`")
-    return WEIGHTS_DIR
+    return resolve_model_path("nano")

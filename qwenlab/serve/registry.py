@@ -33,17 +33,9 @@ def load_engine(name: str, path: str | Path, *, dtype: str = "fp32", max_batch: 
 
     for_adapters: a quantized base is loaded with q/k/v and gate/up unfused, so LoRA can target them.
     """
-    from qwenlab.checkpoint import open_checkpoint
-    from qwenlab.model import load_model, load_tokenizer
+    from qwenlab.loading import load
 
-    checkpoint = open_checkpoint(path, validate=False)
-    if "quantization" in checkpoint.config.extra:  # quant checks its own tensor layout
-        from qwenlab.quant import load_quantized_model
-
-        model = load_quantized_model(checkpoint, fuse=not for_adapters)
-    else:
-        model = load_model(checkpoint.validate(), dtype)
-    tokenizer = load_tokenizer(checkpoint.path)
+    model, tokenizer, checkpoint = load(path, dtype, fuse=not for_adapters)
     context = model.config.context_window(max_context)  # beyond the model's positions: refused, not lowered
     engine = Engine(name, model, tokenizer, tokenizer.stop_ids(checkpoint.generation_config),
                     max_batch=max_batch, max_context=context, max_prefill_tokens=max_prefill_tokens, metrics=metrics)

@@ -9,13 +9,14 @@ which is what the parent test tells apart.
 import sys
 
 from qwenlab.errors import QwenlabError
-from qwenlab.model import GenerationConfig, load_model
+from qwenlab.loading import load
+from qwenlab.model import GenerationConfig
 from qwenlab.model.generate import generate_token_ids
 
 
 def main(folder: str) -> int:
     try:
-        model = load_model(folder)
+        model = load(folder).model
         steps = list(generate_token_ids(model, [[1, 2, 3, 4], [5, 6, 7, 8]], GenerationConfig(max_new_tokens=3), set()))
     except QwenlabError as e:
         print(f"error: {e}", file=sys.stderr)

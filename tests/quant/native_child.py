@@ -111,9 +111,9 @@ def lora_bgmv_adapter_index_past_the_stack():
 def decode_stack_norm_of_one():
     """A loaded model's decode-stack table with one layer's norm length changed: the stack refuses it
     before any layer runs (x stays as it was)."""
-    from qwenlab.model import load_model
+    from qwenlab.loading import load
 
-    model = load_model(sys.argv[2])
+    model = load(sys.argv[2]).model
     assert model.decode_stack is not None
     cache = model.new_cache(1, 8)
     with torch.inference_mode():

@@ -12,6 +12,7 @@ from qwenlab.model.generate import generate_token_ids
 from qwenlab.quant import load_quantized_model, quantize_model
 from qwenlab.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from qwenlab import native
+from qwenlab.loading import load
 from qwenlab.quant.linear import Int4WeightLinear, Int8WeightLinear, QuantizedEmbedding
 
 needs_native_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
@@ -19,7 +20,7 @@ needs_native_kernel = pytest.mark.skipif(not native.available(), reason=f"native
 
 def load_q(path, **kw):
     # Quantized folders are checked by qwenlab.quant, not by the float-layout validation.
-    return load_model(open_checkpoint(path, validate=False)) if not kw else \
+    return load(path).model if not kw else \
         load_quantized_model(open_checkpoint(path, validate=False), **kw)
 
 

@@ -22,13 +22,13 @@ class Params(EvalParams):
 def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.adapters import active_adapters, attach_adapter
     from qwenlab.bench.task_eval import evaluate_tasks
-    from qwenlab.cli.model_commands import load_for_generation
+    from qwenlab.loading import load
     from qwenlab.tasks import TASKS
 
     base, names = params.base, params.adapters
     tasks = params.tasks or list(TASKS)
     n, seed = params.n, params.seed
-    model, tokenizer, _ = load_for_generation(ctx.model_path(base), params.dtype)
+    model, tokenizer, _ = load(ctx.model_path(base), params.dtype)
     for name in names:
         attach_adapter(model, ctx.model_path(name), name)
     figures: dict[str, dict[str, float]] = {}

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import PositiveInt
 
-from qwenlab.cli.model_commands import load_for_generation
+from qwenlab.loading import load
 from qwenlab.model.generate import GenerationConfig, generate
 from qwenlab.recipe.stages.params import StageParams
 
@@ -19,7 +19,7 @@ class Params(StageParams):
 
 def run(ctx, params: Params) -> tuple[dict, str]:
     name, prompts = params.model, params.prompts
-    model, tokenizer, _ = load_for_generation(ctx.model_path(name), params.dtype)
+    model, tokenizer, _ = load(ctx.model_path(name), params.dtype)
     completions = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=params.max_new_tokens),
                            chat=True)
     rows = [{"prompt": p, "reply": c.text} for p, c in zip(prompts, completions)]

@@ -1,7 +1,7 @@
 """Stage `eval`: task accuracy of one or more models on the same seeded instances."""
 
 from qwenlab.bench.task_eval import evaluate_tasks
-from qwenlab.cli.model_commands import load_for_generation
+from qwenlab.loading import load
 from qwenlab.recipe.stages.params import EvalParams
 from qwenlab.tasks import TASKS
 
@@ -18,7 +18,7 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     n, seed = params.n, params.seed
     figures = {}
     for name in names:
-        model, tokenizer, _ = load_for_generation(ctx.model_path(name), params.dtype)
+        model, tokenizer, _ = load(ctx.model_path(name), params.dtype)
         results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty)
         figures[name] = {task: round(r.accuracy, 4) for task, r in results.items()}
     header = "| model | " + " | ".join(tasks) + " | mean |"

@@ -64,9 +64,9 @@ def merge_input(ctx, name: str, base_path: str) -> tuple[str, list[str]]:
 
 
 def _load(reference: str, adapters: list[str], base_path: str):
-    from qwenlab.cli.model_commands import load_for_generation
+    from qwenlab.loading import load
 
-    model, tokenizer, _ = load_for_generation(base_path if adapters else reference, "fp32", adapters)
+    model, tokenizer, _ = load(base_path if adapters else reference, "fp32", adapters)
     return model, tokenizer
 
 
@@ -107,6 +107,6 @@ def run(ctx, params: Params) -> tuple[dict, str]:
 
 
 def _nano() -> Path:
-    from qwenlab.nano import nano_path
+    from qwenlab.checkpoint.reader import resolve_model_path
 
-    return nano_path()
+    return resolve_model_path("nano")

@@ -40,7 +40,7 @@ class Params(StageParams):
 def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.bench.speed import bench_speed
     from qwenlab.bench.task_eval import evaluate_tasks
-    from qwenlab.cli.model_commands import load_for_generation
+    from qwenlab.loading import load
     from qwenlab.quant import quantize_model
 
     name, bits_list, tasks, group_size = params.model, params.bits, params.tasks, params.group_size
@@ -60,7 +60,7 @@ def run(ctx, params: Params) -> tuple[dict, str]:
         result = report.results[0]
         ttft = result.summary(ctx_len, "ttft_s")[0]
         decode = result.summary(ctx_len, "decode_tokens_per_s")[0]
-        model, tokenizer, _ = load_for_generation(path, "fp32")
+        model, tokenizer, _ = load(path, "fp32")
         accs = {t: round(r.accuracy, 4) for t, r in
                 evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty, progress=False).items()}
         figures[label] = {"ttft_s": round(ttft, 4), "decode_tokens_per_s": round(decode, 1),

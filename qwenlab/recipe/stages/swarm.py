@@ -59,9 +59,9 @@ def _accuracy(base: str, adapters: list[str | None], task: str, n: int, difficul
     """Greedy accuracy of the base with each adapter (None: the base alone), loading the base once."""
     from qwenlab.adapters import active_adapters, attach_adapter, detach_adapter
     from qwenlab.bench.task_eval import evaluate_tasks
-    from qwenlab.cli.model_commands import load_for_generation
+    from qwenlab.loading import load
 
-    model, tokenizer, _ = load_for_generation(base, "fp32")
+    model, tokenizer, _ = load(base, "fp32")
     scores = []
     for adapter in adapters:
         if adapter:
