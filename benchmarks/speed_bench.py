@@ -177,7 +177,7 @@ def quality(folder: Path, log) -> list[str]:
 
 
 def nano_accuracy(log) -> list[str]:
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.model import load_model, load_tokenizer
     from qwenlab.nano import nano_path
     from qwenlab.quant.load import load_quantized_model

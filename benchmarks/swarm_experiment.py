@@ -44,7 +44,7 @@ def peer_configs(arm: str, seed: int, args, out: Path):
 
 def evaluate_adapters(args, folders: list[Path]) -> list[float]:
     from qwenlab.adapters import active_adapters, attach_adapter
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.model import load_model, load_tokenizer
     from qwenlab.checkpoint import open_checkpoint
 
@@ -61,7 +61,7 @@ def evaluate_adapters(args, folders: list[Path]) -> list[float]:
 
 
 def base_accuracy(args) -> float:
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.checkpoint import open_checkpoint
     from qwenlab.model import load_model, load_tokenizer
 

@@ -1,1 +1,1 @@
-"""Measure and choose: speed bench, task accuracy, comparisons and model cards."""
+"""Speed: TTFT, prompt and decode tokens/s and peak memory per engine, side by side with the peers (speed.py)."""

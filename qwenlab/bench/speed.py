@@ -362,7 +362,7 @@ def _backend_label(backend: str | None) -> str:
 
 
 def _record(folder: Path, result: EngineResult, contexts: list[int], gen: int) -> None:
-    from qwenlab.bench.results import record_measurement
+    from qwenlab.variants.results import record_measurement
 
     figures = {}
     for ctx in contexts:

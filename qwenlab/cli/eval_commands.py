@@ -6,7 +6,7 @@
     qwenlab eval MODEL --lm-eval my_task --include-path tasks/ --adapter runs/math
 
 MODEL is a model folder, 'nano', a quantized folder or an adapter folder (over its base). The
-figures are recorded in the variant's measurements.jsonl (see qwenlab.bench.results) unless
+figures are recorded in the variant's measurements.jsonl (see qwenlab.variants.results) unless
 --no-record, so `qwenlab ls`, `compare` and `card` find them.
 """
 
@@ -22,7 +22,7 @@ def _task_list(text: str | None) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from qwenlab.bench.listing import load_variant
+    from qwenlab.variants.listing import load_variant
     from qwenlab.tasks import TASKS, generate
 
     file_modes = bool(args.perplexity or args.gsm8k or args.lm_eval)
@@ -42,7 +42,7 @@ def cmd_eval(args) -> int:
     if args.lm_eval:
         _eval_lm_eval(args, model, tokenizer, variant, report, texts, records)
     if args.record:
-        from qwenlab.bench.results import record_measurement
+        from qwenlab.variants.results import record_measurement
 
         # A quantized folder runs in its own format whatever --dtype says.
         dtype = variant.dtype if variant.kind == "quantized" else args.dtype
@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
 
 
 def _eval_tasks(args, model, tokenizer, variant, tasks, report, texts, records) -> None:
-    from qwenlab.bench.task_eval import evaluate_tasks, format_accuracy_table
+    from qwenlab.eval.task_eval import evaluate_tasks, format_accuracy_table
 
     results = evaluate_tasks(model, tokenizer, tasks, n=args.n, seed=args.seed, difficulty=args.difficulty,
                              batch_size=args.batch_size, progress=not args.json)
@@ -71,7 +71,7 @@ def _eval_tasks(args, model, tokenizer, variant, tasks, report, texts, records) 
 
 
 def _eval_perplexity(args, model, tokenizer, path, report, texts, records) -> None:
-    from qwenlab.bench.perplexity import evaluate_perplexity, read_documents
+    from qwenlab.eval.perplexity import evaluate_perplexity, read_documents
 
     documents = read_documents(path, field=args.field, limit=args.limit)
     result = evaluate_perplexity(model, tokenizer, documents, max_length=args.max_length, stride=args.stride,
@@ -87,7 +87,7 @@ def _eval_perplexity(args, model, tokenizer, path, report, texts, records) -> No
 
 
 def _eval_gsm8k(args, model, tokenizer, path, report, texts, records) -> None:
-    from qwenlab.bench.gsm8k import evaluate_gsm8k, read_gsm8k
+    from qwenlab.eval.gsm8k import evaluate_gsm8k, read_gsm8k
 
     limit = args.limit + args.fewshot if args.limit else None
     result = evaluate_gsm8k(model, tokenizer, read_gsm8k(path, limit=limit), fewshot=args.fewshot,
@@ -101,8 +101,8 @@ def _eval_gsm8k(args, model, tokenizer, path, report, texts, records) -> None:
 
 
 def _eval_lm_eval(args, model, tokenizer, variant, report, texts, records) -> None:
-    from qwenlab.bench.lm_eval_bridge import QwenlabLM, main_metric, run_lm_eval
-    from qwenlab.bench.listing import format_table
+    from qwenlab.eval.lm_eval_bridge import QwenlabLM, main_metric, run_lm_eval
+    from qwenlab.variants.listing import format_table
 
     lm = QwenlabLM(pretrained=str(variant.path), model=model, tokenizer=tokenizer, batch_size=args.batch_size)
     output = run_lm_eval(str(variant.path), _task_list(args.lm_eval), include_path=args.include_path,

@@ -10,7 +10,7 @@ from qwenlab.errors import QwenlabError
 
 
 def cmd_ls(args) -> int:
-    from qwenlab.bench.listing import format_listing, list_variants
+    from qwenlab.variants.listing import format_listing, list_variants
 
     rows = list_variants(args.paths)
     print(json.dumps(rows, indent=2, default=str) if args.json else format_listing(rows, markdown=args.markdown))
@@ -18,7 +18,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from qwenlab.bench.compare import main_table, write_comparison
+    from qwenlab.report.compare import main_table, write_comparison
 
     comparison, files = write_comparison(args.inputs, args.out, title=args.title)
     print(main_table(comparison, markdown=False))
@@ -30,7 +30,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from qwenlab.bench.card import build_card, validate_card, write_card
+    from qwenlab.report.card import build_card, validate_card, write_card
 
     options = {"variants": args.variants or None, "base_model": args.base_model, "license": args.license}
     if args.print:
@@ -44,7 +44,7 @@ def cmd_card(args) -> int:
 
 
 def cmd_merge_search(args) -> int:
-    from qwenlab.bench.merge_search import load_search_config, run_search, search_report, write_best
+    from qwenlab.merge.search import load_search_config, run_search, search_report, write_best
 
     if args.write_best and Path(args.write_best).exists() and not args.force:  # before hours of trials
         raise QwenlabError(f"{args.write_best}: --write-best folder exists (use --force to replace it)")

@@ -4,8 +4,8 @@ import re
 
 from huggingface_hub import ModelCard
 
-from qwenlab.bench.card import NOT_MEASURED, build_card, validate_card, write_card
-from qwenlab.bench.results import record_measurement
+from qwenlab.report.card import NOT_MEASURED, build_card, validate_card, write_card
+from qwenlab.variants.results import record_measurement
 from qwenlab.cli import main
 
 

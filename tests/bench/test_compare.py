@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from qwenlab.bench.compare import build_comparison, recommend, write_comparison
-from qwenlab.bench.results import record_measurement
+from qwenlab.report.compare import build_comparison, recommend, write_comparison
+from qwenlab.variants.results import record_measurement
 from qwenlab.cli import main
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qwenlab.bench import gsm8k
-from qwenlab.bench.gsm8k import evaluate_gsm8k, extract_answer, read_gsm8k
+from qwenlab.eval import gsm8k
+from qwenlab.eval.gsm8k import evaluate_gsm8k, extract_answer, read_gsm8k
 from qwenlab.cli import main
 from qwenlab.errors import QwenlabError
 from qwenlab.model.generate import Completion
@@ -65,7 +65,7 @@ def test_scoring_and_fewshot(monkeypatch):
 
 
 def test_eval_cli_gsm8k_records_accuracy(fresh_family, capsys):
-    from qwenlab.bench.results import latest
+    from qwenlab.variants.results import latest
 
     folder = fresh_family / "base"
     assert main(["eval", str(folder), "--gsm8k", str(DATA / "gsm8k_tiny.jsonl"), "--limit", "2",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from qwenlab.bench.listing import describe_variant, find_variants, lineage_chain, load_variant
-from qwenlab.bench.results import record_measurement
+from qwenlab.variants.listing import describe_variant, find_variants, lineage_chain, load_variant
+from qwenlab.variants.results import record_measurement
 from qwenlab.cli import main
 from qwenlab.errors import QwenlabError
 
@@ -63,7 +63,7 @@ def test_ls_errors(tmp_path, capsys):
 
 
 def test_a_base_plus_adapter_merge_input_is_shown_as_one():
-    from qwenlab.bench.listing import _joined_with_adapters
+    from qwenlab.variants.listing import _joined_with_adapters
 
     inputs = [{"role": "base", "path": "/m/nano"}, {"role": "model1", "path": "/m/nano"},
               {"role": "model1-adapter", "path": "/m/sft-a"}, {"role": "model2", "path": "/m/other"}]

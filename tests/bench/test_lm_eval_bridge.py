@@ -11,8 +11,8 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
-import qwenlab.bench.lm_eval_bridge  # noqa: F401  registers "qwenlab"
-from qwenlab.bench.lm_eval_bridge import QwenlabLM, main_metric, run_lm_eval
+import qwenlab.eval.lm_eval_bridge  # noqa: F401  registers "qwenlab"
+from qwenlab.eval.lm_eval_bridge import QwenlabLM, main_metric, run_lm_eval
 from qwenlab.cli import main
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
@@ -86,7 +86,7 @@ def test_local_yaml_tasks_through_simple_evaluate(family, task_dir):
 
 
 def test_eval_cli_lm_eval_records(fresh_family, task_dir, capsys):
-    from qwenlab.bench.results import latest
+    from qwenlab.variants.results import latest
 
     folder = fresh_family / "lora"  # an adapter folder: evaluated over its base, recorded in the adapter
     assert main(["eval", str(folder), "--lm-eval", "qwenlab_tiny_mc,qwenlab_tiny_ppl", "--include-path",

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from qwenlab.bench.merge_search import (InMemoryMerger, SearchSpace, Trial, apply_params, load_search_config,
+from qwenlab.merge.search import (InMemoryMerger, SearchSpace, Trial, apply_params, load_search_config,
                                         pareto_front)
 from qwenlab.checkpoint import open_checkpoint
 from qwenlab.cli import main
@@ -77,6 +77,6 @@ def test_merge_search_cli_writes_results_and_best(family, tmp_path, capsys):
     assert isinstance(t, list) and len(t) == 2 and all(0 <= v <= 1 for v in t)  # a 2-point gradient
     assert yaml.safe_load((out / "best.yaml").read_text()) == result["best"]["config"]
     assert (best / "lineage.json").is_file()
-    from qwenlab.bench.results import latest
+    from qwenlab.variants.results import latest
 
     assert latest(best, "accuracy")["arithmetic"].values["n"] == 2  # re-measured on the written folder

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qwenlab.bench.perplexity import evaluate_perplexity, read_documents, sequence_nll, windows
+from qwenlab.eval.perplexity import evaluate_perplexity, read_documents, sequence_nll, windows
 from qwenlab.errors import QwenlabError
 
 TEXT = "What is 12 + 7? The answer is 19. Reverse the word: apple. hello world " * 3

@@ -4,7 +4,7 @@ import json
 
 from huggingface_hub import ModelCard
 
-from qwenlab.bench.results import latest, record_measurement
+from qwenlab.variants.results import latest, record_measurement
 from qwenlab.recipe import run_recipe
 
 

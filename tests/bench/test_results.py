@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from qwenlab.bench import results
-from qwenlab.bench.results import (MEASUREMENTS_FILE, latest, latest_all, read_measurements, record_measurement,
+from qwenlab.variants import results
+from qwenlab.variants.results import (MEASUREMENTS_FILE, latest, latest_all, read_measurements, record_measurement,
                                    weights_fingerprint)
 from qwenlab.errors import QwenlabError
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qwenlab.bench.task_eval import evaluate_tasks
+from qwenlab.eval.task_eval import evaluate_tasks
 from qwenlab.cli import main
 from qwenlab.model import load_model, load_tokenizer
 from qwenlab.nano import nano_path

@@ -21,7 +21,7 @@ class Params(EvalParams):
 
 def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.adapters import active_adapters, attach_adapter
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.loading import load
     from qwenlab.tasks import TASKS
 

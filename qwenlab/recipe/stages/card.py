@@ -40,7 +40,7 @@ def card_file_name(name: str, folder: Path, taken: set[str]) -> str:
 
 
 def run(ctx, params: Params) -> tuple[dict, str]:
-    from qwenlab.bench.card import build_card, validate_card
+    from qwenlab.report.card import build_card, validate_card
     from qwenlab.checkpoint.reader import resolve_model_path
 
     saved = ctx.run_dir / "variants.json"

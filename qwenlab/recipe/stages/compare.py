@@ -52,9 +52,9 @@ def run_variants(ctx, params: Params) -> dict[str, str]:
 
 def measure_missing(variants: dict[str, str], params: Params) -> list[str]:
     """Measure and record accuracy (and perplexity) where no matching figure is recorded; returns what ran."""
-    from qwenlab.bench.listing import load_variant
-    from qwenlab.bench.results import latest, record_accuracy, record_measurement
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.variants.listing import load_variant
+    from qwenlab.variants.results import latest, record_accuracy, record_measurement
+    from qwenlab.eval.task_eval import evaluate_tasks
 
     tasks, n, seed, dtype, perplexity_file = params.tasks, params.n, params.seed, params.dtype, params.perplexity
     measured = []
@@ -72,7 +72,7 @@ def measure_missing(variants: dict[str, str], params: Params) -> list[str]:
             record_accuracy(folder, results, seed=seed, difficulty=params.difficulty, dtype=dtype)
             measured.append(f"{name}: accuracy on {', '.join(missing)}")
         if need_ppl:
-            from qwenlab.bench.perplexity import evaluate_perplexity, read_documents
+            from qwenlab.eval.perplexity import evaluate_perplexity, read_documents
 
             result = evaluate_perplexity(model, tokenizer, read_documents(perplexity_file), progress=False,
                                          source=str(perplexity_file))
@@ -85,7 +85,7 @@ def measure_missing(variants: dict[str, str], params: Params) -> list[str]:
 
 
 def run(ctx, params: Params) -> tuple[dict, str]:
-    from qwenlab.bench.compare import comparison_markdown, main_table, write_comparison
+    from qwenlab.report.compare import comparison_markdown, main_table, write_comparison
 
     variants = run_variants(ctx, params)
     measured = measure_missing(variants, params)

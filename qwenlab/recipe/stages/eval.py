@@ -1,6 +1,6 @@
 """Stage `eval`: task accuracy of one or more models on the same seeded instances."""
 
-from qwenlab.bench.task_eval import evaluate_tasks
+from qwenlab.eval.task_eval import evaluate_tasks
 from qwenlab.loading import load
 from qwenlab.recipe.stages.params import EvalParams
 from qwenlab.tasks import TASKS

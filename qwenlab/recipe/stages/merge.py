@@ -71,7 +71,7 @@ def _load(reference: str, adapters: list[str], base_path: str):
 
 
 def run(ctx, params: Params) -> tuple[dict, str]:
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.merge import merge
 
     base, names, tasks, methods = params.base, params.models, params.tasks, params.methods

@@ -39,7 +39,7 @@ class Params(StageParams):
 
 def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.bench.speed import bench_speed
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.loading import load
     from qwenlab.quant import quantize_model
 

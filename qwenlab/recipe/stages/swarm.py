@@ -58,7 +58,7 @@ VALIDATION_SEED, TEST_SEED = 1, 0  # evaluation seeds: snapshots are chosen on 1
 def _accuracy(base: str, adapters: list[str | None], task: str, n: int, difficulty, seed: int) -> list[float]:
     """Greedy accuracy of the base with each adapter (None: the base alone), loading the base once."""
     from qwenlab.adapters import active_adapters, attach_adapter, detach_adapter
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.loading import load
 
     model, tokenizer, _ = load(base, "fp32")

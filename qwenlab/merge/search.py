@@ -295,7 +295,7 @@ class InMemoryMerger:
 
 
 def evaluate_trial(merger: InMemoryMerger, config: SearchConfig, merge_config: dict) -> dict[str, float]:
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.eval.task_eval import evaluate_tasks
 
     merger.load(merge_config, seed=config.seed)
     results = evaluate_tasks(merger.model, merger.tokenizer, config.tasks, n=config.n, seed=config.seed,
@@ -391,7 +391,7 @@ def write_search_outputs(result: dict, out: Path) -> None:
 
 
 def search_report(result: dict) -> str:
-    from qwenlab.bench.compare import search_summary, search_table
+    from qwenlab.report.compare import search_summary, search_table
 
     best = result["best"]
     tasks = ", ".join(f"{k} {v:.3f}" for k, v in best["tasks"].items())
@@ -408,9 +408,9 @@ def search_report(result: dict) -> str:
 
 def write_best(result: dict, out: str | Path, *, force: bool = False, dtype: str = "fp32") -> Path:
     """Write the best config as a real model folder, then measure and record its accuracy there."""
-    from qwenlab.bench.listing import load_variant
-    from qwenlab.bench.results import record_accuracy
-    from qwenlab.bench.task_eval import evaluate_tasks
+    from qwenlab.variants.listing import load_variant
+    from qwenlab.variants.results import record_accuracy
+    from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.merge import merge
 
     folder = merge(result["best"]["config"], out, force=force, progress=False, seed=result["seed"])

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qwenlab.bench.jsonl import jsonl_records, read_text_file
+from qwenlab.eval.jsonl import jsonl_records, read_text_file
 from qwenlab.errors import QwenlabError
 
 LOGITS_BUDGET_BYTES = 1 << 30

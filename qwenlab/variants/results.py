@@ -190,7 +190,7 @@ def latest_by_dtype(folder: str | Path, kind: str = "speed", records: list[dict]
 
 def record_accuracy(folder, results: dict, *, seed: int, difficulty: int | None = None, dtype: str = "fp32",
                     extra_setup: dict | None = None) -> Path:
-    """Record qwenlab.bench.task_eval results ({task: TaskResult})."""
+    """Record qwenlab.eval.task_eval results ({task: TaskResult})."""
     figures = {task: {"accuracy": round(r.accuracy, 4), "n": r.n, "seed": seed, "difficulty": difficulty}
                for task, r in results.items()}
     return record_measurement(folder, "accuracy", figures,

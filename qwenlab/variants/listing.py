@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwenlab.bench.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
+from qwenlab.variants.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
 from qwenlab.checkpoint.lineage import read_lineage
 from qwenlab.loading import adapter_base
 from qwenlab.checkpoint.safetensors_file import _DTYPE_BYTES, read_header

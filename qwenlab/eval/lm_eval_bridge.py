@@ -1,9 +1,9 @@
 """lm-evaluation-harness model "qwenlab": loglikelihood, loglikelihood_rolling and generate_until on qwenlab's engine.
 
-    import qwenlab.bench.lm_eval_bridge          # registers "qwenlab" with lm_eval's model registry
+    import qwenlab.eval.lm_eval_bridge          # registers "qwenlab" with lm_eval's model registry
     lm_eval.simple_evaluate(model="qwenlab", model_args="pretrained=PATH,adapter=PATH,dtype=fp32,batch_size=8",
                             tasks=[...])
-    python -m qwenlab.bench.lm_eval_bridge run --model qwenlab --model_args pretrained=nano --tasks ...
+    python -m qwenlab.eval.lm_eval_bridge run --model qwenlab --model_args pretrained=nano --tasks ...
 
 lm_eval 0.4 finds models only in its registry (no entry-point group), so registration happens on
 import of this module; `qwenlab eval --lm-eval` and the `python -m` shim above import it first.
@@ -28,7 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from qwenlab.bench.perplexity import LOGITS_BUDGET_BYTES, default_prefix_token_id
+from qwenlab.eval.perplexity import LOGITS_BUDGET_BYTES, default_prefix_token_id
 from qwenlab.errors import QwenlabError
 
 MODEL_NAME = "qwenlab"
@@ -57,7 +57,7 @@ class QwenlabLM(TemplateLM):
         if device not in (None, "cpu"):  # lm_eval's CLI passes cuda:0 by default
             logging.getLogger(__name__).warning("qwenlab runs on the CPU; ignoring device=%s", device)
         if model is None:
-            from qwenlab.bench.listing import load_variant
+            from qwenlab.variants.listing import load_variant
 
             model, tokenizer, variant = load_variant(str(pretrained), dtype=str(dtype), adapter=adapter)
             self.variant_path = str(variant.path)
@@ -253,8 +253,8 @@ def main_metric(metrics: dict) -> tuple[str, float] | None:
     return None
 
 
-if __name__ == "__main__":  # `python -m qwenlab.bench.lm_eval_bridge run --model qwenlab ...`: lm_eval's CLI
-    import qwenlab.bench.lm_eval_bridge  # noqa: F401  registers "qwenlab"
+if __name__ == "__main__":  # `python -m qwenlab.eval.lm_eval_bridge run --model qwenlab ...`: lm_eval's CLI
+    import qwenlab.eval.lm_eval_bridge  # noqa: F401  registers "qwenlab"
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

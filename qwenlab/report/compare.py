@@ -15,9 +15,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwenlab.bench.listing import (Variant, describe_variant, find_variants, format_table, is_variant_folder,
+from qwenlab.variants.listing import (Variant, describe_variant, find_variants, format_table, is_variant_folder,
                                    short_origin, size_text, summary_row)
-from qwenlab.bench.results import latest_all
+from qwenlab.variants.results import latest_all
 from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.errors import QwenlabError
 from qwenlab.model.info import human_bytes, human_count

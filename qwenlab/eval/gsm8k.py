@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qwenlab.bench.jsonl import jsonl_records
+from qwenlab.eval.jsonl import jsonl_records
 from qwenlab.errors import QwenlabError
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")

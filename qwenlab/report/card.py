@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from qwenlab.bench.listing import Variant, describe_variant, display_name, format_table, lineage_chain
-from qwenlab.bench.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
+from qwenlab.variants.listing import Variant, describe_variant, display_name, format_table, lineage_chain
+from qwenlab.variants.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
 from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.errors import QwenlabError
 from qwenlab.model.info import describe, human_bytes, human_count
@@ -216,7 +216,7 @@ def _fmt(value, scale, spec: str, suffix: str = "") -> str:
 
 
 def variants_section(variant: Variant, variants: list[str | Path], names: dict[str, str] | None = None) -> str:
-    from qwenlab.bench.compare import build_comparison, main_table
+    from qwenlab.report.compare import build_comparison, main_table
 
     comparison = build_comparison([*variants], names)
     return ("## Variants\n\nMeasured side by side (the same tasks, seeds and contexts where the figures allow; "
@@ -335,7 +335,7 @@ def validate_card(text: str):
 
 def write_card(model: str | Path, out: str | Path | None = None, **options) -> Path:
     """Write README.md into the model folder (or `out`), after validating it."""
-    from qwenlab.bench.results import _inside_package
+    from qwenlab.variants.results import _inside_package
 
     variant = describe_variant(model)
     text = build_card(variant.path, **options)

@@ -1,0 +1,1 @@
+"""Reports across variants: comparison tables, plots and HTML (compare.py), model cards (card.py)."""
