@@ -22,17 +22,19 @@ from qwenlab.errors import QwenlabError
 
 # One line per capability: a module with `register(subparsers)`.
 COMMAND_MODULES = [
-    "qwenlab.cli.model_commands",
-    "qwenlab.cli.eval_commands",
-    "qwenlab.cli.recipe_commands",
-    "qwenlab.cli.merge_commands",
-    "qwenlab.cli.adapter_commands",
-    "qwenlab.cli.train_commands",
-    "qwenlab.cli.serve_commands",
-    "qwenlab.cli.grpo_commands",  # after train_commands: adds `train grpo`
-    "qwenlab.cli.swarm_commands",
-    "qwenlab.cli.measure_commands",  # ls, compare, card, merge-search
-    "qwenlab.cli.quant_commands",
+    "qwenlab.cli.model",  # info, generate, chat, random, nano
+    "qwenlab.cli.eval",
+    "qwenlab.cli.run",
+    "qwenlab.cli.merge",  # merge, merge-search
+    "qwenlab.cli.adapter",
+    "qwenlab.cli.train",  # train sft|dpo, data
+    "qwenlab.cli.serve",
+    "qwenlab.cli.grpo",  # after train: adds `train grpo`
+    "qwenlab.cli.swarm",
+    "qwenlab.cli.variants",  # ls
+    "qwenlab.cli.report",  # compare, card
+    "qwenlab.cli.quant",  # quantize, export gguf
+    "qwenlab.cli.bench",
 ]
 
 USER_ERROR = 2  # argparse's own code for a bad command line, so every user error exits alike

@@ -29,7 +29,7 @@ def test_an_os_error_naming_a_file_is_a_user_error(tmp_path, capsys):
 
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
-    import qwenlab.cli.model_commands as commands
+    import qwenlab.cli.model as commands
 
     def broken(args):
         return {}["a library bug"]
@@ -42,7 +42,7 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
 
 
 def test_an_os_error_without_a_file_is_a_bug(monkeypatch, capsys):
-    import qwenlab.cli.model_commands as commands
+    import qwenlab.cli.model as commands
 
     def broken(args):
         raise OSError(22, "Invalid argument")

@@ -1,7 +1,7 @@
 """`qwenlab train grpo` (also `qwenlab grpo`): LoRA GRPO on verifiable tasks.
 
 The flags are the fields of qwenlab.train.grpo.GRPOConfig (`learning_rate` -> `--learning-rate`),
-so the CLI and the library cannot drift. `grpo` joins the `train` verb that train_commands.py
+so the CLI and the library cannot drift. `grpo` joins the `train` verb that cli/train.py
 registers when that module is listed before this one in COMMAND_MODULES; the top-level `grpo`
 alias works regardless of the order.
 """

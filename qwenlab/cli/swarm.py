@@ -7,7 +7,7 @@ GRPOConfig. Ctrl-C finishes the round, checkpoints and exits; run the same comma
 
 from __future__ import annotations
 
-from qwenlab.cli.grpo_commands import HELP, add_dataclass_flags, dataclass_from_args
+from qwenlab.cli.grpo import HELP, add_dataclass_flags, dataclass_from_args
 
 HELP.update({
     "swarm": "swarm name (a key namespace; peers of other swarms are ignored)",
