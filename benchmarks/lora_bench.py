@@ -57,7 +57,7 @@ def child(model: str, work: Path, steps: int, batch_size: int, threads: int) -> 
 def model_folder(name: str, work: Path, tokenizer_from: str) -> str:
     """A folder for `name`: itself, or a random-weight model of a preset's shape with a real tokenizer."""
     from qwenlab.checkpoint import copy_tokenizer_files, resolve_model_path
-    from qwenlab.model.config import PRESETS
+    from qwenlab.checkpoint.config import PRESETS
 
     if name.lower() not in PRESETS:
         return name

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qwenlab.model.config import Qwen2Config
+from qwenlab.checkpoint.config import Qwen2Config
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from qwenlab.checkpoint.names import expected_tensor_shapes
 from qwenlab.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, copy_tokenizer_files
-from qwenlab.model.config import Qwen2Config
+from qwenlab.checkpoint.config import Qwen2Config
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.02) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from qwenlab.checkpoint.names import expected_tensor_shapes
 from qwenlab.checkpoint.safetensors_file import SafetensorsFile
 from qwenlab.errors import QwenlabError
-from qwenlab.model.config import Qwen2Config
+from qwenlab.checkpoint.config import Qwen2Config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

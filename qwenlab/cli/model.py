@@ -35,7 +35,7 @@ def generation_config(args):
 
 
 def cmd_info(args) -> int:
-    from qwenlab.model.config import PRESETS, get_preset
+    from qwenlab.checkpoint.config import PRESETS, get_preset
     from qwenlab.model.info import describe, format_description
 
     if args.model.lower() in PRESETS and not Path(args.model).exists():

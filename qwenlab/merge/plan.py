@@ -16,7 +16,7 @@ from qwenlab.merge.config import MergeConfig, SliceSource
 from qwenlab.merge.methods import MergeMethod, get_method
 from qwenlab.merge.parameters import check_parameters, resolve
 from qwenlab.merge.sources import TensorSource
-from qwenlab.model.config import Qwen2Config
+from qwenlab.checkpoint.config import Qwen2Config
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"

@@ -1,6 +1,6 @@
 """The Qwen2 model core: config, module, KV cache, tokenizer and chat template, generation."""
 
-from qwenlab.model.config import PRESETS, Qwen2Config, get_preset
+from qwenlab.checkpoint.config import PRESETS, Qwen2Config, get_preset
 from qwenlab.model.generate import Completion, GenerationConfig, generate, stream_generate
 from qwenlab.model.load import load_model, parse_dtype
 from qwenlab.model.qwen2 import Qwen2ForCausalLM

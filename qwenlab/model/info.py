@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qwenlab.model.config import Qwen2Config
+from qwenlab.checkpoint.config import Qwen2Config
 
 # Bytes per weight, including per-group scales (bf16, group 128) and int4 zero points.
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 2 / 128, "int4": 0.5 + 4 / 128}

@@ -23,7 +23,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def load_model(path, dtype: str | torch.dtype = "fp32") -> Qwen2ForCausalLM:
     """Load a float checkpoint folder (or 'nano') into the model core, in `dtype`. Any folder, quantized
     ones and adapters included, loads through qwenlab.load()."""
-    # Imported here: qwenlab.checkpoint depends on qwenlab.model.config, not the other way round.
     from qwenlab.checkpoint.reader import Checkpoint, open_checkpoint
 
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path, validate=False)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenlab.model.config import Qwen2Config
+from qwenlab.checkpoint.config import Qwen2Config
 from qwenlab.model.kv_cache import KVCache, KVCacheProtocol
 from qwenlab.model.linear import Linear, fast_linear
 

@@ -100,7 +100,7 @@ def _numel(tensors: dict[str, dict]) -> int:
 def describe_variant(path: str | Path) -> Variant:
     """Describe a variant folder from its files and lineage.json (headers only, no tensor is read)."""
     from qwenlab.checkpoint.reader import resolve_model_path
-    from qwenlab.model.config import Qwen2Config
+    from qwenlab.checkpoint.config import Qwen2Config
 
     folder = resolve_model_path(path)
     if not is_variant_folder(folder):

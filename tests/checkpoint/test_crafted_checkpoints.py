@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from qwenlab.checkpoint import open_checkpoint
 from qwenlab.errors import QwenlabError
 from qwenlab.model import Qwen2Config, load_model
-from qwenlab.model.config import MAX_PARAMETERS, MAX_SIZES
+from qwenlab.checkpoint.config import MAX_PARAMETERS, MAX_SIZES
 
 
 def copy_with_config(source, folder, **changes):
@@ -82,7 +82,7 @@ def test_sizes_each_within_limits_but_huge_together_are_refused(tiny_model_dir, 
 
 
 def test_the_real_qwen_shapes_are_within_the_limits():
-    from qwenlab.model.config import PRESETS
+    from qwenlab.checkpoint.config import PRESETS
 
     for preset in PRESETS.values():
         assert preset.validate() is preset

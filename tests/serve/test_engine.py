@@ -93,7 +93,7 @@ def test_cancelled_rows_leave_the_batch(engine):
 
 
 def test_compaction_keeps_every_rows_keys_in_order():
-    from qwenlab.model.config import Qwen2Config
+    from qwenlab.checkpoint.config import Qwen2Config
     from qwenlab.model.kv_cache import KVCache
 
     config = Qwen2Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
