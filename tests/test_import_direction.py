@@ -10,10 +10,11 @@ import qwenlab
 
 PACKAGE = Path(qwenlab.__file__).parent
 
-BASE = {"errors", "home"}
+BASE = {"errors", "home", "yaml_file"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "home": set(),
+    "yaml_file": {"errors"},
     "checkpoint": {"errors"},
     "model": {"errors", "checkpoint"},
     "native": {"home"},

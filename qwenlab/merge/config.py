@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from qwenlab.errors import QwenlabError
+from qwenlab.yaml_file import read_yaml
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -134,18 +134,8 @@ def load_merge_config(config: "MergeConfig | dict | str | Path") -> MergeConfig:
         return config
     source = "merge config"
     if isinstance(config, (str, Path)):
-        path = Path(config)
-        if path.is_dir():
-            raise QwenlabError(f"{path}: expected a merge config YAML file, found a folder")
-        if not path.is_file():
-            raise QwenlabError(f"{path}: no such merge config file")
-        source = str(path)
-        try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        except UnicodeDecodeError as e:
-            raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
+        source = str(config)
+        config = read_yaml(config, "merge config file")
     if not isinstance(config, dict):
         raise QwenlabError(f"{source}: expected a mapping with merge_method and models or slices")
     try:

@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from qwenlab.errors import QwenlabError
+from qwenlab.yaml_file import read_yaml
 
 _PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -91,17 +92,7 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
     if isinstance(path, dict):
         data = path
     else:
-        file = Path(path)
-        if file.is_dir():
-            raise QwenlabError(f"{file}: expected a search config YAML file, found a folder")
-        if not file.is_file():
-            raise QwenlabError(f"{file}: no such search config file")
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise QwenlabError(f"{file}: invalid YAML ({str(e).splitlines()[0]})") from None
-        except UnicodeDecodeError as e:
-            raise QwenlabError(f"{file}: not UTF-8 text ({e.reason})") from None
+        data = read_yaml(path, "search config file")
     if not isinstance(data, dict) or not isinstance(data.get("merge"), dict):
         raise QwenlabError(f"{source}: expected a mapping with 'merge' (a merge config), 'search' and 'objective'")
     unknown = set(data) - {"merge", "search", "objective", "trials", "sampler", "seed", "dtype"}

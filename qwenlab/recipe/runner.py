@@ -20,9 +20,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import yaml
 
 from qwenlab.errors import QwenlabError
+from qwenlab.yaml_file import read_yaml
 from qwenlab.recipe.context import RunContext, check_name
 from qwenlab.recipe.stages import STAGES
 from qwenlab.recipe.stages.params import validate_params
@@ -35,14 +35,7 @@ NAME_FIELDS = ("as", "label")  # stage parameters that name a folder in the run
 def load_recipe(path: str | Path | None) -> dict:
     """The recipe, every stage's parameters validated (its Params) and every model name it uses known."""
     path = Path(path) if path else BUILTIN_RECIPE
-    if not path.is_file():
-        raise QwenlabError(f"{path}: recipe file not found")
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise QwenlabError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
-    except yaml.YAMLError as e:
-        raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    recipe = read_yaml(path, "recipe file")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
         raise QwenlabError(f"{path}: expected a mapping with a non-empty 'stages' list")
     if not isinstance(recipe.get("models") or {}, dict):

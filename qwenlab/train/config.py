@@ -12,9 +12,9 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-import yaml
 
 from qwenlab.errors import QwenlabError
+from qwenlab.yaml_file import read_yaml
 
 DEFAULT_LEARNING_RATE = {"sft": 2e-4, "dpo": 5e-5}
 # transformers' lr_scheduler_type values that need no scheduler-specific arguments (cosine_with_min_lr,
@@ -190,16 +190,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
     if path:
         path = Path(path)
         source = str(path)
-        if path.is_dir():
-            raise QwenlabError(f"{path}: expected a YAML config file, found a folder")
-        if not path.is_file():
-            raise QwenlabError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise QwenlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        except UnicodeDecodeError as e:
-            raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
+        loaded = read_yaml(path, "YAML config file") or {}
         if not isinstance(loaded, dict):
             raise QwenlabError(f"{path}: expected a mapping of training options")
         for key, value in loaded.items():
