@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwenlab.bench.speed import (SpeedReport, bench_speed, format_table, quantized_variant, run_engine,
+from qwenlab.bench.speed import (SpeedReport, bench_speed, quantized_variant, speed_table, run_engine,
                                  _describe_quantized)
 from qwenlab.checkpoint import open_checkpoint
 
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                              threads=args.threads, vs=args.vs, record=False, log=log)
         sections += [f"## {shape} (random weights, exact shapes)\n",
                      f"Load average before / after: {before} / {load_average()}; {time.time() - start:.0f} s.\n",
-                     format_table(report, markdown=True), "", *targets(report, shape), ""]
+                     speed_table(report, markdown=True), "", *targets(report, shape), ""]
         flush()
         if args.ablations:
             ctx = report.contexts[0]

@@ -10,11 +10,12 @@ import qwenlab
 
 PACKAGE = Path(qwenlab.__file__).parent
 
-BASE = {"errors", "home", "yaml_file"}
+BASE = {"errors", "home", "yaml_file", "text_table"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "home": set(),
     "yaml_file": {"errors"},
+    "text_table": set(),
     "checkpoint": {"errors"},
     "model": {"errors", "checkpoint"},
     "native": {"home"},

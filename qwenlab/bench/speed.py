@@ -29,6 +29,7 @@ from pathlib import Path
 
 from qwenlab.errors import QwenlabError
 from qwenlab.home import qwenlab_home
+from qwenlab.text_table import format_table
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 PEERS = ("llama.cpp", "hf")
@@ -385,7 +386,7 @@ def _fmt(summary, digits: int, scale: float = 1.0) -> str:
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-def format_table(report: SpeedReport, markdown: bool = True) -> str:
+def speed_table(report: SpeedReport, markdown: bool = True) -> str:
     """One row per engine x dtype x context; medians with (min-max); ratios against peers below."""
     header = ["engine", "dtype", "weights", "ctx", "TTFT ms", "prompt tok/s", "decode tok/s", "peak RSS MiB"]
     rows = []
@@ -394,12 +395,12 @@ def format_table(report: SpeedReport, markdown: bool = True) -> str:
             rows.append([r.engine, r.dtype, r.weights, str(ctx), _fmt(r.summary(ctx, "ttft_s"), 0, 1000),
                          _fmt(r.summary(ctx, "prompt_tokens_per_s"), 0), _fmt(r.summary(ctx, "decode_tokens_per_s"), 1),
                          f"{r.peak_rss_bytes / 2**20:.0f}"])
-    lines = _render(header, rows, markdown)
+    text = format_table(header, rows, markdown)
     ratios = ratio_rows(report)
     if ratios:
-        lines += ["", *_render(["qwenlab vs", "dtype", "ctx", "decode speed x", "TTFT x (lower is better)",
-                                "peak RSS x"], ratios, markdown)]
-    return "\n".join(lines)
+        text += "\n\n" + format_table(["qwenlab vs", "dtype", "ctx", "decode speed x", "TTFT x (lower is better)",
+                                       "peak RSS x"], ratios, markdown)
+    return text
 
 
 def ratio_rows(report: SpeedReport) -> list[list[str]]:
@@ -417,15 +418,6 @@ def ratio_rows(report: SpeedReport) -> list[list[str]]:
                 rows.append([f"{peer.engine} {peer.weights}", mine.dtype, str(ctx), f"{a[0] / b[0]:.2f}",
                              f"{ta[0] / tb[0]:.2f}", f"{mine.peak_rss_bytes / max(1, peer.peak_rss_bytes):.2f}"])
     return rows
-
-
-def _render(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-                *["| " + " | ".join(row) + " |" for row in rows]]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
 
 
 if __name__ == "__main__":  # the subprocess side: python -m qwenlab.bench.speed '<spec json>'

@@ -9,7 +9,7 @@ from qwenlab.cli import types
 
 
 def cmd_bench(args) -> int:
-    from qwenlab.bench.speed import bench_speed, format_table
+    from qwenlab.bench.speed import bench_speed, speed_table
 
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
     report = bench_speed(args.model, dtypes=args.dtype, contexts=args.ctx, gen=args.gen, runs=args.runs,
@@ -20,7 +20,7 @@ def cmd_bench(args) -> int:
     else:
         print(f"{report.model}: {report.threads} thread(s), prompt of CTX random tokens, {report.gen} tokens "
               f"decoded greedily, {report.runs} runs (median (min-max))\n")
-        print(format_table(report, markdown=args.markdown))
+        print(speed_table(report, markdown=args.markdown))
     return 0
 
 

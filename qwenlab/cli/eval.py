@@ -102,7 +102,7 @@ def _eval_gsm8k(args, model, tokenizer, path, report, texts, records) -> None:
 
 def _eval_lm_eval(args, model, tokenizer, variant, report, texts, records) -> None:
     from qwenlab.eval.lm_eval_bridge import QwenlabLM, main_metric, run_lm_eval
-    from qwenlab.variants.listing import format_table
+    from qwenlab.text_table import format_table
 
     lm = QwenlabLM(pretrained=str(variant.path), model=model, tokenizer=tokenizer, batch_size=args.batch_size)
     output = run_lm_eval(str(variant.path), _task_list(args.lm_eval), include_path=args.include_path,

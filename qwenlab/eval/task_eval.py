@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from qwenlab.model.generate import GenerationConfig, generate
 from qwenlab.tasks import get_task, sample_instances
+from qwenlab.text_table import format_table
 
 
 @dataclass
@@ -54,9 +55,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], n: int = 200, seed: int =
 
 
 def format_accuracy_table(results: dict[str, TaskResult], title: str = "") -> str:
-    lines = [f"| task | n | accuracy |", "|---|---:|---:|"]
-    for r in results.values():
-        lines.append(f"| {r.task} | {r.n} | {r.accuracy:.3f} |")
     mean = sum(r.accuracy for r in results.values()) / max(1, len(results))
-    lines.append(f"| **mean** | | **{mean:.3f}** |")
-    return (f"{title}\n\n" if title else "") + "\n".join(lines)
+    rows = [[r.task, r.n, f"{r.accuracy:.3f}"] for r in results.values()] + [["**mean**", "", f"**{mean:.3f}**"]]
+    table = format_table(["task", "n", "accuracy"], rows, markdown=True, align="lrr")
+    return (f"{title}\n\n" if title else "") + table

@@ -5,6 +5,7 @@ from __future__ import annotations
 from qwenlab.merge.plan import MergePlan, PlannedTensor
 from qwenlab.merge.sources import TensorSource
 from qwenlab.merge.tokenizer_source import vocabulary_hash
+from qwenlab.text_table import format_table
 
 GROUPS = ("self_attn", "mlp", "norm")
 
@@ -47,11 +48,6 @@ def parameter_table(plan: MergePlan) -> list[list[str]]:
     return rows
 
 
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
 def describe_inputs(sources: dict[str, TensorSource]) -> str:
     rows = [["model", "layers", "hidden", "vocab rows", "tied", "dtype", "tokenizer"]]
     for name, source in sources.items():
@@ -59,11 +55,12 @@ def describe_inputs(sources: dict[str, TensorSource]) -> str:
         vocab = vocabulary_hash(source.path)
         rows.append([name, str(c.num_hidden_layers), str(c.hidden_size), str(c.vocab_size),
                      "yes" if c.tie_word_embeddings else "no", c.torch_dtype, vocab[:12] if vocab else "-"])
-    return format_table(rows)
+    return format_table(rows[0], rows[1:])
 
 
 def describe_plan(plan: MergePlan, sources: dict[str, TensorSource]) -> str:
     output = plan.output_config
+    parameters = parameter_table(plan)
     lines = [
         f"merge_method: {plan.method.name}    base_model: {plan.config.base_model or '-'}",
         "",
@@ -72,6 +69,6 @@ def describe_plan(plan: MergePlan, sources: dict[str, TensorSource]) -> str:
         f"output: {output.num_hidden_layers} layers, {len(plan.tensors)} tensors, "
         f"tied embeddings: {'yes' if output.tie_word_embeddings else 'no'}",
         "",
-        format_table(parameter_table(plan)),
+        format_table(parameters[0], parameters[1:]),
     ]
     return "\n".join(lines)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from qwenlab.variants.listing import Variant, describe_variant, display_name, format_table, lineage_chain
+from qwenlab.text_table import format_table
+from qwenlab.variants.listing import Variant, describe_variant, display_name, lineage_chain
 from qwenlab.variants.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
 from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.errors import QwenlabError

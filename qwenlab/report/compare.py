@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwenlab.variants.listing import (Variant, describe_variant, find_variants, format_table, is_variant_folder,
+from qwenlab.text_table import format_table
+from qwenlab.variants.listing import (Variant, describe_variant, find_variants, is_variant_folder,
                                    short_origin, size_text, summary_row)
 from qwenlab.variants.results import latest_all
 from qwenlab.checkpoint.reader import read_json_object

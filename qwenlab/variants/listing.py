@@ -15,6 +15,7 @@ from qwenlab.checkpoint.lineage import read_lineage
 from qwenlab.loading import adapter_base
 from qwenlab.checkpoint.safetensors_file import _DTYPE_BYTES, read_header
 from qwenlab.errors import QwenlabError
+from qwenlab.text_table import format_table
 from qwenlab.model.info import human_bytes, human_count
 
 DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64", "I8": "int8", "U8": "uint8"}
@@ -234,23 +235,6 @@ def lineage_chain(variant: Variant, max_depth: int = 8) -> list[dict]:
 
 
 # ---- tables -------------------------------------------------------------------------------
-
-
-def format_table(headers: list[str], rows: list[list], markdown: bool = False, align: str | None = None) -> str:
-    """A plain-text (aligned) or Markdown table; align: one of 'l'/'r' per column."""
-    cells = [[str(c) for c in row] for row in rows]
-    align = align or "l" * len(headers)
-    if markdown:
-        sep = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-        lines = ["| " + " | ".join(headers) + " |", sep]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-
-    def line(values):
-        return "  ".join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
 def speed_at(speed: dict[str, Figure], context: int | None = None) -> tuple[int, Figure] | None:
