@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from qwenlab.checkpoint.dtypes import FLOAT_NAMES
 from qwenlab.checkpoint.names import expected_tensor_shapes
 from qwenlab.checkpoint.safetensors_file import SafetensorsFile
 from qwenlab.errors import QwenlabError
@@ -20,7 +21,7 @@ from qwenlab.checkpoint.config import Qwen2Config
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-FLOAT_DTYPES = ("F32", "BF16", "F16")  # what a float checkpoint's tensors may be stored as
+FLOAT_DTYPES = FLOAT_NAMES  # what a float checkpoint's tensors may be stored as
 
 
 # The shipped nano model's folder: package data, named here so that loading never imports qwenlab.nano

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from qwenlab.checkpoint.dtypes import element_bytes
 from qwenlab.errors import QwenlabError
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _natural(value) -> bool:
@@ -49,7 +48,7 @@ def read_header(path: Path) -> dict[str, dict]:
             numel = 1
             for d in info["shape"]:
                 numel *= d
-            expected = numel * _DTYPE_BYTES[info["dtype"]]
+            expected = numel * element_bytes(info["dtype"])
             # Negative sizes or offsets would pass the byte count below (e.g. shape [-1] over end < start)
             # and reach the readers as a negative length.
             if not (_natural(start) and _natural(end) and start <= end and all(_natural(d) for d in info["shape"])):

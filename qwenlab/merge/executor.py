@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 from qwenlab.checkpoint import CheckpointWriter
+from qwenlab.checkpoint.dtypes import LONG_NAMES
+from qwenlab.checkpoint.dtypes import parse_dtype as parse_user_dtype
 from qwenlab.checkpoint.lineage import make_lineage, write_lineage
 from qwenlab.checkpoint.writer import prepare_output_dir
 from qwenlab.errors import QwenlabError
@@ -31,19 +33,11 @@ log = logging.getLogger(__name__)
 
 # Small shards keep the writer's buffer (its share of peak memory) well below a model's size.
 DEFAULT_MERGE_SHARD_BYTES = 1024**3
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
-               torch.float64: "float64"}
+MERGE_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def parse_dtype(name: str | None, field: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    key = name.removeprefix("torch.")
-    if key not in DTYPES:
-        raise QwenlabError(f"{field}: unknown dtype '{name}' (expected bfloat16, float16, float32 or float64)")
-    return DTYPES[key]
+    return None if name is None else parse_user_dtype(name, field, MERGE_DTYPES)
 
 
 def open_sources(config: MergeConfig, open_model: Callable[[str], TensorSource]) -> dict[str, TensorSource]:
@@ -111,7 +105,7 @@ def output_config_dict(plan: MergePlan, out_dtype: torch.dtype | None) -> dict:
             extra["layer_types"] = layer_types[:1] * config.num_hidden_layers
         else:
             extra.pop("layer_types")  # transformers derives it again from the sliding-window settings
-    dtype_name = DTYPE_NAMES[out_dtype] if out_dtype is not None else config.torch_dtype
+    dtype_name = LONG_NAMES[out_dtype] if out_dtype is not None else config.torch_dtype
     if "dtype" in extra:  # transformers 5 writes (and reads first) `dtype`; keep it in step
         extra["dtype"] = dtype_name
     return config.replace(extra=extra, torch_dtype=dtype_name).to_hf_dict()

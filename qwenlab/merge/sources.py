@@ -20,12 +20,13 @@ import torch
 
 from qwenlab.adapters.adapted_checkpoint import AdaptedCheckpoint
 from qwenlab.checkpoint import Checkpoint, open_checkpoint
+from qwenlab.checkpoint.dtypes import torch_dtype
 from qwenlab.checkpoint.reader import weight_files
 from qwenlab.checkpoint.safetensors_file import read_header
 from qwenlab.errors import QwenlabError
 from qwenlab.checkpoint.config import Qwen2Config
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # what merges read
 
 
 class TensorSource(Protocol):
@@ -52,7 +53,7 @@ class _MappedFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.header[name]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        dtype = torch_dtype(info["dtype"]) if info["dtype"] in FLOAT_DTYPES else None
         if dtype is None:
             raise QwenlabError(f"{self.path}: tensor '{name}' has dtype {info['dtype']}; only float tensors merge")
         start, end = (self.data_start + offset for offset in info["data_offsets"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import codecs
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch

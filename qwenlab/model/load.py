@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from qwenlab.checkpoint.dtypes import parse_dtype as parse_user_dtype
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+MODEL_DTYPES = ("fp32", "bf16", "fp16")  # what the model core runs in (fp16 is refused as slow on CPU)
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise QwenlabError(f"unknown dtype '{name}'; expected one of fp32, bf16, fp16") from None
+    return parse_user_dtype(name, "dtype", MODEL_DTYPES)
 
 
 def load_model(path, dtype: str | torch.dtype = "fp32") -> Qwen2ForCausalLM:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from qwenlab.checkpoint.dtypes import torch_dtype
 from qwenlab.checkpoint.reader import weight_files
 from qwenlab.checkpoint.safetensors_file import read_header
 from qwenlab.errors import QwenlabError
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
-          "I32": torch.int32, "I64": torch.int64}
+STORED_DTYPES = ("F32", "F16", "BF16", "I8", "U8", "I32", "I64")  # what a quantized folder may hold
 
 
 class StoredTensors:
@@ -53,9 +53,9 @@ class StoredTensors:
         if name not in self.where:
             raise QwenlabError(f"tensor '{name}' not found")
         path, data_start, info = self.where[name]
-        if info["dtype"] not in DTYPES:
+        if info["dtype"] not in STORED_DTYPES:
             raise QwenlabError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        dtype, shape = DTYPES[info["dtype"]], list(info["shape"])
+        dtype, shape = torch_dtype(info["dtype"]), list(info["shape"])
         rows = shape[0] if shape else 1
         start, stop = (0 if start is None else start), (rows if stop is None else min(stop, rows))
         row_bytes = (info["data_offsets"][1] - info["data_offsets"][0]) // max(rows, 1)

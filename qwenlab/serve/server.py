@@ -38,12 +38,12 @@ class ServeConfig:
 
     def check(self) -> None:
         """Refuse nonsense settings at start, each with one line naming its flag."""
-        from qwenlab.model.load import DTYPES
+        from qwenlab.checkpoint.dtypes import USER_NAMES
 
         at_least("--port", self.port, 1, 65535)
         if not isinstance(self.host, str) or not self.host.strip():
             raise QwenlabError("--host must be an address to bind, e.g. 127.0.0.1")
-        if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype.lower() not in USER_NAMES:
             raise QwenlabError(f"--dtype must be one of fp32, bf16, fp16, got '{self.dtype}'")
         at_least("--max-batch", self.max_batch, 1, MAX_BATCH)
         at_least("--max-prefill-tokens", self.max_prefill_tokens, 1)

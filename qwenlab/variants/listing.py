@@ -13,12 +13,13 @@ from pathlib import Path
 from qwenlab.variants.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
 from qwenlab.checkpoint.lineage import read_lineage
 from qwenlab.loading import adapter_base
-from qwenlab.checkpoint.safetensors_file import _DTYPE_BYTES, read_header
+from qwenlab.checkpoint.dtypes import SHORT_NAMES, element_bytes
+from qwenlab.checkpoint.safetensors_file import read_header
 from qwenlab.errors import QwenlabError
 from qwenlab.text_table import format_table
 from qwenlab.model.info import human_bytes, human_count
 
-DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64", "I8": "int8", "U8": "uint8"}
+
 ADAPTER_CONFIG = "adapter_config.json"
 _SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules"}
 # Written about a variant, not part of it: they do not count in its size.
@@ -81,11 +82,11 @@ def _dominant_dtype(tensors: dict[str, dict]) -> str:
         numel = 1
         for d in info["shape"]:
             numel *= d
-        by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + numel * _DTYPE_BYTES.get(info["dtype"], 1)
+        by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + numel * (element_bytes(info["dtype"]) or 1)
     if not by_dtype:
         return "unknown"
     top = max(by_dtype, key=by_dtype.get)
-    return DTYPE_NAMES.get(top, top.lower())
+    return SHORT_NAMES.get(top, top.lower())
 
 
 def _numel(tensors: dict[str, dict]) -> int:
