@@ -205,7 +205,9 @@ PRESETS: dict[str, Qwen2Config] = {
 
 
 def get_preset(name: str) -> Qwen2Config:
+    """A preset by its name ('qwen2.5-0.5b') or its size alone ('0.5b')."""
     key = name.lower()
+    key = key if key in PRESETS else f"qwen2.5-{key}"
     if key not in PRESETS:
         raise QwenlabError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
     return PRESETS[key]

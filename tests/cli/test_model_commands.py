@@ -100,3 +100,9 @@ def test_chat_reply_is_exactly_what_transformers_decodes(random_hf_model, capsys
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     assert main(["chat", str(folder), "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out == f"> {expected}\n> "
+
+
+def test_presets_by_size_alone_as_the_readme_writes_them():
+    from qwenlab.checkpoint.config import get_preset
+
+    assert get_preset("0.5b") == get_preset("Qwen2.5-0.5B") and get_preset("1.5b").num_attention_heads == 12
