@@ -72,7 +72,7 @@ def load(ref: str | Path, dtype: str = "fp32", adapters: list[str | Path] | tupl
          adapter_mode: Literal["merge", "attach"] = "merge", quant_backend: str | None = None,
          fuse: bool = True) -> Loaded:
     """Load `ref` (a model folder, 'nano', or an adapter folder) with `adapters` applied, for inference."""
-    adapters = [Path(a) for a in adapters]
+    adapters = [resolve_model_path(a) for a in adapters]  # folders or hub ids
     path = resolve_model_path(ref)
     if is_adapter_folder(path):
         base = adapter_base(path)

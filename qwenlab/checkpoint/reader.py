@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qwenlab.checkpoint.dtypes import FLOAT_NAMES
+from qwenlab.checkpoint.hub import hub_snapshot, parse_hub_id
 from qwenlab.checkpoint.names import expected_tensor_shapes
 from qwenlab.checkpoint.safetensors_file import SafetensorsFile
 from qwenlab.errors import QwenlabError
@@ -30,12 +31,15 @@ NANO_DIR = Path(__file__).resolve().parents[1] / "nano" / "weights"
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A MODEL argument as a folder: 'nano' names the shipped model; anything else is a path."""
+    """A model or adapter reference as a folder: 'nano' names the shipped model; an existing path is itself;
+    `org/name[@rev]` that is no local path is a hub id, resolved through the Hugging Face cache (hub.py)."""
     if str(model) == "nano":
         if not (NANO_DIR / "config.json").is_file():
             raise QwenlabError(f"{NANO_DIR}: the nano model is not built; run `python -m qwenlab.nano.train`")
         return NANO_DIR
     path = Path(model).expanduser()
+    if not path.exists() and not isinstance(model, Path) and parse_hub_id(str(model)):
+        return hub_snapshot(str(model))
     if not path.exists():
         raise QwenlabError(f"{path}: no such model folder")
     if not path.is_dir():

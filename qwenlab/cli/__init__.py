@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "qwenlab.cli.report",  # compare, card
     "qwenlab.cli.quant",  # quantize, export gguf
     "qwenlab.cli.bench",
+    "qwenlab.cli.hub",  # pull, cache clear
 ]
 
 USER_ERROR = 2  # argparse's own code for a bad command line, so every user error exits alike

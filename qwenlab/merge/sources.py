@@ -21,7 +21,7 @@ import torch
 from qwenlab.adapters.adapted_checkpoint import AdaptedCheckpoint
 from qwenlab.checkpoint import Checkpoint, open_checkpoint
 from qwenlab.checkpoint.dtypes import torch_dtype
-from qwenlab.checkpoint.reader import weight_files
+from qwenlab.checkpoint.reader import resolve_model_path, weight_files
 from qwenlab.checkpoint.safetensors_file import read_header
 from qwenlab.errors import QwenlabError
 from qwenlab.checkpoint.config import Qwen2Config
@@ -134,6 +134,7 @@ def open_model_source(path: str | Path) -> MappedCheckpoint | AdaptedSource:
     if parts is None:
         return MappedCheckpoint(open_checkpoint(path))
     base, adapter = parts
+    adapter = resolve_model_path(adapter)  # a folder or a hub id
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise QwenlabError(f"model '{path}': '{adapter}' is not a LoRA adapter folder (no adapter_config.json); "
                            "write BASE+ADAPTER_FOLDER")
