@@ -108,8 +108,11 @@ class ModelRegistry:
     # ---- adapters at run time -------------------------------------------------------------------
     def attach_now(self, name: str, path: str | Path) -> None:
         """At start-up (no engine thread yet)."""
+        from qwenlab.checkpoint.reader import resolve_model_path
+
         self._check_new_name(name)
-        self.base.adapters.attach(name, self.base.adapters.read(path), str(path))
+        folder = resolve_model_path(path)  # the operator's --adapter: a folder or a hub id
+        self.base.adapters.attach(name, self.base.adapters.read(folder), str(path))
 
     async def load_adapter(self, name: str, folder: Path, shown: str, max_adapters: int) -> None:
         """Attach the adapter in `folder` (already checked against the allowed directory) as `name`.

@@ -124,3 +124,17 @@ def test_hub_ids_are_recognised_only_in_their_form():
     assert parse_hub_id("you/qwen-lora@v1.2") == ("you/qwen-lora", "v1.2")
     for not_an_id in ("nano", "/abs/path", "./rel/x", "a/b/c", "org/", "../x", "org/name@"):
         assert parse_hub_id(not_an_id) is None, not_an_id
+
+
+def test_serve_takes_a_base_and_an_adapter_by_id(hub, monkeypatch):
+    """The registry `qwenlab serve org/tiny --adapter mine=org/lora` builds, in this process."""
+    from huggingface_hub import constants
+
+    from qwenlab.serve.metrics import ServeMetrics
+    from qwenlab.serve.server import ServeConfig, build_registry
+
+    _, env = hub
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    registry = build_registry(ServeConfig(base="org/tiny", adapters={"mine": "org/lora"}), ServeMetrics())
+    assert "mine" in registry.base.adapters.names()
