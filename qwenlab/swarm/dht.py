@@ -20,6 +20,7 @@ the receiving peer (records.py).
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable
 
 import msgpack
@@ -41,6 +42,24 @@ def _validator(hard_cap_bytes: int):
     return PayloadCapValidator()
 
 
+_started = {"any": False, "instances": weakref.WeakSet()}  # DHTs started by this Python process
+
+
+def _fresh_locks_if_idle(starting: "SwarmDHT") -> None:
+    """hivemind's MPFuture shares class-level multiprocessing locks with every DHT process it forks, in the
+    whole Python process. A DHT process that died holding one (terminated mid-update, crashed) leaves it
+    locked, and the next DHT process, of this instance or any other, blocks forever on its first update.
+    So before a start, when a DHT was started here before and none is running now, the locks are made
+    anew (with a DHT still running, its futures need the old ones)."""
+    from hivemind.utils.mpfuture import MPFuture
+
+    running = any(dht is not starting and dht.healthy for dht in _started["instances"])
+    if _started["any"] and not running:
+        MPFuture.reset_backend()
+    _started["any"] = True
+    _started["instances"].add(starting)
+
+
 START_TIMEOUT_S = 120.0  # a DHT start (p2pd, bootstrap) that takes longer has failed
 
 
@@ -57,7 +76,6 @@ class SwarmDHT:
         self.max_rounds_per_fetch, self.hard_cap_bytes, self.warn = max_rounds_per_fetch, hard_cap_bytes, warn
         self._dht = None
         self._last_attempt = -float("inf")
-        self._ever_started = False
         self.start_timeout_s = START_TIMEOUT_S
         self.errors = 0  # DHT failures so far (start, store, get)
 
@@ -72,14 +90,7 @@ class SwarmDHT:
 
         self._last_attempt = time.monotonic()
         self.shutdown()
-        if self._ever_started:
-            # hivemind's MPFuture shares class-level multiprocessing locks with every DHT process it
-            # forks; a DHT process that died holding one (killed, crashed) leaves it locked, and the
-            # next DHT process then blocks forever on its first update. Fresh locks for the new one.
-            from hivemind.utils.mpfuture import MPFuture
-
-            MPFuture.reset_backend()
-        self._ever_started = True
+        _fresh_locks_if_idle(self)
         kwargs = dict(host_maddrs=[f"/ip4/{self.host}/tcp/{self.port}"],
                       record_validators=[_validator(self.hard_cap_bytes)])
         if self.announce:
