@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.checkpoint.safetensors_file import SafetensorsFile
+from qwenlab.checkpoint.writer import save_safetensors
 from qwenlab.errors import QwenlabError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -228,7 +228,7 @@ def save_adapter_files(adapter: LoraAdapter, folder: Path, dtype: torch.dtype | 
     state = adapter_state_dict(adapter)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(state, folder / ADAPTER_WEIGHTS)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(adapter), indent=2) + "\n")
 
 

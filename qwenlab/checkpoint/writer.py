@@ -27,6 +27,15 @@ from qwenlab.errors import QwenlabError
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the file mode every other file gets (0666 less the umask): save_file
+    writes 0600, which kept weights from being served by another user or container."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count -> bytes."""
     if isinstance(text, int):
@@ -208,7 +217,7 @@ class CheckpointWriter:
         if not self._buffer:
             return
         index = len(self._shards)
-        save_file(self._buffer, str(self.tmp / f"shard-{index}.tmp"), metadata={"format": "pt"})
+        save_safetensors(self._buffer, self.tmp / f"shard-{index}.tmp")
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 

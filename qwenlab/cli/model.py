@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from qwenlab.cli import types
@@ -54,17 +55,40 @@ def cmd_generate(args) -> int:
     from qwenlab.loading import load
     from qwenlab.model.generate import stream_generate
 
-    model, tokenizer, checkpoint = load(args.model, args.dtype, args.adapter or ())
-    prompt = args.prompt
-    if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    prompt = prompt_text(args)  # before loading: a missing prompt fails at once
     config = generation_config(args)
+    model, tokenizer, checkpoint = load(args.model, args.dtype, args.adapter or ())
+    if args.chat or args.system:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tokenizer.apply_chat_template([*system, {"role": "user", "content": prompt}])
     stop_ids = tokenizer.stop_ids(checkpoint.generation_config)
-    for event in stream_generate(model, tokenizer, [tokenizer.encode(prompt)], config, stop_ids):
+    prompt_ids, results = tokenizer.encode(prompt), []
+    started, first = time.perf_counter(), None
+    for event in stream_generate(model, tokenizer, [prompt_ids], config, stop_ids, results):
+        if first is None:
+            first = time.perf_counter()
         sys.stdout.write(event.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.verbose:  # as `ollama run --verbose` and llama.cpp print after a reply
+        print(speed_summary(len(prompt_ids), len(results[0].token_ids), started, first, time.perf_counter()),
+              file=sys.stderr)
     return 0
+
+
+def prompt_text(args) -> str:
+    """The prompt: positional or --prompt (one of them), '-' reading standard input."""
+    if (args.prompt is None) == (args.prompt_text is None):
+        raise QwenlabError("generate: give the prompt once, as PROMPT or --prompt (use '-' to read standard input)")
+    text = args.prompt if args.prompt is not None else args.prompt_text
+    return sys.stdin.read() if text == "-" else text
+
+
+def speed_summary(prompt_tokens: int, new_tokens: int, started: float, first: float | None, ended: float) -> str:
+    ttft = (first or ended) - started
+    decode = (new_tokens - 1) / (ended - first) if first is not None and new_tokens > 1 and ended > first else 0.0
+    return (f"prompt {prompt_tokens} tokens, time to first token {ttft * 1000:.0f} ms; "
+            f"{new_tokens} tokens generated, decode {decode:.1f} tokens/s")
 
 
 def cmd_chat(args) -> int:
@@ -134,9 +158,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_info)
 
     p = subparsers.add_parser("generate", help="stream a completion of a prompt")
-    p.add_argument("model")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("model", help="a model or adapter folder, 'nano', or a hub id org/name[@rev]")
+    p.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt ('-': read standard input)")
+    p.add_argument("--prompt", default=None, help="the prompt, as a flag ('-': read standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--system", default=None, help="a system message (implies --chat)")
+    p.add_argument("--verbose", action="store_true", help="print prompt size, time to first token and tokens/s")
     add_generation_flags(p)
     p.set_defaults(func=cmd_generate)
 

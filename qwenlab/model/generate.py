@@ -286,11 +286,14 @@ def stream_generate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, prompts: list
             yield finish(row, "length")
 
 
-def generate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, prompts: list[str], config: GenerationConfig,
-             chat: bool = False, stop_ids: set[int] | None = None) -> list[Completion]:
-    """Generate completions for several prompts in one batch (equal to generating one by one)."""
-    if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+def generate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, prompts: list[str] | list[list[dict]],
+             config: GenerationConfig, chat: bool = False, stop_ids: set[int] | None = None) -> list[Completion]:
+    """Generate completions for several prompts in one batch (equal to generating one by one).
+
+    A prompt is a string (with chat=True: one user turn in the chat template) or a conversation, a list of
+    {"role", "content"} messages, rendered with the chat template."""
+    prompts = [tokenizer.apply_chat_template(p) if isinstance(p, list)
+               else tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
     ids = [tokenizer.encode(p) for p in prompts]
     results: list[Completion | None] = []
     for _ in stream_generate(model, tokenizer, ids, config, stop_ids, results):

@@ -188,4 +188,7 @@ class Tokenizer:
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
-    return Tokenizer(folder)
+    """The tokenizer of a model folder, 'nano', or a hub id (every reference the loaders take)."""
+    from qwenlab.checkpoint.reader import resolve_model_path
+
+    return Tokenizer(resolve_model_path(folder))

@@ -106,3 +106,29 @@ def test_presets_by_size_alone_as_the_readme_writes_them():
     from qwenlab.checkpoint.config import get_preset
 
     assert get_preset("0.5b") == get_preset("Qwen2.5-0.5B") and get_preset("1.5b").num_attention_heads == 12
+
+
+def test_generate_takes_a_positional_or_stdin_prompt_a_system_message_and_prints_speed(tiny_model_dir):
+    flag = run_cli("generate", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "5")
+    positional = run_cli("generate", str(tiny_model_dir), "hello", "--max-new-tokens", "5")
+    piped = run_cli("generate", str(tiny_model_dir), "-", "--max-new-tokens", "5", "--verbose", input_text="hello")
+    assert flag.returncode == positional.returncode == piped.returncode == 0, piped.stderr
+    assert flag.stdout == positional.stdout == piped.stdout
+    assert "time to first token" in piped.stderr and "tokens/s" in piped.stderr
+    both = run_cli("generate", str(tiny_model_dir), "hello", "--prompt", "hi")
+    assert both.returncode == 2 and "give the prompt once" in both.stderr
+
+
+def test_the_library_generates_from_chat_messages_and_loads_nano_s_tokenizer_by_name():
+    from qwenlab.loading import load
+    from qwenlab.model import GenerationConfig, generate, load_tokenizer
+
+    model, tokenizer, _ = load("nano")
+    assert load_tokenizer("nano").encode("hello") == tokenizer.encode("hello")
+    config = GenerationConfig(max_new_tokens=6)
+    as_text = generate(model, tokenizer, ["What is 2 + 3?"], config, chat=True)[0].text
+    as_messages = generate(model, tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], config)[0].text
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    with_system = generate(model, tokenizer, [conversation], config)[0]
+    assert as_text == as_messages
+    assert with_system.prompt_tokens == len(tokenizer.encode(tokenizer.apply_chat_template(conversation)))
