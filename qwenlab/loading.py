@@ -15,10 +15,12 @@ A quantized base cannot absorb a delta: its adapter is always attached, on unfus
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from qwenlab.checkpoint.hub import hub_snapshot, parse_hub_id
 from qwenlab.checkpoint.reader import NANO_DIR, Checkpoint, open_checkpoint, resolve_model_path
 from qwenlab.errors import QwenlabError
 from qwenlab.model.load import load_model
@@ -65,7 +67,19 @@ def adapter_base(folder: Path, lineage: dict | None = None) -> Path | None:
         path = NANO_DIR if candidate == "nano" else Path(candidate)
         if (path / "config.json").is_file():
             return path
+        if not path.exists() and parse_hub_id(candidate):  # a hub id: its snapshot, if cached (never a download)
+            try:
+                return hub_snapshot(candidate, local_only=True)
+            except QwenlabError:
+                continue
     return None
+
+
+def warn_if_other_base(adapter: Path, base: Path) -> None:
+    """An adapter trained on another base still loads (the shapes may match), but says so."""
+    own = adapter_base(adapter)
+    if own is not None and own.resolve() != base.resolve():
+        print(f"warning: adapter {adapter} was trained on {own}; applying it over {base}", file=sys.stderr)
 
 
 def load(ref: str | Path, dtype: str = "fp32", adapters: list[str | Path] | tuple = (), *,
@@ -82,6 +96,8 @@ def load(ref: str | Path, dtype: str = "fp32", adapters: list[str | Path] | tupl
         path, adapters = base, [path, *adapters]
         adapter_mode = "attach" if len(adapters) == 1 else adapter_mode
     checkpoint = open_checkpoint(path, validate=False)  # each engine checks every tensor itself
+    for adapter in adapters:
+        warn_if_other_base(adapter, checkpoint.path)
     quantized = "quantization" in checkpoint.config.extra
     if quantized:
         model = _load_quantized(checkpoint, adapters, quant_backend, fuse)

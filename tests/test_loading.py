@@ -80,3 +80,15 @@ def test_nano_and_missing_references(tmp_path):
     (tmp_path / "orphan" / "adapter_config.json").write_text('{"base_model_name_or_path": "/no/such/base"}')
     with pytest.raises(QwenlabError, match="cannot find the adapter's base model"):
         load(tmp_path / "orphan")
+
+
+def test_an_adapter_over_another_base_loads_with_a_warning_naming_both(folders, tmp_path, capsys):
+    from tests.conftest import build_hf_model
+
+    root, _ = folders
+    build_hf_model(tmp_path / "other", seed=7, **TINY32)
+    load(tmp_path / "other", adapters=[root / "adapter"])
+    err = capsys.readouterr().err
+    assert f"adapter {root / 'adapter'} was trained on {root / 'base'}; applying it over {tmp_path / 'other'}" in err
+    load(root / "base", adapters=[root / "adapter"])
+    assert "warning" not in capsys.readouterr().err

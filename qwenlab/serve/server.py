@@ -111,12 +111,14 @@ def serve(config: ServeConfig) -> None:
 
 
 def parse_named_paths(items: list[str], flag: str) -> dict[str, str]:
-    """['a=path', ...] -> {'a': 'path'}; names must be unique."""
+    """['a=path', 'path', ...] -> {'a': 'path', <path's folder name>: 'path'}; names must be unique."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise QwenlabError(f"{flag} expects name=path, got '{item}'")
+        if not sep:  # a bare path (or hub id) is served under its folder's name, as vLLM names LoRA modules
+            name, path = Path(item.rstrip("/")).name, item
+        if not name or not path:
+            raise QwenlabError(f"{flag} expects name=path or a folder, got '{item}'")
         if name in out:
             raise QwenlabError(f"{flag}: the name '{name}' is given twice")
         out[name] = path

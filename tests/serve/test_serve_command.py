@@ -47,8 +47,15 @@ def test_serve_command_answers_and_stops(serve_models, reference):
 def test_serve_command_rejects_a_malformed_adapter_flag(serve_models, capsys):
     from qwenlab.cli import main
 
-    assert main(["serve", str(serve_models["base"]), "--adapter", "nameonly"]) != 0
-    assert "--adapter expects name=path" in capsys.readouterr().err
+    assert main(["serve", str(serve_models["base"]), "--adapter", "=x"]) != 0
+    assert "--adapter expects name=path or a folder" in capsys.readouterr().err
+
+
+def test_a_bare_adapter_path_is_served_under_its_folder_name():
+    from qwenlab.serve.server import parse_named_paths
+
+    assert parse_named_paths(["runs/math/", "org/lora", "x=y"], "--adapter") == {"math": "runs/math/",
+                                                                                  "lora": "org/lora", "x": "y"}
 
 
 @pytest.mark.parametrize("flags, named", [
