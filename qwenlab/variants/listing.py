@@ -7,6 +7,7 @@ base. Its lineage.json says how it was made; folders without one are described f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,13 @@ def is_variant_folder(path: Path) -> bool:
 
 
 def _files(folder: Path) -> list[tuple[str, int]]:
-    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The variant's own files: those at its top level. Subfolders are not the variant (a training run's
+    checkpoints/ held 7 MiB beside a 1.2 MiB adapter and made it look the largest)."""
+    return sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _is_training_checkpoint(folder: Path) -> bool:
+    return folder.name == "checkpoints" or re.fullmatch(r"checkpoint-\d+", folder.name) is not None
 
 
 def _headers(folder: Path, names: tuple[str, ...] = ("*.safetensors",)) -> dict[str, dict]:
@@ -145,7 +151,7 @@ def find_variants(paths: list[str | Path], depth: int = 3) -> list[Variant]:
         if level >= depth:
             return
         for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS
-                            and not p.name.startswith(".")):
+                            and not p.name.startswith(".") and not _is_training_checkpoint(p)):
             walk(child, level + 1)
 
     for path in paths:

@@ -68,3 +68,25 @@ def test_a_base_plus_adapter_merge_input_is_shown_as_one():
     inputs = [{"role": "base", "path": "/m/nano"}, {"role": "model1", "path": "/m/nano"},
               {"role": "model1-adapter", "path": "/m/sft-a"}, {"role": "model2", "path": "/m/other"}]
     assert _joined_with_adapters(inputs, lambda p: p.rsplit("/", 1)[1]) == ["nano", "nano+sft-a", "other"]
+
+
+def test_an_adapter_s_size_leaves_out_its_training_checkpoints_which_are_not_variants(tmp_path):
+    from qwenlab.variants.listing import describe_variant, find_variants
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}')
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)},
+              str(adapter / "adapter_model.safetensors"))
+    checkpoint = adapter / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_config.json").write_text("{}")
+    (checkpoint / "optimizer.pt").write_bytes(b"x" * 50_000)
+    assert describe_variant(adapter).size_bytes < 2000
+    partial = tmp_path / "run" / "other.partial" / "checkpoints" / "checkpoint-3"  # an interrupted run
+    partial.mkdir(parents=True)
+    (partial / "adapter_config.json").write_text("{}")
+    assert [v.path for v in find_variants([tmp_path / "run"])] == [adapter.resolve()]
