@@ -52,6 +52,28 @@ def _subparsers(parser: argparse.ArgumentParser):
             yield from action.choices.values()
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every --help shows each option's default, unless its help already names it."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS, []) \
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _DefaultsHelpFormatter
+    for action in parser._actions:  # argparse prints nothing for an option without help text
+        if action.help is None and action.option_strings:
+            action.help = ""
+            if action.default not in (None, False, argparse.SUPPRESS, []):
+                action.help = "(default: %(default)s)"
+    for sub in _subparsers(parser):
+        _show_defaults(sub)
+
+
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """`--debug` on every verb as well, so it works after the verb too (`qwenlab merge c.yaml out --debug`).
 
@@ -70,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     _add_debug_flag(parser)
+    _show_defaults(parser)
     return parser
 
 

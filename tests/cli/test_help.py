@@ -1,0 +1,25 @@
+"""Every --help shows each option's default (argparse prints nothing for options without help text)."""
+
+import argparse
+
+from qwenlab.cli import _subparsers, build_parser
+
+
+def all_parsers(parser):
+    yield parser
+    for sub in _subparsers(parser):
+        yield from all_parsers(sub)
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    missing = []
+    for parser in all_parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS, []):
+                continue
+            shown = f"(default: {action.default})" in text or "default" in (action.help or "").lower()
+            if not shown:
+                missing.append(f"{parser.prog} {action.option_strings[0]}")
+    assert not missing, missing
+    assert "(default: 128)" in build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
