@@ -1,11 +1,18 @@
 """Training data: JSONL files checked line by line, and data sets built from verifiable tasks.
 
-Formats (TRL's column names; one format per file):
-  SFT  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+Formats (TRL's column names; one format per file), read from JSONL or a JSON array:
+  SFT  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}   (OpenAI)
        {"prompt": ..., "completion": ...}             strings (plain text) or message lists (chat)
+       {"text": ...}                                  plain text, loss on every token
   DPO  {"prompt": ..., "chosen": ..., "rejected": ...} strings or message lists
-With message lists, TRL renders the base's chat template; prompt/completion and DPO data take the
-loss on the completion only, `messages` on the whole conversation (TRL's defaults).
+       {"chosen": [...], "rejected": [...]}            implicit prompt: the messages both share
+Read as is and turned into those: Alpaca {"instruction", "input", "output"} and ShareGPT
+{"conversations": [{"from", "value"}]} for SFT; UltraFeedback-style {"prompt": "...", "chosen": [messages],
+"rejected": [messages]} for DPO.
+With message lists, TRL renders the base's chat template. The loss is on the completion only: for
+`messages`, each assistant turn becomes one prompt/completion example (assistant_only_turns), so system
+and user tokens are never trained, as TRL's assistant_only_loss would do (which Qwen2.5's template,
+without {% generation %} markers, cannot).
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from pathlib import Path
 
 from qwenlab.errors import QwenlabError
 
-FORMATS = {"sft": (("messages",), ("prompt", "completion")), "dpo": (("prompt", "chosen", "rejected"),)}
+FORMATS = {"sft": (("messages",), ("prompt", "completion"), ("text",)), "dpo": (("prompt", "chosen", "rejected"),)}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool", "function_response": "tool"}
 ROLES = ("system", "user", "assistant", "tool")
 # Training instances use seeds from here up; evaluation draws seeds below EVAL_SEED_LIMIT (1,000,000)
 # and nano's own training data starts at 10,000,000, so the three never share an instance.
@@ -50,10 +59,66 @@ def _check_text_or_messages(record: dict, keys: tuple[str, ...], where: str) -> 
     return conversational
 
 
+def _message_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def as_trl_record(record: dict, kind: str, where: str) -> dict:
+    """A record in a common format other than TRL's, turned into TRL's; TRL-format records as they are."""
+    if kind == "sft":
+        if "chosen" in record and "rejected" in record:
+            raise QwenlabError(f"{where}: preference data (chosen/rejected) given to SFT; train it with "
+                               "`qwenlab train dpo`")
+        if "instruction" in record and "output" in record and "messages" not in record:  # Alpaca
+            if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
+                raise QwenlabError(f"{where}: Alpaca fields 'instruction', 'input' and 'output' must be strings")
+            user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+            return {"prompt": [{"role": "user", "content": user}],
+                    "completion": [{"role": "assistant", "content": record["output"]}]}
+        if "conversations" in record and "messages" not in record:  # ShareGPT
+            turns = record["conversations"]
+            if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+                raise QwenlabError(f"{where}: 'conversations' must be a list of {{'from', 'value'}} objects")
+            messages = []
+            for i, turn in enumerate(turns):
+                role = SHAREGPT_ROLES.get(str(turn.get("from")).lower())
+                if role is None or not isinstance(turn.get("value"), str):
+                    raise QwenlabError(f"{where}: conversations[{i}] needs 'from' (one of "
+                                       f"{', '.join(SHAREGPT_ROLES)}) and a string 'value'")
+                messages.append({"role": role, "content": turn["value"]})
+            return {"messages": messages}
+        return record
+    if "chosen" in record and "rejected" in record and _message_list(record["chosen"]) \
+            and _message_list(record["rejected"]):
+        chosen, rejected = record["chosen"], record["rejected"]
+        if "prompt" not in record:  # implicit prompt: the messages both answers share
+            shared = _common_prefix(chosen, rejected)
+            if shared == 0 or shared in (len(chosen), len(rejected)):
+                raise QwenlabError(f"{where}: without 'prompt', 'chosen' and 'rejected' must share their first "
+                                   "messages (the prompt) and differ after them")
+            return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+        if isinstance(record["prompt"], str):  # UltraFeedback: the prompt as text, the answers as chats
+            prompt = [{"role": "user", "content": record["prompt"]}]
+            strip = lambda answer: answer[1:] if answer[:1] == prompt else answer
+            return {"prompt": prompt, "chosen": strip(chosen), "rejected": strip(rejected)}
+    return record
+
+
 def check_record(record, kind: str, where: str) -> tuple[str, bool]:
     """Return (format, conversational) of one record, or raise naming file:line."""
     if not isinstance(record, dict):
         raise QwenlabError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if kind == "sft" and "text" in record and not any(k in record for k in ("messages", "prompt")):
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise QwenlabError(f"{where}: 'text' must be a non-empty string")
+        return "text", False
     for keys in FORMATS[kind]:
         if all(k in record for k in keys):
             if keys == ("messages",):
@@ -74,19 +139,9 @@ def load_jsonl(path: str | Path, kind: str) -> tuple[list[dict], bool]:
     if not path.is_file():
         raise QwenlabError(f"{path}: data file not found")
     records, first = [], None
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QwenlabError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for where, number, record in _read_records(path):
+        if isinstance(record, dict):
+            record = as_trl_record(record, kind, where)
         shape = check_record(record, kind, where)
         if first is None:
             first = (shape, number)
@@ -98,6 +153,47 @@ def load_jsonl(path: str | Path, kind: str) -> tuple[list[dict], bool]:
     if not records:
         raise QwenlabError(f"{path}: empty dataset (no records)")
     return records, first[0][1]
+
+
+def _read_records(path: Path):
+    """(where, number, record) for each record: one per line of JSONL, or the items of a JSON array."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise QwenlabError(f"{path}: a JSON array that does not parse ({e.msg} at line {e.lineno}); "
+                               "expected JSONL (one JSON object per line) or a valid JSON array") from None
+        if isinstance(items, list):
+            for index, item in enumerate(items):
+                yield f"{path}[{index}]", index + 1, item
+            return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QwenlabError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield where, number, record
+
+
+def assistant_only_turns(records: list[dict]) -> list[dict]:
+    """`messages` conversations as one prompt/completion example per assistant turn: the loss then falls on
+    assistant tokens only (system and user turns are context). Other records are returned as they are."""
+    out = []
+    for record in records:
+        if "messages" not in record:
+            out.append(record)
+            continue
+        messages = record["messages"]
+        out += [{"prompt": messages[:i], "completion": [message]}
+                for i, message in enumerate(messages) if message["role"] == "assistant" and i > 0]
+    return out
 
 
 def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -24,7 +24,7 @@ import torch
 
 from qwenlab.errors import QwenlabError
 from qwenlab.train.config import TrainConfig
-from qwenlab.train.data import load_jsonl, split_records
+from qwenlab.train.data import assistant_only_turns, load_jsonl, split_records
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.json"
@@ -93,6 +93,8 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
         train_records = records
     else:
         train_records, eval_records = split_records(records, config.val_fraction, config.seed)
+    # split first, then expand: the turns of one conversation never straddle train and validation
+    train_records, eval_records = assistant_only_turns(train_records), assistant_only_turns(eval_records)
     tokenizer = load_tokenizer(base)  # fails with one line if the base has no tokenizer.json
     if conversational and not tokenizer.chat_template:
         raise QwenlabError(f"{base}: the tokenizer has no chat template, which the chat-format data in "

@@ -115,3 +115,46 @@ def test_rejected_from_a_model_uses_its_own_wrong_replies(tiny_model_dir):
             assert rejected == reply  # the model's own mistake, not a synthetic one
             own += 1
     assert own > 0
+
+
+USER, ANSWER = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize("record, kind, expected", [
+    ({"instruction": "Sum", "input": "2 2", "output": "4"}, "sft",  # Alpaca
+     {"prompt": [{"role": "user", "content": "Sum\n\n2 2"}], "completion": [{"role": "assistant", "content": "4"}]}),
+    ({"instruction": "Say hi", "output": "hi"}, "sft",
+     {"prompt": [{"role": "user", "content": "Say hi"}], "completion": [{"role": "assistant", "content": "hi"}]}),
+    ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},  # ShareGPT
+                        {"from": "gpt", "value": "a"}]}, "sft",
+     {"messages": [{"role": "system", "content": "s"}, USER, ANSWER]}),
+    ({"text": "plain text"}, "sft", {"text": "plain text"}),
+    ({"chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "b"}]}, "dpo",  # implicit
+     {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "b"}]}),
+    ({"prompt": "q", "chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "b"}]},  # UltraFeedback
+     "dpo", {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "b"}]}),
+])
+def test_common_formats_are_read_as_trl_records(tmp_path, record, kind, expected):
+    jsonl = load_jsonl(write_lines(tmp_path / "d.jsonl", [record, record]), kind)[0]
+    (tmp_path / "d.json").write_text(json.dumps([record, record]))
+    array = load_jsonl(tmp_path / "d.json", kind)[0]
+    assert jsonl == array == [expected, expected]
+
+
+def test_preference_data_given_to_sft_says_to_use_dpo_and_a_broken_array_says_jsonl_was_expected(tmp_path):
+    with pytest.raises(QwenlabError, match=r"d.jsonl:1: preference data .* `qwenlab train dpo`"):
+        load_jsonl(write_lines(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}]), "sft")
+    (tmp_path / "bad.json").write_text('[{"text": "a"},')
+    with pytest.raises(QwenlabError, match="expected JSONL .* or a valid JSON array"):
+        load_jsonl(tmp_path / "bad.json", "sft")
+
+
+def test_messages_train_on_assistant_turns_only():
+    from qwenlab.train.data import assistant_only_turns
+
+    system, second = {"role": "system", "content": "s"}, {"role": "user", "content": "q2"}
+    conversation = {"messages": [system, USER, ANSWER, second, {"role": "assistant", "content": "a2"}]}
+    assert assistant_only_turns([conversation, {"prompt": "p", "completion": "c"}]) == [
+        {"prompt": [system, USER], "completion": [ANSWER]},
+        {"prompt": [system, USER, ANSWER, second], "completion": [{"role": "assistant", "content": "a2"}]},
+        {"prompt": "p", "completion": "c"}]

@@ -149,3 +149,13 @@ def test_sft_through_the_cli_with_flags_only(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "sft", "--base", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o"),
                  "--steps", "1"]) == 2
     assert "output folder exists" in capsys.readouterr().err
+
+
+def test_multi_turn_messages_with_a_system_prompt_train_on_assistant_turns(tiny_model_dir, tmp_path):
+    """OpenAI `messages` data goes through TRL as one prompt/completion example per assistant turn."""
+    conversation = {"messages": [{"role": "system", "content": "You add numbers."},
+                                 {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+                                 {"role": "user", "content": "and 3 + 3?"}, {"role": "assistant", "content": "6"}]}
+    data = write_jsonl([conversation] * 12, tmp_path / "chats.jsonl")
+    result = train_sft(small_config(tiny_model_dir, data, tmp_path / "out", steps=2, val_fraction=0.0))
+    assert result.steps == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
