@@ -11,7 +11,7 @@ def cmd_train(args) -> int:
 
     config = load_train_config(args.config, config_overrides(args))
     result = (train_sft if args.kind == "sft" else train_dpo)(config)
-    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no loss logged"
+    losses = f"mean train loss {result.train_loss:.4f}" if result.train_loss is not None else "no loss logged"
     if result.eval_loss is not None:
         losses += f", eval loss {result.eval_loss:.4f}"
     speed = f", {result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s else ""

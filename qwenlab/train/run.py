@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from qwenlab.train.config import TrainConfig
 from qwenlab.train.data import assistant_only_turns, load_jsonl, split_records
 
 CHECKPOINTS = "checkpoints"
+SMALL_RUN_STEPS = 25  # fewer optimizer steps than this, from the data's size: say so and suggest settings
 RUN_CONFIG = "run_config.json"
 # Settings a resumed run must share with the run it continues.
 RESUME_KEYS = ("base", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "rslora", "batch_size", "grad_accum",
@@ -101,6 +103,11 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
                            f"{config.data} needs (add 'chat_template' to tokenizer_config.json)")
     per_step = config.batch_size * config.grad_accum
     total_steps = config.steps or max(1, math.ceil(math.ceil(len(train_records) / per_step) * config.epochs))
+    if total_steps < SMALL_RUN_STEPS and not config.steps:
+        print(f"note: {len(train_records)} training examples make only {total_steps} optimizer step(s) "
+              f"(batch {config.batch_size} x accumulation {config.grad_accum}, {config.epochs:g} epoch(s)); "
+              f"an adapter learns little from so few. Add data, or set --steps (e.g. {SMALL_RUN_STEPS * 4}) "
+              "and a higher --learning-rate (e.g. 1e-3 for a few hundred examples).", file=sys.stderr)
     run = TrainingRun(kind, config, base, Path(config.out), train_records, eval_records, conversational, total_steps)
     _prepare_output(run)
     return run
@@ -254,7 +261,10 @@ def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
     train_points, eval_points = loss_points(history)
     runtime = time.time() - started
     tokens = trainer.state.num_input_tokens_seen or None
-    result = TrainResult(run.out, trainer.state.global_step, train_points[-1][1] if train_points else None,
+    # the run's mean training loss (transformers logs it once at the end), not the last logged value
+    mean_loss = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
+    last_loss = train_points[-1][1] if train_points else None
+    result = TrainResult(run.out, trainer.state.global_step, mean_loss if mean_loss is not None else last_loss,
                          eval_points[-1][1] if eval_points else None, runtime, tokens, history)
     from qwenlab.checkpoint.writer import replace_output
 

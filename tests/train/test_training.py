@@ -159,3 +159,12 @@ def test_multi_turn_messages_with_a_system_prompt_train_on_assistant_turns(tiny_
     data = write_jsonl([conversation] * 12, tmp_path / "chats.jsonl")
     result = train_sft(small_config(tiny_model_dir, data, tmp_path / "out", steps=2, val_fraction=0.0))
     assert result.steps == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_small_run_says_so_and_the_summary_is_the_mean_loss(tiny_model_dir, sft_data, tmp_path, capsys):
+    config = small_config(tiny_model_dir, sft_data, tmp_path / "out", steps=0, epochs=1, batch_size=8,
+                          val_fraction=0.0)
+    result = train_sft(config)
+    assert "make only 5 optimizer step(s)" in capsys.readouterr().err
+    logged = [e["loss"] for e in result.log_history if "loss" in e]
+    assert len(logged) == 5 and result.train_loss == pytest.approx(sum(logged) / len(logged), rel=1e-3)

@@ -74,6 +74,6 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     eval_text = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     section = (f"## Adapter {name}: LoRA {kind.upper()} on {task}\n\n"
                f"{n} examples from task seeds disjoint from evaluation, {result.steps} steps in "
-               f"{result.runtime_s:.0f} s; final train loss {result.train_loss:.4f}{eval_text}.\n\n"
+               f"{result.runtime_s:.0f} s; mean train loss {result.train_loss:.4f}{eval_text}.\n\n"
                f"![loss curve of {name}](models/{name}/loss_curve.png)")
     return figures, section
