@@ -29,7 +29,7 @@ def cmd_eval(args) -> int:
     tasks = _task_list(args.tasks) if args.tasks else ([] if file_modes else list(TASKS))
     for task in tasks:
         generate(task, 0, args.difficulty)  # an unknown name or difficulty fails before the model loads
-    model, tokenizer, variant = load_variant(args.model, args.dtype, adapter=args.adapter)
+    model, tokenizer, variant = load_variant(args.model, args.dtype, adapters=args.adapter)
     report: dict = {"model": str(variant.path), "seed": args.seed}
     texts: list[str] = []
     records: list[tuple[str, dict, dict]] = []  # (kind, figures, setup)
@@ -41,12 +41,15 @@ def cmd_eval(args) -> int:
         _eval_gsm8k(args, model, tokenizer, Path(args.gsm8k), report, texts, records)
     if args.lm_eval:
         _eval_lm_eval(args, model, tokenizer, variant, report, texts, records)
-    if args.record:
+    if args.record and len(args.adapter) > 1:
+        print("note: figures of several stacked adapters are not recorded (no one folder is that variant)",
+              file=sys.stderr)
+    elif args.record:
         from qwenlab.variants.results import record_measurement
 
         # A quantized folder runs in its own format whatever --dtype says.
         dtype = variant.dtype if variant.kind == "quantized" else args.dtype
-        setup_common = {"dtype": dtype, **({"adapter": str(args.adapter)} if args.adapter else {})}
+        setup_common = {"dtype": dtype, **({"adapter": str(args.adapter[0])} if args.adapter else {})}
         for kind, figures, setup in records:
             written = record_measurement(variant.path, kind, figures, setup={**setup_common, **setup})
         if records:
@@ -149,7 +152,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="accuracy on verifiable tasks, perplexity, GSM8K-style files, lm_eval tasks")
     p.add_argument("model", help="a model folder, 'nano', a quantized folder or an adapter folder")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply over MODEL (unmerged)")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                   help="a LoRA adapter folder or hub id over MODEL: one runs unmerged and is the variant measured; "
+                        "repeat to stack several (merged in order)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all, unless a file "
                                                  "evaluation below is asked for)")
     p.add_argument("--n", type=types.positive_int, default=200, help="instances per task")

@@ -59,7 +59,7 @@ class QwenlabLM(TemplateLM):
         if model is None:
             from qwenlab.variants.listing import load_variant
 
-            model, tokenizer, variant = load_variant(str(pretrained), dtype=str(dtype), adapter=adapter)
+            model, tokenizer, variant = load_variant(str(pretrained), dtype=str(dtype), adapters=[adapter] if adapter else ())
             self.variant_path = str(variant.path)
         else:
             if tokenizer is None:

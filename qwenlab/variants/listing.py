@@ -339,15 +339,17 @@ def format_listing(rows: list[dict], markdown: bool = False) -> str:
 # ---- loading ------------------------------------------------------------------------------
 
 
-def load_variant(path: str | Path, dtype: str = "fp32", adapter: str | Path | None = None):
+def load_variant(path: str | Path, dtype: str = "fp32", adapters: list | tuple = ()):
     """(model, tokenizer, Variant) for any variant: a model folder, 'nano', or an adapter over its base.
 
-    An adapter (the folder itself, or `adapter=`) is attached unmerged and made active, as at serving time.
+    One adapter (the folder itself, or `adapters=[...]`) is attached unmerged and made active, as at serving
+    time, and is the variant measured; several are merged in order into the base.
     """
     from qwenlab.loading import load
 
     variant = describe_variant(path)
-    loaded = load(variant.path, dtype, [adapter] if adapter else (), adapter_mode="attach")
-    if adapter and variant.kind != "adapter":
-        variant = describe_variant(adapter)  # the measured variant is the adapter
+    adapters = list(adapters)
+    loaded = load(variant.path, dtype, adapters, adapter_mode="attach" if len(adapters) <= 1 else "merge")
+    if len(adapters) == 1 and variant.kind != "adapter":
+        variant = describe_variant(adapters[0])  # the measured variant is the adapter
     return loaded.model, loaded.tokenizer, variant

@@ -36,7 +36,7 @@ def test_load_variant_applies_an_adapter(family):
     base, _, _ = load_variant(family / "base")
     ids = torch.tensor([tokenizer.encode("hello world")])
     assert variant.kind == "adapter" and not torch.allclose(adapted(ids), base(ids))
-    again, _, variant = load_variant(family / "base", adapter=family / "lora")
+    again, _, variant = load_variant(family / "base", adapters=[family / "lora"])
     assert variant.path == family / "lora" and torch.equal(again(ids), adapted(ids))
 
 
