@@ -42,7 +42,7 @@ def register(subparsers) -> None:
         p = kinds.add_parser(kind, help=text, description=f"LoRA {kind.upper()}: {text}. Options come from "
                              "--config YAML (same names, with underscores) and flags, flags winning.")
         p.add_argument("--config", default=None, help="a YAML file of the options below")
-        add_config_flags(p)
+        add_config_flags(p, kind)
         p.set_defaults(func=cmd_train, kind=kind)
 
     data = subparsers.add_parser("data", help="write a training JSONL from a verifiable task")

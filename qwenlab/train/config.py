@@ -204,15 +204,25 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
     return TrainConfig(**values).validate(source)
 
 
-def add_config_flags(parser) -> None:
-    """One flag per TrainConfig field (--lora-r, --no-progress, ...), all defaulting to None."""
+DPO_ONLY = ("beta", "dpo_loss")  # fields that mean nothing to SFT: `train sft --help` does not list them
+
+
+def add_config_flags(parser, trainer: str | None = None) -> None:
+    """One flag per TrainConfig field that applies to `trainer` (--lora-r, --no-progress, ...), all
+    defaulting to None (a config file's value, else the field's default, shown in --help)."""
     import argparse
+    from dataclasses import MISSING
 
     types_ = _field_types()
     for f in fields(TrainConfig):
+        if trainer == "sft" and f.name in DPO_ONLY:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = types_[f.name]
         help_text = f.metadata.get("help", "")
+        if f.default not in (MISSING, None, "", False) and "default" not in help_text:
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, (list, tuple)) else f.default
+            help_text += f" (default: {shown})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -23,3 +23,11 @@ def test_every_option_with_a_default_shows_it_in_help():
                 missing.append(f"{parser.prog} {action.option_strings[0]}")
     assert not missing, missing
     assert "(default: 128)" in build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+
+
+def test_train_sft_lists_only_the_options_that_apply_and_shows_the_config_defaults():
+    kinds = build_parser()._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0].choices
+    sft, dpo = kinds["sft"].format_help(), kinds["dpo"].format_help()
+    assert "--beta" not in sft and "--dpo-loss" not in sft
+    assert "--beta" in dpo and "--dpo-loss" in dpo
+    assert "LoRA rank r (default: 16)" in " ".join(sft.split())
