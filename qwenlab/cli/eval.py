@@ -16,6 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from qwenlab.tasks.registry import TASKS
+
+TASK_NAMES = tuple(TASKS)
+
 
 def _task_list(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
@@ -155,8 +159,8 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="PATH",
                    help="a LoRA adapter folder or hub id over MODEL: one runs unmerged and is the variant measured; "
                         "repeat to stack several (merged in order)")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all, unless a file "
-                                                 "evaluation below is asked for)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated task names: {', '.join(TASK_NAMES)} (default: "
+                                                 "all, unless a file evaluation below is asked for)")
     p.add_argument("--n", type=types.positive_int, default=200, help="instances per task")
     p.add_argument("--seed", type=types.seed, default=0)
     p.add_argument("--difficulty", type=types.positive_int, default=None,

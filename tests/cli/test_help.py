@@ -31,3 +31,13 @@ def test_train_sft_lists_only_the_options_that_apply_and_shows_the_config_defaul
     assert "--beta" not in sft and "--dpo-loss" not in sft
     assert "--beta" in dpo and "--dpo-loss" in dpo
     assert "LoRA rank r (default: 16)" in " ".join(sft.split())
+
+
+def test_task_names_are_listed_where_tasks_are_taken():
+    from qwenlab.tasks import TASKS
+
+    choices = build_parser()._subparsers._group_actions[0].choices
+    data_sft = choices["data"]._subparsers._group_actions[0].choices["sft"]
+    for parser in (choices["eval"], choices["grpo"], choices["merge-search"], data_sft):
+        text = " ".join(parser.format_help().split())
+        assert all(name in text for name in TASKS), parser.prog
