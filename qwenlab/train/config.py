@@ -87,7 +87,8 @@ class TrainConfig:
 
     def validate(self, source: str = "config") -> "TrainConfig":
         for name in ("data", "out"):
-            if not getattr(self, name):
+            resumed = name == "data" and (self.resume or self.resume_from)  # then it comes from the run (run.py)
+            if not getattr(self, name) and not resumed:
                 raise QwenlabError(f"{source}: '{name}' is required")
         _check_output_parent(Path(self.out), source)
         positive = ("lora_r", "batch_size", "grad_accum", "max_length", "logging_steps")

@@ -30,6 +30,8 @@ from qwenlab.train.data import assistant_only_turns, load_jsonl, split_records
 CHECKPOINTS = "checkpoints"
 SMALL_RUN_STEPS = 25  # fewer optimizer steps than this, from the data's size: say so and suggest settings
 RUN_CONFIG = "run_config.json"
+OPTIONS = "options.json"  # every option of the run, so `--resume --out OUT` needs nothing else
+NOT_RESUMED = ("out", "resume", "resume_from", "force")
 # Settings a resumed run must share with the run it continues.
 RESUME_KEYS = ("base", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "rslora", "batch_size", "grad_accum",
                "learning_rate", "scheduler", "warmup", "weight_decay", "max_length", "beta", "dtype", "seed",
@@ -80,11 +82,35 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def with_saved_options(config: TrainConfig) -> TrainConfig:
+    """`--resume` with only `--out`: every option the interrupted run used, from its checkpoints/, except
+    those given now (a field still at its default counts as not given)."""
+    from dataclasses import MISSING, fields, replace
+
+    out = Path(config.out) if config.out else None
+    found = [folder / CHECKPOINTS / OPTIONS for folder in (partial_folder(out), out) if out] if out else []
+    saved_path = next((p for p in found if p.is_file()), None)
+    if saved_path is None:
+        raise QwenlabError(f"--resume: no earlier run in {config.out or '(no --out)'} to take its settings from; "
+                           "give --out of an interrupted run, or --data and --base")
+    saved = _read_json(saved_path)
+    changes = {}
+    for f in fields(TrainConfig):
+        if f.default is MISSING and f.default_factory is MISSING:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.name in saved and f.name not in NOT_RESUMED and getattr(config, f.name) == default:
+            changes[f.name] = saved[f.name]
+    return replace(config, **changes)
+
+
 def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
     """Check everything (base, data, chat template, output folder, resume state); writes nothing."""
     from qwenlab.checkpoint import open_checkpoint
     from qwenlab.model.tokenizer import load_tokenizer
 
+    if (config.resume or config.resume_from) and not config.data:
+        config = with_saved_options(config)
     config.validate()
     base = open_checkpoint(config.base).path.resolve()
     records, conversational = load_jsonl(config.data, kind)
@@ -157,6 +183,7 @@ def _prepare_output(run: TrainingRun) -> None:
                 raise QwenlabError(f"--resume: '{key}' was {saved[key]!r} in the interrupted run and is {value!r} "
                                    "now; resume with the same settings and data")
         run.resume_from = str(checkpoint)
+        print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
         return
     if (out.exists() or out.is_symlink()) and not config.force:
         raise QwenlabError(f"{out}: output folder exists (use --resume to continue it, or --force to replace it)")
@@ -177,6 +204,7 @@ def open_output(run: TrainingRun) -> None:
         remove_path(run.work)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     (run.checkpoints / RUN_CONFIG).write_text(json.dumps(_run_settings(run), indent=2) + "\n")
+    (run.checkpoints / OPTIONS).write_text(json.dumps(run.config.as_dict(), indent=2, default=str) + "\n")
 
 
 def load_training_model(run: TrainingRun):

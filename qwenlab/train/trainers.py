@@ -46,6 +46,7 @@ TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer}
 def train(config: TrainConfig, kind: str) -> TrainResult:
     """One LoRA training run with TRL's trainer for `kind` ('sft' or 'dpo')."""
     run = prepare_run(config, kind)
+    config = run.config  # with --resume and only --out, the interrupted run's settings
     model, tokenizer = load_training_model(run)
     train_data, eval_data = datasets(run)
     trainer_class, specific = TRAINERS[kind](config, trainer_arguments(run))

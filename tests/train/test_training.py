@@ -168,3 +168,23 @@ def test_a_small_run_says_so_and_the_summary_is_the_mean_loss(tiny_model_dir, sf
     assert "make only 5 optimizer step(s)" in capsys.readouterr().err
     logged = [e["loss"] for e in result.log_history if "loss" in e]
     assert len(logged) == 5 and result.train_loss == pytest.approx(sum(logged) / len(logged), rel=1e-3)
+
+
+def test_resume_with_only_out_takes_the_interrupted_run_s_settings(tiny_model_dir, sft_data, tmp_path, capsys):
+    full = tmp_path / "full"
+    train_sft(small_config(tiny_model_dir, sft_data, full, lora_r=8))
+    # an interrupted run of OUT: its work folder holds checkpoint-3 and the run's settings
+    checkpoints = tmp_path / "out.partial" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "checkpoint-3", checkpoints / "checkpoint-3")
+    for name in ("run_config.json", "options.json"):
+        shutil.copy(full / "checkpoints" / name, checkpoints / name)
+    (checkpoints / "options.json").write_text((checkpoints / "options.json").read_text().replace(str(full),
+                                                                                                 str(tmp_path / "out")))
+    capsys.readouterr()
+    resumed = train_sft(TrainConfig(out=str(tmp_path / "out"), resume=True))
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "checkpoint-3" in err
+    assert resumed.steps == 6 and read_adapter(tmp_path / "out").ranks() == {8}  # lora_r from the first run
+    with pytest.raises(QwenlabError, match="no earlier run in"):
+        train_sft(TrainConfig(out=str(tmp_path / "never"), resume=True))
