@@ -12,6 +12,7 @@ does not need to decide is set in run.trainer_arguments.
 from __future__ import annotations
 
 import time
+import warnings
 
 from qwenlab.train.config import TrainConfig
 from qwenlab.train.run import (
@@ -47,11 +48,24 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
     """One LoRA training run with TRL's trainer for `kind` ('sft' or 'dpo')."""
     run = prepare_run(config, kind)
     config = run.config  # with --resume and only --out, the interrupted run's settings
+    # the libraries' notices about their own future APIs are for their callers' developers, not our users
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|datasets)\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|trl|peft|datasets)\.")
+    if not config.progress:  # every bar: dataset preparation and weight loading too, not only training's
+        from datasets import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        disable_progress_bars()
+        transformers_logging.disable_progress_bar()
     model, tokenizer = load_training_model(run)
     train_data, eval_data = datasets(run)
     trainer_class, specific = TRAINERS[kind](config, trainer_arguments(run))
     trainer = trainer_class(model=model, train_dataset=train_data, eval_dataset=eval_data,
                             processing_class=tokenizer, peft_config=lora_config(config), **specific)
+    if not config.progress:  # with the bars off, transformers prints every log as a dict instead: silence it
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     open_output(run)
     started = time.time()
     trainer.train(resume_from_checkpoint=run.resume_from)

@@ -188,3 +188,15 @@ def test_resume_with_only_out_takes_the_interrupted_run_s_settings(tiny_model_di
     assert resumed.steps == 6 and read_adapter(tmp_path / "out").ranks() == {8}  # lora_r from the first run
     with pytest.raises(QwenlabError, match="no earlier run in"):
         train_sft(TrainConfig(out=str(tmp_path / "never"), resume=True))
+
+
+def test_no_progress_silences_every_bar_log_dict_and_library_warning(tiny_model_dir, sft_data, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qwenlab", "train", "sft", "--base", str(tiny_model_dir), "--data",
+                           str(sft_data), "--out", str(tmp_path / "out"), "--steps", "2", "--no-progress",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    noise = [line for line in done.stderr.splitlines() if "%|" in line or "Warning" in line or line.startswith("{")]
+    assert "mean train loss" in done.stdout and noise == [], noise
