@@ -11,6 +11,7 @@ does not need to decide is set in run.trainer_arguments.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
@@ -68,8 +69,23 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
         trainer.remove_callback(PrinterCallback)
     open_output(run)
     started = time.time()
-    trainer.train(resume_from_checkpoint=run.resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=run.resume_from)
+    except KeyboardInterrupt:
+        save_on_interrupt(trainer, run, kind)
+        raise
     return finish_run(trainer, run, started)
+
+
+def save_on_interrupt(trainer, run, kind: str) -> None:
+    """Ctrl-C: checkpoint the steps done so far (optimizer, scheduler, RNG, as every checkpoint) and say how
+    to continue. A second Ctrl-C during the save leaves the previous checkpoint."""
+    step = trainer.state.global_step
+    if step > 0 and not (run.checkpoints / f"checkpoint-{step}").is_dir():
+        trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own checkpoint writer
+    saved = f"checkpoint-{step} saved" if step > 0 else "no step was finished, nothing saved"
+    print(f"\ntrain: interrupted at step {step} ({saved}); resume with: qwenlab train {kind} --out {run.out} --resume",
+          file=sys.stderr, flush=True)
 
 
 def train_sft(config: TrainConfig) -> TrainResult:

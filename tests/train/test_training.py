@@ -200,3 +200,28 @@ def test_no_progress_silences_every_bar_log_dict_and_library_warning(tiny_model_
     assert done.returncode == 0, done.stderr
     noise = [line for line in done.stderr.splitlines() if "%|" in line or "Warning" in line or line.startswith("{")]
     assert "mean train loss" in done.stdout and noise == [], noise
+
+
+def test_ctrl_c_checkpoints_the_steps_done_and_the_printed_command_resumes(tiny_model_dir, sft_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Ctrl-C arrives as KeyboardInterrupt in the training loop: here, in the third training step."""
+    from transformers import Trainer
+
+    real_step, calls = Trainer.training_step, []
+
+    def interrupted_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted_step)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(small_config(tiny_model_dir, sft_data, out, save_steps=100, val_fraction=0.0))
+    err = capsys.readouterr().err
+    assert f"interrupted at step 2 (checkpoint-2 saved); resume with: qwenlab train sft --out {out} --resume" in err
+    assert (tmp_path / "out.partial" / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+    monkeypatch.setattr(Trainer, "training_step", real_step)
+    assert main(["train", "sft", "--out", str(out), "--resume", "--no-progress"]) == 0  # the printed command
+    assert read_adapter(out).ranks() == {4} and "checkpoint-2" in capsys.readouterr().err
