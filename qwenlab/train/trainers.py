@@ -11,8 +11,10 @@ does not need to decide is set in run.trainer_arguments.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 import warnings
 
 from qwenlab.train.config import TrainConfig
@@ -67,6 +69,7 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(metrics_log(run.checkpoints.parent / METRICS_LOG))
     open_output(run)
     started = time.time()
     try:
@@ -75,6 +78,31 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
         save_on_interrupt(trainer, run, kind)
         raise
     return finish_run(trainer, run, started)
+
+
+METRICS_LOG = "metrics.jsonl"  # one JSON object per logged step, numbers as numbers
+
+
+def metrics_log(path: Path):
+    """A TrainerCallback that appends every log (loss, learning rate, eval loss, ...) to `path` as it comes."""
+    from transformers import TrainerCallback
+
+    def number(value):
+        if isinstance(value, str):  # transformers may hand over formatted numbers
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
+    class MetricsLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                row = {"step": state.global_step, **{k: number(v) for k, v in logs.items()}}
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    return MetricsLog()
 
 
 def save_on_interrupt(trainer, run, kind: str) -> None:

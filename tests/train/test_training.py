@@ -200,6 +200,10 @@ def test_no_progress_silences_every_bar_log_dict_and_library_warning(tiny_model_
     assert done.returncode == 0, done.stderr
     noise = [line for line in done.stderr.splitlines() if "%|" in line or "Warning" in line or line.startswith("{")]
     assert "mean train loss" in done.stdout and noise == [], noise
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses_logged = [r for r in rows if "loss" in r]
+    assert losses_logged and all(isinstance(r["loss"], float) and r["step"] >= 1 for r in losses_logged)
+    assert any("train_loss" in r for r in rows)  # the run's summary is logged last
 
 
 def test_ctrl_c_checkpoints_the_steps_done_and_the_printed_command_resumes(tiny_model_dir, sft_data, tmp_path,
