@@ -297,12 +297,22 @@ def plot_accuracy(c: Comparison, path: Path) -> Path | None:
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
         ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], width,
                label=r["name"])
+        mark_unmeasured_and_zero(ax, xs, values)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy per task")
     ax.legend(fontsize=8, ncols=min(4, len(rows)))
     return _save(fig, path)
+
+
+def mark_unmeasured_and_zero(ax, xs: list[float], values: list[float | None]) -> None:
+    """A missing bar and a bar of height 0 look alike: label both ("not measured" / "0")."""
+    for x, value in zip(xs, values):
+        if value is None:
+            ax.text(x, 0.02, "not measured", rotation=90, ha="center", va="bottom", fontsize=7, color="0.45")
+        elif value == 0:
+            ax.text(x, 0.01, "0", ha="center", va="bottom", fontsize=7)
 
 
 def plot_speed_vs_size(c: Comparison, path: Path) -> Path | None:

@@ -62,3 +62,18 @@ def test_merge_search_results_are_compared(fresh_family, tmp_path, capsys):
     markdown = (tmp_path / "cmp" / "compare.md").read_text()
     assert "## Merge search 1: slerp" in markdown and "| 1 | 0.500 | 0.600 |" in markdown
     assert (tmp_path / "cmp" / "search_0.png").is_file()
+
+
+def test_accuracy_plots_tell_not_measured_from_a_measured_zero():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qwenlab.report.compare import mark_unmeasured_and_zero
+
+    fig, ax = plt.subplots()
+    mark_unmeasured_and_zero(ax, [0.0, 1.0, 2.0], [None, 0.0, 0.5])
+    labels = [(round(t.get_position()[0], 1), t.get_text()) for t in ax.texts]
+    plt.close(fig)
+    assert labels == [(0.0, "not measured"), (1.0, "0")]
