@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "loading": BASE | {"checkpoint", "model", "adapters", "quant"},
     "variants": BASE | {"checkpoint", "model", "loading"},
     "eval": BASE | {"checkpoint", "model", "loading", "tasks", "variants"},
-    "report": BASE | {"checkpoint", "model", "variants"},
+    "report": BASE | {"checkpoint", "model", "loading", "tasks", "variants", "eval"},
     "bench": BASE | {"checkpoint", "model", "native", "quant", "loading", "variants"},
     "train": BASE | {"checkpoint", "model", "adapters", "tasks"},
     "merge": BASE | {"checkpoint", "model", "adapters", "loading", "tasks", "variants", "eval", "report"},

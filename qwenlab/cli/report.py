@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+
+from qwenlab.cli import types
+from qwenlab.tasks.registry import TASKS
+
+TASK_NAMES = tuple(TASKS)
+
 
 def cmd_compare(args) -> int:
-    from qwenlab.report.compare import main_table, write_comparison
+    from qwenlab.report.compare import expand_inputs, main_table, write_comparison
 
+    if args.measure:
+        from qwenlab.report.measure import measure_missing
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASK_NAMES)
+        variants, _, _ = expand_inputs(args.inputs)
+        for line in measure_missing({str(v.path): str(v.path) for v in variants}, tasks, n=args.n, seed=args.seed):
+            print(f"measured {line}", file=sys.stderr)
     comparison, files = write_comparison(args.inputs, args.out, title=args.title)
     print(main_table(comparison, markdown=False))
     print(f"\n{comparison.recommendation.replace('**', '')}")
@@ -35,6 +49,12 @@ def register(subparsers) -> None:
                    help="model/adapter folders, folders holding them, recipe run folders, merge-search folders")
     p.add_argument("--out", default="qwenlab-compare", help="output folder (default: qwenlab-compare)")
     p.add_argument("--title", default="qwenlab compare")
+    p.add_argument("--measure", action="store_true",
+                   help="first measure (and record) task accuracy where a variant has no figure at this n and seed")
+    p.add_argument("--tasks", default=None, help=f"with --measure: comma-separated tasks: {', '.join(TASK_NAMES)} "
+                                                 "(default: all)")
+    p.add_argument("--n", type=types.positive_int, default=50, help="with --measure: instances per task")
+    p.add_argument("--seed", type=types.seed, default=0, help="with --measure: the evaluation seed")
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("card", help="write a Hugging Face model card (README.md) from measured figures")

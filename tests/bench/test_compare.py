@@ -77,3 +77,18 @@ def test_accuracy_plots_tell_not_measured_from_a_measured_zero():
     labels = [(round(t.get_position()[0], 1), t.get_text()) for t in ax.texts]
     plt.close(fig)
     assert labels == [(0.0, "not measured"), (1.0, "0")]
+
+
+def test_compare_measure_fills_in_what_is_missing_then_reuses_it(fresh_family, tmp_path, capsys):
+    from qwenlab.cli import main
+    from qwenlab.variants.results import latest
+
+    args = ["compare", str(fresh_family / "base"), str(fresh_family / "other"), "--out", str(tmp_path / "c"),
+            "--measure", "--tasks", "reverse", "--n", "3"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("measured ") == 2 and "accuracy on reverse" in err
+    for name in ("base", "other"):
+        assert latest(fresh_family / name, "accuracy")["reverse"].values["n"] == 3
+    assert main([*args[:4], str(tmp_path / "c2"), *args[5:]]) == 0
+    assert "measured " not in capsys.readouterr().err  # recorded figures are reused, nothing re-measured

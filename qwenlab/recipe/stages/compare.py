@@ -13,7 +13,6 @@ folder: compare.md, compare.html, compare.json and the plots.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from typing import Literal
 
@@ -50,45 +49,13 @@ def run_variants(ctx, params: Params) -> dict[str, str]:
     return variants
 
 
-def measure_missing(variants: dict[str, str], params: Params) -> list[str]:
-    """Measure and record accuracy (and perplexity) where no matching figure is recorded; returns what ran."""
-    from qwenlab.variants.listing import load_variant
-    from qwenlab.variants.results import latest, record_accuracy, record_measurement
-    from qwenlab.eval.task_eval import evaluate_tasks
-
-    tasks, n, seed, dtype, perplexity_file = params.tasks, params.n, params.seed, params.dtype, params.perplexity
-    measured = []
-    for name, folder in variants.items():
-        accuracy = latest(folder, "accuracy")
-        missing = [t for t in tasks if t not in accuracy or accuracy[t].values.get("n") != n
-                   or accuracy[t].values.get("seed") != seed]
-        need_ppl = perplexity_file and Path(perplexity_file).name not in latest(folder, "perplexity")
-        if not missing and not need_ppl:
-            continue
-        model, tokenizer, _ = load_variant(folder, dtype)
-        if missing:
-            results = evaluate_tasks(model, tokenizer, missing, n=n, seed=seed, difficulty=params.difficulty,
-                                     progress=False)
-            record_accuracy(folder, results, seed=seed, difficulty=params.difficulty, dtype=dtype)
-            measured.append(f"{name}: accuracy on {', '.join(missing)}")
-        if need_ppl:
-            from qwenlab.eval.perplexity import evaluate_perplexity, read_documents
-
-            result = evaluate_perplexity(model, tokenizer, read_documents(perplexity_file), progress=False,
-                                         source=str(perplexity_file))
-            figures = result.as_dict()
-            record_measurement(folder, "perplexity", {Path(perplexity_file).name: {
-                k: figures[k] for k in ("perplexity", "bits_per_byte", "word_perplexity", "tokens", "max_length",
-                                        "stride")}}, setup={"dtype": dtype, "file": str(perplexity_file)})
-            measured.append(f"{name}: perplexity on {Path(perplexity_file).name}")
-    return measured
-
-
 def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.report.compare import comparison_markdown, main_table, write_comparison
+    from qwenlab.report.measure import measure_missing
 
     variants = run_variants(ctx, params)
-    measured = measure_missing(variants, params)
+    measured = measure_missing(variants, params.tasks, n=params.n, seed=params.seed, difficulty=params.difficulty,
+                               dtype=params.dtype, perplexity_file=params.perplexity)
     title = params.title
     folder = params.label or "compare"  # two compare stages write two folders
     comparison, _ = write_comparison(list(variants.values()), ctx.run_dir / folder, title=title,
