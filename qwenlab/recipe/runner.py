@@ -22,13 +22,14 @@ from pathlib import Path
 
 
 from qwenlab.errors import QwenlabError
+from qwenlab.variants.listing import INCOMPLETE_MARKER
 from qwenlab.yaml_file import read_yaml
 from qwenlab.recipe.context import RunContext, check_name
 from qwenlab.recipe.stages import STAGES
 from qwenlab.recipe.stages.params import validate_params
 
 BUILTIN_RECIPE = Path(__file__).parent / "builtin" / "nano.yaml"
-INCOMPLETE = "INCOMPLETE"
+INCOMPLETE = INCOMPLETE_MARKER
 NAME_FIELDS = ("as", "label")  # stage parameters that name a folder in the run
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenlab.text_table import format_table
-from qwenlab.variants.listing import (Variant, describe_variant, find_variants, is_variant_folder,
-                                   short_origin, size_text, summary_row)
+from qwenlab.variants.listing import (Variant, describe_variant, find_variants, is_variant_folder, short_origin,
+                                      size_text, summary_row, warn_if_incomplete_run)
 from qwenlab.variants.results import latest_all
 from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.errors import QwenlabError
@@ -57,6 +57,7 @@ def expand_inputs(paths: list[str | Path]) -> tuple[list[Variant], list[dict], d
                 variants.append(describe_variant(best))
             continue
         if str(raw) != "nano" and path.is_dir() and (path / RUN_VARIANTS_FILE).is_file():
+            warn_if_incomplete_run(path)
             for name, folder in read_json_object(path / RUN_VARIANTS_FILE).items():
                 if not isinstance(folder, str):
                     raise QwenlabError(f"{path / RUN_VARIANTS_FILE}: '{name}': expected a folder path, got {folder!r}")

@@ -8,6 +8,7 @@ base. Its lineage.json says how it was made; folders without one are described f
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from qwenlab.model.info import human_bytes, human_count
 
 ADAPTER_CONFIG = "adapter_config.json"
 _SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules"}
+INCOMPLETE_MARKER = "INCOMPLETE"  # a recipe run folder that has not finished (recipe/runner.py writes it)
 # Written about a variant, not part of it: they do not count in its size.
 BOOKKEEPING_FILES = ("measurements.jsonl", "README.md")
 
@@ -140,11 +142,19 @@ def describe_variant(path: str | Path) -> Variant:
                    sum(s for n, s in files if n.endswith(".safetensors")), parameters, dtype, config, None, files)
 
 
+def warn_if_incomplete_run(folder: Path) -> None:
+    """Its models and figures are what the stages that finished made: say so, once per listing."""
+    if (folder / INCOMPLETE_MARKER).is_file():
+        print(f"note: {folder} is a run that did not finish ({INCOMPLETE_MARKER}); what it holds may be partial",
+              file=sys.stderr)
+
+
 def find_variants(paths: list[str | Path], depth: int = 3) -> list[Variant]:
     """The variants at or below each path (a folder that is not a variant is searched `depth` levels)."""
     found: list[Path] = []
 
     def walk(folder: Path, level: int) -> None:
+        warn_if_incomplete_run(folder)
         if is_variant_folder(folder):
             found.append(folder)
             return

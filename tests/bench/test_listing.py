@@ -90,3 +90,21 @@ def test_an_adapter_s_size_leaves_out_its_training_checkpoints_which_are_not_var
     partial.mkdir(parents=True)
     (partial / "adapter_config.json").write_text("{}")
     assert [v.path for v in find_variants([tmp_path / "run"])] == [adapter.resolve()]
+
+
+def test_ls_and_compare_say_when_a_run_did_not_finish(family, tmp_path, capsys):
+    import json as json_module
+    import shutil
+
+    from qwenlab.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(family / "base", run / "models" / "base")
+    (run / "variants.json").write_text(json_module.dumps({"base": str(run / "models" / "base")}))
+    (run / "INCOMPLETE").write_text("Stopped at stage [2/3] train: interrupted\n")
+    assert main(["ls", str(run)]) == 0
+    assert f"note: {run} is a run that did not finish" in capsys.readouterr().err
+    assert main(["compare", str(run), "--out", str(tmp_path / "c")]) == 0
+    assert f"note: {run} is a run that did not finish" in capsys.readouterr().err
+    (run / "INCOMPLETE").unlink()
+    assert main(["ls", str(run)]) == 0 and "did not finish" not in capsys.readouterr().err
