@@ -204,10 +204,15 @@ PRESETS: dict[str, Qwen2Config] = {
 }
 
 
-def get_preset(name: str) -> Qwen2Config:
-    """A preset by its name ('qwen2.5-0.5b') or its size alone ('0.5b')."""
+def preset_key(name: str) -> str | None:
+    """The PRESETS key for a preset's name ('qwen2.5-0.5b') or its size alone ('0.5b'); None otherwise."""
     key = name.lower()
     key = key if key in PRESETS else f"qwen2.5-{key}"
-    if key not in PRESETS:
+    return key if key in PRESETS else None
+
+
+def get_preset(name: str) -> Qwen2Config:
+    key = preset_key(name)
+    if key is None:
         raise QwenlabError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
     return PRESETS[key]

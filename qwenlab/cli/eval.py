@@ -18,8 +18,6 @@ from pathlib import Path
 
 from qwenlab.tasks.registry import TASKS
 
-TASK_NAMES = tuple(TASKS)
-
 
 def _task_list(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
@@ -27,7 +25,7 @@ def _task_list(text: str | None) -> list[str]:
 
 def cmd_eval(args) -> int:
     from qwenlab.variants.listing import load_variant
-    from qwenlab.tasks import TASKS, generate
+    from qwenlab.tasks import generate
 
     file_modes = bool(args.perplexity or args.gsm8k or args.lm_eval)
     tasks = _task_list(args.tasks) if args.tasks else ([] if file_modes else list(TASKS))
@@ -159,7 +157,7 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="PATH",
                    help="a LoRA adapter folder or hub id over MODEL: one runs unmerged and is the variant measured; "
                         "repeat to stack several (merged in order)")
-    p.add_argument("--tasks", default=None, help=f"comma-separated task names: {', '.join(TASK_NAMES)} (default: "
+    p.add_argument("--tasks", default=None, help=f"comma-separated task names: {', '.join(TASKS)} (default: "
                                                  "all, unless a file evaluation below is asked for)")
     p.add_argument("--n", type=types.positive_int, default=200, help="instances per task")
     p.add_argument("--seed", type=types.seed, default=0)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from qwenlab.tasks.registry import TASKS
 
-TASK_NAMES = tuple(TASKS)
-
 import argparse
 import types
 import typing
@@ -20,7 +18,7 @@ from dataclasses import fields
 from qwenlab.cli import types as flag_types
 
 HELP = {
-    "model": "base model folder, 'nano' or a hub id", "tasks": f"task names: {', '.join(TASK_NAMES)}",
+    "model": "base model folder, 'nano' or a hub id", "tasks": f"task names: {', '.join(TASKS)}",
     "difficulty": "task difficulty (default: each task's default)", "steps": "optimizer steps",
     "batch": "prompts per step", "num_generations": "completions per prompt (the group size G)",
     "beta": "KL weight towards the base model (0: no reference pass, TRL's default)",

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from qwenlab.cli import types
 from qwenlab.tasks.registry import TASKS
-
-TASK_NAMES = tuple(TASKS)
 from qwenlab.errors import QwenlabError
 
 
@@ -62,7 +60,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("merge-search", help="tune merge parameters against task accuracy (Optuna)")
     p.add_argument("config", help="YAML: merge (a merge config), search (paths and ranges), objective")
     p.add_argument("--trials", type=types.positive_int, default=None)
-    p.add_argument("--tasks", default=None, help=f"comma-separated tasks: {', '.join(TASK_NAMES)} (overrides objective.tasks)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated tasks: {', '.join(TASKS)} (overrides objective.tasks)")
     p.add_argument("--n", type=types.positive_int, default=None, help="instances per task per trial")
     p.add_argument("--seed", type=types.seed, default=None)
     p.add_argument("--sampler", choices=["tpe", "random"], default=None)

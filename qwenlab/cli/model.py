@@ -36,10 +36,10 @@ def generation_config(args):
 
 
 def cmd_info(args) -> int:
-    from qwenlab.checkpoint.config import PRESETS, get_preset
+    from qwenlab.checkpoint.config import get_preset, preset_key
     from qwenlab.model.info import describe, format_description
 
-    if args.model.lower() in PRESETS and not Path(args.model).exists():
+    if preset_key(args.model) and not Path(args.model).exists():  # info 0.5b, as random takes it
         config, title = get_preset(args.model), f"{args.model} (preset)"
     else:
         from qwenlab.checkpoint import open_checkpoint

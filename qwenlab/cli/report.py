@@ -7,8 +7,6 @@ import sys
 from qwenlab.cli import types
 from qwenlab.tasks.registry import TASKS
 
-TASK_NAMES = tuple(TASKS)
-
 
 def cmd_compare(args) -> int:
     from qwenlab.report.compare import expand_inputs, main_table, write_comparison
@@ -16,7 +14,7 @@ def cmd_compare(args) -> int:
     if args.measure:
         from qwenlab.report.measure import measure_missing
 
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASK_NAMES)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
         variants, _, _ = expand_inputs(args.inputs)
         for line in measure_missing({str(v.path): str(v.path) for v in variants}, tasks, n=args.n, seed=args.seed):
             print(f"measured {line}", file=sys.stderr)
@@ -51,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--title", default="qwenlab compare")
     p.add_argument("--measure", action="store_true",
                    help="first measure (and record) task accuracy where a variant has no figure at this n and seed")
-    p.add_argument("--tasks", default=None, help=f"with --measure: comma-separated tasks: {', '.join(TASK_NAMES)} "
+    p.add_argument("--tasks", default=None, help=f"with --measure: comma-separated tasks: {', '.join(TASKS)} "
                                                  "(default: all)")
     p.add_argument("--n", type=types.positive_int, default=50, help="with --measure: instances per task")
     p.add_argument("--seed", type=types.seed, default=0, help="with --measure: the evaluation seed")

@@ -5,8 +5,6 @@ from __future__ import annotations
 from qwenlab.cli import types
 from qwenlab.tasks.registry import TASKS
 
-TASK_NAMES = tuple(TASKS)
-
 
 def cmd_train(args) -> int:
     from qwenlab.train import load_train_config, train_dpo, train_sft
@@ -54,7 +52,7 @@ def register(subparsers) -> None:
                        ("dpo", "chat prompt/chosen/rejected: a correct answer over a wrong or badly formatted one")):
         p = kinds.add_parser(kind, help=text)
         p.add_argument("out", help="the JSONL file to write")
-        p.add_argument("--task", required=True, help=f"a task name: {', '.join(TASK_NAMES)}")
+        p.add_argument("--task", required=True, help=f"a task name: {', '.join(TASKS)}")
         p.add_argument("--n", type=types.positive_int, required=True, help="number of records")
         p.add_argument("--seed", type=types.seed, default=0, help="data seed (instances never overlap evaluation's)")
         p.add_argument("--difficulty", type=types.positive_int, default=None, help="default: the task's default difficulty")

@@ -132,3 +132,8 @@ def test_the_library_generates_from_chat_messages_and_loads_nano_s_tokenizer_by_
     with_system = generate(model, tokenizer, [conversation], config)[0]
     assert as_text == as_messages
     assert with_system.prompt_tokens == len(tokenizer.encode(tokenizer.apply_chat_template(conversation)))
+
+
+def test_info_takes_a_preset_by_size_as_random_does(capsys):
+    assert main(["info", "1.5b"]) == 0
+    assert "12 / 2" in capsys.readouterr().out
