@@ -51,15 +51,7 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
     """One LoRA training run with TRL's trainer for `kind` ('sft' or 'dpo')."""
     run = prepare_run(config, kind)
     config = run.config  # with --resume and only --out, the interrupted run's settings
-    # the libraries' notices about their own future APIs are for their callers' developers, not our users
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|datasets)\.")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|trl|peft|datasets)\.")
-    if not config.progress:  # every bar: dataset preparation and weight loading too, not only training's
-        from datasets import disable_progress_bars
-        from transformers.utils import logging as transformers_logging
-
-        disable_progress_bars()
-        transformers_logging.disable_progress_bar()
+    quiet_libraries(config.progress)
     model, tokenizer = load_training_model(run)
     train_data, eval_data = datasets(run)
     trainer_class, specific = TRAINERS[kind](config, trainer_arguments(run))
@@ -78,6 +70,19 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
         save_on_interrupt(trainer, run, kind)
         raise
     return finish_run(trainer, run, started)
+
+
+def quiet_libraries(progress: bool) -> None:
+    """The libraries' notices about their own future APIs are for their callers' developers, not our users;
+    without progress, every bar goes (dataset preparation and weight loading too, not only training's)."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|trl|peft|datasets)\.")
+    if not progress:
+        from datasets import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        disable_progress_bars()
+        transformers_logging.disable_progress_bar()
 
 
 METRICS_LOG = "metrics.jsonl"  # one JSON object per logged step, numbers as numbers
