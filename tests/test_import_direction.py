@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": {"errors"},
     "model": {"errors", "checkpoint"},
     "native": {"home"},
-    "tasks": {"errors"},
+    "tasks": {"errors", "yaml_file"},
     "adapters": BASE | {"checkpoint", "model"},
     "quant": BASE | {"checkpoint", "model", "native"},
     "loading": BASE | {"checkpoint", "model", "adapters", "quant"},

@@ -33,6 +33,10 @@ class TaskRng:
         # min() guards the float edge case where random() * span could round up to span.
         return low + min(int(self._random.random() * span), span - 1)
 
+    def fraction(self) -> float:
+        """A uniform float in [0, 1)."""
+        return self._random.random()
+
     def choice(self, items: Sequence[T]) -> T:
         return items[self.integer(0, len(items) - 1)]
 
