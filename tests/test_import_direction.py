@@ -10,12 +10,13 @@ import qwenlab
 
 PACKAGE = Path(qwenlab.__file__).parent
 
-BASE = {"errors", "home", "yaml_file", "text_table"}
+BASE = {"errors", "home", "yaml_file", "text_table", "stats"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "home": set(),
     "yaml_file": {"errors"},
     "text_table": set(),
+    "stats": set(),
     "checkpoint": {"errors"},
     "model": {"errors", "checkpoint"},
     "native": {"home"},

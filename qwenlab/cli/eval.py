@@ -70,8 +70,12 @@ def _eval_tasks(args, model, tokenizer, variant, tasks, report, texts, records) 
                              batch_size=args.batch_size, progress=not args.json)
     report["tasks"] = {k: v.as_dict() for k, v in results.items()}
     texts.append(format_accuracy_table(results, title=f"{variant.path} (seed {args.seed}, greedy)"))
-    records.append(("accuracy", {t: {"accuracy": round(r.accuracy, 4), "n": r.n, "seed": args.seed,
-                                     "difficulty": args.difficulty} for t, r in results.items()},
+    from qwenlab.tasks.registry import DEFAULT_DIFFICULTY
+    from qwenlab.variants.results import accuracy_values
+
+    # The difficulty is recorded as run (the task's default resolved), so figures match on what was measured.
+    records.append(("accuracy", {t: accuracy_values(r, seed=args.seed, difficulty=args.difficulty or
+                                                    DEFAULT_DIFFICULTY.get(t)) for t, r in results.items()},
                     {"seed": args.seed, "difficulty": args.difficulty, "decoding": "greedy"}))
 
 

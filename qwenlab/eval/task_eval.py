@@ -17,6 +17,7 @@ class TaskResult:
     n: int
     correct: float
     examples: list[dict] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # per instance, in sample order: paired tests need them
 
     @property
     def accuracy(self) -> float:
@@ -45,6 +46,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], n: int = 200, seed: int =
             for instance, completion in zip(chunk, completions):
                 reward = get_task(task).score(completion.text, instance.expected)
                 result.correct += reward
+                result.rewards.append(float(reward))
                 if len(result.examples) < keep_examples:
                     result.examples.append({"prompt": instance.prompt, "expected": instance.expected,
                                             "completion": completion.text, "reward": reward})

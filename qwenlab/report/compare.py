@@ -18,7 +18,9 @@ from pathlib import Path
 from qwenlab.text_table import format_table
 from qwenlab.variants.listing import (Variant, describe_variant, find_variants, is_variant_folder, short_origin,
                                       size_text, summary_row, warn_if_incomplete_run)
-from qwenlab.variants.results import latest_all
+from qwenlab.report.matching import match_accuracy
+from qwenlab.stats import paired_comparison
+from qwenlab.variants.results import accuracy_figures, latest_all
 from qwenlab.checkpoint.reader import read_json_object
 from qwenlab.errors import QwenlabError
 from qwenlab.model.info import human_bytes, human_count
@@ -74,8 +76,10 @@ def expand_inputs(paths: list[str | Path]) -> tuple[list[Variant], list[dict], d
     return list(unique.values()), searches, names
 
 
-def build_comparison(paths: list[str | Path], names: dict[str, str] | None = None) -> Comparison:
-    """names: optional display names by resolved folder path (a recipe's model names)."""
+def build_comparison(paths: list[str | Path], names: dict[str, str] | None = None,
+                     accuracy_where: dict | None = None) -> Comparison:
+    """names: optional display names by resolved folder path (a recipe's model names). accuracy_where:
+    optional {"difficulty": d, "seed": s} that compared accuracy figures must have (a recipe's own setting)."""
     variants, searches, found_names = expand_inputs(paths)
     names = {**found_names, **{str(Path(k).resolve()): v for k, v in (names or {}).items()}}
     rows = []
@@ -86,18 +90,34 @@ def build_comparison(paths: list[str | Path], names: dict[str, str] | None = Non
         row["lineage"] = variant.lineage
         rows.append(row)
     _disambiguate(rows)
+    match_notes = _use_matched_accuracy(rows, variants, accuracy_where)
     tasks = sorted({t for r in rows for t in r["tasks"]})
     measured = [r for r in rows if r["tasks"]]
     common = [t for t in tasks if all(t in r["tasks"] for r in measured)]
     contexts = sorted({c for r in rows for c in r["speed"]})
     comparison = Comparison(rows, tasks, contexts, common, searches=searches)
     comparison.sweeps = merge_sweeps(rows)
-    comparison.notes = measurement_notes(rows, tasks)
+    comparison.notes = match_notes + measurement_notes(rows, tasks)
     if common != tasks:
         shared = ", ".join(common) or "none"
         comparison.notes.append(f"the mean is over the tasks every measured variant shares: {shared}.")
     comparison.recommendation = recommend(rows, common)
     return comparison
+
+
+def _use_matched_accuracy(rows: list[dict], variants: list[Variant], where: dict | None) -> list[str]:
+    """Replace each row's accuracy by the figures matched across variants (report/matching.py)."""
+    figures = {row["name"]: accuracy_figures(variant.path) for row, variant in zip(rows, variants)}
+    matched, notes = match_accuracy(figures, where)
+    for row in rows:
+        mine = matched[row["name"]]
+        row["tasks"] = {t: m.accuracy for t, m in mine.items()}
+        row["task_n"] = {t: m.n for t, m in mine.items()}
+        row["task_interval"] = {t: (round(m.low, 4), round(m.high, 4)) for t, m in mine.items()}
+        row["task_rewards"] = {t: m.rewards for t, m in mine.items()}
+        row["task_setting"] = {t: list(m.setting) for t, m in mine.items()}
+        row["mean_accuracy"] = sum(row["tasks"].values()) / len(row["tasks"]) if row["tasks"] else None
+    return notes
 
 
 def _disambiguate(rows: list[dict]) -> None:
@@ -176,38 +196,60 @@ def _mean(row: dict, tasks: list[str]) -> float | None:
     return sum(values) / len(values) if len(values) == len(tasks) and tasks else None
 
 
+def paired_rewards(a: dict, b: dict, tasks: list[str]) -> tuple[list[float], list[float]] | None:
+    """Both rows' per-instance rewards over `tasks`, instance by instance (None if either lacks them)."""
+    xs, ys = [], []
+    for task in tasks:
+        x, y = a.get("task_rewards", {}).get(task), b.get("task_rewards", {}).get(task)
+        if x is None or y is None or len(x) != len(y):
+            return None
+        xs += x
+        ys += y
+    return xs, ys
+
+
 def recommend(rows: list[dict], tasks: list[str]) -> str:
-    """Which variant to ship, stated from the figures: the smallest / fastest within one standard error of the best."""
+    """Which variant to ship: the best mean accuracy over the tasks every measured variant shares, with
+    its size and speed; each claim against another variant comes from a paired test on the same prompts."""
     common = [t for t in tasks if all(t in r["tasks"] for r in rows if r["tasks"])]  # tasks every variant shares
     scored = [(r, _mean(r, common)) for r in rows]
     scored = [(r, m) for r, m in scored if m is not None]
     if not scored:
         return "No recommendation: no variant has measured task accuracy (run `qwenlab eval`)."
-    best, best_mean = max(scored, key=lambda x: x[1])
-    instances = sum(best["task_n"].get(t) or 0 for t in common) or 1
-    # Binomial standard error with Laplace's rule, so that 0/n and n/n are not treated as exact.
-    smoothed = (best_mean * instances + 1) / (instances + 2)
-    stderr = math.sqrt(smoothed * (1 - smoothed) / instances)
-    close = [(r, m) for r, m in scored if m >= best_mean - stderr]
-    with_speed = [(r, m) for r, m in close if r["decode_tokens_per_s"] is not None]
-    if len(with_speed) == len(close) and len({r["speed_context"] for r, _ in close}) == 1:
-        pick, why = max(close, key=lambda x: x[0]["decode_tokens_per_s"]), "the fastest"
-    else:
-        pick, why = min(close, key=lambda x: x[0]["deploy_bytes"]), "the smallest on disk"
-    row, mean = pick
-    text = (f"**Ship `{row['name']}`**: mean accuracy {mean:.3f} over {len(common)} task(s) "
-            f"({', '.join(common)}); the best is `{best['name']}` at {best_mean:.3f} "
-            f"(one standard error: {stderr:.3f} over {instances} instances). "
-            f"Of the {len(close)} variant(s) within one standard error of the best, it is {why}: "
-            f"{human_bytes(row['deploy_bytes'])} on disk")
-    if row["decode_tokens_per_s"] is not None:
-        text += f", {row['decode_tokens_per_s']:.1f} tokens/s decode at a {row['speed_context']}-token context"
-    if row is not best:
-        text += f" (vs {human_bytes(best['deploy_bytes'])}"
-        if best["decode_tokens_per_s"] is not None:
-            text += f", {best['decode_tokens_per_s']:.1f} tokens/s"
-        text += f" for `{best['name']}`)"
-    return text + "."
+    best, best_mean = max(scored, key=lambda x: (x[1], -x[0]["deploy_bytes"]))
+    instances = sum(best["task_n"].get(t) or 0 for t in common)
+    text = (f"**Ship `{best['name']}`**: the best mean accuracy, {best_mean:.3f} over {len(common)} task(s) "
+            f"({', '.join(common)}; {instances} prompts), {human_bytes(best['deploy_bytes'])} on disk")
+    if best["decode_tokens_per_s"] is not None:
+        text += f", {best['decode_tokens_per_s']:.1f} tokens/s decode at a {best['speed_context']}-token context"
+    text += "."
+    beaten, tied, unpaired = [], [], []
+    for row, mean in scored:
+        if row is best:
+            continue
+        pair = paired_rewards(row, best, common)
+        if pair is None:
+            unpaired.append(f"`{row['name']}` ({mean:.3f})")
+            continue
+        test = paired_comparison(*pair)
+        claim = (f"`{row['name']}` ({test.difference:+.3f}, 95% CI {test.low:+.3f} to {test.high:+.3f}, "
+                 f"p = {test.p_value:.2g})")
+        (beaten if test.significant() and test.difference > 0 else tied).append((row, claim))
+    if beaten:
+        text += (" It is better than " + ", ".join(c for _, c in beaten) +
+                 " (paired sign test on the same prompts, p < 0.05).")
+    if tied:
+        text += (" Not distinguishable from it on these prompts: " + ", ".join(c for _, c in tied) +
+                 " (paired sign test, p >= 0.05)")
+        lighter = min((r for r, _ in tied), key=lambda r: r["deploy_bytes"])
+        if lighter["deploy_bytes"] < best["deploy_bytes"]:
+            text += (f"; of these, `{lighter['name']}` is smaller ({human_bytes(lighter['deploy_bytes'])}) and "
+                     "would do as well within the test's power")
+        text += "."
+    if unpaired:
+        text += (" Not tested against it (no per-instance rewards recorded, re-run `qwenlab eval`): "
+                 + ", ".join(unpaired) + ".")
+    return text
 
 
 # ---- tables -------------------------------------------------------------------------------
@@ -224,13 +266,22 @@ def main_table(c: Comparison, markdown: bool = True) -> str:
         rows.append([
             r["name"], r["kind"], r["from"],
             size_text(r), human_count(r["parameters"]) if r["parameters"] else "-", r["dtype"],
-            *[_num(r["tasks"].get(t), ".3f") for t in c.tasks], _num(_mean(r, c.common_tasks), ".3f"),
+            *[_accuracy_cell(r, t, markdown) for t in c.tasks], _num(_mean(r, c.common_tasks), ".3f"),
             _num(r["perplexity"], ".2f"), _num((speed or {}).get("decode_tokens_per_s"), ".1f") +
             (f" ({r['speed_dtype']})" if speed and r["speed_dtype"] not in (None, "None", r["dtype"]) and
              not r["dtype"].startswith(str(r["speed_dtype"])) else ""),
             _num((speed or {}).get("ttft_s") and speed["ttft_s"] * 1000, ".0f", " ms"),
             human_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-"])
     return format_table(headers, rows, markdown, align="llllrl" + "r" * (len(c.tasks) + 5))
+
+
+def _accuracy_cell(row: dict, task: str, with_interval: bool) -> str:
+    """'0.393 [0.35, 0.44]': the figure and its 95% Wilson interval."""
+    value = row["tasks"].get(task)
+    interval = row.get("task_interval", {}).get(task)
+    if value is None or not with_interval or not interval:
+        return _num(value, ".3f")
+    return f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def speed_table(c: Comparison, markdown: bool = True) -> str:
@@ -406,12 +457,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_comparison(paths: list[str | Path], out: str | Path, title: str = "qwenlab compare",
-                     names: dict[str, str] | None = None) -> tuple[Comparison, dict[str, Path]]:
+                     names: dict[str, str] | None = None, accuracy_where: dict | None = None
+                     ) -> tuple[Comparison, dict[str, Path]]:
     """Write compare.md, compare.html, compare.json and the PNG plots into `out`; returns them and their paths."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QwenlabError(f"{out}: exists and is not a folder; --out needs a folder for the comparison files")
-    c = build_comparison(paths, names)  # before creating `out`: bad inputs leave nothing behind
+    c = build_comparison(paths, names, accuracy_where)  # before creating `out`: bad inputs leave nothing behind
     out.mkdir(parents=True, exist_ok=True)
     plots: list[tuple[str, Path]] = []
     for caption, plot, name in (("Accuracy per task", plot_accuracy, "accuracy.png"),
@@ -453,8 +505,8 @@ def comparison_markdown(c: Comparison, plots: list[tuple[str, Path]], title: str
         parts += [f"{heading}# Plots"] + [f"![{caption}]({image_prefix}{path.name})" for caption, path in plots]
     if c.notes:
         parts += [f"{heading}# Notes"] + ["\n".join(f"- {n}" for n in c.notes)]
-    parts.append("Figures are the latest measurements recorded in each variant's measurements.jsonl; "
-                 "'-' means not measured.")
+    parts.append("Figures are the measurements recorded in each variant's measurements.jsonl, matched on task, "
+                 "difficulty and seed across variants; brackets hold 95% Wilson intervals; '-' means not measured.")
     return "\n\n".join(parts) + "\n"
 
 

@@ -11,14 +11,19 @@ def measure_missing(variants: dict[str, str], tasks: list[str], *, n: int = 50, 
     """Measure and record accuracy (and perplexity) of each variant (name -> folder) where no figure for
     these tasks at this n and seed is recorded yet; returns what was measured."""
     from qwenlab.variants.listing import load_variant
-    from qwenlab.variants.results import latest, record_accuracy, record_measurement
+    from qwenlab.variants.results import accuracy_figures, accuracy_setting, latest, record_accuracy, \
+        record_measurement
     from qwenlab.eval.task_eval import evaluate_tasks
+    from qwenlab.tasks.registry import DEFAULT_DIFFICULTY
 
+    # Figures match on the difficulty as run, so the default is resolved per task.
+    difficulties = {t: difficulty or DEFAULT_DIFFICULTY.get(t) for t in tasks}
     measured = []
     for name, folder in variants.items():
-        accuracy = latest(folder, "accuracy")
-        missing = [t for t in tasks if t not in accuracy or accuracy[t].values.get("n") != n
-                   or accuracy[t].values.get("seed") != seed]
+        accuracy = accuracy_figures(folder)
+        # Present: a figure at this setting on at least n instances (its first n are these n: a stable prefix).
+        missing = [t for t in tasks if not any(accuracy_setting(f) == (difficulties[t], seed) and
+                                               (f.values.get("n") or 0) >= n for f in accuracy.get(t, []))]
         need_ppl = perplexity_file and Path(perplexity_file).name not in latest(folder, "perplexity")
         if not missing and not need_ppl:
             continue
@@ -26,7 +31,7 @@ def measure_missing(variants: dict[str, str], tasks: list[str], *, n: int = 50, 
         if missing:
             results = evaluate_tasks(model, tokenizer, missing, n=n, seed=seed, difficulty=difficulty,
                                      progress=False)
-            record_accuracy(folder, results, seed=seed, difficulty=difficulty, dtype=dtype)
+            record_accuracy(folder, results, seed=seed, difficulty=difficulties, dtype=dtype)
             measured.append(f"{name}: accuracy on {', '.join(missing)}")
         if need_ppl:
             from qwenlab.eval.perplexity import evaluate_perplexity, read_documents

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwenlab.variants.results import Figure, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
+from qwenlab.variants.results import Figure, accuracy_figures, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
 from qwenlab.checkpoint.lineage import read_lineage
 from qwenlab.loading import adapter_base
 from qwenlab.checkpoint.dtypes import SHORT_NAMES, element_bytes
@@ -323,7 +323,27 @@ def size_text(row: dict) -> str:
 
 
 def list_variants(paths: list[str | Path]) -> list[dict]:
-    return [summary_row(v, latest_all(v.path)) for v in find_variants(paths)]
+    rows = []
+    for variant in find_variants(paths):
+        row = summary_row(variant, latest_all(variant.path))
+        # Every accuracy setting measured, so a figure at another n or difficulty is shown, not hidden.
+        row["accuracy_settings"] = {task: [{k: f.values.get(k) for k in ("accuracy", "n", "difficulty", "seed")}
+                                           | {"dtype": f.setup.get("dtype"), "time": f.time} for f in figures]
+                                    for task, figures in accuracy_figures(variant.path).items()}
+        rows.append(row)
+    return rows
+
+
+def _accuracy_text(row: dict) -> str:
+    """'0.512 (4 tasks, n=200)'; '+2 other settings' when other n/difficulty/seed figures exist too."""
+    if row["mean_accuracy"] is None:
+        return "-"
+    tasks = len(row["tasks"])
+    ns = sorted({n for n in row["task_n"].values() if n is not None})
+    n_text = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}" if ns else "n=?"
+    others = sum(len(figures) - 1 for figures in row.get("accuracy_settings", {}).values())
+    extra = f", +{others} other setting{'s' * (others != 1)}" if others else ""
+    return f"{row['mean_accuracy']:.3f} ({tasks} task{'s' * (tasks != 1)}, {n_text}{extra})"
 
 
 def format_listing(rows: list[dict], markdown: bool = False) -> str:
@@ -331,12 +351,11 @@ def format_listing(rows: list[dict], markdown: bool = False) -> str:
                "peak RSS"]
     table = []
     for r in rows:
-        tasks = len(r["tasks"])
         ctx = f"@{r['speed_context']}" if r["speed_context"] else ""
         table.append([
             r["name"], r["kind"], r["from"],
             size_text(r), human_count(r["parameters"]) if r["parameters"] else "-", r["dtype"],
-            f"{r['mean_accuracy']:.3f} ({tasks} task{'s' * (tasks != 1)})" if r["mean_accuracy"] is not None else "-",
+            _accuracy_text(r),
             _fmt(r["perplexity"], ".2f") if r["perplexity"] is not None else
             ("several" if r["perplexity_items"] else "-"),
             f"{r['decode_tokens_per_s']:.1f}{ctx}" if r["decode_tokens_per_s"] is not None else "-",

@@ -9,12 +9,13 @@ One JSON line per measurement run:
      "fingerprint": "..."}                           # of the weights measured (see weights_fingerprint)
 
 Items per kind (metrics are free, these are the ones ls / compare / card read):
-    accuracy    task name        -> {"accuracy", "n", "seed"}
+    accuracy    task name        -> {"accuracy", "n", "seed", "difficulty", "rewards": per instance, in order}
     speed       context tokens   -> {"ttft_s", "decode_tokens_per_s", "peak_rss_bytes"}
     perplexity  data file name   -> {"perplexity", "tokens", "bits_per_byte"}
 
 `latest(folder, kind)` merges the records newest-wins per item, so an eval of one task does not
-hide an older eval of another. Records whose fingerprint no longer matches the folder's weights
+hide an older eval of another; for accuracy a larger n wins over a newer smaller one, and
+`accuracy_figures` keeps every setting, so `compare` can pair variants measured alike. Records whose fingerprint no longer matches the folder's weights
 (the folder was overwritten) are ignored. Folders that cannot be written (a read-only cache, the
 nano model inside the package) keep their records under ~/.cache/qwenlab/measurements/, keyed by
 the fingerprint, so they are found again from the same weights.
@@ -158,7 +159,10 @@ def read_measurements(folder: str | Path, include_stale: bool = False) -> list[d
 
 def latest(folder: str | Path, kind: str, records: list[dict] | None = None, where: dict | None = None
            ) -> dict[str, Figure]:
-    """item -> its newest Figure of this kind (only records whose setup matches `where`, if given)."""
+    """item -> its newest Figure of this kind (only records whose setup matches `where`, if given).
+
+    Accuracy is the exception: a smaller-n evaluation never replaces a larger one, so per task the
+    figure on the most instances wins and, among equal n, the newest (`accuracy_figures` keeps all)."""
     merged: dict[str, Figure] = {}
     for record in records if records is not None else read_measurements(folder):
         if record["kind"] != kind:
@@ -166,9 +170,49 @@ def latest(folder: str | Path, kind: str, records: list[dict] | None = None, whe
         if where and any((record.get("setup") or {}).get(k) != v for k, v in where.items()):
             continue
         for item, values in record["figures"].items():
-            merged[item] = Figure(values, record.get("time", ""), record.get("setup") or {}, record.get("command", ""),
-                                  record.get("machine") or {})
+            figure = Figure(values, record.get("time", ""), record.get("setup") or {}, record.get("command", ""),
+                            record.get("machine") or {})
+            if kind == "accuracy" and item in merged and _instances(figure) < _instances(merged[item]):
+                continue
+            merged[item] = figure
     return merged
+
+
+def _instances(figure: Figure) -> int:
+    n = figure.values.get("n")
+    return n if isinstance(n, int) else 0
+
+
+def accuracy_setting(figure: Figure) -> tuple:
+    """What must match for two accuracy figures to be compared: (difficulty, seed). The instances of a
+    task are a stable prefix in n (qwenlab.tasks.sample_instances), so figures at one setting and
+    different n share their first min(n) prompts."""
+    values = figure.values
+    return (values.get("difficulty", figure.setup.get("difficulty")), values.get("seed", figure.setup.get("seed")))
+
+
+def accuracy_figures(folder: str | Path, records: list[dict] | None = None) -> dict[str, list[Figure]]:
+    """task -> every distinct accuracy measurement (the newest per setting, n and dtype), largest n first."""
+    kept: dict[str, dict[tuple, Figure]] = {}
+    for record in records if records is not None else read_measurements(folder):
+        if record["kind"] != "accuracy":
+            continue
+        for item, values in record["figures"].items():
+            figure = Figure(values, record.get("time", ""), record.get("setup") or {}, record.get("command", ""),
+                            record.get("machine") or {})
+            key = (*accuracy_setting(figure), _instances(figure), figure.setup.get("dtype"))
+            kept.setdefault(item, {})[key] = figure  # records are oldest first: the newest stays
+    return {task: sorted(by_key.values(), key=lambda f: (_instances(f), f.time), reverse=True)
+            for task, by_key in kept.items()}
+
+
+def rewards_of(figure: Figure) -> list[float] | None:
+    """The per-instance rewards stored with an accuracy figure (None for records made before they were kept)."""
+    rewards = figure.values.get("rewards")
+    if isinstance(rewards, list) and len(rewards) == _instances(figure) and \
+            all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+        return [float(r) for r in rewards]
+    return None
 
 
 def latest_all(folder: str | Path) -> dict[str, dict[str, Figure]]:
@@ -188,14 +232,22 @@ def latest_by_dtype(folder: str | Path, kind: str = "speed", records: list[dict]
 # ---- helpers for the three kinds ------------------------------------------------------------
 
 
-def record_accuracy(folder, results: dict, *, seed: int, difficulty: int | None = None, dtype: str = "fp32",
+def record_accuracy(folder, results: dict, *, seed: int, difficulty: int | None | dict = None, dtype: str = "fp32",
                     extra_setup: dict | None = None) -> Path:
-    """Record qwenlab.eval.task_eval results ({task: TaskResult})."""
-    figures = {task: {"accuracy": round(r.accuracy, 4), "n": r.n, "seed": seed, "difficulty": difficulty}
-               for task, r in results.items()}
+    """Record qwenlab.eval.task_eval results ({task: TaskResult}); `difficulty` may be given per task."""
+    per_task = difficulty if isinstance(difficulty, dict) else {task: difficulty for task in results}
+    figures = {task: accuracy_values(r, seed=seed, difficulty=per_task.get(task)) for task, r in results.items()}
     return record_measurement(folder, "accuracy", figures,
-                              setup={"dtype": dtype, "seed": seed, "difficulty": difficulty, "decoding": "greedy",
-                                     **(extra_setup or {})})
+                              setup={"dtype": dtype, "seed": seed,
+                                     "difficulty": None if isinstance(difficulty, dict) else difficulty,
+                                     "decoding": "greedy", **(extra_setup or {})})
+
+
+def accuracy_values(result, *, seed: int, difficulty: int | None) -> dict:
+    """The stored figure of one qwenlab.eval.task_eval.TaskResult, its per-instance rewards included."""
+    rewards = [int(r) if r in (0.0, 1.0) else round(r, 4) for r in getattr(result, "rewards", [])]
+    values = {"accuracy": round(result.accuracy, 4), "n": result.n, "seed": seed, "difficulty": difficulty}
+    return {**values, "rewards": rewards} if len(rewards) == result.n else values
 
 
 def mean_accuracy(accuracy: dict[str, Figure], tasks: list[str] | None = None) -> float | None:

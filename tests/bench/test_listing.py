@@ -46,7 +46,7 @@ def test_ls_cli_shows_lineage_size_and_latest_figures(fresh_family, capsys):
     assert main(["ls", str(fresh_family)]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("slerp-0.7"))
-    assert "merge" in row and "slerp: base, other" in row and "0.250 (1 task)" in row and "55.5@128" in row
+    assert "merge" in row and "slerp: base, other" in row and "0.250 (1 task, n=8)" in row and "55.5@128" in row
     assert "12 ms@128" in row
     lora = next(line for line in out.splitlines() if line.startswith("lora"))
     assert "adapter" in lora and "+ base" in lora

@@ -49,6 +49,10 @@ def run_variants(ctx, params: Params) -> dict[str, str]:
     return variants
 
 
+def _setting(params: Params) -> dict:
+    return {"seed": params.seed, **({"difficulty": params.difficulty} if params.difficulty else {})}
+
+
 def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.report.compare import comparison_markdown, main_table, write_comparison
     from qwenlab.report.measure import measure_missing
@@ -59,7 +63,9 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     title = params.title
     folder = params.label or "compare"  # two compare stages write two folders
     comparison, _ = write_comparison(list(variants.values()), ctx.run_dir / folder, title=title,
-                                     names={path: name for name, path in variants.items()})
+                                     names={path: name for name, path in variants.items()},
+                                     # only figures measured as this stage measures them (not other cache entries)
+                                     accuracy_where=_setting(params) if params.tasks else None)
     print(main_table(comparison, markdown=False))
     print(comparison.recommendation.replace("**", ""))
     section = comparison_markdown(comparison, comparison.plots, title, heading="##", image_prefix=f"{folder}/")
