@@ -115,9 +115,21 @@ def report_bug() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # argparse fills an optional positional OUT before the options that follow the inputs, so in
+    # `quantize nano --bits 8 OUT` the OUT is left over: it is OUT, when the command takes one.
+    if len(extras) == 1 and not extras[0].startswith("-") and hasattr(args, "out_option") and args.out is None:
+        args.out, extras = extras[0], []
+    if extras:
+        parser.parse_args(argv)  # argparse's own message for what is left over (exit 2)
     if not getattr(args, "func", None):
         parser.print_help()
+        return USER_ERROR
+    from qwenlab.cli.types import resolve_output
+
+    problem = resolve_output(args, inputs="adapters")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return USER_ERROR
     debug = args.debug or os.environ.get("QWENLAB_DEBUG") == "1"
     try:

@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     p = verbs.add_parser("merge", help="write BASE with ADAPTER folded in (W + B·A·alpha/r) as a model folder")
     p.add_argument("base", help="the base model folder or 'nano'")
     p.add_argument("adapter", help="a PEFT LoRA adapter folder")
-    p.add_argument("out")
+    types.add_output(p, "the merged model folder to write")
     p.add_argument("--dtype", default=None, help="output dtype (default: the base's)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_merge)
@@ -72,7 +72,7 @@ def register(subparsers) -> None:
     p = verbs.add_parser("extract", help="a rank-r LoRA of FINETUNED - BASE (truncated SVD per linear)")
     p.add_argument("base")
     p.add_argument("finetuned")
-    p.add_argument("out")
+    types.add_output(p, "the adapter folder to write")
     p.add_argument("--rank", type=types.positive_int, required=True)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="linear modules to extract (comma-separated)")
@@ -82,8 +82,11 @@ def register(subparsers) -> None:
 
     p = verbs.add_parser("combine", help="one adapter from several: cat (exact), svd, ties, dare_linear, "
                                          "dare_ties, linear")
-    p.add_argument("out")
+    p.add_argument("out", metavar="OUT", help="the adapter folder to write (or --out OUT, then every positional "
+                   "is an input)")
     p.add_argument("adapters", nargs="+", help="two or more adapter folders of the same base")
+    p.add_argument("--out", dest="out_option", default=None, metavar="OUT", help="the same as OUT")
+    p.set_defaults(output_required=True, output_first=True)
     p.add_argument("--method", default="cat", choices=["cat", "svd", "ties", "dare_linear", "dare_ties", "linear"])
     p.add_argument("--weights", default=None, help="one weight per adapter, comma-separated (default: 1 each)")
     p.add_argument("--rank", type=types.positive_int, default=None, help="svd/ties/dare: output rank (default: the largest input)")

@@ -49,7 +49,7 @@ def cmd_merge_search(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("merge", help="merge models from a mergekit-style YAML config")
     p.add_argument("config", help="YAML: merge_method, models or slices, base_model, parameters, dtype, ...")
-    p.add_argument("out", nargs="?", help="output model folder (not needed with --dry-run)")
+    types.add_output(p, "output model folder (not needed with --dry-run)", required=False)
     p.add_argument("--dtype", default=None, help="saved dtype (overrides out_dtype/dtype): bfloat16, float16, float32")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--max-shard-size", type=types.size, default="1GiB", help="largest output shard (default 1GiB)")

@@ -175,7 +175,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("random", help="write a random-weight model with a preset's exact shapes")
     p.add_argument("preset", help="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b or qwen2.5-7b")
-    p.add_argument("out")
+    types.add_output(p, "the model folder to write")
     p.add_argument("--seed", type=types.seed, default=0)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--max-shard-size", type=types.size, default="5GB")

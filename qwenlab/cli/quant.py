@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qwenlab.cli import types
+
 
 def cmd_quantize(args) -> int:
     from qwenlab.quant.quantize import quantize_model
@@ -24,7 +26,7 @@ def cmd_export_gguf(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="int8/int4 weight-only, group-wise quantization to a new folder")
     p.add_argument("model", help="a float model folder (or 'nano')")
-    p.add_argument("out")
+    types.add_output(p, "the quantized model folder to write")
     p.add_argument("--bits", type=int, default=4, choices=[8, 4])
     p.add_argument("--group-size", type=int, default=None, help="32, 64 or 128 (default: 32 for int8, 64 for int4)")
     p.add_argument("--method", default="rtn", help="rtn (round to nearest) or hqq (optimised zero points; int4)")
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
     kinds = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
     p = kinds.add_parser("gguf", help="a GGUF file for llama.cpp (tokenizer and chat template included)")
     p.add_argument("model", help="a float model folder (or 'nano')")
-    p.add_argument("out", help="the .gguf file to write")
+    types.add_output(p, "the .gguf file to write")
     p.add_argument("--type", default="q8_0", help="f16, q8_0 or q4_0")
     p.add_argument("--head-type", default=None, help="type of the embedding / LM head (default: --type)")
     p.add_argument("--force", action="store_true")

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     for kind, text in (("sft", "chat prompt/completion pairs with the verified answer"),
                        ("dpo", "chat prompt/chosen/rejected: a correct answer over a wrong or badly formatted one")):
         p = kinds.add_parser(kind, help=text)
-        p.add_argument("out", help="the JSONL file to write")
+        types.add_output(p, "the JSONL file to write")
         p.add_argument("--task", required=True, help=f"a task name: {', '.join(TASKS)}")
         p.add_argument("--n", type=types.positive_int, required=True, help="number of records")
         p.add_argument("--seed", type=types.seed, default=0, help="data seed (instances never overlap evaluation's)")

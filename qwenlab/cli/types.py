@@ -99,3 +99,34 @@ def size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
     return value
+
+
+# ---- outputs: every command that writes one takes it as OUT (where that reads naturally) or --out ----
+
+
+def add_output(parser: argparse.ArgumentParser, help: str, *, required: bool = True, first: bool = False) -> None:
+    """OUT as a positional and as --out, the same value either way (resolve_output checks them after parsing).
+
+    first: OUT is the first positional, before a list of inputs (`adapter combine OUT A B`); given as
+    --out, every positional is then an input."""
+    parser.add_argument("out", nargs="?", default=None, metavar="OUT", help=f"{help} (or --out OUT)")
+    parser.add_argument("--out", dest="out_option", default=None, metavar="OUT", help="the same as OUT")
+    parser.set_defaults(output_required=required, output_first=first)
+
+
+def resolve_output(args: argparse.Namespace, inputs: str | None = None) -> str | None:
+    """args.out from OUT or --out; the error message when they disagree or a required one is missing.
+
+    inputs: for output_first commands, the name of the positional list that OUT moves into under --out."""
+    if not hasattr(args, "out_option"):
+        return None
+    if args.out_option is not None:
+        if getattr(args, "output_first", False) and args.out is not None:
+            name = inputs or "inputs"
+            setattr(args, name, [args.out, *getattr(args, name)])
+        elif args.out is not None and args.out != args.out_option:
+            return f"OUT given twice, as {args.out!r} and --out {args.out_option!r}; give one"
+        args.out = args.out_option
+    if args.out is None and args.output_required:
+        return "the output is missing: give OUT as an argument or --out OUT"
+    return None
