@@ -159,7 +159,10 @@ class Tokenizer:
         return ids
 
     # ---- chat ----------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The conversation as the model's template writes it; `tools` (OpenAI function objects) go in
+        the template's tools block (Qwen2.5: its system turn)."""
         if not self.chat_template:
             raise QwenlabError(f"{self.folder}: the tokenizer has no chat template "
                                "(expected 'chat_template' in tokenizer_config.json or chat_template.jinja)")
@@ -168,7 +171,7 @@ class Tokenizer:
                 raise QwenlabError(f"messages[{i}]: expected an object with 'role' and 'content'")
         try:
             return self._compiled_template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
                 bos_token=_token_text(self.config.get("bos_token")) or "", eos_token=self.eos_token)
         except TemplateError as e:
             raise QwenlabError(f"{self._template_source}: chat template: {e}") from None

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenlab.serve.completions import ClientGone, LoopMailbox, prepare, respond
@@ -67,7 +68,8 @@ def _openai_router(registry: ModelRegistry, limits: ServeLimits, metrics: ServeM
 
     async def generate(body, http_request: Request, endpoint: str):
         target = registry.resolve(body.model)
-        prepared = prepare(body, target, limits)
+        # off the event loop: rendering, tokenizing and compiling a grammar take milliseconds
+        prepared = await run_in_threadpool(prepare, body, target, limits)
         gate.acquire()
         metrics.observe_request(target.model_id, endpoint, len(prepared.prompt_ids))
         released = False
@@ -151,6 +153,8 @@ def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
         text = first.get("msg", "invalid value").removeprefix("Value error, ")
         if isinstance(cause, NonFiniteValue):  # found by the whole-body check: name the field it is in
             param, text = cause.param, "must be a finite number (NaN and infinity are refused)"
+        elif param is None and ": " in text:  # a check across fields says which field it is about
+            param, _, text = text.partition(": ")
         message = f"{param}: {text}" if param else text
         return reply(400, error_body(message, "invalid_request_error", "invalid_value", param))
 

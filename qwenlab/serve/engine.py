@@ -4,8 +4,11 @@ Each `step()`:
   1. runs queued control commands (adapter load/unload) while no forward pass is in flight;
   2. drops cancelled rows (client gone, timeout);
   3. admits waiting requests into free rows: one left-padded prefill for all newcomers (each
-     row with its own adapter), whose KV rows are then copied into the running BatchKVCache;
-  4. runs one decode step for every running row (each row with its own adapter and position).
+     row with its own adapter), run in chunks of PREFILL_CHUNK_TOKENS, one chunk per step, so the
+     streams in flight get a decode step between chunks (chunked prefill); when it is done its KV
+     rows are copied into the running BatchKVCache, once per choice (n > 1 shares the prefill);
+  4. runs one decode step for every running row (each row with its own adapter and position),
+     while a worker thread computes the next token masks of the grammar-constrained rows.
 A row leaves the moment it finishes, and a waiting request takes its place at the next step.
 
 Faults stay as small as they can: an exception while setting up, sampling or emitting one row ends
@@ -32,11 +35,44 @@ from qwenlab.model.qwen2 import Qwen2ForCausalLM
 from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.serve.adapters_bridge import AdapterSet
 from qwenlab.serve.batch_cache import BatchKVCache
+from qwenlab.serve.constrained import GrammarBackend
 from qwenlab.serve.requests import EngineEvent, EngineRequest, RowState
 
 log = logging.getLogger("qwenlab.serve")
 ROW_ERROR = "internal error while generating this request; other requests are unaffected"
 ENGINE_ERROR = "internal error in the generation engine"
+# Prompt tokens (rows x columns) per prefill chunk: what a running stream may wait for between two tokens.
+PREFILL_CHUNK_TOKENS = 256
+
+
+class PrefillJob:
+    """Newcomers' prompts, left-padded into one batch with a KV cache of its own, run a chunk at a time.
+
+    states[i] are the choices of requests[i]: they share its prefilled KV row (copied once per choice)."""
+
+    def __init__(self, model, requests: list[EngineRequest], states: list[list[RowState]], chunk_tokens: int):
+        self.requests, self.states = requests, states
+        self.longest = max(len(r.prompt_ids) for r in requests)
+        self.tokens = torch.tensor([[0] * (self.longest - len(r.prompt_ids)) + r.prompt_ids for r in requests])
+        self.valid = torch.tensor([[False] * (self.longest - len(r.prompt_ids)) + [True] * len(r.prompt_ids)
+                                   for r in requests])
+        self.positions = (self.valid.long().cumsum(-1) - 1).clamp(min=0)  # RoPE counts real tokens only
+        self.cache = model.new_cache(len(requests), self.longest)
+        self.chunk = max(16, chunk_tokens // len(requests))
+        self.done = 0
+        self.logits: torch.Tensor | None = None
+
+    def advance(self, model, adapters) -> bool:
+        """Run the next chunk; True when the whole prompt is in (then `logits` holds each row's last)."""
+        part = slice(self.done, self.done + self.chunk)
+        adapters.select([r.adapter for r in self.requests])
+        logits = model(self.tokens[:, part], positions=self.positions[:, part], cache=self.cache,
+                       valid=self.valid[:, part], last_only=True)
+        self.done = min(self.longest, self.done + self.chunk)
+        if self.done < self.longest:
+            return False
+        self.logits = logits[:, -1]
+        return True
 
 
 class Engine:
@@ -50,6 +86,8 @@ class Engine:
         self.cache = BatchKVCache(model.config, max_batch, max_context, model.dtype)
         self.rows: list[RowState] = []  # rows[i] is cache row i
         self.waiting: deque[EngineRequest] = deque()
+        self.prefilling: deque[PrefillJob] = deque()  # the head runs a chunk per step; a failed group is split
+        self.grammars = GrammarBackend(tokenizer, model.config.vocab_size, stop_ids)
         self.commands: deque[tuple[Callable[[], object], Future]] = deque()
         self.lock = threading.Lock()
         self.wake: Callable[[], None] = lambda: None  # set by EngineLoop
@@ -75,11 +113,12 @@ class Engine:
     def adapters_in_use(self) -> set[str]:
         with self.lock:
             pending = [r.adapter for r in self.waiting]
+        pending += [r.adapter for job in list(self.prefilling) for r in job.requests]
         return {a for a in pending + [row.request.adapter for row in self.rows] if a}
 
     # ---- the engine thread ------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting or self.commands)
+        return bool(self.rows or self.waiting or self.commands or self.prefilling)
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -88,9 +127,12 @@ class Engine:
             return False
         self._run_commands()
         self._drop_cancelled()
-        newcomers = self._admit()
-        if newcomers:
-            self._prefill_isolated(newcomers)
+        if not self.prefilling:
+            newcomers = self._admit()
+            if newcomers:
+                self._start_prefill(newcomers)
+        if self.prefilling:
+            self._advance_prefill()
         if self.rows:
             self._decode()  # a fault here reaches EngineLoop, which ends the running rows only
         self._report()
@@ -116,7 +158,8 @@ class Engine:
         chosen: list[EngineRequest] = []
         longest = 0
         with self.lock:
-            while self.waiting and len(self.rows) + len(chosen) < self.max_batch:
+            while self.waiting and len(self.rows) + sum(r.params.n for r in chosen) + self.waiting[0].params.n \
+                    <= self.max_batch:
                 request = self.waiting[0]
                 if request.cancelled:
                     self.waiting.popleft()
@@ -133,62 +176,67 @@ class Engine:
                 longest = longest_after
         return chosen
 
-    def _prefill_isolated(self, requests: list[EngineRequest]) -> None:
-        """Prefill the newcomers; if the shared pass fails, retry each alone so only the culprit ends.
-
-        A prefill writes a cache of its own, so a pass that fails leaves the running rows untouched."""
+    def _start_prefill(self, requests: list[EngineRequest]) -> None:
+        """Rows for the newcomers (one whose set-up fails ends alone) and a prefill job for those left."""
         states = self._new_rows(requests)
-        joined_before = len(self.rows)
+        kept = [(r, s) for r, s in zip(requests, states) if s is not None]
+        if kept:
+            self.prefilling.append(PrefillJob(self.model, [r for r, _ in kept], [s for _, s in kept],
+                                              PREFILL_CHUNK_TOKENS))
+
+    def _advance_prefill(self) -> None:
+        """One chunk of the oldest prefill; if it fails, its requests are retried one by one, so only the
+        culprit ends. A prefill writes a cache of its own: a failed one leaves the running rows untouched."""
+        job = self.prefilling[0]
         try:
-            self._prefill(states)
-            return
+            finished = job.advance(self.model, self.adapters)
         except Exception:
-            if len(self.rows) != joined_before or self.cache.rows != joined_before:
-                # It failed after rows joined the batch: the shared state is suspect, so the running
-                # rows are ended (EngineLoop); the newcomers that had not joined are told here.
-                joined = {id(row) for row in self.rows}
-                for state in states:
-                    if id(state) not in joined:
-                        self._fail_request(state.request, "prefill")
-                raise
-            if len(states) == 1:
-                self._fail_request(states[0].request, "prefill")
+            self.prefilling.popleft()
+            if len(job.requests) == 1:
+                self._fail_request(job.requests[0], "prefill")
                 return
-            log.warning("a prefill of %d requests failed; retrying them one at a time", len(states))
-        for state in states:
-            try:
-                self._prefill([state])
-            except Exception:
-                if self.cache.rows != len(self.rows):
-                    raise
-                self._fail_request(state.request, "prefill")
-
-    def _prefill(self, states: list[RowState]) -> None:
-        if not states:
+            log.warning("a prefill of %d requests failed; retrying them one at a time", len(job.requests))
+            for request, states in reversed(list(zip(job.requests, job.states))):
+                self.prefilling.appendleft(PrefillJob(self.model, [request], [states], PREFILL_CHUNK_TOKENS))
             return
-        requests = [state.request for state in states]
-        longest = max(len(r.prompt_ids) for r in requests)
-        tokens = torch.tensor([[0] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in requests])
-        valid = torch.tensor([[False] * (longest - len(r.prompt_ids)) + [True] * len(r.prompt_ids) for r in requests])
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # RoPE counts real tokens only
-        cache = self.model.new_cache(len(requests), longest)
-        self.adapters.select([r.adapter for r in requests])
-        logits = self.model(tokens, positions=positions, cache=cache, valid=valid, last_only=True)[:, -1]
-        for index, state in enumerate(states):
-            self.cache.add_row(cache, index)
-            self.rows.append(state)
-        first = len(self.rows) - len(states)
-        self._choose_and_emit(logits, list(range(first, len(self.rows))))
+        if finished:
+            self.prefilling.popleft()
+            self._join(job)
 
-    def _new_rows(self, requests: list[EngineRequest]) -> list[RowState]:
-        """A RowState per request; one whose set-up fails (its seed, its prompt) ends alone."""
-        states = []
+    def _join(self, job: PrefillJob) -> None:
+        """Copy each prefilled row into the batch once per choice and choose every choice's first token."""
+        first = len(self.rows)
+        sources = []
+        for index, (request, states) in enumerate(zip(job.requests, job.states)):
+            if request.cancelled:
+                self._count("cancelled")
+                continue
+            for state in states:
+                self.cache.add_row(job.cache, index)
+                self.rows.append(state)
+                sources.append(index)
+        if sources:
+            self._choose_and_emit(job.logits[sources], list(range(first, len(self.rows))), self._first_masks(first))
+
+    def _first_masks(self, first: int) -> dict[int, object]:
+        grammars = [row.grammar for row in self.rows[first:] if row.grammar is not None]
+        if not grammars:
+            return {}
+        masks = iter(self.grammars.masks(grammars).result())
+        return {id(row): next(masks) for row in self.rows[first:] if row.grammar is not None}
+
+    def _new_rows(self, requests: list[EngineRequest]) -> list[list[RowState] | None]:
+        """The RowStates (one per choice) of each request; one whose set-up fails (its seed, its prompt,
+        its grammar) ends alone and gets None."""
+        out = []
         for request in requests:
             try:
-                states.append(RowState(request, self.tokenizer, self.model.config.vocab_size))
+                out.append([RowState(request, self.tokenizer, self.model.config.vocab_size, index)
+                            for index in range(request.params.n)])
             except Exception:
                 self._fail_request(request, "set-up")
-        return states
+                out.append(None)
+        return out
 
     def _decode(self) -> None:
         self.cache.make_room(1)
@@ -197,21 +245,26 @@ class Engine:
         valid = torch.ones(len(self.rows), 1, dtype=torch.bool)
         self.adapters.select([row.request.adapter for row in self.rows])
         started = time.perf_counter()
+        constrained = [row for row in self.rows if row.grammar is not None]
+        pending = self.grammars.masks([row.grammar for row in constrained]) if constrained else None
         logits = self.model(tokens, positions=positions, cache=self.cache, valid=valid)[:, -1]
+        # the masks were computed in a worker thread while the forward pass ran
+        masks = dict(zip(map(id, constrained), pending.result())) if pending is not None else {}
         for row in self.rows:
             row.position += 1
         count = len(self.rows)
-        self._choose_and_emit(logits, list(range(count)))
+        self._choose_and_emit(logits, list(range(count)), masks)
         if self.metrics is not None:
             self.metrics.observe_decode_step(self.name, count, time.perf_counter() - started)
 
-    def _choose_and_emit(self, logits: torch.Tensor, row_indices: list[int]) -> None:
-        """logits[i] belongs to self.rows[row_indices[i]]; finished or faulted rows leave the batch."""
+    def _choose_and_emit(self, logits: torch.Tensor, row_indices: list[int], masks: dict[int, object]) -> None:
+        """logits[i] belongs to self.rows[row_indices[i]]; masks[id(row)] is a constrained row's allowed
+        tokens (or the error computing it raised); finished or faulted rows leave the batch."""
         greedy = logits.argmax(dim=-1).tolist()
         leaving: list[tuple[int, str | None]] = []  # (row index, finish reason; None: the row faulted)
         for i, index in enumerate(row_indices):
             try:
-                reason = self._advance(self.rows[index], logits[i:i + 1], greedy[i])
+                reason = self._advance(self.rows[index], logits[i:i + 1], greedy[i], masks.get(id(self.rows[index])))
             except Exception:
                 log.exception("request %s failed while sampling; only it is ended", self.rows[index].request.request_id)
                 leaving.append((index, None))
@@ -227,11 +280,13 @@ class Engine:
                 self._tell(row.request, EngineEvent("error", ROW_ERROR))
                 self._count("error")
 
-    def _advance(self, row: RowState, logits: torch.Tensor, greedy_token: int) -> str | None:
+    def _advance(self, row: RowState, logits: torch.Tensor, greedy_token: int, allowed) -> str | None:
         """Choose one row's next token and emit its text; its finish reason when it is done."""
-        token = greedy_token if row.request.params.greedy else row.choose(logits)
+        if isinstance(allowed, Exception):
+            raise allowed
+        token, logprob = (greedy_token, None) if row.simple else row.choose(logits, allowed)
         first = row.request.first_token_s is None
-        reason = row.accept(token, self.stop_ids)
+        reason = row.accept(token, self.stop_ids, logprob)
         self._observe_token(row.request, first)
         return reason
 
@@ -283,7 +338,7 @@ class Engine:
         """After a fault in a shared pass: end the running rows with an error event and start a clean cache.
 
         Waiting requests stay queued: they had no part in it, and are admitted at the next step."""
-        requests = [row.request for row in self.rows]
+        requests = list({id(row.request): row.request for row in self.rows}.values())
         self.rows.clear()
         self.cache = BatchKVCache(self.model.config, self.max_batch, self.max_context, self.model.dtype)
         for request in requests:

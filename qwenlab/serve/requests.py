@@ -1,4 +1,7 @@
-"""What the engine is asked to do (EngineRequest) and what it keeps per batch row (RowState)."""
+"""What the engine is asked to do (EngineRequest) and what it keeps per batch row (RowState).
+
+A request with n choices is one prefill and n batch rows; each row's events carry its choice index.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from typing import Callable
 import torch
 
 from qwenlab.model.generate import _RowText  # incremental detokenisation + stop strings, shared with `generate`
-from qwenlab.model.sampling import choose_next_tokens
 from qwenlab.model.tokenizer import Tokenizer
+from qwenlab.serve.row_sampling import RowSampler, TokenLogprob
 
 _ids = itertools.count()
 
@@ -26,10 +29,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0 and self.repetition_penalty == 1.0
+        """Plain argmax over the raw logits: the batch's one argmax serves this row."""
+        return (self.temperature <= 0 and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias and self.logprobs is None)
 
 
 @dataclass
@@ -39,17 +49,22 @@ class EngineEvent:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0  # the choice
+    logprobs: list[TokenLogprob] | None = None  # one per token this delta's step chose
 
 
 @dataclass
 class EngineRequest:
-    """One generation. `on_event` is called from the engine thread; it must be thread-safe and quick."""
+    """One generation. `on_event` is called from the engine thread; it must be thread-safe and quick.
+
+    constraint: a compiled grammar (constrained.Constraint) every choice must follow, or None."""
 
     prompt_ids: list[int]
     params: SamplingParams
     on_event: Callable[[EngineEvent], None]
     adapter: str | None = None
     model_id: str = ""  # the name the client asked for (metrics label)
+    constraint: object | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
     arrived_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
@@ -60,43 +75,39 @@ class EngineRequest:
 
 
 class RowState:
-    """A running request inside the batch: its text, its next input token and its RoPE position."""
+    """One choice of a running request inside the batch: its text, next input token and RoPE position."""
 
-    def __init__(self, request: EngineRequest, tokenizer: Tokenizer, vocab_size: int):
-        self.request = request
+    def __init__(self, request: EngineRequest, tokenizer: Tokenizer, vocab_size: int, index: int = 0):
+        self.request, self.index = request, index
         params = request.params
         self.text = _RowText(tokenizer, params.stop)
         self.position = len(request.prompt_ids)  # RoPE position of the next token fed in
         self.last_token = 0
         self.generated = 0
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool)
-            self.seen[0, torch.tensor(request.prompt_ids)] = True
+        self.sampler = RowSampler(params, tokenizer, vocab_size, request.prompt_ids, index)
+        self.grammar = request.constraint.row() if request.constraint is not None else None
+        self.simple = params.greedy and self.grammar is None  # the batch argmax is this row's choice
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """Pick the next token from this row's logits [1, V] (non-greedy rows only)."""
-        p = self.request.params
-        token = int(choose_next_tokens(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                       repetition_penalty=p.repetition_penalty, seen=self.seen,
-                                       generator=self.generator)[0])
-        if self.seen is not None:
-            self.seen[0, token] = True
-        return token
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> tuple[int, TokenLogprob | None]:
+        """The next token from this row's logits [1, V], within the grammar's `allowed` tokens."""
+        token, logprob = self.sampler.choose(logits, allowed)
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        return token, logprob
 
-    def accept(self, token: int, stop_ids: set[int]) -> str | None:
+    def accept(self, token: int, stop_ids: set[int], logprob: TokenLogprob | None = None) -> str | None:
         """Record a chosen token and emit its text; returns a finish reason when the row is done."""
         request, params = self.request, self.request.params
         self.generated += 1
         self.last_token = token
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter()
-        if token in stop_ids and not params.ignore_eos:
+        if token in stop_ids and (not params.ignore_eos or self.grammar is not None):
             return "stop"
         delta, hit_stop = self.text.add(token)
-        if delta:
-            request.on_event(EngineEvent("delta", delta))
+        if delta or logprob is not None:
+            request.on_event(EngineEvent("delta", delta, index=self.index,
+                                         logprobs=[logprob] if logprob is not None else None))
         if hit_stop:
             return "stop"
         if self.generated >= params.max_tokens:
@@ -108,6 +119,6 @@ class RowState:
         if self.text.stopped and reason == "length":
             reason = "stop"  # the held tail completed a stop string: the text ends there, as with a stop mid-way
         if tail:
-            self.request.on_event(EngineEvent("delta", tail))
+            self.request.on_event(EngineEvent("delta", tail, index=self.index))
         self.request.on_event(EngineEvent("finish", finish_reason=reason, prompt_tokens=len(self.request.prompt_ids),
-                                          completion_tokens=len(self.text.ids)))
+                                          completion_tokens=len(self.text.ids), index=self.index))

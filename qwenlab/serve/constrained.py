@@ -1,0 +1,130 @@
+"""Grammar-constrained decoding with llguidance: JSON schemas (response_format) and forced tool calls.
+
+One `GrammarBackend` per engine holds the llguidance tokenizer, built from the model's own
+tokenizer.json with the logits' width (Qwen2.5 pads its embedding: 151,936 rows for ~151,665
+tokens) and the engine's stop ids as end-of-sequence. A request's grammar is compiled and checked
+on the HTTP side, so an unsupported schema feature is a 400 that names it; each batch row then gets
+its own matcher.
+
+Masks: llguidance fills one bit per token; `RowGrammar.allowed()` unpacks it through a 256-entry
+table into a bool row the width of the logits, ids past the tokenizer's own always banned (a
+padding id must never be sampled). The engine computes the next masks in a worker thread while the
+decode forward pass runs (llguidance and torch both release the GIL), and applies them with one
+masked_fill per constrained row. llguidance.torch's own apply function is not used: it is
+torch.compile'd and took 38 s on its first CPU call.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
+
+import torch
+
+from qwenlab.serve.limits import APIError
+
+# Qwen2.5 writes JSON the way json.dumps does; no free whitespace, so a sampled row cannot loop on it.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # byte -> its 8 bits, low first
+
+
+class GrammarBackend:
+    def __init__(self, tokenizer, logits_width: int, stop_ids: set[int]):
+        self.tokenizer, self.width, self.stop_ids = tokenizer, logits_width, stop_ids
+        self.real_tokens = torch.zeros(logits_width, dtype=torch.bool)
+        self.real_tokens[:min(tokenizer.vocab_size, logits_width)] = True
+        self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenlab-masks")
+
+    @cached_property
+    def lltokenizer(self):
+        import llguidance
+
+        text = (self.tokenizer.folder / "tokenizer.json").read_text(encoding="utf-8")
+        return llguidance.LLTokenizer(text, n_vocab=max(self.width, self.tokenizer.vocab_size),
+                                      eos_token=sorted(self.stop_ids))
+
+    def compile(self, grammar: str, param: str) -> "Constraint":
+        """A checked grammar; an error names `param` and llguidance's reason (the unsupported keyword)."""
+        import llguidance
+
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
+        if failed:
+            reason = messages[0].splitlines()[0] if messages else "invalid grammar"
+            raise APIError(400, f"{param}: this server cannot enforce it: {reason}", code="unsupported_schema",
+                           param=param)
+        matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise APIError(400, f"{param}: this server cannot enforce it: {matcher.get_error().splitlines()[0]}",
+                           code="unsupported_schema", param=param)
+        return Constraint(self, matcher)
+
+    def masks(self, grammars: list["RowGrammar"]) -> Future:
+        """Start computing each grammar's next mask off this thread; the future gives [allowed or error]."""
+        return self._workers.submit(_all_masks, grammars)
+
+
+def _all_masks(grammars: list["RowGrammar"]) -> list:
+    out = []
+    for grammar in grammars:
+        try:
+            out.append(grammar.allowed())
+        except Exception as e:  # the row fails alone, on the engine thread
+            out.append(e)
+    return out
+
+
+class Constraint:
+    """A compiled grammar; `row()` gives a fresh matcher for one batch row (one per choice)."""
+
+    def __init__(self, backend: GrammarBackend, matcher):
+        self.backend, self._matcher = backend, matcher
+
+    def row(self) -> "RowGrammar":
+        return RowGrammar(self.backend, self._matcher.deep_copy())
+
+
+class RowGrammar:
+    def __init__(self, backend: GrammarBackend, matcher):
+        self.backend, self.matcher = backend, matcher
+        self.bitmask = torch.zeros((backend.width + 31) // 32, dtype=torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        """bool [logits width]: the tokens the grammar allows next (a stop token once it is complete)."""
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
+        if self.matcher.is_error():
+            raise RuntimeError(f"grammar: {self.matcher.get_error()}")
+        bits = _BYTE_BITS[self.bitmask.view(torch.uint8).long()].view(-1)[: self.backend.width]
+        return bits & self.backend.real_tokens
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"grammar refused token {token}: {self.matcher.get_error()}")
+
+
+# ---- grammars from request fields ------------------------------------------------------------------
+def json_schema_grammar(schema: dict) -> str:
+    import llguidance
+
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as e:
+        raise APIError(400, f"response_format.json_schema.schema: {e}", param="response_format.json_schema.schema")
+
+
+def tool_call_grammar(tools: list[dict], names: list[str], parallel: bool) -> str:
+    """Qwen2.5's tool-call text for the functions in `names`, each call's arguments held to its schema:
+    `<tool_call>\\n{"name": "f", "arguments": {…}}\\n</tool_call>`, once (or several times, newline-separated,
+    when parallel calls are allowed)."""
+    import llguidance
+
+    rules, choices = [], []
+    for i, tool in enumerate(t for t in tools if t["name"] in names):
+        schema = {**(tool.get("parameters") or {"type": "object"}), "x-guidance": JSON_OPTIONS}
+        opening = f'<tool_call>\n{{"name": {json.dumps(tool["name"])}, "arguments": '
+        rules.append(f"call_{i}: {json.dumps(opening)} args_{i} {json.dumps(chr(125) + chr(10) + '</tool_call>')}")
+        rules.append(f"args_{i}: %json {json.dumps(schema)}")
+        choices.append(f"call_{i}")
+    call = "call: " + " | ".join(choices)
+    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    return llguidance.LLMatcher.grammar_from_lark("\n".join(["%llguidance {}", start, call, *rules]))
