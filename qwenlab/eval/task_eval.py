@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from qwenlab.model.generate import GenerationConfig, generate
-from qwenlab.tasks import get_task, sample_instances
+from qwenlab.tasks import get_task, sample_instances, score_instance
 from qwenlab.text_table import format_table
 
 
@@ -44,7 +44,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], n: int = 200, seed: int =
             chunk = instances[start:start + batch_size]
             completions = generate(model, tokenizer, [i.prompt for i in chunk], config, chat=True)
             for instance, completion in zip(chunk, completions):
-                reward = get_task(task).score(completion.text, instance.expected)
+                reward = score_instance(instance, completion.text)
                 result.correct += reward
                 result.rewards.append(float(reward))
                 if len(result.examples) < keep_examples:

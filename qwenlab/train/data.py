@@ -252,7 +252,10 @@ def _assistant(text: str) -> list[dict]:
 
 def sft_records_from_task(task: str, n: int, seed: int = 0, difficulty: int | None = None) -> list[dict]:
     """Chat prompt/completion pairs whose completion is the verified answer."""
-    return [{"prompt": _user(i.prompt), "completion": _assistant(i.expected)}
+    from qwenlab.tasks import get_task
+
+    source = get_task(task)  # the answer in the form the task's verifier reads (<answer> tags for reasoning_gym)
+    return [{"prompt": _user(i.prompt), "completion": _assistant(source.reference_completion(i))}
             for i in training_instances(task, n, seed, difficulty)]
 
 

@@ -8,12 +8,26 @@ evaluation settings shared by many stages (EvalParams).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 from qwenlab.errors import QwenlabError
+
+
+def _known_task(spelling: str) -> str:
+    """A task spelling that opens (built-in name, reasoning_gym:, jsonl:, mix:; paths from the working folder)."""
+    from qwenlab.tasks import get_task
+
+    try:
+        get_task(spelling)
+    except QwenlabError as e:
+        raise ValueError(str(e)) from None
+    return spelling
+
+
+TaskSpelling = Annotated[str, AfterValidator(_known_task)]
 
 
 class StageParams(BaseModel):
@@ -35,7 +49,7 @@ class StageParams(BaseModel):
 
 
 class EvalParams(StageParams):
-    tasks: list[str] | None = None
+    tasks: list[TaskSpelling] | None = None
     n: PositiveInt = 100
     seed: NonNegativeInt = 0
     difficulty: PositiveInt | None = None

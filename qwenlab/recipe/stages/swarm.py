@@ -25,13 +25,13 @@ from pathlib import Path
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from qwenlab.errors import QwenlabError
-from qwenlab.recipe.stages.params import StageParams, named_output
+from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
 
 
 class Params(StageParams):
     MODEL_FIELDS = ("base", "adapter")
     as_: str = named_output()
-    task: str = "arithmetic"
+    task: TaskSpelling = "arithmetic"
     base: str = "nano"
     adapter: str | None = None  # the LoRA the peers start from (default: a fresh one)
     peers: PositiveInt = 2

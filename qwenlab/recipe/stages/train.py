@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from qwenlab.recipe.stages.params import StageParams, named_output
+from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
 
 OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "dpo_loss",
             "target_modules", "max_length", "threads")
@@ -23,7 +23,7 @@ OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size
 class Params(StageParams):
     MODEL_FIELDS = ("base", "rejected_from")
     kind: Literal["sft", "dpo"] = "sft"
-    task: str
+    task: TaskSpelling
     as_: str = named_output()
     base: str = "nano"
     n: PositiveInt = 400

@@ -1,14 +1,17 @@
-"""The GRPO objective as TRL's GRPOTrainer computes it (defaults: loss_type="dapo", scale_rewards="group").
+"""The GRPO objective as TRL's GRPOTrainer computes it (loss_type grpo / dr_grpo / dapo, scale_rewards).
 
 Group-relative advantage (Shao et al. 2024, DeepSeekMath), for G completions of one prompt:
-    A_i = (r_i - mean(r)) / (std(r) + 1e-4)                       std with Bessel's correction, as torch/TRL
-
+    A_i = (r_i - mean(r)) / (std + 1e-4)       scale_rewards="group": std of the group (Bessel's correction)
+                                               "batch": std of every reward in the batch; "none": no division
+                                               (Dr. GRPO, Liu et al. 2025: the std division biases by difficulty)
 Per completion token t (ratio ρ = exp(log π(t) - log π_old(t)), one policy update per batch so
 π_old = π detached and ρ = 1 with the gradient of log π):
-    ℓ_t = -min(ρ·A, clip(ρ, 1-ε, 1+ε)·A) + β·KL_t
+    ℓ_t = -min(ρ·A, clip(ρ, 1-ε_low, 1+ε_high)·A) + β·KL_t     (DAPO's asymmetric clip: ε_low 0.2, ε_high 0.28)
     KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (Schulman's k3 estimator)
-Loss = Σ ℓ_t over all completion tokens of the batch / number of those tokens ("dapo": token-level
-normalisation, so long completions are not down-weighted per token).
+Normalisation, over B completions with masks m (a truncated completion is all 0 when masked):
+    "grpo"     mean over completions of (Σ_t ℓ_t m_t / Σ_t m_t)      (DeepSeekMath; long answers down-weighted)
+    "dr_grpo"  Σ ℓ_t m_t / (B · max_completion_length)                 (Dr. GRPO: a constant normaliser)
+    "dapo"     Σ ℓ_t m_t / Σ m_t over the whole batch                   (DAPO: token level; TRL's default)
 These are pure functions; trl/trainer/grpo_trainer.py `_compute_loss` is the reference.
 """
 
@@ -20,12 +23,31 @@ import torch
 import torch.nn.functional as F
 
 
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """rewards [N·G] (grouped consecutively) -> advantages [N·G]."""
+    """rewards [N·G] (grouped consecutively) -> advantages [N·G] (scale_rewards="group")."""
     grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     return ((grouped - mean) / (std + eps)).view(-1)
+
+
+def batch_advantages(groups: list[torch.Tensor], scale_rewards: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Advantages for groups of any sizes, concatenated in order: r - mean(group), scaled as `scale_rewards`."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    centred = torch.cat([g - g.mean() for g in groups])
+    if scale_rewards == "group":
+        std = torch.cat([g.std().expand(len(g)) if len(g) > 1 else torch.zeros(len(g)) for g in groups])
+    elif scale_rewards == "batch":
+        every = torch.cat(groups)
+        std = every.std().expand(len(every)) if len(every) > 1 else torch.zeros(len(every))
+    else:
+        return centred
+    return centred / (std + eps)
 
 
 @dataclass
@@ -63,15 +85,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 def grpo_loss(logprobs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, *,
               old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None,
-              beta: float = 0.0, epsilon: float = 0.2, num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+              beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
+              loss_type: str = "dapo", num_tokens: float | None = None, num_rows: int | None = None,
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
     """The GRPO loss over [B, T] per-token log-probs; returns (loss, {"kl": mean KL per token}).
 
-    num_tokens: the normaliser (completion tokens in the whole batch), for gradient accumulation
-    over micro-batches; default: the tokens in `mask`.
+    For gradient accumulation over micro-batches, the normalisers are the whole batch's:
+    num_tokens (masked completion tokens, "dapo") and num_rows (completions, "grpo"/"dr_grpo");
+    default: those of this call. epsilon_high None means epsilon (a symmetric clip).
     """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     ratio = torch.exp(logprobs - old)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
     a = advantages[:, None]
     per_token = -torch.min(ratio * a, clipped * a)
     kl = torch.zeros((), dtype=logprobs.dtype)
@@ -82,5 +109,13 @@ def grpo_loss(logprobs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tens
         per_token_kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * per_token_kl
         kl = (per_token_kl * mask).sum().detach() / mask.sum().clamp(min=1.0)
+    rows = logprobs.shape[0] if num_rows is None else num_rows
+    if loss_type == "grpo":
+        per_row = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_row.sum() / max(rows, 1), {"kl": float(kl)}
+    if loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("loss_type dr_grpo needs max_completion_length")
+        return (per_token * mask).sum() / (max(rows, 1) * max_completion_length), {"kl": float(kl)}
     normaliser = mask.sum().clamp(min=1.0) if num_tokens is None else max(float(num_tokens), 1.0)
     return (per_token * mask).sum() / normaliser, {"kl": float(kl)}

@@ -10,11 +10,12 @@ text past the cut, which training never sees).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from qwenlab.adapters import active_adapters
 from qwenlab.model.generate import GenerationConfig, generate
-from qwenlab.tasks import EVAL_SEED_LIMIT, TaskInstance, get_task
+from qwenlab.tasks import EVAL_SEED_LIMIT, TaskInstance, score_instance
 from qwenlab.tasks import generate as generate_task
 from qwenlab.tasks.rng import TaskRng
 from qwenlab.train.grpo.policy import POLICY
@@ -24,6 +25,14 @@ from qwenlab.train.grpo.policy import POLICY
 TRAIN_SEED_LOW = 100_000_000
 TRAIN_SEED_HIGH = 2**31 - 1
 assert TRAIN_SEED_LOW >= EVAL_SEED_LIMIT
+
+
+_ANSWER_BLOCK = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+
+
+def has_answer_block(completion: str) -> float:
+    """1.0 if the completion holds an <answer>...</answer> block (the optional format reward), else 0.0."""
+    return 1.0 if _ANSWER_BLOCK.search(completion) else 0.0
 
 
 @dataclass
@@ -68,13 +77,16 @@ def trained_completion(tokenizer, text: str, max_tokens: int) -> TrainedCompleti
 def draw_instances(tasks: list[str], n: int, key: str, difficulty: int | None = None) -> list[TaskInstance]:
     """n training instances, deterministic in `key` (e.g. "grpo:0:17" for seed 0, step 17).
 
-    Tasks rotate through `tasks`; seeds are drawn in [TRAIN_SEED_LOW, 2^31) so a training instance
+    Tasks rotate through `tasks` from a drawn starting point, so n instances are one question each
+    of n different tasks (SAPO's multi-task rounds) when n <= len(tasks), and every task is drawn
+    equally often over many calls; seeds are drawn in [TRAIN_SEED_LOW, 2^31) so a training instance
     is never an evaluation instance.
     """
     rng = TaskRng(key)
+    start = rng.integer(0, len(tasks) - 1) if len(tasks) > 1 else 0
     out = []
     for i in range(n):
-        task = tasks[i % len(tasks)]
+        task = tasks[(start + i) % len(tasks)]
         seed = rng.integer(TRAIN_SEED_LOW, TRAIN_SEED_HIGH)
         out.append(generate_task(task, seed, difficulty))
     return out
@@ -83,8 +95,7 @@ def draw_instances(tasks: list[str], n: int, key: str, difficulty: int | None = 
 def score_completions(task: str, seed: int, difficulty: int, completions: list[str]) -> list[float]:
     """Rewards from our own verifier: the instance is rebuilt from (task, seed, difficulty)."""
     instance = generate_task(task, seed, difficulty)
-    module = get_task(task)
-    return [float(module.score(text, instance.expected)) for text in completions]
+    return [score_instance(instance, text) for text in completions]
 
 
 def generate_rollouts(model, tokenizer, instances: list[TaskInstance], num_generations: int,
@@ -97,9 +108,8 @@ def generate_rollouts(model, tokenizer, instances: list[TaskInstance], num_gener
     for index, instance in enumerate(instances):
         group = completions[index * num_generations:(index + 1) * num_generations]
         texts = [c.text for c in group]
-        module = get_task(instance.task)
         rollouts.append(Rollout(
             task=instance.task, seed=instance.seed, difficulty=instance.difficulty, prompt=instance.prompt,
-            completions=texts, rewards=[float(module.score(t, instance.expected)) for t in texts],
+            completions=texts, rewards=[score_instance(instance, t) for t in texts],
             finish_reasons=[c.finish_reason for c in group], completion_ids=[list(c.token_ids) for c in group]))
     return rollouts

@@ -32,9 +32,11 @@ from qwenlab.adapters.peft_format import save_adapter_files
 from qwenlab.errors import QwenlabError
 from qwenlab.model.generate import GenerationConfig
 from qwenlab.model.tokenizer import IM_END
-from qwenlab.tasks import TASKS
+from qwenlab.tasks import parse_task_list
 from qwenlab.train.grpo.curves import JsonlLog, plot_curves
-from qwenlab.train.grpo.loss import group_advantages, grpo_loss, pack_batch, token_logprobs
+from qwenlab.train.grpo.loss import LOSS_TYPES, SCALE_REWARDS, batch_advantages, grpo_loss, pack_batch, \
+    token_logprobs
+from qwenlab.train.grpo.rollouts import has_answer_block
 from qwenlab.train.grpo.policy import ALL_LINEAR, POLICY, LoraSettings, attach_policy, load_policy_weights, \
     new_lora, policy_adapter
 from qwenlab.train.grpo.rollouts import Rollout, draw_instances, generate_rollouts
@@ -51,7 +53,12 @@ class GRPOConfig:
     batch: int = 8  # prompts (groups) per step
     num_generations: int = 8  # completions per prompt (G)
     beta: float = 0.0  # KL weight; 0 (TRL's default) skips the reference pass
-    epsilon: float = 0.2
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo (loss.py has each normalisation)
+    epsilon: float = 0.2  # ε_low: the ratio's lower clip
+    epsilon_high: float = 0.28  # ε_high: the upper clip (DAPO's clip-higher; SAPO uses 0.2 / 0.28)
+    scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by
+    mask_truncated_completions: bool = False  # completions cut at max_new_tokens add nothing to the loss
+    format_reward: float = 0.0  # added to the reward of a completion with an <answer>...</answer> block
     learning_rate: float = 2e-4
     max_grad_norm: float = 1.0
     lora_rank: int = 8
@@ -68,9 +75,9 @@ class GRPOConfig:
     threads: int | None = None
 
     def validate(self) -> "GRPOConfig":
-        for task in self.tasks:
-            if task not in TASKS:
-                raise QwenlabError(f"grpo: unknown task '{task}'; known: {', '.join(TASKS)}")
+        if not self.tasks:
+            raise QwenlabError("grpo: give at least one task")
+        parse_task_list(self.tasks)  # each spelling opens: an unknown name or a missing file is one line
         positive = {"steps": self.steps, "batch": self.batch, "lora_rank": self.lora_rank,
                     "max_new_tokens": self.max_new_tokens, "micro_batch": self.micro_batch}
         for name, value in positive.items():
@@ -84,6 +91,13 @@ class GRPOConfig:
                                f"got {self.temperature}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise QwenlabError("grpo: beta must be >= 0 and learning_rate > 0")
+        if self.loss_type not in LOSS_TYPES:
+            raise QwenlabError(f"grpo: loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise QwenlabError(f"grpo: scale_rewards must be one of {', '.join(SCALE_REWARDS)}, "
+                               f"got {self.scale_rewards!r}")
+        if not (0 < self.epsilon < 1 and self.epsilon_high > 0) or self.format_reward < 0:
+            raise QwenlabError("grpo: need 0 < epsilon < 1, epsilon_high > 0 and format_reward >= 0")
         return self
 
 
@@ -173,48 +187,60 @@ class GRPOLearner:
             ids.append(self.end_id)
         return ids
 
+    def training_rewards(self, rollout: Rollout) -> list[float]:
+        """The task's rewards, plus format_reward for each completion holding an <answer> block."""
+        if not self.config.format_reward:
+            return list(rollout.rewards)
+        return [r + self.config.format_reward * has_answer_block(text)
+                for r, text in zip(rollout.rewards, rollout.completions)]
+
     def train_step(self, rollouts: list[Rollout]) -> dict:
         """One optimizer step on these groups (each of any size >= 2); returns loss/KL/token counts."""
         self.model.train()
-        prompts, completions, rewards, sizes = [], [], [], []
+        c = self.config
+        prompts, completions, groups, truncated = [], [], [], []
         for rollout in rollouts:
             for i in range(len(rollout.completions)):
                 prompts.append(self._prompt_ids(rollout.prompt))
                 completions.append(self._completion_ids(rollout, i))
-            rewards.append(torch.tensor(rollout.rewards, dtype=torch.float32))
-            sizes.append(len(rollout.completions))
-        advantages = torch.cat([group_advantages(r, len(r)) for r in rewards])
-        num_tokens = sum(len(c) for c in completions)  # the "dapo" normaliser counts every completion token
-        # Rows with advantage 0 (groups where every completion scored the same) add exactly nothing to
-        # the loss or gradient when beta = 0, so their forward pass is skipped; they still count above.
-        rows = [i for i in range(len(prompts)) if self.config.beta != 0.0 or advantages[i] != 0]
+                truncated.append(rollout.finish_reasons[i] == "length")
+            groups.append(torch.tensor(self.training_rewards(rollout), dtype=torch.float32))
+        advantages = batch_advantages(groups, c.scale_rewards)
+        masked = [c.mask_truncated_completions and t for t in truncated]  # TRL: truncated rows' masks are 0
+        # the "dapo" normaliser counts every unmasked completion token; "grpo"/"dr_grpo" count completions
+        num_tokens = sum(len(ids) for ids, off in zip(completions, masked) if not off)
+        # Rows with advantage 0 (groups where every completion scored the same) and masked rows add exactly
+        # nothing to the loss or gradient when beta = 0, so their forward pass is skipped; they still count above.
+        rows = [i for i in range(len(prompts)) if not masked[i] and (c.beta != 0.0 or advantages[i] != 0)]
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, total_kl, kl_tokens = 0.0, 0.0, 0
-        for start in range(0, len(rows), self.config.micro_batch):
-            chunk = rows[start:start + self.config.micro_batch]
+        for start in range(0, len(rows), c.micro_batch):
+            chunk = rows[start:start + c.micro_batch]
             packed = pack_batch([prompts[i] for i in chunk], [completions[i] for i in chunk], advantages[chunk],
                                 self.tokenizer.pad_id)
             ref = None
-            if self.config.beta != 0.0:
+            if c.beta != 0.0:
                 with torch.no_grad(), active_adapters(self.model, None):
-                    ref = token_logprobs(self.model(packed.tokens), packed.tokens, self.config.temperature)
+                    ref = token_logprobs(self.model(packed.tokens), packed.tokens, c.temperature)
             with active_adapters(self.model, POLICY):
-                logprobs = token_logprobs(self.model(packed.tokens), packed.tokens, self.config.temperature)
+                logprobs = token_logprobs(self.model(packed.tokens), packed.tokens, c.temperature)
             loss, info = grpo_loss(logprobs, packed.completion_mask, packed.advantages, ref_logprobs=ref,
-                                   beta=self.config.beta, epsilon=self.config.epsilon, num_tokens=num_tokens)
+                                   beta=c.beta, epsilon=c.epsilon, epsilon_high=c.epsilon_high,
+                                   loss_type=c.loss_type, num_tokens=num_tokens, num_rows=len(prompts),
+                                   max_completion_length=c.max_new_tokens)
             loss.backward()
             total_loss += float(loss.detach())
             chunk_tokens = int(packed.completion_mask.sum())
             total_kl += info["kl"] * chunk_tokens
             kl_tokens += chunk_tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)) if rows else 0.0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)) if rows else 0.0
         if rows:
             self.optimizer.step()
         self.step += 1
         self.model.eval()
         return {"loss": round(total_loss, 6), "kl": round(total_kl / max(kl_tokens, 1), 6),
                 "grad_norm": round(grad_norm, 6), "tokens": num_tokens, "rows_trained": len(rows),
-                "groups": len(rollouts)}
+                "groups": len(rollouts), "truncated_masked": sum(masked)}
 
     # ---- checkpoints ------------------------------------------------------------------
     def adapter(self):
