@@ -27,8 +27,10 @@ def completion_logprobs_json(entries: list[TokenLogprob], text_start: int = 0) -
 
 
 class ChoiceState:
-    def __init__(self, index: int, tool_names: set[str] | None):
-        self.index = index
+    def __init__(self, index: int, tool_names: set[str] | None, stream: bool = True):
+        """stream False: the answer is parsed whole at the end (a call's JSON is checked before it is taken)."""
+        self.index, self.stream = index, stream
+        self.held: list[str] = []
         self.parser = ToolCallParser(tool_names) if tool_names else None
         self.items: list[tuple[str, object]] = []  # ("content", text) / ("tool", call delta), in order
         self.logprobs: list[TokenLogprob] = []
@@ -39,7 +41,13 @@ class ChoiceState:
         """A delta or finish event -> the new items it makes (content text and tool-call deltas)."""
         if event.logprobs:
             self.logprobs.extend(event.logprobs)
-        if event.kind == "finish":
+        if self.parser is not None and not self.stream:
+            self.held.append(event.text)
+            if event.kind != "finish":
+                return []
+            new = self.parser.feed("".join(self.held)) + self.parser.finish()
+            self.finish = event
+        elif event.kind == "finish":
             self.finish = event
             new = self.parser.finish() if self.parser is not None else []
         elif self.parser is not None:

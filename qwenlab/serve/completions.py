@@ -143,14 +143,14 @@ class LoopMailbox:
 class Generation:
     """One engine request seen from the event loop: its events arrive on an asyncio queue."""
 
-    def __init__(self, prepared: Prepared, timeout_s: float, mailbox: LoopMailbox):
+    def __init__(self, prepared: Prepared, timeout_s: float, mailbox: LoopMailbox, stream: bool):
         self.queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self.deadline = mailbox.loop.time() + timeout_s
         self.mailbox = mailbox
         self.request = EngineRequest(prepared.prompt_ids, prepared.params, adapter=prepared.target.adapter,
                                      model_id=prepared.target.model_id, on_event=self._deliver,
                                      constraint=prepared.constraint)
-        self.choices = [ChoiceState(i, prepared.tool_names) for i in range(prepared.params.n)]
+        self.choices = [ChoiceState(i, prepared.tool_names, stream) for i in range(prepared.params.n)]
         self.engine = prepared.target.engine
         self.held: EngineEvent | None = None
 
@@ -324,7 +324,7 @@ async def respond(prepared: Prepared, body: SamplingFields, http_request: Reques
     """Submit and answer; `release` is called exactly once when the request is over."""
     chat = isinstance(body, ChatCompletionRequest)
     model = prepared.target.model_id
-    generation = Generation(prepared, limits.request_timeout_s, http_request.app.state.mailbox)
+    generation = Generation(prepared, limits.request_timeout_s, http_request.app.state.mailbox, body.stream)
     generation.start()
     logprobs = prepared.params.logprobs is not None
     if body.stream:

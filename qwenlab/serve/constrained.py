@@ -50,18 +50,24 @@ class GrammarBackend:
 
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
         if failed:
-            reason = messages[0].splitlines()[0] if messages else "invalid grammar"
+            reason = _one_line(messages[0]) if messages else "invalid grammar"
             raise APIError(400, f"{param}: this server cannot enforce it: {reason}", code="unsupported_schema",
                            param=param)
         matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise APIError(400, f"{param}: this server cannot enforce it: {matcher.get_error().splitlines()[0]}",
+            raise APIError(400, f"{param}: this server cannot enforce it: {_one_line(matcher.get_error())}",
                            code="unsupported_schema", param=param)
         return Constraint(self, matcher)
 
     def masks(self, grammars: list["RowGrammar"]) -> Future:
         """Start computing each grammar's next mask off this thread; the future gives [allowed or error]."""
         return self._workers.submit(_all_masks, grammars)
+
+
+def _one_line(message: str) -> str:
+    """llguidance's message on one line (a regex error spans several, with a ^^^ marker line)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) - set("^ ")]
+    return "; ".join(lines)
 
 
 def _all_masks(grammars: list["RowGrammar"]) -> list:

@@ -151,17 +151,14 @@ class ToolCallParser:
         call = self.call
         if not call.announced:
             match = HEADER.match(call.body)
-            if match is None or match.end() == len(call.body) or _unescape(match.group(1)) not in self.tool_names:
-                return  # not (yet) a call of an offered function: wait for the value or the closing tag
+            if match is None or match.end() == len(call.body) or call.body[match.end()] != "{" \
+                    or _unescape(match.group(1)) not in self.tool_names:
+                return  # not (yet) a call of an offered function with an object: wait, or for the closing tag
             call.announced, call.args_start = True, match.end()
             call.scanned = call.args_start
             out.append(("tool", {"index": call.index, "id": call.id, "name": _unescape(match.group(1)),
                                  "arguments": ""}))
         if call.args_end is None:
-            if call.scanned >= len(call.body):
-                return
-            if call.scanned == call.args_start and call.body[call.args_start] not in "{[":
-                return  # not an object: sent whole at the end
             call.args_end = _container_end(call.body, call.scanned, call.scan)
             call.scanned = len(call.body)
         upto = call.args_end if call.args_end is not None else len(call.body)
