@@ -94,6 +94,10 @@ class Tokenizer:
     def token_id(self, text: str) -> int | None:
         return self._tok.token_to_id(text)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's text and id, added tokens included (what a swarm compares between peers)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     @cached_property
     def eos_id(self) -> int | None:
         return self.token_id(self.eos_token)

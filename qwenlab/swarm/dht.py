@@ -1,7 +1,8 @@
 """The swarm's use of a hivemind DHT, wrapped so that no DHT failure can stop training.
 
 Layout (all keys under the swarm name, so several swarms can share one DHT):
-    "<swarm>/peers"            subkey <peer_id>        -> msgpack {"round": r}   who is active, at which round
+    "<swarm>/peers"            subkey <peer_id>        -> msgpack {"round": r, "tokenizer": digest}
+                                                          who is active, at which round, with which tokenizer
     "<swarm>/rollouts/<r>"     subkey <peer_id>:<slot> -> a signed rollout record (records.py)
 A fetch reads the directory, then the rollout keys of the latest round of each other peer: rounds
 are asynchronous, so a peer takes whatever its peers have published by now, with no coordinator.
@@ -141,19 +142,22 @@ class SwarmDHT:
             self._dht = None
 
     # ---- records -------------------------------------------------------------------------
-    def publish(self, peer_id: str, round_index: int, entries: list[tuple[str, bytes]]) -> bool:
-        """Store our records for this round and announce the round in the directory."""
+    def publish(self, peer_id: str, round_index: int, entries: list[tuple[str, bytes]],
+                announce: dict | None = None, timeout_s: float | None = None) -> bool:
+        """Store our records for this round and announce the round (and `announce`'s fields) in the directory."""
         if not self.ensure_started():
             return False
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             from hivemind.utils import get_dht_time
 
             expiration = get_dht_time() + self.record_ttl_s
             futures = [self._dht.store(rollouts_key(self.swarm, round_index), value, expiration, subkey=subkey,
                                        return_future=True) for subkey, value in entries]
-            futures.append(self._dht.store(directory_key(self.swarm), msgpack.packb({"round": round_index}),
+            futures.append(self._dht.store(directory_key(self.swarm),
+                                           msgpack.packb({**(announce or {}), "round": round_index}),
                                            expiration, subkey=peer_id, return_future=True))
-            deadline = time.monotonic() + self.timeout_s
+            deadline = time.monotonic() + timeout_s
             stored = [f.result(timeout=max(0.1, deadline - time.monotonic())) for f in futures]
         except Exception as e:
             self._fail(f"publishing round {round_index} failed ({_short(e)})")
@@ -173,14 +177,30 @@ class SwarmDHT:
         return sum(1 for peer, item in listing.value.items()
                    if peer != own_peer_id and item.expiration_time - self.record_ttl_s >= since)
 
-    def fetch(self, own_peer_id: str) -> tuple[list[tuple[object, object]], int] | None:
-        """(subkey, value) pairs of the other peers' latest rounds, and how many are active; None on error."""
+    def announcements(self, own_peer_id: str) -> dict[str, dict] | None:
+        """What every other peer announced in the directory ({peer: {"round": r, "tokenizer": ...}}); None on error."""
         if not self.ensure_started():
             return None
         try:
-            deadline = time.monotonic() + self.timeout_s
             listing = self._dht.get(directory_key(self.swarm), latest=True, return_future=True)
             listing = listing.result(timeout=self.timeout_s)
+        except Exception as e:
+            self._fail(f"reading the peer directory failed ({_short(e)})")
+            return None
+        if listing is None or not isinstance(listing.value, dict):
+            return {}
+        return {peer: announced for peer, item in listing.value.items()
+                if peer != own_peer_id and (announced := _announcement(item.value)) is not None}
+
+    def fetch(self, own_peer_id: str, timeout_s: float | None = None) -> tuple[list[tuple[object, object]], int] | None:
+        """(subkey, value) pairs of the other peers' latest rounds, and how many are active; None on error."""
+        if not self.ensure_started():
+            return None
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            deadline = time.monotonic() + timeout_s
+            listing = self._dht.get(directory_key(self.swarm), latest=True, return_future=True)
+            listing = listing.result(timeout=timeout_s)
             rounds = _latest_rounds(listing, own_peer_id, self.max_rounds_per_fetch)
             futures = [self._dht.get(rollouts_key(self.swarm, r), latest=True, return_future=True) for r in rounds]
             entries: list[tuple[object, object]] = []
@@ -218,16 +238,24 @@ def _latest_rounds(listing, own_peer_id: str, limit: int) -> list[int]:
         return []
     rounds = set()
     for peer, item in listing.value.items():
-        if peer == own_peer_id or not isinstance(item.value, bytes) or len(item.value) > 64:
-            continue
-        try:
-            announced = msgpack.unpackb(item.value)
-            value = announced["round"]
-        except Exception:
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40:
-            rounds.add(value)
+        announced = _announcement(item.value) if peer != own_peer_id else None
+        if announced is not None:
+            rounds.add(announced["round"])
     return sorted(rounds)[-limit:]
+
+
+def _announcement(value) -> dict | None:
+    """A directory entry {"round": r, ...} read with bounds, or None if it is not one."""
+    if not isinstance(value, bytes) or len(value) > 256:
+        return None
+    try:
+        announced = msgpack.unpackb(value, max_str_len=128, max_map_len=8, max_array_len=8)
+        round_index = announced["round"]
+    except Exception:
+        return None
+    if not isinstance(round_index, int) or isinstance(round_index, bool) or not 0 <= round_index < 2**40:
+        return None
+    return announced
 
 
 def _short(error: BaseException) -> str:

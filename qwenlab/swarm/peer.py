@@ -4,9 +4,14 @@ One round, on this peer's own clock (no coordinator, no barrier):
     1. draw I training instances and generate G completions each with the current policy
     2. sign and publish them (records.py, dht.py)
     3. fetch whatever other peers have published by now; verify, rebuild, re-score (sampler.py)
-    4. take up to J external rollouts; slots the swarm could not fill are filled with extra local
-       rollouts, with a visible warning (DHT down, peers gone, or simply nobody ahead of us)
+    4. take up to J external rollouts (SAPO: zero-advantage groups dropped, the rest sampled uniformly);
+       slots the swarm could not fill are filled with extra local rollouts, with a visible warning
+       (DHT down, peers gone, the round's deadline passed, or simply nobody ahead of us)
     5. one GRPO step on the I + J groups; log the round; checkpoint every `save_every` rounds
+Joining: a peer whose tokenizer differs from a peer already in the swarm is refused (one error line):
+rollouts are re-encoded under each peer's own tokenizer, which must be of one family. Peers may
+differ in base model and adapter. A peer that has seen no other peer for `rejoin_after_s` restarts
+its DHT node through its initial peers (it trains alone meanwhile).
 Stopping: the first Ctrl-C (or SIGTERM) finishes the round, checkpoints and leaves; a second one
 stops at once (the last checkpoint stands).
 """
@@ -26,7 +31,8 @@ from qwenlab.errors import QwenlabError
 from qwenlab.swarm.dht import SwarmDHT
 from qwenlab.swarm.metrics import SwarmMetrics, mean
 from qwenlab.swarm.records import RecordLimits, encode_record
-from qwenlab.swarm.sampler import ExternalPool
+from qwenlab.swarm.sampler import SELECTION_RULES, ExternalPool
+from qwenlab.tasks import get_task
 from qwenlab.swarm.signing import PeerIdentity
 from qwenlab.train.grpo.rollouts import Rollout, draw_instances
 from qwenlab.train.grpo.trainer import (GRPOConfig, GRPOLearner, GracefulStop, check_grpo_inputs, has_checkpoint,
@@ -51,6 +57,9 @@ class PeerConfig:
     local: int = 4  # I: own rollout groups per round
     external: int = 4  # J: other peers' rollout groups per round
     fill_local: bool = True  # fill missing external slots with extra local rollouts
+    external_selection: str = "drop_zero_advantage"  # SAPO's rule, or "uniform" (every record may be drawn)
+    round_deadline_s: float = 0.0  # the exchange gets what is left of this after generating (0: no deadline)
+    rejoin_after_s: float = 60.0  # alone this long with initial peers given: restart the DHT through them
     rounds: int = 0  # stop after this round (0: run until stopped)
     save_every: int = 10
     snapshot_every: int = 0  # also keep the adapter every N rounds in OUT/snapshots/round-N (0: never)
@@ -77,6 +86,11 @@ class PeerConfig:
             raise QwenlabError("swarm: local 0 needs fill_local (a round with no external records has nothing)")
         if self.rounds < 0 or self.save_every < 1 or self.snapshot_every < 0:
             raise QwenlabError("swarm: rounds must be >= 0, save_every >= 1 and snapshot_every >= 0")
+        if self.external_selection not in SELECTION_RULES:
+            raise QwenlabError(f"swarm: external_selection must be one of {', '.join(SELECTION_RULES)}, "
+                               f"got {self.external_selection!r}")
+        if self.round_deadline_s < 0 or self.rejoin_after_s <= 0:
+            raise QwenlabError("swarm: round_deadline_s must be >= 0 and rejoin_after_s > 0")
         if "/" in self.swarm or not self.swarm:
             raise QwenlabError(f"swarm: the swarm name must be non-empty and contain no '/', got {self.swarm!r}")
         self._validate_addresses()
@@ -133,6 +147,8 @@ class SwarmPeer:
         self.round = 0
         self._last_fallback: str | None = None
         self._peers_active = 0
+        self._alone_since = time.monotonic()
+        self._refused_peers: set[str] = set()
         self.stop = GracefulStop("swarm: stopping after this round (checkpoint first); press Ctrl-C again to stop now")
 
     def say(self, text: str, always: bool = False) -> None:
@@ -164,6 +180,7 @@ class SwarmPeer:
         # Foreign completions are scored on exactly the tokens this learner trains on.
         self.pool = ExternalPool(c.swarm, self.peer_id, RecordLimits(max_record_bytes=c.max_record_bytes),
                                  tokenizer=self.learner.tokenizer, max_completion_tokens=c.grpo.max_new_tokens,
+                                 tasks=c.grpo.tasks,
                                  rate_burst=c.rate_burst, rate_per_s=c.rate_per_s,
                                  seed=_derived_seed(c.grpo.seed, self.peer_id))
         checkpoint = self.out / "checkpoint"
@@ -175,7 +192,32 @@ class SwarmPeer:
         else:
             self.metrics.resume_at(0)
         config = asdict(self.config)
-        (self.out / "peer_config.json").write_text(json.dumps({**config, "peer_id": self.peer_id}, indent=2) + "\n")
+        identities = {t: get_task(t).digest for t in c.grpo.tasks}
+        (self.out / "peer_config.json").write_text(json.dumps(
+            {**config, "peer_id": self.peer_id, "tokenizer": self.pool.tokenizer_digest, "task_identities": identities},
+            indent=2) + "\n")
+
+    def _announce(self) -> dict:
+        return {"tokenizer": self.pool.tokenizer_digest}
+
+    def check_tokenizers(self, joining: bool) -> None:
+        """Compare our tokenizer with every announced peer's. Joining (initial peers given), a mismatch
+        refuses us with one error line; otherwise the other peer is reported once (its records are refused)."""
+        if self.dht is None:
+            return
+        announced = self.dht.announcements(self.peer_id) or {}
+        ours = self.pool.tokenizer_digest
+        for peer, entry in announced.items():
+            theirs = entry.get("tokenizer")
+            if not isinstance(theirs, str) or theirs == ours or peer in self._refused_peers:
+                continue
+            self._refused_peers.add(peer)
+            message = (f"swarm: peer {str(peer)[:16]} uses another tokenizer (vocabulary digest {theirs[:16]}, "
+                       f"ours {ours[:16]} from {self.config.grpo.model}); peers of one swarm must share a "
+                       "tokenizer family (e.g. the Qwen2.5 models), since each re-encodes the others' text")
+            if joining:
+                raise QwenlabError(f"{message}: refused at join")
+            self.say(f"swarm: WARNING: {message}; its records are refused")
 
     def _wait_for_peers(self) -> int:
         """Announce ourselves and wait (bounded) until `wait_for_peers` others are listed. Only a start
@@ -185,7 +227,7 @@ class SwarmPeer:
             return 0
         deadline, seen = time.monotonic() + c.wait_timeout_s, 0
         while not self.stop.requested:
-            self.dht.publish(self.peer_id, self.round, [])
+            self.dht.publish(self.peer_id, self.round, [], announce=self._announce())
             fetched = self.dht.fetch(self.peer_id)
             seen = fetched[1] if fetched is not None else 0
             if seen >= c.wait_for_peers or time.monotonic() > deadline:
@@ -209,30 +251,63 @@ class SwarmPeer:
         entries = []
         for slot, r in enumerate(rollouts):
             value = encode_record(self.identity, swarm=self.config.swarm, round_index=round_index, slot=slot,
-                                  task=r.task, seed=r.seed, difficulty=r.difficulty, prompt=r.prompt,
-                                  completions=r.completions, finish_reasons=r.finish_reasons, rewards=r.rewards)
+                                  task=r.task, task_identity=get_task(r.task).digest,
+                                  tokenizer=self.pool.tokenizer_digest, seed=r.seed, difficulty=r.difficulty,
+                                  prompt=r.prompt, completions=r.completions, finish_reasons=r.finish_reasons,
+                                  rewards=r.rewards)
             if len(value) > self.config.max_record_bytes:  # peers would reject it: do not send it
                 self.say(f"swarm: WARNING: record {slot} of round {round_index} is {len(value)} bytes, over "
                          f"max_record_bytes {self.config.max_record_bytes}; not published")
                 continue
             entries.append((f"{self.peer_id}:{slot}", value))
-        return self.dht.publish(self.peer_id, round_index, entries)
+        return self.dht.publish(self.peer_id, round_index, entries, announce=self._announce(),
+                                timeout_s=self._exchange_timeout())
+
+    def _exchange_timeout(self) -> float:
+        """The DHT timeout, cut to what is left of the round's deadline (at least 0.1 s)."""
+        if not self.config.round_deadline_s:
+            return self.config.dht_timeout_s
+        left = self._round_deadline - time.monotonic()
+        return max(0.1, min(self.config.dht_timeout_s, left))
+
+    def _rejoin_if_alone(self, peers_seen: int) -> None:
+        """Nobody seen for rejoin_after_s although we joined through initial peers: the neighbours may
+        have restarted or our routing table may have emptied; restarting the DHT bootstraps again."""
+        now = time.monotonic()
+        if peers_seen or not self.config.initial_peers:
+            self._alone_since = now
+            return
+        if now - self._alone_since >= self.config.rejoin_after_s:
+            self.say(f"swarm: WARNING: no other peer seen for {now - self._alone_since:.0f} s; rejoining "
+                     "through the initial peers (training goes on alone meanwhile)")
+            self._alone_since = now
+            self.dht.start()
 
     def run_round(self) -> dict:
         c, r = self.config, self.round + 1
         started = time.perf_counter()
+        self._round_deadline = time.monotonic() + c.round_deadline_s
         local = self._local_rollouts(c.local, "local")
         generated = time.perf_counter()
         report, peers_seen, dht_ok = None, 0, False
+        late = bool(c.round_deadline_s) and time.monotonic() >= self._round_deadline
         if self.dht is not None:
             published = self._publish(r, local) if local else True
-            fetched = self.dht.fetch(self.peer_id) if c.external else ([], 0)
+            fetched = None
+            if c.external and not late:
+                fetched = self.dht.fetch(self.peer_id, timeout_s=self._exchange_timeout())
+            elif not c.external:
+                fetched = ([], 0)
             dht_ok = published and fetched is not None
             if fetched is not None:
                 entries, peers_seen = fetched
                 report = self.pool.ingest(entries)
                 self.metrics.log_audit(r, report.audit)
-        external = self.pool.take(c.external)
+                if report.rejected.get("tokenizer"):
+                    self.check_tokenizers(joining=False)
+            self._rejoin_if_alone(peers_seen)
+        dropped_before = self.pool.dropped_zero_advantage
+        external = self.pool.take(c.external, c.external_selection)
         exchanged = time.perf_counter()
         shortfall = c.external - len(external)
         fill = []
@@ -244,7 +319,8 @@ class SwarmPeer:
             self._peers_active = peers_seen
         if shortfall and c.fill_local:
             if self.dht is not None:
-                why = "DHT unavailable" if not dht_ok else f"only {len(external)} external rollouts available"
+                why = ("round deadline passed before the exchange" if late else "DHT unavailable" if not dht_ok
+                       else f"only {len(external)} external rollouts available")
                 warn = not dht_ok and why != self._last_fallback  # once per outage; the DHT also warns
                 self._last_fallback = why
                 self.say(f"swarm: {'WARNING: ' if warn else ''}round {r}: {why}; filling {shortfall} of "
@@ -261,6 +337,9 @@ class SwarmPeer:
             "external_reward": mean(x for g in external for x in g.rewards),
             "claimed_external_reward": mean(x for g in external for x in (g.claimed_rewards or [])),
             "local_used": len(local) + len(fill), "external_used": len(external), "fallback_local": len(fill),
+            "external_selection": c.external_selection,
+            "dropped_zero_advantage": self.pool.dropped_zero_advantage - dropped_before,
+            "deadline_missed": late, "tasks": sorted({g.task for g in local + fill + external}),
             "external_peers": len({g.source for g in external}),
             "accepted": report.accepted if report else 0, "rejected": report.rejected_total if report else 0,
             "rejected_by_reason": dict(report.rejected) if report else {},
@@ -303,6 +382,7 @@ class SwarmPeer:
                              + "\n  ".join(addresses), always=True)
                 self.start_learner()
                 self._wait_for_peers()
+                self.check_tokenizers(joining=bool(self.config.initial_peers))
                 self.say(f"swarm: peer {self.peer_id} starting at round {self.round + 1} "
                          f"({self.config.local} local + {self.config.external} external groups per round)")
                 while not self.stop.requested and (self.config.rounds == 0 or self.round < self.config.rounds):

@@ -3,6 +3,9 @@
 A record is one task instance and a group of completions, as the sender decoded them:
 
     task, seed, difficulty, prompt     the instance; the receiver rebuilds it from (task, seed, difficulty)
+    task_identity                      the digest of the task source's identity (name, config, data hashes):
+                                       a receiver with no source of that identity refuses the record
+    tokenizer                          the digest of the sender's vocabulary (its tokenizer family)
     completions, finish_reasons        the sender's text ("stop" or "length" per completion)
     rewards                            the sender's scores, kept for the audit log only, never used
     swarm, peer_id, public_key, round, slot, created    who sent it, where, when
@@ -29,7 +32,7 @@ import msgpack
 from qwenlab.swarm.signing import PEER_ID_HEX, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, PeerIdentity, peer_id_for, \
     verify_signature
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: task_identity and tokenizer
 FINISH_REASONS = ("stop", "length")
 
 
@@ -60,6 +63,8 @@ class RolloutRecord:
     slot: int
     created: float
     task: str
+    task_identity: str
+    tokenizer: str
     seed: int
     difficulty: int
     prompt: str
@@ -84,6 +89,15 @@ def directory_key(swarm: str) -> str:
     return f"{swarm}/peers"
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of a tokenizer's vocabulary: peers of one swarm share it (one tokenizer family, e.g. Qwen2.5's)."""
+    import hashlib
+    import json
+
+    text = json.dumps(sorted(tokenizer.vocabulary().items()), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def _body(record: RolloutRecord) -> bytes:
     fields_ = asdict(record)
     fields_["completions"] = list(record.completions)
@@ -92,11 +106,12 @@ def _body(record: RolloutRecord) -> bytes:
 
 def encode_record(identity: PeerIdentity, *, swarm: str, round_index: int, slot: int, task: str, seed: int,
                   difficulty: int, prompt: str, completions: list[str], finish_reasons: list[str],
-                  rewards: list[float], created: float | None = None) -> bytes:
+                  rewards: list[float], task_identity: str, tokenizer: str, created: float | None = None) -> bytes:
     """The signed wire bytes of one rollout record from `identity`."""
     record = RolloutRecord(swarm=swarm, peer_id=identity.peer_id, public_key=identity.public_key,
                            round=round_index, slot=slot, created=time.time() if created is None else created,
-                           task=task, seed=seed, difficulty=difficulty, prompt=prompt,
+                           task=task, task_identity=task_identity, tokenizer=tokenizer, seed=seed,
+                           difficulty=difficulty, prompt=prompt,
                            completions=list(completions), finish_reasons=list(finish_reasons),
                            rewards=[float(r) for r in rewards])
     body = _body(record)
@@ -112,8 +127,8 @@ def _unpack(data: bytes, limits: RecordLimits):
 
 
 _TYPES = {"swarm": str, "peer_id": str, "public_key": bytes, "round": int, "slot": int, "created": (int, float),
-          "task": str, "seed": int, "difficulty": int, "prompt": str, "completions": list, "finish_reasons": list,
-          "rewards": list}
+          "task": str, "task_identity": str, "tokenizer": str, "seed": int, "difficulty": int, "prompt": str,
+          "completions": list, "finish_reasons": list, "rewards": list}
 
 
 def _check_fields(body: dict, limits: RecordLimits) -> RolloutRecord:
@@ -136,6 +151,8 @@ def _check_fields(body: dict, limits: RecordLimits) -> RolloutRecord:
         raise RecordRejected("invalid", "finish_reasons must be 'stop' or 'length'")
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards):
         raise RecordRejected("invalid", "rewards must be finite numbers")
+    if len(body["task"]) > 1024 or len(body["task_identity"]) > 64 or len(body["tokenizer"]) > 64:
+        raise RecordRejected("invalid", "task name or digests too long")
     if len(body["prompt"]) > limits.max_prompt_chars or body["round"] < 0 or body["slot"] < 0:
         raise RecordRejected("invalid", "prompt too long or negative round/slot")
     if not math.isfinite(body["created"]):

@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import time
+from functools import cache
 
 import msgpack
 import pytest
 
-from qwenlab.swarm.records import RecordLimits, RecordRejected, decode_record, encode_record
+from qwenlab.swarm.records import SCHEMA_VERSION, RecordLimits, RecordRejected, decode_record, encode_record, \
+    tokenizer_digest
+from qwenlab.tasks import get_task
 from qwenlab.swarm.signing import PeerIdentity
 from qwenlab.train.grpo.rollouts import draw_instances
 
 SWARM = "test"
 
 
+@cache
+def nano_tokenizer_digest() -> str:
+    from qwenlab.model.tokenizer import load_tokenizer
+    from qwenlab.nano import nano_path
+
+    return tokenizer_digest(load_tokenizer(nano_path()))
+
+
 def make_record(identity: PeerIdentity, *, slot=0, completions=None, rewards=None, created=None, swarm=SWARM,
-                instance=None):
+                instance=None, task_identity=None, tokenizer=None):
     instance = instance or draw_instances(["arithmetic"], 1, "records")[0]
     completions = completions or [instance.expected, "no idea"]
-    value = encode_record(identity, swarm=swarm, round_index=3, slot=slot, task=instance.task, seed=instance.seed,
+    value = encode_record(identity, swarm=swarm, round_index=3, slot=slot, task=instance.task,
+                          task_identity=task_identity or get_task(instance.task).digest,
+                          tokenizer=tokenizer or nano_tokenizer_digest(), seed=instance.seed,
                           difficulty=instance.difficulty, prompt=instance.prompt, completions=completions,
                           finish_reasons=["stop"] * len(completions),
                           rewards=rewards if rewards is not None else [1.0] + [0.0] * (len(completions) - 1),
@@ -100,7 +113,7 @@ def test_oversized_record_is_rejected_before_parsing():
 
 def test_schema_version_and_malformed_payloads():
     subkey, value = make_record(PeerIdentity.generate())
-    assert rejection(subkey, _reencode(value, change_envelope=lambda e: e.__setitem__("schema", 2))) == "schema"
+    assert rejection(subkey, _reencode(value, change_envelope=lambda e: e.__setitem__("schema", SCHEMA_VERSION + 1))) == "schema"
     assert rejection(subkey, b"not msgpack \xc1") == "malformed"
     assert rejection(subkey, {"a": 1}) == "malformed"  # not bytes at all
     assert rejection(subkey, msgpack.packb([1, 2, 3])) == "malformed"
@@ -127,7 +140,7 @@ def test_bad_finish_reason_and_wrong_types_are_invalid():
         body = msgpack.unpackb(msgpack.unpackb(value, raw=False)["body"], raw=False)
         change(body)
         raw = msgpack.packb(body, use_bin_type=True)
-        resigned = msgpack.packb({"schema": 1, "body": raw, "signature": identity.sign(raw)}, use_bin_type=True)
+        resigned = msgpack.packb({"schema": SCHEMA_VERSION, "body": raw, "signature": identity.sign(raw)}, use_bin_type=True)
         assert rejection(subkey, resigned) == "invalid"
 
 

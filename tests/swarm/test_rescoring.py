@@ -16,6 +16,7 @@ from qwenlab.swarm.signing import PeerIdentity
 from qwenlab.tasks import get_task
 from qwenlab.train.grpo import GRPOConfig, GRPOLearner, Rollout
 from qwenlab.train.grpo.rollouts import draw_instances
+from qwenlab.swarm.records import tokenizer_digest
 from tests.swarm.test_records import SWARM, make_record
 
 MAX_TOKENS = 8
@@ -32,11 +33,11 @@ def receive(learner: GRPOLearner, completions: list[str], key: str, **limits) ->
     instance = draw_instances(["arithmetic"], 1, key)[0]
     pool = ExternalPool(SWARM, "f" * 40, RecordLimits(**limits), tokenizer=learner.tokenizer,
                         max_completion_tokens=learner.config.max_new_tokens)
-    report = pool.ingest([make_record(PeerIdentity.generate(), instance=instance,
+    report = pool.ingest([make_record(PeerIdentity.generate(), instance=instance, tokenizer=pool.tokenizer_digest,
                                       completions=[c.format(answer=instance.expected,
                                                             wrong=int(instance.expected) + 1) for c in completions],
                                       rewards=[1.0] * len(completions))])
-    taken = pool.take(1)
+    taken = pool.take(1, "uniform")  # every group, even one that scored all 0: the test reads its rewards
     return (taken[0] if taken else None), report
 
 
@@ -127,7 +128,8 @@ def test_rescoring_a_64_kib_record_is_bounded(learner):
     slow = ["answer is " * 760] * 8
     identity = PeerIdentity.generate()
     instance = draw_instances(["arithmetic"], 1, "slow")[0]
-    subkey, value = make_record(identity, instance=instance, completions=slow)
+    subkey, value = make_record(identity, instance=instance, completions=slow,
+                                tokenizer=tokenizer_digest(learner.tokenizer))
     assert 60_000 < len(value) <= RecordLimits().max_record_bytes
     pool = ExternalPool(SWARM, "f" * 40, tokenizer=learner.tokenizer, max_completion_tokens=MAX_TOKENS)
     started = time.process_time()
@@ -135,7 +137,8 @@ def test_rescoring_a_64_kib_record_is_bounded(learner):
     assert time.process_time() - started < 0.2
     assert report.accepted == 1
     # and a record over its per-record CPU budget is rejected, not scored on
-    subkey, value = make_record(identity, instance=draw_instances(["arithmetic"], 1, "slow2")[0], completions=slow)
+    subkey, value = make_record(identity, instance=draw_instances(["arithmetic"], 1, "slow2")[0], completions=slow,
+                                tokenizer=tokenizer_digest(learner.tokenizer))
     pool = ExternalPool(SWARM, "f" * 40, RecordLimits(max_score_s=0.0), tokenizer=learner.tokenizer,
                         max_completion_tokens=MAX_TOKENS)
     report = pool.ingest([(subkey, value)])

@@ -59,7 +59,7 @@ def test_evaluation_seeds_and_unknown_tasks_are_refused():
     report = pool().ingest([make_record(sender, instance=eval_instance)])
     assert report.rejected == {"seed_out_of_range": 1}
     fake = type(eval_instance)("telepathy", 200_000_000, 1, "x", "Guess.", "0")
-    assert pool().ingest([make_record(sender, instance=fake)]).rejected == {"unknown_task": 1}
+    assert pool().ingest([make_record(sender, instance=fake, task_identity="0" * 24)]).rejected == {"unknown_task": 1}
 
 
 def test_duplicates_are_dropped_and_own_records_skipped():
@@ -100,3 +100,53 @@ def test_seen_table_is_bounded():
     for i in range(1000):
         seen.add(i)
     assert len(seen) == 100 and seen.add(999) is False and seen.add(0) is True
+
+
+def _chain_sum_config(folder, max_digits: int) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "chain_sum.yaml").write_text(f"min_terms: 2\nmax_terms: 2\nmax_digits: {max_digits}\n")
+    return f"reasoning_gym:chain_sum@{folder / 'chain_sum.yaml'}"
+
+
+def test_records_are_mapped_by_task_identity_and_another_identity_is_refused(tmp_path):
+    """Two peers name the same config file by different paths: its identity matches, so the record is
+    rebuilt with the receiver's own spelling. Another config under the same name is refused."""
+    sender = PeerIdentity.generate()
+    theirs = _chain_sum_config(tmp_path / "sender", max_digits=1)
+    ours_same = _chain_sum_config(tmp_path / "receiver", max_digits=1)
+    ours_other = _chain_sum_config(tmp_path / "other", max_digits=3)
+    instance = draw_instances([theirs], 1, "identity")[0]
+    completions = [f"<answer>{instance.expected}</answer>", "<answer>-1</answer>"]
+    entry = make_record(sender, instance=instance, completions=completions)
+
+    same = pool(tasks=[ours_same])
+    assert same.ingest([entry]).accepted == 1
+    (rollout,) = same.take(1)
+    assert rollout.task == ours_same and rollout.rewards == [1.0, 0.0]
+
+    other = pool(tasks=[ours_other, "arithmetic"])
+    report = other.ingest([entry])
+    assert report.rejected == {"task_identity": 1} and len(other) == 0
+
+
+def test_records_from_another_tokenizer_family_are_refused():
+    sender = PeerIdentity.generate()
+    entry = make_record(sender, tokenizer="a" * 24)
+    assert pool().ingest([entry]).rejected == {"tokenizer": 1}
+
+
+def test_zero_advantage_groups_are_dropped_before_the_uniform_draw():
+    senders = [PeerIdentity.generate() for _ in range(2)]
+    instances = draw_instances(["arithmetic"], 6, "advantage")
+    entries = [make_record(senders[i % 2], slot=i, instance=inst,
+                           completions=[inst.expected, "no idea"] if i < 2 else ["no idea", "still no idea"])
+               for i, inst in enumerate(instances)]  # two groups with a right and a wrong answer, four all wrong
+    sapo = pool()
+    assert sapo.ingest(entries).accepted == 6
+    taken = sapo.take(4)
+    assert len(taken) == 2 and all(r.rewards == [1.0, 0.0] for r in taken)
+    assert sapo.dropped_zero_advantage == 4 and len(sapo) == 0
+    uniform = pool()
+    uniform.ingest(entries)
+    taken = uniform.take(6, "uniform")
+    assert len(taken) == 6 and sum(r.rewards == [0.0, 0.0] for r in taken) == 4
