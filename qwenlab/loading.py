@@ -3,7 +3,9 @@
 Every command, recipe stage, the server and the benchmarks call this. A reference is a model folder,
 `nano`, or an adapter folder (loaded over the base its lineage.json or adapter_config.json names).
 The folder decides the engine: a quantized folder (config.json has a `quantization` section) loads
-through qwenlab.quant with its own kernels; any other through the model core in `dtype`.
+through qwenlab.quant with its own kernels; any other through the model core in `dtype`, with its fp32
+or bf16 weights on the native decode stack (qwenlab.quant.float_native) where the kernels run here and
+no adapter comes with the load (float_backend="torch": the plain PyTorch model core).
 
 Adapters:
 - adapter_mode="merge" (generation, evaluation): folded into a float base, W + s·B·A, so decoding pays
@@ -58,7 +60,11 @@ def adapter_base(folder: Path, lineage: dict | None = None) -> Path | None:
             lineage = None
     candidates = [i.get("path") for i in (lineage or {}).get("inputs", []) if isinstance(i, dict) and i.get("role") == "base"]
     try:
-        candidates.append(json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path"))
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        base, revision = config.get("base_model_name_or_path"), config.get("revision")
+        # PEFT keeps a hub base's revision beside its id
+        candidates.append(f"{base}@{revision}" if isinstance(base, str) and isinstance(revision, str) and revision
+                          and parse_hub_id(base) else base)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         pass
     for candidate in candidates:
@@ -84,7 +90,7 @@ def warn_if_other_base(adapter: Path, base: Path) -> None:
 
 def load(ref: str | Path, dtype: str = "fp32", adapters: list[str | Path] | tuple = (), *,
          adapter_mode: Literal["merge", "attach"] = "merge", quant_backend: str | None = None,
-         fuse: bool = True) -> Loaded:
+         fuse: bool = True, float_backend: Literal["auto", "native", "torch"] | None = None) -> Loaded:
     """Load `ref` (a model folder, 'nano', or an adapter folder) with `adapters` applied, for inference."""
     adapters = [resolve_model_path(a) for a in adapters]  # folders or hub ids
     path = resolve_model_path(ref)
@@ -102,12 +108,29 @@ def load(ref: str | Path, dtype: str = "fp32", adapters: list[str | Path] | tupl
     if quantized:
         model = _load_quantized(checkpoint, adapters, quant_backend, fuse)
     else:
-        model = load_model(checkpoint, dtype)
+        model = _load_float(checkpoint, dtype, float_backend if fuse and not adapters else "torch")
         _apply_adapters(model, adapters, adapter_mode)
     # An adapter folder that carries its own tokenizer (extra tokens, another template) speaks with it.
     own = [a for a in adapters if (a / "tokenizer.json").is_file()]
     tokenizer = load_tokenizer(own[0] if len(adapters) == 1 and own else checkpoint.path)
     return Loaded(model, tokenizer, checkpoint, adapters, quantized)
+
+
+def _load_float(checkpoint: Checkpoint, dtype: str, backend: str | None):
+    """The model core in `dtype`; with the native kernels (auto: where they run), on NativeLinear layers."""
+    if backend not in (None, "auto", "native", "torch"):
+        raise QwenlabError(f"float_backend must be auto, native or torch, got {backend!r}")
+    if backend != "torch":
+        from qwenlab.model.load import parse_dtype
+        from qwenlab.quant.float_native import load_native_float_model, native_float_applies
+
+        if native_float_applies(parse_dtype(dtype)):
+            return load_native_float_model(checkpoint, parse_dtype(dtype))
+        if backend == "native":
+            from qwenlab.quant.linear import kernels_unavailable_reason
+
+            raise QwenlabError(f"the native float kernels cannot run here: {kernels_unavailable_reason()}")
+    return load_model(checkpoint, dtype)
 
 
 def _load_quantized(checkpoint: Checkpoint, adapters: list[Path], backend: str | None, fuse: bool):

@@ -6,7 +6,10 @@
   the sources and flags; its own sha256 is recorded at build time and checked before every load, so a
   file swapped in later is refused.
 - Before the caller loads it, a child process runs `qwenlab_probe` (probe.cpp): a host that advertises
-  the instruction sets but cannot execute them kills the child, not the caller.
+  the instruction sets but cannot execute them kills the child, not the caller. The same child then runs
+  `qwenlab_probe_bf16` (vdpbf16ps, float_matmul.cpp), which the build flags do not turn on: only the
+  functions that say so use it, and only where this probe ran it (`bf16_dot_runs`); elsewhere bf16
+  weights take the AVX-512F widening path.
 - The build says one line when it starts and one when it ends; a failure is reported once by the
   caller (`native.unavailable_reason()`) with the slower path it falls back to.
 """
@@ -27,12 +30,14 @@ from qwenlab.home import qwenlab_home
 HERE = Path(__file__).parent
 QUANT_KERNELS = HERE.parent / "quant" / "native"  # the int8/int4 matmul and decode stack: one library for all
 SOURCES = [HERE / "lora_bgmv.cpp", HERE / "decode_attention.cpp", HERE / "probe.cpp",
-           QUANT_KERNELS / "qmatmul.cpp", QUANT_KERNELS / "decode_stack.cpp"]
-HEADERS = [HERE / "vec.h"]
+           QUANT_KERNELS / "qmatmul.cpp", QUANT_KERNELS / "float_matmul.cpp", QUANT_KERNELS / "decode_stack.cpp"]
+HEADERS = [HERE / "vec.h", HERE / "pool.h"]
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
          "-pthread", "-shared", "-fPIC"]
 PROBE_SEED = 3
 PROBE_EXPECTED = PROBE_SEED * PROBE_SEED + PROBE_SEED + 1 + 5  # probe.cpp: dot + add + 1, fp16 subnormal -> 0, fma 5
+PROBE_BF16_EXPECTED = 2 * PROBE_SEED * PROBE_SEED  # float_matmul.cpp: one vdpbf16ps of seed by seed, two pairs
+_bf16_dot = {}  # library path -> whether vdpbf16ps ran in the probe child
 
 
 class NativeBuildError(Exception):
@@ -94,18 +99,28 @@ def _verify(target: Path) -> None:
 
 
 def _probe(target: Path) -> None:
-    """Run qwenlab_probe in a child process (plain Python + ctypes: no torch import, ~30 ms)."""
+    """Run qwenlab_probe, then qwenlab_probe_bf16, in a child process (plain Python + ctypes: no torch
+    import, ~30 ms). The first must run; the second may die (a CPU without AVX512-BF16): that only
+    keeps bf16 weights on the widening path."""
     code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); "
-            f"print(lib.qwenlab_probe({PROBE_SEED}))")
+            f"print(lib.qwenlab_probe({PROBE_SEED}), flush=True); "
+            f"print(lib.qwenlab_probe_bf16({PROBE_SEED}), flush=True)")
     try:
         done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeBuildError(f"the instruction probe could not run ({e})") from None
-    if done.returncode != 0:
+    lines = done.stdout.split()
+    if not lines:
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
         raise NativeBuildError(f"this CPU cannot execute the kernels' instructions (probe died with {how})")
-    if done.stdout.strip() != str(PROBE_EXPECTED):
-        raise NativeBuildError(f"the instruction probe returned {done.stdout.strip()!r}, expected {PROBE_EXPECTED}")
+    if lines[0] != str(PROBE_EXPECTED):
+        raise NativeBuildError(f"the instruction probe returned {lines[0]!r}, expected {PROBE_EXPECTED}")
+    _bf16_dot[target] = done.returncode == 0 and lines[1:] == [str(PROBE_BF16_EXPECTED)]
+
+
+def bf16_dot_runs(target: Path) -> bool:
+    """Whether the probe child ran vdpbf16ps (AVX512-BF16) from the library at `target`."""
+    return _bf16_dot.get(target, False)
 
 
 def built_library() -> Path:

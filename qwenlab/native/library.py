@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from qwenlab.native.build import NativeBuildError, built_library
+from qwenlab.native.build import NativeBuildError, bf16_dot_runs, built_library
 from qwenlab.native.signatures import Library
 
 _status = {"reason": None}
@@ -32,13 +32,43 @@ def library() -> Library | None:
         _status["reason"] = "this CPU lacks AVX-512 VNNI"
         return None
     try:
-        return Library(built_library())
+        lib = Library(built_library())
     except (OSError, NativeBuildError) as e:
         _status["reason"] = str(e)
         # Said once per process (library() is cached), with the path every caller falls back to.
         print(f"qwenlab: native kernels unavailable ({e}); using PyTorch's kernels instead (slower)",
               file=sys.stderr, flush=True)
         return None
+    _set_float_path(lib, os.environ.get("QWENLAB_FLOAT_KERNEL"))
+    return lib
+
+
+# ---- the bf16 kernel path, chosen at run time ------------------------------------------------------------
+FLOAT_PATHS = ("avx512bf16", "avx512f")  # vdpbf16ps where the probe child ran it; the widening path anywhere
+
+
+def _set_float_path(lib: Library, requested: str | None) -> None:
+    if requested not in (None, "", *FLOAT_PATHS):
+        raise ValueError(f"QWENLAB_FLOAT_KERNEL must be one of {', '.join(FLOAT_PATHS)}, got {requested!r}")
+    dot = bf16_dot_runs(lib.path) and requested != "avx512f"  # asking for avx512bf16 cannot turn on what failed
+    lib.float_path(1 if dot else 0)
+
+
+def force_float_path(name: str | None) -> str:
+    """Use `name` ("avx512f": the widening path even where vdpbf16ps runs; None: the best this CPU runs)
+    for bf16 weights from now on, in this process; returns the path now in use. For tests and benchmarks;
+    the environment's QWENLAB_FLOAT_KERNEL does the same for a whole run."""
+    _set_float_path(library(), name)
+    return float_path("bf16").split(":")[1]
+
+
+def float_path(dtype: str) -> str:
+    """The kernel a float weight format runs on here, as the bench prints it: "bf16:avx512bf16",
+    "bf16:avx512f", "fp32:avx512f", or "<dtype>:torch" where the native library does not run."""
+    lib = library()
+    if lib is None:
+        return f"{dtype}:torch"
+    return f"{dtype}:{FLOAT_PATHS[0] if dtype == 'bf16' and lib.float_path(-1) == 1 else 'avx512f'}"
 
 
 def available() -> bool:

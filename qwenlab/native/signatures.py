@@ -21,6 +21,12 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     "qwenlab_gemm_int8": ([p, i64, i64, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32], "released"),
     # as gemm_int8, with mz, mz_len after s, s_len
     "qwenlab_gemm_int4": ([p, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32], "released"),
+    # x, x_len, M, K, w, w_len, bits (16 bf16, 32 fp32), N, bias, bias_len, y, y_len, threads, act
+    "qwenlab_gemm_float": ([p, i64, i64, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32], "released"),
+    # request: 1 use vdpbf16ps (only after qwenlab_probe_bf16 ran in a child), 0 the widening path, -1 ask
+    "qwenlab_float_path": ([i32], "held"),
+    # x, x_len, threads, out (a STREAM-like read: the sum of x)
+    "qwenlab_read_bandwidth": ([p, i64, i32, p], "released"),
     # x, x_len, B, H, layers, n_layers, Hq, Hkv, D, cos, sin, cs_len, cap, pos, eps, threads
     "qwenlab_decode_stack": ([p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, i64, f32, i32], "released"),
     # x, x_len, rows, T, K, row_adapter, ra_len, A, A_len, Bt, Bt_len, n_adapters, R, N, y, y_len
@@ -31,6 +37,8 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     "qwenlab_rms_norm": ([p, i64, i64, i64, p, i64, f32, p, i64], "held"),
     # seed (build.py runs it in a child process before the library is loaded)
     "qwenlab_probe": ([i32], "held"),
+    # seed: one vdpbf16ps, run in a child process like qwenlab_probe (the bf16 path's own probe)
+    "qwenlab_probe_bf16": ([i32], "held"),
 }
 
 

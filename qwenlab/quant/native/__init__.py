@@ -1,5 +1,6 @@
-"""The int8/int4 kernels of the quantized formats: the matmul (qmatmul.cpp), the one-call decode stack
-(decode_stack.cpp), and the packing of stored tensors into their layout. They are built into qwenlab's
+"""The kernels of the weight formats: the int8/int4 matmul (qmatmul.cpp), the bf16/fp32 matmul
+(float_matmul.cpp), the one-call decode stack for both (decode_stack.cpp), and the packing of stored
+int8/int4 tensors into their layout. They are built into qwenlab's
 one native library (qwenlab/native/: build, thread policy, status codes; `available()` says whether it runs).
 
 Why our own: PyTorch's CPU kernels are per-channel for int8 (`_weight_int8pack_mm`) and dequantize
@@ -153,6 +154,47 @@ def linear_int4(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Ten
     return PackedLinear(packed, scales, mins, bias, group_size)(x, n, silu_mul)
 
 
+# ---- bf16 / fp32 weights (float_matmul.cpp) -----------------------------------------------------------
+FLOAT_BITS = {torch.bfloat16: 16, torch.float32: 32}
+
+
+def linear_float(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 silu_mul: bool = False) -> torch.Tensor:
+    """x [..., K] (any float dtype; silu_mul: a fused gate|up [..., 2K]) times a bf16 or fp32 weight [N, K]
+    (row-major, as stored), plus an fp32 bias [N] -> fp32 [..., N]."""
+    kernel = "gemm_float"
+    if weight.dim() != 2 or weight.dtype not in FLOAT_BITS:
+        raise KernelArgumentError(f"native {kernel}: the weight must be a 2-d bf16 or fp32 tensor, got "
+                                  f"{list(weight.shape)} {weight.dtype}")
+    n, k = weight.shape
+    x2, act = _gemm_input(x, k, silu_mul)
+    wp, w_len = buffer(weight, weight.dtype, "the weight", kernel)
+    bp, b_len = optional_buffer(bias, torch.float32, "the bias", kernel)
+    y = torch.empty(x2.shape[0], n)
+    checked(library().gemm_float(x2.data_ptr(), x2.numel(), x2.shape[0], k, wp, w_len, FLOAT_BITS[weight.dtype], n,
+                                 bp, b_len, y.data_ptr(), y.numel(), kernel_threads(), act), kernel)
+    return y.view(*x.shape[:-1], n)
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 3, threads: int | None = None) -> float:
+    """Bytes per second of a STREAM-like read (the sum of an nbytes buffer, on the kernels' threads):
+    the best of `repeats` after one untimed pass. The bound of a decode step is this over its bytes."""
+    import time
+
+    x = torch.ones(max(nbytes // 4, 1 << 18))  # written once: every page is resident before timing
+    out = ctypes.c_double()
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        checked(library().read_bandwidth(x.data_ptr(), x.numel(), threads or kernel_threads(), ctypes.byref(out)),
+                "read_bandwidth")
+        if i:
+            best = min(best, time.perf_counter() - start)
+    if out.value != x.numel():
+        raise RuntimeError(f"read_bandwidth summed {out.value}, expected {x.numel()}")
+    return x.numel() * 4 / best
+
+
 # ---- a whole decode step through every layer (decode_stack.cpp) -------------------------------------
 class _QLinear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mz", ctypes.c_void_p), ("bias", ctypes.c_void_p),
@@ -164,11 +206,19 @@ class _QLinear(ctypes.Structure):
 class _DecodeLayer(ctypes.Structure):
     _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", _QLinear), ("o", _QLinear),
                 ("gate_up", _QLinear), ("down", _QLinear), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
-                ("norm1_len", ctypes.c_int64), ("norm2_len", ctypes.c_int64), ("kv_len", ctypes.c_int64)]
+                ("norm1_len", ctypes.c_int64), ("norm2_len", ctypes.c_int64), ("kv_len", ctypes.c_int64),
+                ("k", _QLinear), ("v", _QLinear), ("up", _QLinear)]  # float layers only (else zeroed)
 
 
 def _qlinear(layer) -> _QLinear:
     kernel = "decode_stack"
+    if not hasattr(layer, "qweight"):  # a float layer: its weight as stored, [N, K] row-major
+        bits = FLOAT_BITS.get(layer.weight.dtype)
+        if bits is None:
+            raise KernelArgumentError(f"native {kernel}: a {layer.weight.dtype} weight has no kernel")
+        w, w_len = buffer(layer.weight, layer.weight.dtype, "a float weight", kernel)
+        bias, bias_len = optional_buffer(layer.bias, torch.float32, "a bias", kernel)
+        return _QLinear(w, None, None, bias, layer.out_features, layer.in_features, 0, bits, w_len, 0, 0, bias_len)
     w, w_len = buffer(layer.qweight, torch.uint8, "a packed weight", kernel)
     s, s_len = buffer(layer.scales, torch.float16, "scales", kernel)
     mz, mz_len = optional_buffer(layer.mins if layer.bits == 4 else None, torch.float16, "mins", kernel)
@@ -182,21 +232,32 @@ def _norm(layer_norm) -> tuple[int, int]:
 
 
 class DecodeStack:
-    """Every decoder layer of a fused native quantized model as one native call per decode step.
+    """Every decoder layer of a model as one native call per decode step: a fused native quantized model
+    (q|k|v and gate|up packed together), or a float one whose q, k, v, gate, up, o and down are bf16 or
+    fp32 weights (qwenlab.quant.float_native).
 
-    Holds pointers to the layers' packed weights (the model must keep its modules while this is in use)
-    and, per KV cache, the table of its layers' key/value buffers. Called as
-    (x, cos, sin, cache, buffers, pos) -> x after the last layer, or None where it does not apply (the caller
-    then runs the layers one by one): one token per row, fp32, a cache of contiguous fp32 buffers.
-    Every buffer goes with its length, which the kernel checks for every layer before the first runs.
+    Holds pointers to the layers' weights (the model must keep its modules while this is in use; a float
+    model checks `still_valid` before each use and rebuilds) and, per KV cache, the table of its layers'
+    key/value buffers. Called as (x, cos, sin, cache, buffers, pos) -> x after the last layer, or None where
+    it does not apply (the caller then runs the layers one by one): one token per row, fp32, a cache of
+    contiguous fp32 buffers. Every buffer goes with its length, which the kernel checks for every layer
+    before the first runs.
     """
 
     def __init__(self, layers, config):
-        self.layers = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm),
-                        _qlinear(layer.self_attn.qkv_proj), _qlinear(layer.self_attn.o_proj),
-                        _qlinear(layer.mlp.gate_up_proj), _qlinear(layer.mlp.down_proj)) for layer in layers]
+        self.layers = [self._layer(layer) for layer in layers]
         self.hidden, self.eps = config.hidden_size, float(config.rms_norm_eps)
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def _layer(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm))
+        if hasattr(attn, "qkv_proj"):  # quantized and fused
+            none = _QLinear()
+            return (*norms, _qlinear(attn.qkv_proj), _qlinear(attn.o_proj), _qlinear(mlp.gate_up_proj),
+                    _qlinear(mlp.down_proj), none, none, none)
+        return (*norms, _qlinear(attn.q_proj), _qlinear(attn.o_proj), _qlinear(mlp.gate_proj), _qlinear(mlp.down_proj),
+                _qlinear(attn.k_proj), _qlinear(attn.v_proj), _qlinear(mlp.up_proj))
 
     def _table(self, cache, buffers):
         table = getattr(cache, "native_decode_table", None)
@@ -206,8 +267,9 @@ class DecodeStack:
                     for kv in buffers for t in kv):
                 return None
             array = (_DecodeLayer * len(self.layers))(*[
-                _DecodeLayer(norm1[0], norm2[0], *linears, k.data_ptr(), v.data_ptr(), norm1[1], norm2[1], k.numel())
-                for (norm1, norm2, *linears), (k, v) in zip(self.layers, buffers)])
+                _DecodeLayer(norm1[0], norm2[0], qkv, o, gate_up, down, k.data_ptr(), v.data_ptr(), norm1[1], norm2[1],
+                             k.numel(), k_proj, v_proj, up)
+                for (norm1, norm2, qkv, o, gate_up, down, k_proj, v_proj, up), (k, v) in zip(self.layers, buffers)])
             table = cache.native_decode_table = (self, array)
         return table[1]
 

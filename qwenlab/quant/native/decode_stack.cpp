@@ -1,4 +1,4 @@
-// A whole decode step through every decoder layer in one call, for fused quantized models.
+// A whole decode step through every decoder layer in one call, for quantized and float (bf16, fp32) models.
 //
 // Per layer, for B rows of one new token each (no padding, a plain KV cache):
 //   h = rms_norm(x, norm1); qkv = h Wqkvᵀ + b; a = attention(qkv) (RoPE, cache write, softmax·V);
@@ -7,9 +7,15 @@
 // are identical. What it removes is the Python between them: ~100 µs per layer of module calls,
 // ctypes argument conversion, tensor allocation and residual adds, which on the 0.5B int4 shape was
 // 2.4 of a decode step's 11.4 ms while the kernel's threads sat idle.
+//
+// A quantized layer has fused q|k|v and gate|up weights (one packed matrix each). A float layer keeps the
+// checkpoint's separate q, k, v, gate and up matrices (so LoRA can still wrap them), given as `qkv` = q,
+// `k`, `v`, `gate_up` = gate and `up`; their rows run as one pool job (float_matmul.cpp's segments).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <initializer_list>
 
 #include "vec.h"
 
@@ -26,9 +32,13 @@ int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64
 int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, const float* w, int64_t w_len, float eps,
                      float* out, int64_t out_len);
 }
+int run_float_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const void* const* w,
+                           const float* const* bias, float* const* y, const int64_t* N, int64_t ldy, int nthreads,
+                           int act);
 
-// One packed quantized linear (qwenlab.quant.native's layout); N is its packed (padded) row count.
-// The lengths count elements of each buffer (w: bytes, s and mz: fp16 values, bias: floats).
+// One packed quantized linear (qwenlab.quant.native's layout; N is its packed, padded row count), or a
+// float one (bits 16: bf16, 32: fp32; w [N, K] row-major, no s or mz, N exact).
+// The lengths count elements of each buffer (w: bytes or float values, s and mz: fp16 values, bias: floats).
 struct QLinear {
     const uint8_t* w;
     const uint16_t* s;
@@ -45,10 +55,30 @@ struct DecodeLayer {
     float* keys;    // [B, Hkv, cap, D]
     float* values;  // [B, Hkv, cap, D]
     int64_t norm1_len, norm2_len, kv_len;  // floats: H, H, B Hkv cap D (keys and values each)
+    QLinear k, v, up;  // float layers: k, v and up apart from q (in qkv) and gate (in gate_up); else w null
 };
+
+static bool is_float(const QLinear& l) { return l.bits == 16 || l.bits == 32; }
+
+// Float linears that read the same x, their rows one pool job: y_i [B, N_i] at column offset sum N_<i of y.
+static int float_linears(std::initializer_list<const QLinear*> ls, const float* x, int64_t B, float* y,
+                         int nthreads, int act) {
+    const void* w[3];
+    const float* bias[3];
+    float* out[3];
+    int64_t N[3], ldy = 0;
+    int n = 0;
+    for (const QLinear* l : ls) {
+        w[n] = l->w, bias[n] = l->bias, out[n] = y + ldy, N[n] = l->N;
+        ldy += l->N, ++n;
+    }
+    return run_float_linears(x, B, (*ls.begin())->K, (int)(*ls.begin())->bits, n, w, bias, out, N, ldy,
+                                  nthreads, act);
+}
 
 // x [B, K] (act 1: gate|up [B, 2K]) -> y [B, N]
 static int linear(const QLinear& l, const float* x, int64_t B, float* y, int nthreads, int act) {
+    if (is_float(l)) return float_linears({&l}, x, B, y, nthreads, act);
     const int64_t x_len = B * l.K * (act ? 2 : 1), y_len = B * l.N;
     if (l.bits == 8)
         return qwenlab_gemm_int8(x, x_len, B, l.K, l.w, l.w_len, l.s, l.s_len, l.N, l.gs, l.bias, l.bias_len, y,
@@ -61,6 +91,9 @@ static int linear(const QLinear& l, const float* x, int64_t B, float* y, int nth
 // layer before the first one runs, so that a bad buffer cannot stop the stack half-way with x updated.
 static bool linear_ok(const QLinear& l) {
     const int64_t limit = (int64_t)1 << 31;
+    if (is_float(l))
+        return l.N > 0 && l.N < limit && l.K > 0 && l.K < limit && l.w && has_elems(l.w_len, {l.N, l.K}) &&
+               (!l.bias || has_elems(l.bias_len, {l.N}));
     if ((l.bits != 8 && l.bits != 4) || l.N <= 0 || l.N >= limit || l.K <= 0 || l.K >= limit || l.gs <= 0 ||
         l.K % 32 || l.gs % 32 || l.K % l.gs || l.N % 64 || !l.w || !l.s || (l.bits == 4 && !l.mz))
         return false;
@@ -88,9 +121,21 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
     const int64_t qkv_n = (Hq + 2 * Hkv) * D, I = layers[0].down.K;
     for (int64_t i = 0; i < n_layers; ++i) {
         const DecodeLayer& L = layers[i];
-        if (L.qkv.N != qkv_n || L.qkv.K != H || L.o.N != H || L.o.K != Hq * D || L.gate_up.N != 2 * I ||
-            L.gate_up.K != H || L.down.N != H || L.down.K != I)
+        if (L.o.N != H || L.o.K != Hq * D || L.down.N != H || L.down.K != I) return QWENLAB_NOT_APPLICABLE;
+        if (L.k.w) {  // float: q, k, v apart, all of one float format
+            if (!is_float(L.qkv) || L.k.bits != L.qkv.bits || L.v.bits != L.qkv.bits || L.qkv.N != Hq * D ||
+                L.k.N != Hkv * D || L.v.N != Hkv * D || L.qkv.K != H || L.k.K != H || L.v.K != H)
+                return QWENLAB_NOT_APPLICABLE;
+        } else if (L.qkv.N != qkv_n || L.qkv.K != H) {
             return QWENLAB_NOT_APPLICABLE;
+        }
+        if (L.up.w) {  // float: gate and up apart
+            if (!is_float(L.gate_up) || L.up.bits != L.gate_up.bits || L.gate_up.N != I || L.up.N != I ||
+                L.gate_up.K != H || L.up.K != H)
+                return QWENLAB_NOT_APPLICABLE;
+        } else if (L.gate_up.N != 2 * I || L.gate_up.K != H) {
+            return QWENLAB_NOT_APPLICABLE;
+        }
     }
     if (B <= 0 || B >= ((int64_t)1 << 31) || H <= 0 || !x || !cos || !sin || !has_elems(x_len, {B, H}) || !has_elems(cs_len, {B, D}))
         return QWENLAB_BAD_SIZES;
@@ -98,7 +143,8 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
         const DecodeLayer& L = layers[i];
         if (!L.norm1 || !L.norm2 || !L.keys || !L.values || !has_elems(L.norm1_len, {H}) ||
             !has_elems(L.norm2_len, {H}) || !has_elems(L.kv_len, {B, Hkv, cap, D}) || !linear_ok(L.qkv) ||
-            !linear_ok(L.o) || !linear_ok(L.gate_up) || !linear_ok(L.down))
+            !linear_ok(L.o) || !linear_ok(L.gate_up) || !linear_ok(L.down) || (L.k.w && (!linear_ok(L.k) ||
+            !linear_ok(L.v))) || (L.up.w && !linear_ok(L.up)))
             return QWENLAB_BAD_SIZES;
     }
     float* h = (float*)malloc(sizeof(float) * B * H);
@@ -110,13 +156,15 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
     for (int64_t i = 0; i < n_layers && status == QWENLAB_OK; ++i) {
         const DecodeLayer& L = layers[i];
         qwenlab_rms_norm(x, B * H, B, H, L.norm1, L.norm1_len, eps, h, B * H);
-        if ((status = linear(L.qkv, h, B, qkv, nthreads, 0)) != QWENLAB_OK) break;
+        status = L.k.w ? float_linears({&L.qkv, &L.k, &L.v}, h, B, qkv, nthreads, 0) : linear(L.qkv, h, B, qkv, nthreads, 0);
+        if (status != QWENLAB_OK) break;
         status = qwenlab_decode_attention(qkv, B * qkv_n, B, Hq, Hkv, D, cos, sin, cs_len, L.keys, L.values,
                                           L.kv_len, cap, pos, att, B * Hq * D);
         if (status != QWENLAB_OK || (status = linear(L.o, att, B, y, nthreads, 0)) != QWENLAB_OK) break;
         add_into(x, y, B * H);
         qwenlab_rms_norm(x, B * H, B, H, L.norm2, L.norm2_len, eps, h, B * H);
-        if ((status = linear(L.gate_up, h, B, gu, nthreads, 0)) != QWENLAB_OK) break;
+        status = L.up.w ? float_linears({&L.gate_up, &L.up}, h, B, gu, nthreads, 0) : linear(L.gate_up, h, B, gu, nthreads, 0);
+        if (status != QWENLAB_OK) break;
         // act 1: silu(gate) * up, applied while quantizing
         if ((status = linear(L.down, gu, B, y, nthreads, 1)) != QWENLAB_OK) break;
         add_into(x, y, B * H);

@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "vec.h"
 
 #define XB 32  // activation block
@@ -44,34 +45,6 @@ static void quantize_row(const float* x, int64_t K, int8_t* xq, float* xs, int32
         _mm_storeu_si128((__m128i*)(xq + b * XB + 16), _mm512_cvtsepi32_epi8(q1));
         xs[b] = scale;
         xsum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    }
-}
-
-// e^x for x in [-87.3, 88.3] (clamped), Cephes' expf polynomial: ~1e-7 relative error, plenty before
-// the int8 quantization the result goes through.
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-// out[k] = silu(gate[k]) * up[k] = gate[k] / (1 + e^-gate[k]) * up[k]; K a multiple of 16.
-static void silu_mul_row(const float* gate, const float* up, int64_t K, float* out) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int64_t k = 0; k < K; k += 16) {
-        __m512 g = _mm512_loadu_ps(gate + k);
-        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_storeu_ps(out + k, _mm512_mul_ps(silu, _mm512_loadu_ps(up + k)));
     }
 }
 
@@ -149,111 +122,8 @@ static inline void row_blocks(const uint8_t* w, const uint16_t* s, const uint16_
     }
 }
 
-// A small thread pool in which the caller never waits for a thread that has not started.
-//
-// OpenMP's fork-join makes every thread reach a barrier at the end of each parallel region, so on a
-// machine shared with other processes one preempted worker stalls the whole matmul for a scheduler
-// time slice, ~100 times per token (measured: 2 threads decoded 6x slower than 1). Here chunks are
-// claimed from a counter tagged with the job's generation: the caller works through the chunks
-// itself and, at the end, waits (yielding) only for chunks another thread has actually claimed.
-// Idle workers spin up to SPIN_US, then sleep on a condition variable, so an idle engine does not
-// keep a core busy.
 namespace {
-constexpr int64_t SPIN_US = 200;  // idle workers spin this long before sleeping (QWENLAB_KERNEL_SPIN_US)
-using ChunkFn = void (*)(const void* job, int64_t chunk);
-
-struct Pool {
-    std::mutex callers;  // one job at a time when several Python threads call the kernel
-    std::mutex mutex;
-    std::condition_variable wake;
-    std::vector<std::thread> threads;
-    std::atomic<uint64_t> generation{0};
-    std::atomic<uint64_t> state{0};  // (generation << 32) | next chunk
-    std::atomic<int64_t> done{0};
-    std::atomic<int64_t> total{0};
-    int64_t spin_us = getenv("QWENLAB_KERNEL_SPIN_US") ? atoll(getenv("QWENLAB_KERNEL_SPIN_US")) : SPIN_US;
-    ChunkFn fn = nullptr;
-    const void* job = nullptr;
-
-    // Claim and run chunks of job `gen` until none is left; false once the job is not `gen` any more.
-    void work(uint64_t gen) {
-        for (;;) {
-            uint64_t st = state.load(std::memory_order_acquire);
-            if ((st >> 32) != (gen & 0xffffffffu) ||
-                (int64_t)(st & 0xffffffffu) >= total.load(std::memory_order_acquire))
-                return;
-            if (!state.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) continue;
-            fn(job, (int64_t)(st & 0xffffffffu));  // job and fn are stable while a claimed chunk is not done
-            done.fetch_add(1, std::memory_order_release);
-        }
-    }
-
-    void worker() {
-        uint64_t seen = generation.load();
-        for (;;) {
-            uint64_t gen = generation.load(std::memory_order_acquire);
-            // Spin for a while before sleeping: in a decode step the matmuls come every few tens of
-            // microseconds (the Python ops between them), and a futex wake-up costs about as much as
-            // a small matmul. The spin is bounded in time so that an idle engine gives the core back.
-            if (gen == seen) {
-                const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
-                for (int i = 0; gen == seen; ++i) {
-                    _mm_pause();
-                    gen = generation.load(std::memory_order_acquire);
-                    if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;
-                }
-            }
-            if (gen == seen) {
-                std::unique_lock<std::mutex> lock(mutex);
-                wake.wait(lock, [&] { return generation.load() != seen; });
-                gen = generation.load();
-            }
-            seen = gen;
-            work(gen);
-        }
-    }
-
-    void run(ChunkFn f, const void* j, int64_t chunks, int nthreads) {
-        if (nthreads <= 1 || chunks <= 1) {
-            for (int64_t i = 0; i < chunks; ++i) f(j, i);
-            return;
-        }
-        std::lock_guard<std::mutex> one_job(callers);
-        {
-            std::lock_guard<std::mutex> lock(mutex);
-            while ((int)threads.size() < nthreads - 1) {
-                threads.emplace_back([this] { worker(); });
-                threads.back().detach();
-            }
-            const uint64_t gen = generation.load() + 1;
-            // Close the previous job's state first: a worker that read it (and may read the new
-            // `total` below) must fail its claim. Without this, a late worker could claim chunk k of
-            // the new job under the old tag, that chunk was then claimed twice, `done` reached the
-            // count early and the caller returned while a chunk still ran on its freed buffers
-            // (a rare segfault in prefill, caught under gdb in row_blocks<4, 4, 2>).
-            state.store(((gen & 0xffffffffu) << 32) | 0xffffffffu, std::memory_order_seq_cst);
-            fn = f;
-            job = j;
-            total.store(chunks, std::memory_order_release);  // seen => the closing store is seen
-            done.store(0, std::memory_order_relaxed);
-            state.store((gen & 0xffffffffu) << 32, std::memory_order_release);
-            generation.store(gen, std::memory_order_release);
-        }
-        wake.notify_all();
-        const uint64_t gen = generation.load();
-        work(gen);
-        // Only chunks in progress on another thread are left; yield so that thread can run on this core.
-        for (int spin = 0; done.load(std::memory_order_acquire) < chunks; ++spin) {
-            if (spin < 64) _mm_pause();
-            else std::this_thread::yield();
-        }
-    }
-};
-
-Pool& pool() {
-    static Pool* p = new Pool();  // never destroyed: detached workers may outlive static destructors
-    return *p;
-}
+using qwenlab_pool::pool;
 
 struct GemmJob {
     const float* x;
