@@ -301,6 +301,7 @@ def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         trainer.model.save_pretrained(str(tmp))
+        _name_the_hub_base(tmp / ADAPTER_CONFIG, run.config.base)
         read_adapter(tmp)  # what PEFT wrote must read back in qwenlab
         copy_tokenizer_files(run.base, tmp)
         plot_loss_curve(history, tmp / "loss_curve.png", title=f"LoRA {run.kind.upper()}: {Path(run.config.data).name}")
@@ -320,3 +321,18 @@ def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
     if work != run.out:
         replace_output(work, run.out)  # complete: now it becomes OUT (an old OUT is removed only after)
     return result
+
+
+def _name_the_hub_base(config_path: Path, base: str) -> None:
+    """A base given by hub id is recorded by that id (and its revision), as PEFT does for hub models,
+    not by the snapshot folder it resolved to: the adapter then loads on any machine with that model."""
+    from qwenlab.checkpoint.hub import parse_hub_id
+
+    parsed = parse_hub_id(base) if not Path(base).exists() else None
+    if parsed is None:
+        return
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"], revision = parsed
+    if revision:
+        config["revision"] = revision
+    config_path.write_text(json.dumps(config, indent=2) + "\n")

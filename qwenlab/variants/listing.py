@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwenlab.checkpoint.hub import parse_hub_id
 from qwenlab.variants.results import Figure, accuracy_figures, latest_all, latest_by_dtype, mean_accuracy, speed_contexts
 from qwenlab.checkpoint.lineage import read_lineage
 from qwenlab.loading import adapter_base
@@ -59,7 +60,12 @@ def display_name(path: str | Path) -> str:
     path = Path(path)
     from qwenlab.checkpoint.reader import NANO_DIR
 
-    return "nano" if path.resolve() == NANO_DIR.resolve() else path.name
+    if path.resolve() == NANO_DIR.resolve():
+        return "nano"
+    # A hub snapshot (HF cache: models--ORG--NAME/snapshots/COMMIT) is named by its repository id.
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    return path.name
 
 
 def is_variant_folder(path: Path) -> bool:
@@ -165,12 +171,12 @@ def find_variants(paths: list[str | Path], depth: int = 3) -> list[Variant]:
             walk(child, level + 1)
 
     for path in paths:
-        if str(path) == "nano":
+        folder = Path(path)
+        if str(path) == "nano" or (not folder.exists() and parse_hub_id(str(path))):
             from qwenlab.checkpoint.reader import resolve_model_path
 
-            found.append(resolve_model_path("nano"))
+            found.append(resolve_model_path(str(path)))  # nano, or a hub id's snapshot in the HF cache
             continue
-        folder = Path(path)
         if not folder.is_dir():
             raise QwenlabError(f"{folder}: no such folder")
         before = len(found)
