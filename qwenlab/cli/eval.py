@@ -161,8 +161,9 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="PATH",
                    help="a LoRA adapter folder or hub id over MODEL: one runs unmerged and is the variant measured; "
                         "repeat to stack several (merged in order)")
-    p.add_argument("--tasks", default=None, help=f"comma-separated task names: {', '.join(TASKS)} (default: "
-                                                 "all, unless a file evaluation below is asked for)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated tasks: {', '.join(TASKS)}, reasoning_gym:NAME"
+                                                 "[@config.yaml], jsonl:PATH[@verifier.py:FN], mix:spec.yaml (default: "
+                                                 "all built-in ones, unless a file evaluation below is asked for)")
     p.add_argument("--n", type=types.positive_int, default=200, help="instances per task")
     p.add_argument("--seed", type=types.seed, default=0)
     p.add_argument("--difficulty", type=types.positive_int, default=None,

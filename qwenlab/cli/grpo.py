@@ -18,11 +18,16 @@ from dataclasses import fields
 from qwenlab.cli import types as flag_types
 
 HELP = {
-    "model": "base model folder, 'nano' or a hub id", "tasks": f"task names: {', '.join(TASKS)}",
+    "model": "base model folder, 'nano' or a hub id",
+    "tasks": f"tasks: {', '.join(TASKS)}, reasoning_gym:NAME[@config.yaml], jsonl:PATH[@verifier.py:FN], mix:spec.yaml",
     "difficulty": "task difficulty (default: each task's default)", "steps": "optimizer steps",
     "batch": "prompts per step", "num_generations": "completions per prompt (the group size G)",
     "beta": "KL weight towards the base model (0: no reference pass, TRL's default)",
-    "epsilon": "ratio clip range", "init_adapter": "start from this PEFT adapter folder",
+    "epsilon": "lower ratio clip (ε_low)", "epsilon_high": "upper ratio clip (ε_high; DAPO's clip-higher)",
+    "loss_type": "grpo | dr_grpo | dapo (TRL's normalisations)", "scale_rewards": "advantage divided by the std of "
+    "the group, the batch, or none", "mask_truncated_completions": "completions cut at --max-new-tokens add no loss",
+    "format_reward": "reward added to completions with an <answer>...</answer> block",
+    "init_adapter": "start from this PEFT adapter folder",
     "micro_batch": "rows per forward/backward pass", "save_every": "checkpoint every N steps/rounds",
     "threads": "torch CPU threads (default: torch's choice)",
 }
@@ -37,11 +42,14 @@ FIELD_TYPES = {
                      "save_every", "max_record_bytes"), flag_types.positive_int),
     **dict.fromkeys(("local", "external", "rounds", "snapshot_every", "wait_for_peers"),
                     flag_types.nonnegative_int),
-    "top_p": flag_types.fraction,
-    **dict.fromkeys(("temperature", "learning_rate", "lora_alpha", "max_grad_norm", "epsilon", "dht_timeout_s",
-                     "dht_retry_s", "record_ttl_s", "peer_timeout_s", "rate_burst", "rate_per_s"),
-                    flag_types.positive_float),
-    **dict.fromkeys(("beta", "min_round_seconds", "wait_timeout_s"), flag_types.nonnegative_float),
+    "top_p": flag_types.fraction, "loss_type": flag_types.one_of("grpo", "dr_grpo", "dapo"),
+    "scale_rewards": flag_types.one_of("group", "batch", "none"),
+    "external_selection": flag_types.one_of("drop_zero_advantage", "uniform"),
+    **dict.fromkeys(("temperature", "learning_rate", "lora_alpha", "max_grad_norm", "epsilon", "epsilon_high",
+                     "dht_timeout_s", "dht_retry_s", "record_ttl_s", "peer_timeout_s", "rate_burst", "rate_per_s",
+                     "rejoin_after_s"), flag_types.positive_float),
+    **dict.fromkeys(("beta", "min_round_seconds", "wait_timeout_s", "format_reward", "round_deadline_s"),
+                    flag_types.nonnegative_float),
 }
 _DEFAULT_TYPES = {int: flag_types.integer, float: flag_types.finite_float}
 

@@ -25,6 +25,10 @@ HELP.update({
     "wait_timeout_s": "longest wait for --wait-for-peers before starting anyway",
     "peer_timeout_s": "a peer silent for this long counts as gone (a warning; its records stay usable)",
     "resume": "continue from OUT/checkpoint when it exists", "quiet": "print warnings only",
+    "external_selection": "drop_zero_advantage (SAPO: groups that all scored the same are dropped, then uniform) "
+                          "or uniform",
+    "round_deadline_s": "a round's exchange gets what is left of this many seconds after generating (0: none)",
+    "rejoin_after_s": "with --peers: restart the DHT through them after this long without seeing a peer",
 })
 _PEER_SKIP = ("grpo", "out", "initial_peers", "network")
 _GRPO_SKIP = ("steps", "batch", "save_every")

@@ -52,7 +52,9 @@ def register(subparsers) -> None:
                        ("dpo", "chat prompt/chosen/rejected: a correct answer over a wrong or badly formatted one")):
         p = kinds.add_parser(kind, help=text)
         types.add_output(p, "the JSONL file to write")
-        p.add_argument("--task", required=True, help=f"a task name: {', '.join(TASKS)}")
+        p.add_argument("--task", "--tasks", dest="task", required=True, type=types.task_spelling,
+                       help=f"a task: {', '.join(TASKS)}, reasoning_gym:NAME[@config.yaml], jsonl:PATH"
+                            "[@verifier.py:FN] or mix:spec.yaml")
         p.add_argument("--n", type=types.positive_int, required=True, help="number of records")
         p.add_argument("--seed", type=types.seed, default=0, help="data seed (instances never overlap evaluation's)")
         p.add_argument("--difficulty", type=types.positive_int, default=None, help="default: the task's default difficulty")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from qwenlab.model.generate import MAX_SEED  # seeds seed torch.Generator: signed 64-bit, non-negative
+# Seeds seed torch.Generator: signed 64-bit, non-negative (qwenlab.model.generate.MAX_SEED; not imported
+# from there, so that parsing the command line does not import torch).
+MAX_SEED = 2**63 - 1
 
 
 def _int(text: str) -> int:
@@ -130,3 +132,25 @@ def resolve_output(args: argparse.Namespace, inputs: str | None = None) -> str |
     if args.out is None and args.output_required:
         return "the output is missing: give OUT as an argument or --out OUT"
     return None
+
+
+def task_spelling(text: str) -> str:
+    """A task as `--task(s)` spells it: a built-in name, reasoning_gym:NAME[@config.yaml], jsonl:PATH[@verifier.py:FN]
+    or mix:spec.yaml (qwenlab.tasks.registry); a bad one is refused at parsing with the task's own message."""
+    from qwenlab.errors import QwenlabError
+    from qwenlab.tasks import get_task
+
+    try:
+        get_task(text)
+    except QwenlabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
+
+
+def one_of(*values: str):
+    """An argparse type accepting exactly these words (loss types, selection rules)."""
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(values)}, got {text!r}")
+        return text
+    return parse
