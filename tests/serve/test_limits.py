@@ -82,13 +82,15 @@ def test_unknown_model_and_route_are_404(limited):
     ({"temperature": 5}, "temperature"),
     ({"max_tokens": 221}, "max_tokens"),  # over the server's limit
     ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"n": 9}, "n"),  # more choices than one request may have
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools.0.function.name"),
+    ({"suffix": "x"}, "suffix"),  # OpenAI's, not implemented
+    ({"no_such_field": 1}, "no_such_field"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
 ])
 def test_bad_fields_are_400(limited, fields, param):
-    extra = {k: v for k, v in fields.items() if k not in ("temperature", "max_tokens", "n", "logprobs", "stop")}
+    extra = {k: v for k, v in fields.items() if k not in ("temperature", "max_tokens", "n", "stop")}
     named = {k: v for k, v in fields.items() if k not in extra}
     with pytest.raises(openai.BadRequestError) as error:
         ask(limited.client(), extra_body=extra or None, **named)
