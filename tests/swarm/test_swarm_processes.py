@@ -25,7 +25,7 @@ import pytest
 from qwenlab.swarm.dht import SwarmDHT
 from qwenlab.swarm.signing import PeerIdentity
 from qwenlab.train.grpo.rollouts import draw_instances
-from tests.swarm.test_records import make_record
+from tests.swarm.test_records import make_record as make_shared_record
 
 SWARM = "loopback-test"
 PEER_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--swarm", SWARM, "--num-generations", "2",
@@ -85,9 +85,14 @@ def senders(peer: Peer) -> set[str]:
     return {e["peer"] for e in peer.audit() if e["accepted"]}
 
 
-def attack(address: str, victim_id: str) -> dict:
-    """Publish forged, tampered, oversized and lying records from a separate DHT node."""
+def attack(address: str, victim_id: str, tokenizer: str) -> dict:
+    """Publish forged, tampered, oversized and lying records from a separate DHT node (with the swarm's tokenizer
+    digest: the records must get as far as the checks under test)."""
     attacker, stranger = PeerIdentity.generate(), PeerIdentity.generate()
+
+    def make_record(*args, **kwargs):
+        return make_shared_record(*args, tokenizer=tokenizer, **kwargs)
+
     instances = draw_instances(["arithmetic"], 6, "attack")
     entries = []
 
@@ -144,7 +149,8 @@ def swarm(tmp_path_factory, tiny_model_dir):
         wait_for(lambda: all(len(senders(p)) >= 2 for p in (a, b, c)), 150, "records from two peers each", peers)
         ids = {p.name: p.peer_id() for p in peers}
         # 2. the attack
-        attack_info = attack(a.address(), ids["c"])  # c skips its own subkeys; a and b must catch it
+        tokenizer = json.loads((a.out / "peer_config.json").read_text())["tokenizer"]
+        attack_info = attack(a.address(), ids["c"], tokenizer)  # c skips its own subkeys; a and b must catch it
         wait_for(lambda: all({attack_info["seed"], attack_info["poison_seed"]} <= {e.get("seed") for e in p.audit()}
                              for p in (a, b)), 60, "the attack records", [a, b, c])
         # 3. kill c mid-run; a and b keep training
