@@ -9,7 +9,8 @@ baked into the keys), so a row's prompt may sit at any slots before `length`:
     row 1: [. . . . b b b b]     a newcomer is right-aligned so its last token is at length-1
 
 Active rows are packed at the front ([0, rows)), so the forward pass only sees `keys[:rows]`
-(a view, no copy). Dead slots are reclaimed by `compact`, which right-aligns every row.
+(a view, no copy). Dead slots are reclaimed by `compact`, which right-aligns every row. Where no
+row has a dead slot, the native decode stack (quant/) runs the step on these buffers directly.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class BatchKVCache:
         self._valid = torch.zeros(max_rows, 0, dtype=torch.bool)
         self.rows = 0
         self.length = 0
+        self._layout: tuple | None = None
         self._grow(min(initial_slots, max_slots))
 
     # ---- the model core's interface ----------------------------------------------------
@@ -55,8 +57,18 @@ class BatchKVCache:
         self.values[layer][:rows, :, start:end] = values
         return self.keys[layer][:rows, :, :end], self.values[layer][:rows, :, :end]
 
-    def slot_buffers(self) -> None:
-        return None  # rows are packed and compacted between steps: only the views write() returns are valid
+    def slot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer the packed rows' (keys, values) [rows, Hkv, capacity, D], for code that addresses slots
+        directly (the native decode stack: every row writes slot `length` and attends to slots 0..length).
+        Only when no row has a dead or padding slot, so that those slots are exactly each row's own tokens:
+        one row, the choices of one prompt, or rows that joined together with prompts of one length."""
+        if self.rows == 0 or self.has_padding:
+            return None
+        layout = (self.rows, self.capacity, self.keys[0].data_ptr())
+        if layout != self._layout:  # quant's DecodeStack keeps a table of these addresses on its cache
+            self.__dict__.pop("native_decode_table", None)
+            self._layout = layout
+        return [(k[: self.rows], v[: self.rows]) for k, v in zip(self.keys, self.values)]
 
     # ---- rows joining and leaving ---------------------------------------------------------
     def add_row(self, source: KVCache, source_row: int) -> int:

@@ -86,6 +86,7 @@ class Engine:
         self.cache = BatchKVCache(model.config, max_batch, max_context, model.dtype)
         self.rows: list[RowState] = []  # rows[i] is cache row i
         self.waiting: deque[EngineRequest] = deque()
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         self.prefilling: deque[PrefillJob] = deque()  # the head runs a chunk per step; a failed group is split
         self.grammars = GrammarBackend(tokenizer, model.config.vocab_size, stop_ids)
         self.commands: deque[tuple[Callable[[], object], Future]] = deque()
@@ -182,7 +183,7 @@ class Engine:
         kept = [(r, s) for r, s in zip(requests, states) if s is not None]
         if kept:
             self.prefilling.append(PrefillJob(self.model, [r for r, _ in kept], [s for _, s in kept],
-                                              PREFILL_CHUNK_TOKENS))
+                                              self.prefill_chunk_tokens))
 
     def _advance_prefill(self) -> None:
         """One chunk of the oldest prefill; if it fails, its requests are retried one by one, so only the
@@ -197,7 +198,7 @@ class Engine:
                 return
             log.warning("a prefill of %d requests failed; retrying them one at a time", len(job.requests))
             for request, states in reversed(list(zip(job.requests, job.states))):
-                self.prefilling.appendleft(PrefillJob(self.model, [request], [states], PREFILL_CHUNK_TOKENS))
+                self.prefilling.appendleft(PrefillJob(self.model, [request], [states], self.prefill_chunk_tokens))
             return
         if finished:
             self.prefilling.popleft()

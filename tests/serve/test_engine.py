@@ -181,3 +181,29 @@ def test_adapter_stacks_cover_the_batch_then_shrink(serve_models, kernel):
         adapters.select(["style", "math", None])  # a newcomer grows the stack again
         assert set(adapters._present) == {"math", "style"}
         torch.testing.assert_close(model(tokens), expected(["style", "math", None]), atol=1e-5, rtol=0)
+
+
+def test_a_long_prefill_goes_in_chunks_between_the_running_rows_steps(engine, reference):
+    """A newcomer's 200-token prompt in 32-token chunks: the stream already running gets a token at every
+    step in between (it is not stalled for the whole prefill), and both texts equal their runs alone."""
+    tokenizer = engine.tokenizer
+    engine.prefill_chunk_tokens = 32
+    try:
+        running_ids, long_ids = tokenizer.encode("hello world"), (tokenizer.encode("Reverse the word: apple ") * 40)[:200]
+        running, newcomer = Collector(), Collector()
+        engine.submit(EngineRequest(running_ids, SamplingParams(max_tokens=40, ignore_eos=True), running))
+        engine.step()
+        engine.step()
+        engine.submit(EngineRequest(long_ids, SamplingParams(max_tokens=5, ignore_eos=True), newcomer))
+        tokens_before = len(running.text)
+        steps = 0
+        while not newcomer.text:
+            engine.step()
+            steps += 1
+        assert steps == 200 // 32 + 1  # one chunk per step
+        assert len(running.text) - tokens_before >= steps - 1  # the running row decoded at every one of them
+        run_until_done(engine, [running, newcomer])
+    finally:
+        engine.prefill_chunk_tokens = 256
+    assert "".join(running.text) == alone(reference.base, tokenizer, running_ids, None, 40)
+    assert "".join(newcomer.text) == alone(reference.base, tokenizer, long_ids, None, 5)

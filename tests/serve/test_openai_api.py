@@ -171,3 +171,18 @@ def test_a_quantized_base_serves_adapters_mixed_in_one_batch(serve_models):
         with ThreadPoolExecutor(3) as pool:
             got = dict(zip(expected, pool.map(lambda m: stream_chat(client, m, PROMPTS[0], 10)[0], expected)))
     assert got == expected
+
+
+def test_quantized_decode_runs_on_the_native_decode_stack(server, reference):
+    """A lone row (and the n choices of one prompt) has no padding slot: the server's decode step runs in
+    the one-call native decode stack that `qwenlab generate` uses, and the text is still the library's."""
+    from qwenlab import native
+
+    engine = server.registry.resolve("base-int8").engine
+    if engine.model.decode_stack is None:
+        assert not native.available()  # only where qwenlab's kernels cannot build
+        return
+    engine.cache.__dict__.pop("native_decode_table", None)
+    expected = reference("base-int8", PROMPTS[0], chat=True, max_tokens=12)
+    assert chat(server.client(), "base-int8", PROMPTS[0]).choices[0].message.content == expected.text
+    assert engine.cache.native_decode_table[0] is engine.model.decode_stack  # built for the server's cache
