@@ -23,7 +23,9 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.0
 
 def write_random_model(config: Qwen2Config, out: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False,
-                       tokenizer_from: Path | None = None, progress: bool = True) -> Path:
+                       tokenizer_from: Path | None = None, write_tokenizer=None, progress: bool = True) -> Path:
+    """tokenizer_from: a folder whose tokenizer files are copied; write_tokenizer: a function that writes
+    tokenizer files into the (temporary) output folder, e.g. one covering the whole vocabulary."""
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     config = config.replace(torch_dtype=dtype_name)
     shapes = expected_tensor_shapes(config)
@@ -32,6 +34,8 @@ def write_random_model(config: Qwen2Config, out: str | Path, *, seed: int = 0, d
                                              "eos_token_id": config.eos_token_id}) as writer:
         for name, shape in tqdm(shapes.items(), desc="random weights", unit="tensor", disable=not progress):
             writer.add(name, random_tensor(name, shape, seed).to(dtype))
-        if tokenizer_from is not None:
+        if write_tokenizer is not None:
+            write_tokenizer(writer.path_in_output(""))
+        elif tokenizer_from is not None:
             copy_tokenizer_files(Path(tokenizer_from), writer.path_in_output(""))
     return Path(out)

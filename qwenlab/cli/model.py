@@ -130,16 +130,13 @@ def cmd_random(args) -> int:
     from qwenlab.checkpoint.random_model import write_random_model
     from qwenlab.model import get_preset, parse_dtype
 
-    tokenizer_from = None
-    try:
-        from qwenlab.nano import nano_path
+    from qwenlab.nano.tokenizer_build import write_full_vocabulary_tokenizer
 
-        tokenizer_from = nano_path()  # a real tokenizer, so random folders can be run end to end
-    except QwenlabError:
-        pass
-    out = write_random_model(get_preset(args.preset), args.out, seed=args.seed, dtype=parse_dtype(args.dtype),
+    config = get_preset(args.preset)
+    # A tokenizer with one token per embedding row, so every id a random model samples decodes to text.
+    out = write_random_model(config, args.out, seed=args.seed, dtype=parse_dtype(args.dtype),
                              max_shard_bytes=parse_size(args.max_shard_size), force=args.force,
-                             tokenizer_from=tokenizer_from)
+                             write_tokenizer=lambda folder: write_full_vocabulary_tokenizer(folder, config.vocab_size))
     print(out)
     return 0
 
