@@ -5,7 +5,8 @@
 
     python benchmarks/grpo_step_timing.py [--model nano] [--prompts 8] [--generations 8] [--steps 4] [--threads 2]
 
-Prints seconds per step (median over --steps after one warm-up step) and the ratio. This is the
+Prints seconds per step (median over --steps after one warm-up step), the ratio, and rollouts/s
+(prompts x generations per step / seconds per step) for each. This is the
 measurement behind the choice documented in qwenlab/train/grpo/trainer.py.
 --rewards random (default): random 0/1 rewards on both sides, so both do the full forward/backward
 every step (qwenlab skips the backward of groups with no reward spread, TRL does not).
@@ -134,6 +135,9 @@ def main() -> None:
         "own_generate_s": round(statistics.median(r["generate"] for r in own), 3),
         "own_train_s": round(statistics.median(r["train"] for r in own), 3),
         "trl_step_s": round(trl_step, 3), "trl_over_own": round(trl_step / own_step, 2),
+        # rollouts (completions sampled, scored and trained on) per second of a whole step
+        "own_rollouts_per_s": round(args.prompts * args.generations / own_step, 1),
+        "trl_rollouts_per_s": round(args.prompts * args.generations / trl_step, 1),
     }
     print(json.dumps(result, indent=2))
 
