@@ -71,6 +71,12 @@ class TrainConfig:
                                 "chosen (RPO), which keeps DPO from lowering both answers' likelihood",
                                 factory=lambda: ["sigmoid"])
     # run
+    replay: float = _help("share of the training set made of the base's own greedy answers to other prompts, "
+                          "so the adapter keeps what the base could do (SFT; 0: off)", 0.0)
+    replay_prompts: str | None = _help("JSONL of prompts for replay (messages or prompt); default: prompts of "
+                                       "replay_tasks", None)
+    replay_tasks: list[str] = _help("built-in tasks whose prompts replay uses when no replay_prompts",
+                                    factory=lambda: ["arithmetic", "reverse", "sort_letters", "count_letter", "repeat"])
     dtype: str = _help("compute dtype: fp32 (CPU default) or bf16 (autocast, fp32 master weights)", "fp32")
     seed: int = _help("seed of the LoRA init, the data order and dropout", 0)
     logging_steps: int = _help("log the loss every N steps", 5)
@@ -119,6 +125,9 @@ class TrainConfig:
             raise QwenlabError(f"{source}: 'scheduler' must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.lora_dropout < 1:
             raise QwenlabError(f"{source}: 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.replay < 1:
+            raise QwenlabError(f"{source}: 'replay' must be a share from 0 to below 1 (0.2: a fifth of the "
+                               f"training set), got {self.replay}")
         if not 0 <= self.val_fraction < 1:
             raise QwenlabError(f"{source}: 'val_fraction' must be in [0, 1), got {self.val_fraction}")
         if self.steps == 0 and self.epochs <= 0:
@@ -207,7 +216,8 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
     return TrainConfig(**values).validate(source)
 
 
-DPO_ONLY = ("beta", "dpo_loss")  # fields that mean nothing to SFT: `train sft --help` does not list them
+DPO_ONLY = ("beta", "dpo_loss")
+SFT_ONLY = ("replay", "replay_prompts", "replay_tasks")  # fields that mean nothing to SFT: `train sft --help` does not list them
 
 
 def add_config_flags(parser, trainer: str | None = None) -> None:
@@ -218,7 +228,7 @@ def add_config_flags(parser, trainer: str | None = None) -> None:
 
     types_ = _field_types()
     for f in fields(TrainConfig):
-        if trainer == "sft" and f.name in DPO_ONLY:
+        if (trainer == "sft" and f.name in DPO_ONLY) or (trainer == "dpo" and f.name in SFT_ONLY):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = types_[f.name]

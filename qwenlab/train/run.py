@@ -35,7 +35,8 @@ NOT_RESUMED = ("out", "resume", "resume_from", "force")
 # Settings a resumed run must share with the run it continues.
 RESUME_KEYS = ("base", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "rslora", "batch_size", "grad_accum",
                "learning_rate", "scheduler", "warmup", "weight_decay", "max_length", "beta", "dtype", "seed",
-               "val_fraction", "eval_data", "total_steps", "data_sha256", "kind")
+               "val_fraction", "eval_data", "total_steps", "data_sha256", "kind", "replay", "replay_prompts",
+               "replay_tasks")
 
 
 @dataclass
@@ -127,6 +128,8 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
     if conversational and not tokenizer.chat_template:
         raise QwenlabError(f"{base}: the tokenizer has no chat template, which the chat-format data in "
                            f"{config.data} needs (add 'chat_template' to tokenizer_config.json)")
+    if config.replay and kind == "sft":
+        train_records = with_replay(config, base, train_records, conversational)
     per_step = config.batch_size * config.grad_accum
     total_steps = config.steps or max(1, math.ceil(math.ceil(len(train_records) / per_step) * config.epochs))
     if total_steps < SMALL_RUN_STEPS and not config.steps:
@@ -137,6 +140,22 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
     run = TrainingRun(kind, config, base, Path(config.out), train_records, eval_records, conversational, total_steps)
     _prepare_output(run)
     return run
+
+
+def with_replay(config: TrainConfig, base: Path, train_records: list[dict], conversational: bool) -> list[dict]:
+    """The training records with replay mixed in (train/replay.py); chat data only."""
+    from qwenlab.train import replay
+
+    if not conversational:
+        raise QwenlabError(f"{config.data}: replay needs chat-format data (messages or prompt/completion "
+                           "messages); this file is plain text")
+    count = replay.replay_count(len(train_records), config.replay)
+    prompts = (replay.file_prompts(config.replay_prompts, count, config.seed) if config.replay_prompts
+               else replay.task_prompts(config.replay_tasks, count, config.seed))
+    records = replay.replay_records(base, prompts, progress=config.progress)
+    print(f"replay: {len(records)} answers of the base mixed into {len(train_records)} training examples",
+          file=sys.stderr)
+    return replay.mix(train_records, records, config.seed)
 
 
 def _run_settings(run: TrainingRun) -> dict:

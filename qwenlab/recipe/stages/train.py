@@ -3,7 +3,8 @@
     - train: {kind: sft, base: nano, task: arithmetic, n: 400, steps: 60, as: sft-arithmetic}
 
 Optional: seed, difficulty, lora_r, lora_alpha, lora_dropout, learning_rate, batch_size, beta,
-dpo_loss, target_modules, max_length, threads, val_fraction; for DPO, `rejected_from: MODEL` takes
+dpo_loss, target_modules, max_length, threads, val_fraction; for SFT, `replay: 0.25` mixes in that share
+of the base's own answers to the other tasks' prompts (replay_tasks: which tasks); for DPO, `rejected_from: MODEL` takes
 rejected answers from that model's own wrong replies (on-policy pairs). The adapter is
 registered under `as` (ctx.model_path) and its loss curve is linked in the report.
 """
@@ -17,7 +18,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
 
 OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "dpo_loss",
-            "target_modules", "max_length", "threads")
+            "target_modules", "max_length", "threads", "replay", "replay_tasks")
 
 
 class Params(StageParams):
@@ -43,6 +44,10 @@ class Params(StageParams):
     target_modules: list[str] | str | None = None
     max_length: PositiveInt | None = None
     threads: PositiveInt | None = None
+    # SFT: a share of the base's own answers to the other tasks' prompts (train/replay.py), so the
+    # specialist keeps the base's other skills; replay_tasks defaults to every built-in task but this one.
+    replay: float | None = Field(None, ge=0, lt=1)
+    replay_tasks: list[str] | None = None
 
     def outputs(self) -> list[str]:
         return [self.as_]
@@ -63,6 +68,10 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     out = ctx.new_model_dir(name, "train stage: as")  # checked first: the name becomes folder names
     data = write_jsonl(records, ctx.run_dir / "data" / f"{name}.jsonl", force=True)
     options = {k: getattr(params, k) for k in OPTIONAL if getattr(params, k) is not None}
+    if params.replay and params.replay_tasks is None:
+        from qwenlab.tasks.registry import TASKS
+
+        options["replay_tasks"] = [t for t in TASKS if t != task]
     config = TrainConfig(base=ctx.model_path(params.base), data=str(data), out=str(out), steps=steps,
                          seed=seed, save_steps=0, save_total_limit=1, logging_steps=max(1, steps // 20),
                          val_fraction=params.val_fraction, force=True, **options)

@@ -1,0 +1,78 @@
+"""Replay: the base's own greedy answers to other prompts, mixed into SFT data."""
+
+import json
+
+import pytest
+
+from qwenlab.errors import QwenlabError
+from qwenlab.train import TrainConfig
+from qwenlab.train.replay import file_prompts, mix, replay_count, task_prompts
+
+
+def test_the_share_is_of_the_final_set():
+    assert replay_count(300, 0.25) == 100  # 100 of 400
+    assert replay_count(300, 0.0) == 0
+    with pytest.raises(QwenlabError, match="share from 0 to below 1"):
+        replay_count(300, 1.0)
+
+
+def test_task_prompts_are_deterministic_round_robin_at_seeds_no_evaluation_uses():
+    from qwenlab.tasks import generate
+    from qwenlab.tasks.registry import EVAL_SEED_LIMIT
+    from qwenlab.train.replay import REPLAY_SEED_OFFSET
+
+    prompts = task_prompts(["reverse", "arithmetic"], 6, seed=0)
+    assert prompts == task_prompts(["reverse", "arithmetic"], 6, seed=0)
+    assert [p[0]["content"].startswith("Reverse") for p in prompts] == [True, False] * 3
+    assert prompts[0][0]["content"] == generate("reverse", REPLAY_SEED_OFFSET, 1).prompt  # difficulty cycles from 1
+    assert prompts[2][0]["content"] == generate("reverse", REPLAY_SEED_OFFSET + 1, 2).prompt
+    assert REPLAY_SEED_OFFSET > EVAL_SEED_LIMIT
+
+
+def test_file_prompts_take_messages_up_to_the_last_user_turn(tmp_path):
+    path = tmp_path / "general.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello!"}]}) + "\n"
+                    + json.dumps({"prompt": "Name a colour."}) + "\n")
+    prompts = file_prompts(path, 4)
+    assert len(prompts) == 4 and {len(p) for p in prompts} == {1, 2}
+    assert [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}] in prompts
+    path.write_text(json.dumps({"text": "no prompt here"}) + "\n")
+    with pytest.raises(QwenlabError, match=r"general.jsonl:1: expected 'messages' with a user turn"):
+        file_prompts(path, 1)
+
+
+def test_a_replay_run_trains_on_the_base_answers(tmp_path):
+    from qwenlab.model import GenerationConfig, generate, load_model, load_tokenizer
+    from qwenlab.nano import nano_path
+    from qwenlab.train.data import sft_records_from_task, write_jsonl
+    from qwenlab.train.run import prepare_run
+
+    data = write_jsonl(sft_records_from_task("repeat", 30, difficulty=1), tmp_path / "d.jsonl")
+    config = TrainConfig(base="nano", data=str(data), out=str(tmp_path / "out"), val_fraction=0, replay=0.25,
+                         replay_tasks=["reverse", "sort_letters"], progress=False)
+    run = prepare_run(config, "sft")
+    assert len(run.train_records) == 40  # 30 + 10 (a quarter of the set)
+    replayed = [r for r in run.train_records if not r["prompt"][0]["content"].startswith("Repeat")]
+    assert len(replayed) == 10
+    model, tokenizer = load_model(nano_path()), load_tokenizer(nano_path())
+    answers = generate(model, tokenizer, [r["prompt"] for r in replayed], GenerationConfig(max_new_tokens=96),
+                       chat=True)
+    assert [r["completion"][0]["content"] for r in replayed] == [a.text for a in answers]
+
+
+def test_replay_is_refused_on_plain_text(tmp_path):
+    from qwenlab.train.run import prepare_run
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(8)) + "\n")
+    config = TrainConfig(base="nano", data=str(data), out=str(tmp_path / "out"), replay=0.2, progress=False)
+    with pytest.raises(QwenlabError, match="replay needs chat-format data"):
+        prepare_run(config, "sft")
+
+
+def test_mix_keeps_every_record_in_a_seeded_order():
+    train, replay = [{"i": i} for i in range(5)], [{"r": i} for i in range(3)]
+    assert mix(train, replay, 0) == mix(train, replay, 0) != train + replay
+    assert sorted(map(str, mix(train, replay, 1))) == sorted(map(str, train + replay))
