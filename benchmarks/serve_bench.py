@@ -1,6 +1,6 @@
 """Serving under load: throughput and TTFT of `qwenlab serve` with 1, 8 and 32 concurrent clients.
 
-    python benchmarks/serve_bench.py [--models nano,qwen2.5-0.5b] [--clients 1,8,32] [--max-tokens 32]
+    python benchmarks/serve_bench.py [--traffic adapters|constrained] [--models nano,qwen2.5-0.5b] [--clients 1,8,32] [--max-tokens 32]
                                      [--prompt-tokens 64] [--rounds 2] [--repeats 3] [--threads 1] [--max-prefill-tokens N]
                                      [--bits 8|4] [--work-dir DIR] [--out rows.json]
 
@@ -18,6 +18,18 @@ model's tokenizer sees the same length), --max-tokens new tokens (greedy, ignore
   engine decode tok/s  decode tokens / seconds inside decode steps (from /metrics): the batching
             gain without HTTP and without the client's share of the CPU
 The load generator shares the CPU with the server, as a co-located client would.
+
+--traffic constrained (issue 22) measures grammar-constrained rows against free ones instead, on one
+server per model (no adapters; `--models` takes 'nano', a preset, or a model folder, e.g. an int4 copy).
+Every request is a streamed chat completion with the same short tools block in its prompt (so all have
+one prompt length); a client's requests cycle through three kinds:
+  free   tool_choice auto, unconstrained, ignore_eos: exactly --max-tokens tokens;
+  json   response_format json_schema (bounded strings and numbers), constrained by llguidance;
+  tool   tool_choice required: a forced call whose arguments follow the function's schema.
+Phases alternate 'free-only' (every request free) and 'mix' (the three kinds, interleaved in the same
+batches), --repeats times each; per kind it reports a row's decode rate ((tokens - 1) / (last byte -
+first token)) and TTFT, and the ratios the issue targets: constrained / free decode rate (>= 0.9) and
+p95 TTFT (<= 1.2) inside the mix, and the mix's tokens/s against the free-only phase's.
 
 Models: 'nano' is the shipped nano when built, else a random model of nano's shape; a preset
 (qwen2.5-0.5b) is written once with `qwenlab random PRESET DIR` (same cost per token as the real
@@ -268,6 +280,170 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
     return rows
 
 
+# ---- constrained traffic (issue 22) -----------------------------------------------------------------
+BENCH_TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"key": {"type": "string", "maxLength": 8},
+                                     "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["key", "count"], "additionalProperties": False}}}
+BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+                "properties": {"name": {"type": "string", "maxLength": 12},
+                               "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                               "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4}}}
+KINDS = ("free", "json", "tool")
+
+
+def constrained_body(kind: str, words: str, max_tokens: int, tools: bool) -> dict:
+    body = {"model": "base", "messages": [{"role": "user", "content": words}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if tools:
+        body.update(tools=[BENCH_TOOL], tool_choice="auto")
+    if kind == "free":
+        body["ignore_eos"] = True
+    elif kind == "json":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "person", "schema": BENCH_SCHEMA}}
+    else:
+        body["tool_choice"], body["parallel_tool_calls"] = "required", False
+    return body
+
+
+async def raw_chat_request(port: int, body: dict) -> tuple[float, int, float]:
+    """(TTFT s, completion tokens, wall s) of one streamed chat completion over a bare asyncio socket."""
+    started = time.perf_counter()
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+    ttft, tokens = None, 0
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"{status.decode().strip()}: {(await reader.read()).decode()[-300:]}")
+    async for line in reader:
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if event.get("error"):
+            raise RuntimeError(event["error"])
+        delta = event["choices"][0]["delta"] if event.get("choices") else {}
+        if ttft is None and (delta.get("content") or delta.get("tool_calls")):
+            ttft = time.perf_counter() - started
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    writer.close()
+    return ttft if ttft is not None else float("nan"), tokens, time.perf_counter() - started
+
+
+async def constrained_phase(port: int, clients: int, rounds: int, mix: bool, max_tokens: int, seed: int,
+                            kinds: tuple[str, ...]) -> dict:
+    """kinds: the request kinds of a mix; the tools block goes in every prompt when 'tool' is one of them."""
+    rng = random.Random(seed)
+    words = lambda: " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "red", "blue"]) for _ in range(12))
+
+    async def one_client(index: int) -> list[tuple[str, float, int, float]]:
+        out = []
+        for r in range(rounds):
+            kind = kinds[(index + r) % len(kinds)] if mix else "free"
+            out.append((kind, *await raw_chat_request(port, constrained_body(kind, words(), max_tokens, tools))))
+        return out
+
+    tools = "tool" in kinds
+    await raw_chat_request(port, constrained_body("json", words(), 8, tools))  # warm-up: grammar tokenizer
+    started = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*(one_client(i) for i in range(clients))) for r in rs]
+    wall = time.perf_counter() - started
+    row = {"clients": clients, "phase": "mix" if mix else "free-only", "wall_s": round(wall, 2),
+           "tokens_per_s": round(sum(r[2] for r in results) / wall, 1)}
+    for kind in KINDS:
+        mine = [r for r in results if r[0] == kind]
+        if not mine:
+            continue
+        ttfts = sorted(r[1] for r in mine)
+        rates = [(n - 1) / (w - t) for _, t, n, w in mine if n > 1 and w > t]
+        row[kind] = {"requests": len(mine), "tokens": sum(r[2] for r in mine),
+                     "decode_tok_s_per_row": round(statistics.median(rates), 1) if rates else float("nan"),
+                     "ttft_p50_s": round(statistics.median(ttfts), 3),
+                     "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3)}
+    return row
+
+
+def constrained_model_folder(name: str, args, work: Path) -> tuple[Path, str]:
+    """A folder with a byte-level tokenizer (grammars need one): nano, a folder as given, or a preset."""
+    if name == "nano":
+        from qwenlab.nano import nano_path
+
+        folder = nano_path()
+    elif Path(name).is_dir():
+        folder, name = Path(name), Path(name).name
+    else:
+        folder = work / f"{name}-bpe"
+        if not (folder / "config.json").is_file():
+            subprocess.run([sys.executable, "-m", "qwenlab", "random", name, str(folder)], check=True)
+    if args.bits and not name.endswith(f"int{args.bits}"):
+        from qwenlab.quant import quantize_model
+
+        quantized = work / f"{folder.name}-int{args.bits}"
+        if not (quantized / "config.json").is_file():
+            quantize_model(folder, quantized, bits=args.bits, force=True, progress=False)
+        folder, name = quantized, f"{name} int{args.bits}"
+    return folder, name
+
+
+def bench_constrained(name: str, args, work: Path) -> list[dict]:
+    from qwenlab.checkpoint import open_checkpoint
+
+    folder, name = constrained_model_folder(name, args, work)
+    # Qwen2.5's tools block is ~600 tokens in nano's 400-token vocabulary, over nano's 512-token context:
+    # there, the mix is free and json rows only (and no prompt carries tools).
+    kinds = KINDS if open_checkpoint(folder).config.max_position_embeddings >= 1024 else ("free", "json")
+    port = free_port()
+    server = start_server(folder, {}, port, args.threads, args.max_prefill_tokens)
+    rows = []
+    try:
+        for clients in args.clients:
+            runs = {"free-only": [], "mix": []}
+            for _ in range(args.repeats):
+                for mix in (False, True):
+                    phase = asyncio.run(constrained_phase(port, clients, max(args.rounds, 3), mix, args.max_tokens,
+                                                          seed=clients, kinds=kinds))
+                    runs[phase["phase"]].append(phase)
+            for phases in runs.values():
+                median = sorted(phases, key=lambda r: r["tokens_per_s"])[len(phases) // 2]
+                rows.append({"model": name, **median})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return rows
+
+
+def constrained_table(rows: list[dict]) -> str:
+    lines = ["| model | clients | phase | tokens/s | kind | requests | tokens | decode tok/s per row (median) "
+             "| TTFT p50 s | TTFT p95 s |", "|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for kind in KINDS:
+            if kind in r:
+                k = r[kind]
+                lines.append(f"| {r['model']} | {r['clients']} | {r['phase']} | {r['tokens_per_s']} | {kind} "
+                             f"| {k['requests']} | {k['tokens']} | {k['decode_tok_s_per_row']} | {k['ttft_p50_s']} "
+                             f"| {k['ttft_p95_s']} |")
+    lines.append("")
+    for r in rows:
+        if r["phase"] != "mix":
+            continue
+        free = r["free"]
+        only = next(o for o in rows if o["model"] == r["model"] and o["clients"] == r["clients"]
+                    and o["phase"] == "free-only")
+        for kind in ("json", "tool"):
+            if kind not in r:
+                continue
+            c = r[kind]
+            lines.append(f"- {r['model']}, {r['clients']} clients, {kind} / free rows in the mix: decode rate "
+                         f"{c['decode_tok_s_per_row'] / free['decode_tok_s_per_row']:.2f} (target >= 0.9), p95 TTFT "
+                         f"{c['ttft_p95_s'] / free['ttft_p95_s']:.2f} (target <= 1.2)")
+        lines.append(f"- {r['model']}, {r['clients']} clients: mix / free-only tokens/s = "
+                     f"{r['tokens_per_s'] / only['tokens_per_s']:.2f}")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | mode | clients | requests | tokens | wall s | tokens/s (median) | tokens/s of each repeat "
              "| TTFT p50 s | TTFT p95 s | engine decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -305,15 +481,19 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(Path(tempfile_dir()) / "qwenlab-serve-bench"))
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     parser.add_argument("--bits", type=int, choices=[8, 4], default=None, help="serve an int8/int4 copy of the base")
+    parser.add_argument("--traffic", choices=["adapters", "constrained"], default="adapters",
+                        help="adapters: base vs 8 mixed adapters; constrained: json_schema and forced tool-call rows "
+                             "vs free rows (issue 22)")
     parser.add_argument("--client", choices=["raw", "openai"], default="raw",
                         help="raw: a bare asyncio HTTP client (default; lighter on a shared CPU); openai: AsyncOpenAI")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [row for name in args.models.split(",") for row in bench_model(name, args, work)]
+    bench, render = (bench_constrained, constrained_table) if args.traffic == "constrained" else (bench_model, table)
+    rows = [row for name in args.models.split(",") for row in bench(name, args, work)]
     print()
-    print(table(rows))
+    print(render(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -26,6 +26,7 @@ from qwenlab.serve.limits import APIError
 
 # Qwen2.5 writes JSON the way json.dumps does; no free whitespace, so a sampled row cannot loop on it.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+COMPILED_KEPT = 64
 _BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # byte -> its 8 bits, low first
 
 
@@ -35,6 +36,7 @@ class GrammarBackend:
         self.real_tokens = torch.zeros(logits_width, dtype=torch.bool)
         self.real_tokens[:min(tokenizer.vocab_size, logits_width)] = True
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenlab-masks")
+        self._compiled: dict[str, Constraint] = {}  # clients repeat their schemas: check each once
 
     @cached_property
     def lltokenizer(self):
@@ -48,6 +50,9 @@ class GrammarBackend:
         """A checked grammar; an error names `param` and llguidance's reason (the unsupported keyword)."""
         import llguidance
 
+        if grammar in self._compiled:
+            return self._compiled[grammar]
+
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
         if failed:
             reason = _one_line(messages[0]) if messages else "invalid grammar"
@@ -57,7 +62,10 @@ class GrammarBackend:
         if matcher.is_error():
             raise APIError(400, f"{param}: this server cannot enforce it: {_one_line(matcher.get_error())}",
                            code="unsupported_schema", param=param)
-        return Constraint(self, matcher)
+        if len(self._compiled) >= COMPILED_KEPT:
+            self._compiled.pop(next(iter(self._compiled)))
+        constraint = self._compiled[grammar] = Constraint(self, matcher)
+        return constraint
 
     def masks(self, grammars: list["RowGrammar"]) -> Future:
         """Start computing each grammar's next mask off this thread; the future gives [allowed or error]."""
