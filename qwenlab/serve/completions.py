@@ -67,6 +67,8 @@ def prepare(body: SamplingFields, target: Target, limits: ServeLimits) -> Prepar
     bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
     if any(not 0 <= token < vocab for token, _ in bias):
         raise APIError(400, f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias")
+    if body.n > engine.max_batch:  # each choice is a batch row: more could never be admitted
+        raise APIError(400, f"n: this server runs at most {engine.max_batch} rows at once (--max-batch)", param="n")
     params = _sampling(body, len(prompt_ids), engine.max_context, limits, bias)
     constraint = _constraint(body, engine) if chat else None
     tool_names = {t["function"]["name"] for t in tools} if calling else None
@@ -215,6 +217,7 @@ async def collect(generation: Generation, http_request: Request) -> list[ChoiceS
             if event is None:
                 continue
             if event.kind == "error":
+                generation.cancel()  # the request's other choices stop too
                 raise APIError(500, event.text)
             generation.choices[event.index].add(event)
     except TimeoutError:
