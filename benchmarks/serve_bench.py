@@ -365,6 +365,24 @@ async def constrained_phase(port: int, clients: int, rounds: int, mix: bool, max
     return row
 
 
+def widen_byte_level_tokenizer(folder: Path, vocab_size: int, padding: int = 271) -> None:
+    """Give a random model's small byte-level BPE (nano's, 400 tokens, what `qwenlab random` writes) tokens
+    for all but the last `padding` rows of its embedding, as Qwen2.5 has (151,665 tokens for 151,936 rows):
+    extra vocabulary entries spelt 'zq<n>', with no merges (decoding only). Without them nearly every id a
+    random 0.5B model picks would decode to nothing, so free rows would stream no text at all; grammars
+    need byte-level tokens, so the word-level tokenizer of the adapter benchmark would not do."""
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+    if len(taken) >= vocab_size - padding:
+        return
+    for i in range(vocab_size - padding):
+        if i not in taken:
+            vocab[f"zq{i}"] = i
+    path.write_text(json.dumps(data))
+
+
 def constrained_model_folder(name: str, args, work: Path) -> tuple[Path, str]:
     """A folder with a byte-level tokenizer (grammars need one): nano, a folder as given, or a preset."""
     if name == "nano":
@@ -384,6 +402,10 @@ def constrained_model_folder(name: str, args, work: Path) -> tuple[Path, str]:
         if not (quantized / "config.json").is_file():
             quantize_model(folder, quantized, bits=args.bits, force=True, progress=False)
         folder, name = quantized, f"{name} int{args.bits}"
+    if name != "nano":
+        from qwenlab.checkpoint import open_checkpoint
+
+        widen_byte_level_tokenizer(folder, open_checkpoint(folder).config.vocab_size)
     return folder, name
 
 

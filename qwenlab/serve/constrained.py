@@ -43,8 +43,10 @@ class GrammarBackend:
         import llguidance
 
         text = (self.tokenizer.folder / "tokenizer.json").read_text(encoding="utf-8")
+        # a stop id past the tokenizer's own tokens (a config's eos over a smaller vocabulary) is banned anyway
+        stops = sorted(i for i in self.stop_ids if i < self.tokenizer.vocab_size)
         return llguidance.LLTokenizer(text, n_vocab=max(self.width, self.tokenizer.vocab_size),
-                                      eos_token=sorted(self.stop_ids))
+                                      eos_token=stops or None)
 
     def compile(self, grammar: str, param: str) -> "Constraint":
         """A checked grammar; an error names `param` and llguidance's reason (the unsupported keyword)."""
@@ -52,13 +54,18 @@ class GrammarBackend:
 
         if grammar in self._compiled:
             return self._compiled[grammar]
+        try:
+            tokenizer = self.lltokenizer
+        except Exception as e:  # e.g. a tokenizer that is not byte-level BPE
+            raise APIError(400, f"{param}: constrained decoding is not available for this model's tokenizer "
+                           f"({_one_line(str(e))})", code="unsupported_schema", param=param) from None
 
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if failed:
             reason = _one_line(messages[0]) if messages else "invalid grammar"
             raise APIError(400, f"{param}: this server cannot enforce it: {reason}", code="unsupported_schema",
                            param=param)
-        matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise APIError(400, f"{param}: this server cannot enforce it: {_one_line(matcher.get_error())}",
                            code="unsupported_schema", param=param)
