@@ -319,8 +319,12 @@ def pareto_front(trials: list[Trial], tasks: list[str]) -> list[Trial]:
 
 
 def run_search(config: SearchConfig, out: str | Path | None = None, *, progress: bool = True,
-               storage: str | None = None, study_name: str | None = None) -> dict:
-    """Run the Optuna study; returns (and writes into `out`) merge_search.json's content."""
+               storage: str | None = None, study_name: str | None = None,
+               first_trials: list[dict[str, float]] = ()) -> dict:
+    """Run the Optuna study; returns (and writes into `out`) merge_search.json's content.
+
+    first_trials: parameter sets tried before the sampler's own (e.g. the method's defaults, so the
+    best found is never worse than them on the objective's instances)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -334,6 +338,8 @@ def run_search(config: SearchConfig, out: str | Path | None = None, *, progress:
     except _storage_errors() as e:  # a bad URL, a database that cannot be opened
         raise QwenlabError(f"--storage {storage}: cannot open the study ({str(e).splitlines()[0]})") from None
     trials: list[Trial] = []
+    for params in first_trials:
+        study.enqueue_trial(params)
 
     def objective(trial: optuna.Trial) -> float:
         started = time.time()

@@ -7,6 +7,12 @@ Adapters enter the merge as `BASE+ADAPTER` references, applied tensor by tensor 
 is written for them). Each method's output is registered
 as `merge-<method>`. The report shows every merge's accuracy on each specialist's task and the
 fraction of the specialist's accuracy it keeps.
+
+`keep_tasks` adds tasks neither specialist was trained on, so forgetting shows beside the kept skills.
+`search: {method: task_arithmetic, trials: 16, n: 50, seed: 1}` also tunes that method's weights (and
+densities, or SLERP's t across layers) with merge-search on validation instances drawn with another
+seed than the report's, maximising the mean accuracy over the specialists' tasks and keep_tasks;
+the best is written and registered as `merge-tuned` and reported beside the default-parameter merges.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 from qwenlab.errors import QwenlabError
 from qwenlab.recipe.stages.params import StageParams
@@ -23,18 +29,56 @@ from qwenlab.recipe.stages.params import StageParams
 METHODS = ("linear", "slerp", "task_arithmetic", "ties")
 
 
+class SearchParams(BaseModel):
+    """The tuned merge: merge-search over one method's parameters, on validation instances."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: Literal[METHODS] = "task_arithmetic"
+    trials: PositiveInt = 16
+    n: PositiveInt = 50
+    seed: NonNegativeInt = 1  # validation: other instances than the report's (seed 0 by default)
+    sampler: Literal["tpe", "random"] = "tpe"
+
+
 class Params(StageParams):
     MODEL_FIELDS = ("base", "models")
     base: str = "nano"
     models: list[str] = Field(min_length=2, max_length=2)  # the two specialists
     tasks: list[str] = Field(min_length=2, max_length=2)  # each specialist's task, in the same order
+    keep_tasks: list[str] = []  # other skills the merge should not lose (reported, and in the search objective)
     methods: list[Literal[METHODS]] = ["linear", "ties", "slerp", "task_arithmetic"]
     n: PositiveInt = 50
     seed: NonNegativeInt = 0
     difficulty: PositiveInt | None = None
+    search: SearchParams | None = None
 
     def outputs(self) -> list[str]:
-        return [f"merge-{method}" for method in self.methods]
+        return [f"merge-{method}" for method in self.methods] + (["merge-tuned"] if self.search else [])
+
+
+def search_space(method: str) -> list[dict]:
+    """What merge-search tunes for each method (paths into method_config's config)."""
+    if method in ("task_arithmetic", "linear"):
+        high = 1.5 if method == "task_arithmetic" else 1.0
+        return [{"path": f"models[{i}].parameters.weight", "low": 0.0, "high": high} for i in (0, 1)]
+    if method == "ties":
+        return [{"path": f"models[{i}].parameters.{name}", "low": low, "high": high}
+                for i in (0, 1) for name, low, high in (("weight", 0.2, 1.5), ("density", 0.1, 1.0))]
+    if method == "slerp":
+        return [{"path": "parameters.t", "low": 0.0, "high": 1.0, "groups": 3}]  # a curve across the layers
+    raise QwenlabError(f"merge stage: search: unsupported method '{method}'")
+
+
+def default_point(method: str) -> dict[str, float]:
+    """method_config's own parameters, in search_space's names: the search's first trial."""
+    values = {"models[0].parameters.weight": 1.0, "models[1].parameters.weight": 1.0}
+    if method == "linear":
+        return {k: 0.5 for k in values}
+    if method == "ties":
+        return {**values, "models[0].parameters.density": 0.5, "models[1].parameters.density": 0.5}
+    if method == "slerp":
+        return {f"parameters.t#{g}": 0.5 for g in range(3)}
+    return values
 
 
 def method_config(method: str, base: str, a: str, b: str) -> dict:
@@ -84,26 +128,71 @@ def run(ctx, params: Params) -> tuple[dict, str]:
         out = ctx.new_model_dir(f"merge-{method}", "merge stage: methods")
         merge(config, out, dtype="float32", force=True, progress=False)
         outputs[f"merge-{method}"] = str(out)
+    search_text, search_figures = "", None
+    if params.search:
+        search_figures, search_text = _tuned_merge(ctx, params, base_path, a, b, outputs)
+    all_tasks = tasks + [t for t in params.keep_tasks if t not in tasks]
     accuracy = {}
-    inputs = {names[0]: (a, a_adapters), names[1]: (b, b_adapters), **{k: (v, []) for k, v in outputs.items()}}
+    inputs = {base: (base_path, []), names[0]: (a, a_adapters), names[1]: (b, b_adapters),
+              **{k: (v, []) for k, v in outputs.items()}}
     for label, (path, adapters) in inputs.items():
         model, tokenizer = _load(path, adapters, base_path)
-        results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty, progress=False)
+        results = evaluate_tasks(model, tokenizer, all_tasks, n=n, seed=seed, difficulty=params.difficulty,
+                                 progress=False)
         accuracy[label] = {t: round(r.accuracy, 4) for t, r in results.items()}
     specialist = {tasks[0]: accuracy[names[0]][tasks[0]], tasks[1]: accuracy[names[1]][tasks[1]]}
     kept = {m: {t: (round(accuracy[m][t] / specialist[t], 3) if specialist[t] else None) for t in tasks}
             for m in outputs}
-    lines = ["| model | " + " | ".join(tasks) + " | kept of specialist (" + ", ".join(tasks) + ") |",
-             "|---|" + "---:|" * (len(tasks) + 1)]
+    others = [t for t in all_tasks if t not in tasks]
+    lines = ["| model | " + " | ".join(all_tasks) + " | kept of specialist (" + ", ".join(tasks) + ")" +
+             (f" | kept of {base} ({', '.join(others)})" if others else "") + " |",
+             "|---|" + "---:|" * (len(all_tasks) + 1 + bool(others))]
     for label, accs in accuracy.items():
         keep = ", ".join("-" if kept.get(label, {}).get(t) is None else f"{kept[label][t]:.0%}" for t in tasks) \
-            if label in kept else "(specialist)"
-        lines.append(f"| {label} | " + " | ".join(f"{accs[t]:.3f}" for t in tasks) + f" | {keep} |")
+            if label in kept else "(base)" if label == base else "(specialist)"
+        row = f"| {label} | " + " | ".join(f"{accs[t]:.3f}" for t in all_tasks) + f" | {keep} |"
+        if others:
+            row += " " + ", ".join(f"{accs[t] / accuracy[base][t]:.0%}" if accuracy[base][t] else "-"
+                                   for t in others) + " |"
+        lines.append(row)
     table = "\n".join(lines)
     print(table)
     section = (f"## Merging the specialists\n\n{names[0]} ({tasks[0]}) and {names[1]} ({tasks[1]}) merged with "
-               f"{', '.join(methods)}; greedy, {n} instances per task, seed {seed}.\n\n{table}")
-    return {"accuracy": accuracy, "kept": kept, "outputs": outputs}, section
+               f"{', '.join(methods)}{' and a tuned ' + params.search.method if params.search else ''}; greedy, "
+               f"{n} instances per task, seed {seed}.\n\n{table}{search_text}")
+    return {"accuracy": accuracy, "kept": kept, "outputs": outputs, "search": search_figures}, section
+
+
+def _tuned_merge(ctx, params: Params, base_path: str, a: str, b: str, outputs: dict) -> tuple[dict, str]:
+    """merge-search on validation instances, then the best config written as merge-tuned."""
+    from qwenlab.merge import merge
+    from qwenlab.merge.search import load_search_config, run_search
+
+    search = params.search
+    if search.seed == params.seed:
+        raise QwenlabError(f"merge stage: search.seed must differ from the report's seed ({params.seed}): "
+                           "tuning on the instances that are then reported would overstate the merge")
+    objective = params.tasks + [t for t in params.keep_tasks if t not in params.tasks]
+    config = load_search_config({
+        "merge": {**method_config(search.method, base_path, a, b), "dtype": "float32"},
+        "search": search_space(search.method),
+        "objective": {"tasks": objective, "n": search.n, "difficulty": params.difficulty},
+        "trials": search.trials, "sampler": search.sampler, "seed": search.seed}, source="merge stage: search")
+    # The defaults go first, so the tuned merge is never worse than the default one on validation.
+    result = run_search(config, ctx.run_dir / "merge-search", progress=True,
+                        first_trials=[default_point(search.method)])
+    out = ctx.new_model_dir("merge-tuned", "merge stage: search")
+    merge(result["best"]["config"], out, dtype="float32", force=True, progress=False, seed=search.seed)
+    outputs["merge-tuned"] = str(out)
+    best = result["best"]
+    shown = ", ".join(f"{k} = {v:.3f}" for k, v in best["params"].items())
+    text = (f"\n\nmerge-tuned: {search.method} with {shown}, the best of {search.trials} trials of merge-search "
+            f"(Optuna {search.sampler}) on validation instances (seed {search.seed}, n={search.n} per task, "
+            f"objective: mean accuracy over {', '.join(objective)}: {best['objective']:.3f} there); the table "
+            f"above measures it on the report's instances (seed {params.seed}). Trials: "
+            "[merge-search/report.md](merge-search/report.md).")
+    return {"method": search.method, "params": best["params"], "validation_mean": best["objective"],
+            "trials": search.trials, "seed": search.seed, "n": search.n}, text
 
 
 def _nano() -> Path:

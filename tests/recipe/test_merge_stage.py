@@ -1,0 +1,73 @@
+"""The recipe's merge stage: default-parameter merges, forgetting on keep_tasks, and a tuned merge found by
+merge-search on validation instances (another seed than the report's)."""
+
+import json
+
+import pytest
+
+from qwenlab.errors import QwenlabError
+from qwenlab.recipe import load_recipe, run_recipe
+from qwenlab.recipe.stages.merge import default_point, method_config, search_space
+
+
+@pytest.fixture(scope="module")
+def specialists(tmp_path_factory):
+    from qwenlab.nano import nano_path
+    from tests.bench.conftest import write_lora
+
+    root = tmp_path_factory.mktemp("specialists")
+    return write_lora(nano_path(), root / "a", rank=2, seed=0), write_lora(nano_path(), root / "b", rank=2, seed=1)
+
+
+def recipe(tmp_path, specialists, search: str) -> object:
+    a, b = specialists
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""
+name: merge-stage
+models: {{nano: nano, a: {a}, b: {b}}}
+stages:
+  - merge: {{base: nano, models: [a, b], tasks: [arithmetic, reverse], keep_tasks: [sort_letters],
+             methods: [task_arithmetic], n: 6, difficulty: 1{search}}}
+""")
+    return path
+
+
+def test_the_tuned_merge_is_searched_on_validation_and_reported_beside_the_defaults(tmp_path, specialists):
+    run = run_recipe(recipe(tmp_path, specialists, ", search: {method: task_arithmetic, trials: 3, n: 6, seed: 1}"),
+                     tmp_path / "run")
+    figures = json.loads((tmp_path / "run" / "figures.json").read_text())["01-merge"]
+    assert set(figures["outputs"]) == {"merge-task_arithmetic", "merge-tuned"} and "merge-tuned" in run.models
+    assert set(figures["accuracy"]) == {"nano", "a", "b", "merge-task_arithmetic", "merge-tuned"}
+    assert all(set(v) == {"arithmetic", "reverse", "sort_letters"} for v in figures["accuracy"].values())
+    search = json.loads((tmp_path / "run" / "merge-search" / "merge_search.json").read_text())
+    assert search["seed"] == 1 and search["tasks"] == ["arithmetic", "reverse", "sort_letters"]
+    # The defaults are the first trial, so the tuned merge is at least as good as them on validation.
+    first = search["trials"][0]
+    assert first["params"] == default_point("task_arithmetic")
+    assert search["best"]["objective"] >= first["objective"]
+    assert figures["search"]["params"] == search["best"]["params"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| merge-tuned |" in report and "kept of nano (sort_letters)" in report and "validation" in report
+
+
+def test_searching_on_the_reported_instances_is_refused(tmp_path, specialists):
+    with pytest.raises(QwenlabError, match="search.seed must differ"):
+        run_recipe(recipe(tmp_path, specialists, ", search: {trials: 2, seed: 0}"), tmp_path / "run")
+
+
+def test_every_method_has_a_search_space_whose_first_point_is_its_default():
+    from qwenlab.merge.search import get_path
+
+    for method in ("linear", "ties", "slerp", "task_arithmetic"):
+        config = method_config(method, "base", "a", "b")
+        for entry in search_space(method):
+            parent, key = get_path(config, entry["path"])
+            value = parent[key]
+            names = [entry["path"]] if entry.get("groups", 1) == 1 else \
+                [f"{entry['path']}#{g}" for g in range(entry["groups"])]
+            assert all(default_point(method)[name] == value for name in names), (method, entry)
+
+
+def test_an_unknown_search_method_is_a_recipe_error(tmp_path, specialists):
+    with pytest.raises(QwenlabError, match="search"):
+        load_recipe(recipe(tmp_path, specialists, ", search: {method: dare}"))
