@@ -7,6 +7,11 @@ token): TTFT is the time to the first new token (prefill + first sample), prompt
 ctx / TTFT, decode tokens/s is (gen - 1) / (time after the first token). One warm-up run is not
 counted; figures are the median with min-max over `runs` runs.
 
+Beside each figure: the kernel path that ran (e.g. bf16:avx512bf16, int4:vnni), the memory-bandwidth
+bound of its decode (a STREAM-like read measured here, over the bytes a token reads) and the figure's
+share of it, and a warning where the runs disagree or other processes kept the machine busy
+(bench/machine.py); such a figure is recorded with its warnings.
+
 Variants: fp32/bf16 run the float folder; int8/int4 run a quantized folder (MODEL itself when it
 is one, else MODEL quantized once into the cache with qwenlab's defaults). llama.cpp runs this
 package's GGUF export of the same float weights: f16 for fp32/bf16, q8_0 for int8, q4_0 for int4,
@@ -27,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qwenlab.bench.machine import BusyMeter, run_warnings
 from qwenlab.errors import QwenlabError
 from qwenlab.home import qwenlab_home
 from qwenlab.text_table import format_table
@@ -47,6 +53,11 @@ class EngineResult:
     load_s: float
     peak_rss_bytes: int
     runs: dict[int, list[dict]] = field(default_factory=dict)  # ctx -> [{ttft_s, prompt_tokens_per_s, decode_tokens_per_s}]
+    kernel: str = ""  # the kernel path that ran: bf16:avx512bf16, int4:vnni, gguf q4_0, fp32:torch, ...
+    bytes_per_token: dict[int, int] = field(default_factory=dict)  # ctx -> bytes a decode step reads (mid-run)
+
+    def warnings(self, ctx: int) -> list[str]:
+        return run_warnings(self.runs.get(ctx, []))
 
     def summary(self, ctx: int, metric: str) -> tuple[float, float, float] | None:
         values = [r[metric] for r in self.runs.get(ctx, [])]
@@ -97,14 +108,17 @@ def _run_qwenlab(spec: dict):
     from qwenlab.loading import load
     from qwenlab.model.generate import GenerationConfig, generate_token_ids
 
-    model = load(spec["path"], spec["dtype"], quant_backend=spec.get("backend"), fuse=spec.get("fuse", True)).model
+    from qwenlab.bench.machine import kernel_path, model_bytes_per_token
+
+    model = load(spec["path"], spec["dtype"], quant_backend=spec.get("backend"), fuse=spec.get("fuse", True),
+                 float_backend=spec.get("float_backend")).model
     vocab = model.config.vocab_size
 
     def run(prompt: list[int], gen: int) -> tuple[float, float]:
         config = GenerationConfig(max_new_tokens=gen, max_context=len(prompt) + gen)
         return _time_stream(generate_token_ids(model, [prompt], config, set()), gen)
 
-    return vocab, run, torch
+    return vocab, run, torch, kernel_path(model, spec["dtype"]), lambda ctx: model_bytes_per_token(model, ctx)
 
 
 def _run_hf(spec: dict):
@@ -114,6 +128,9 @@ def _run_hf(spec: dict):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).eval()
     vocab = model.config.vocab_size
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # (tied: counted once)
+    c = model.config
+    kv_per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * dtype.itemsize
 
     class Stamps:  # transformers' streamer interface: put() gets the prompt, then each new token
         def __init__(self):
@@ -135,7 +152,7 @@ def _run_hf(spec: dict):
         new = stamps.times[1:]  # the first put() is the prompt
         return new[0] - start, new[-1] - new[0]
 
-    return vocab, run, torch
+    return vocab, run, torch, f"{spec['dtype']}:torch", lambda ctx: weights + kv_per_slot * ctx
 
 
 def _run_llama_cpp(spec: dict):
@@ -150,31 +167,44 @@ def _run_llama_cpp(spec: dict):
         llm.reset()  # forget the previous run: the prompt must be evaluated again, not reused from the cache
         return _time_stream(llm.generate(prompt, temp=0.0, top_k=1, reset=True), gen)
 
-    return llm.n_vocab(), run, None
+    # A token reads the whole file (a tied table is also the output matrix) and its f16 KV cache.
+    meta = llm.metadata
+    layers, kv_heads = int(meta.get("qwen2.block_count", 0)), int(meta.get("qwen2.attention.head_count_kv", 0))
+    head_dim = int(meta.get("qwen2.embedding_length", 0)) // max(1, int(meta.get("qwen2.attention.head_count", 1)))
+    size = Path(spec["path"]).stat().st_size
+    return llm.n_vocab(), run, None, spec["weights"], lambda ctx: size + 2 * layers * kv_heads * head_dim * 2 * ctx
 
 
 def worker(spec: dict) -> dict:
     """Measure one engine; `spec` says which (see `_spec`). Returns EngineResult as a dict."""
     threads = spec["threads"]
     start = time.perf_counter()
+    if spec["engine"] == "stream":  # the machine's read bandwidth, on the engines' thread count
+        from qwenlab.bench.machine import read_bandwidth_bytes_per_s
+
+        return {"bandwidth_bytes_per_s": read_bandwidth_bytes_per_s(threads)}
     if spec["engine"] == "llama.cpp":
-        vocab, run, torch = _run_llama_cpp(spec)
+        vocab, run, torch, kernel, bytes_per_token = _run_llama_cpp(spec)
     else:
         import torch
 
         torch.set_num_threads(threads)
-        vocab, run, torch = (_run_qwenlab if spec["engine"] == "qwenlab" else _run_hf)(spec)
+        vocab, run, torch, kernel, bytes_per_token = (_run_qwenlab if spec["engine"] == "qwenlab" else _run_hf)(spec)
     load_s = time.perf_counter() - start
-    result = EngineResult(spec["engine"], spec["dtype"], spec["weights"], threads, round(load_s, 3), 0)
+    result = EngineResult(spec["engine"], spec["dtype"], spec["weights"], threads, round(load_s, 3), 0, kernel=kernel)
+    meter = BusyMeter()
     for ctx in spec["contexts"]:
         prompt = _prompt(ctx, vocab, spec["seed"])
         run(prompt, min(spec["gen"], 8))  # warm-up (allocator, kernel build, caches); not counted
         runs = []
         for _ in range(spec["runs"]):
+            meter.start()
             ttft, rest = run(prompt, spec["gen"])
             runs.append({"ttft_s": ttft, "prompt_tokens_per_s": ctx / ttft,
-                         "decode_tokens_per_s": (spec["gen"] - 1) / rest if rest > 0 else float("inf")})
+                         "decode_tokens_per_s": (spec["gen"] - 1) / rest if rest > 0 else float("inf"),
+                         "other_cpu_cores": meter.stop()})
         result.runs[ctx] = runs
+        result.bytes_per_token[ctx] = int(bytes_per_token(ctx + spec["gen"] // 2))
     result.peak_rss_bytes = _peak_rss_bytes()
     return asdict(result)
 
@@ -189,7 +219,20 @@ def run_engine(spec: dict, timeout_s: float | None = None) -> EngineResult:
         raise QwenlabError(f"{spec['engine']} ({spec['dtype']}) failed: {tail}")
     data = json.loads(lines[-1])
     data["runs"] = {int(k): v for k, v in data["runs"].items()}
+    data["bytes_per_token"] = {int(k): v for k, v in data.get("bytes_per_token", {}).items()}
     return EngineResult(**data)
+
+
+def measure_bandwidth(threads: int, timeout_s: float | None = 300) -> float | None:
+    """Bytes/s of a STREAM-like read in a fresh subprocess (None where the native library does not run)."""
+    command = [sys.executable, "-m", "qwenlab.bench.speed", json.dumps({"engine": "stream", "threads": threads})]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        return json.loads(lines[-1])["bandwidth_bytes_per_s"] if done.returncode == 0 and lines else None
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+        return None
 
 
 # ---- variants: quantized folders and GGUF files, made once and cached ---------------------------
@@ -263,10 +306,17 @@ class SpeedReport:
     gen: int
     runs: int
     results: list[EngineResult]
+    bandwidth_bytes_per_s: float | None = None  # the STREAM-like read, measured before the engines ran
 
     def as_dict(self) -> dict:
         return {"model": self.model, "threads": self.threads, "contexts": self.contexts, "gen": self.gen,
-                "runs": self.runs, "results": [asdict(r) for r in self.results]}
+                "runs": self.runs, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+                "results": [asdict(r) for r in self.results]}
+
+    def bound(self, result: EngineResult, ctx: int) -> float | None:
+        """The decode tokens/s the memory bandwidth allows this engine at this context."""
+        per_token = result.bytes_per_token.get(ctx)
+        return self.bandwidth_bytes_per_s / per_token if self.bandwidth_bytes_per_s and per_token else None
 
 
 def _parse_list(values, allowed: tuple[str, ...] | None, what: str) -> list[str]:
@@ -314,6 +364,8 @@ def bench_speed(model: str | Path, *, dtypes=("int4",), contexts=(128,), gen: in
                            "peers and fp32/bf16 need it")
     base = dict(threads=threads, contexts=contexts, gen=gen, runs=runs, seed=seed)
     results: list[EngineResult] = []
+    log(f"[bench] memory bandwidth: a STREAM-like read on {threads} thread(s)")
+    bandwidth = measure_bandwidth(threads)
     for dtype in dtypes:
         section = None
         if dtype in ("fp32", "bf16"):
@@ -326,10 +378,15 @@ def bench_speed(model: str | Path, *, dtypes=("int4",), contexts=(128,), gen: in
             section = open_checkpoint(path, validate=False).config.extra["quantization"]
         weights = _describe_quantized(section) if section else dtype
         log(f"[bench] qwenlab {dtype} ({weights}), {threads} thread(s)")
+        # --kernel aten/reference: PyTorch's kernels for the float variants too; native: the native stack or fail
+        float_backend = {"aten": "torch", "reference": "torch", "native": "native"}.get(backend)
         result = run_engine({**base, "engine": "qwenlab", "dtype": dtype, "path": str(path), "weights": weights,
-                              "backend": backend})
+                              "backend": backend, "float_backend": float_backend})
         result.weights += f" ({_backend_label(backend)})" if dtype.startswith("int") else ""
         results.append(result)
+        for ctx in contexts:
+            for warning in result.warnings(ctx):
+                log(f"[bench] warning: qwenlab {dtype} at ctx {ctx}: {warning}")
         if record:
             _record(path, result, contexts, gen)
         if "llama.cpp" in vs:
@@ -345,7 +402,7 @@ def bench_speed(model: str | Path, *, dtypes=("int4",), contexts=(128,), gen: in
             log(f"[bench] transformers generate {dtype}")
             results.append(run_engine({**base, "engine": "hf", "dtype": dtype, "path": str(float_folder),
                                         "weights": dtype}))
-    return SpeedReport(str(folder), threads, contexts, gen, runs, results)
+    return SpeedReport(str(folder), threads, contexts, gen, runs, results, bandwidth)
 
 
 def _describe_quantized(section: dict) -> str:
@@ -365,15 +422,20 @@ def _backend_label(backend: str | None) -> str:
 def _record(folder: Path, result: EngineResult, contexts: list[int], gen: int) -> None:
     from qwenlab.variants.results import record_measurement
 
-    figures = {}
+    figures, warnings = {}, {}
     for ctx in contexts:
         figures[str(ctx)] = {"ttft_s": round(result.summary(ctx, "ttft_s")[0], 4),
                              "decode_tokens_per_s": round(result.summary(ctx, "decode_tokens_per_s")[0], 2),
                              "prompt_tokens_per_s": round(result.summary(ctx, "prompt_tokens_per_s")[0], 1),
                              "peak_rss_bytes": result.peak_rss_bytes}
+        if result.warnings(ctx):  # recorded, and said to be suspect wherever the figure is read
+            figures[str(ctx)]["warnings"] = warnings[str(ctx)] = result.warnings(ctx)
+    setup = {"dtype": result.dtype, "threads": result.threads, "gen": gen, "engine": "qwenlab",
+             "kernel": result.kernel}
+    if warnings:
+        setup["unsteady"] = warnings
     try:
-        record_measurement(folder, "speed", figures, setup={"dtype": result.dtype, "threads": result.threads,
-                                                             "gen": gen, "engine": "qwenlab"})
+        record_measurement(folder, "speed", figures, setup=setup)
     except OSError:
         pass  # a read-only folder: the figures are still printed
 
@@ -388,14 +450,24 @@ def _fmt(summary, digits: int, scale: float = 1.0) -> str:
 
 def speed_table(report: SpeedReport, markdown: bool = True) -> str:
     """One row per engine x dtype x context; medians with (min-max); ratios against peers below."""
-    header = ["engine", "dtype", "weights", "ctx", "TTFT ms", "prompt tok/s", "decode tok/s", "peak RSS MiB"]
-    rows = []
+    header = ["engine", "dtype", "weights", "kernel", "ctx", "TTFT ms", "prompt tok/s", "decode tok/s",
+              "bound tok/s", "of bound", "peak RSS MiB"]
+    rows, notes = [], []
     for r in report.results:
         for ctx in report.contexts:
-            rows.append([r.engine, r.dtype, r.weights, str(ctx), _fmt(r.summary(ctx, "ttft_s"), 0, 1000),
-                         _fmt(r.summary(ctx, "prompt_tokens_per_s"), 0), _fmt(r.summary(ctx, "decode_tokens_per_s"), 1),
+            decode, bound = r.summary(ctx, "decode_tokens_per_s"), report.bound(r, ctx)
+            warned = r.warnings(ctx)
+            notes += [f"- {r.engine} {r.dtype} ctx {ctx}: {w}" for w in warned]
+            rows.append([r.engine, r.dtype, r.weights, r.kernel or "-", str(ctx), _fmt(r.summary(ctx, "ttft_s"), 0, 1000),
+                         _fmt(r.summary(ctx, "prompt_tokens_per_s"), 0), _fmt(decode, 1) + (" !" if warned else ""),
+                         f"{bound:.1f}" if bound else "-", f"{decode[0] / bound:.0%}" if bound and decode else "-",
                          f"{r.peak_rss_bytes / 2**20:.0f}"])
     text = format_table(header, rows, markdown)
+    if report.bandwidth_bytes_per_s:
+        text += (f"\n\nbound: a STREAM-like read of 1 GiB ran at {report.bandwidth_bytes_per_s / 1e9:.1f} GB/s on "
+                 f"{report.threads} thread(s); bound tok/s = that / the bytes a decode step reads")
+    if notes:
+        text += "\n\n! figures to distrust (not the variant's speed until measured on a quiet machine):\n" + "\n".join(notes)
     ratios = ratio_rows(report)
     if ratios:
         text += "\n\n" + format_table(["qwenlab vs", "dtype", "ctx", "decode speed x", "TTFT x (lower is better)",

@@ -13,7 +13,8 @@ PyTorch's bf16 path reached about half of that bound on the 0.5B shape (issue 23
 - NativeFloatQwen2ForCausalLM: a decode step (one token per row, a plain KV cache) runs all decoder
   layers in one native call (quant/native.DecodeStack); PyTorch's own ops run single-threaded meanwhile
   (native.torch_single_threaded), so a busy core cannot stall an OpenMP barrier ~100 times per token.
-  Prefill keeps PyTorch's threads. Anything the stack does not take (padding masks, a cache without
+  Prefill runs on PyTorch's threads, as many as other processes left free (torch_threads_on_free_cores:
+  with another process on one of two cores, 2 OpenMP threads ran 150x slower than 1). Anything the stack does not take (padding masks, a cache without
   slot buffers, an attached LoRA) runs the layers one by one, each linear still on NativeLinear.
 """
 
@@ -60,8 +61,9 @@ class NativeFloatQwen2ForCausalLM(Qwen2ForCausalLM):
     _watched: list = []
 
     def forward(self, tokens, *args, **kwargs):
-        if tokens.shape[1] != 1:
-            return super().forward(tokens, *args, **kwargs)  # prefill: PyTorch's threads for oneDNN
+        if tokens.shape[1] != 1:  # prefill: oneDNN on PyTorch's threads, as many as other processes left free
+            with kernels.torch_threads_on_free_cores():
+                return super().forward(tokens, *args, **kwargs)
         with kernels.torch_single_threaded():
             return super().forward(tokens, *args, **kwargs)
 
