@@ -71,3 +71,19 @@ def paired_comparison(a: list[float], b: list[float]) -> PairedComparison:
     a_better = sum(d < 0 for d in differences)
     return PairedComparison(n, sum(a) / n, sum(b) / n, mean, mean - half, mean + half, b_better, a_better,
                             _binomial_two_sided(b_better, b_better + a_better))
+
+
+def format_accuracy(accuracy: float, n: int) -> str:
+    """'0.393 [0.35, 0.44]': an accuracy on n instances with its 95% Wilson interval."""
+    low, high = wilson_interval(accuracy * n, n)
+    return f"{accuracy:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def format_change(base: list[float], other: list[float]) -> str:
+    """'+0.169*' against the base on the same instances; * when the paired sign test gives p < 0.05."""
+    test = paired_comparison(base, other)
+    return f"{test.difference:+.3f}{'*' if test.significant() else ''}"
+
+
+PAIRED_NOTE = ("Brackets: 95% Wilson interval. Changes are against the base on the same prompts; * marks a "
+               "change whose paired sign test (McNemar's, for right/wrong answers) gives p < 0.05.")

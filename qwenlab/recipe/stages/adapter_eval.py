@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from qwenlab.recipe.stages.params import EvalParams
+from qwenlab.stats import PAIRED_NOTE, format_accuracy, format_change
 
 
 class Params(EvalParams):
@@ -32,26 +33,29 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     for name in names:
         attach_adapter(model, ctx.model_path(name), name)
     figures: dict[str, dict[str, float]] = {}
+    rewards: dict[str, dict[str, list[float]]] = {}
     for name in [None, *names]:
         with active_adapters(model, name):
             results = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=params.difficulty,
                                      progress=False)
         figures[name or base] = {task: round(r.accuracy, 4) for task, r in results.items()}
-    table = _table(figures, base, tasks)
+        rewards[name or base] = {task: r.rewards for task, r in results.items()}
+    table = _table(figures, rewards, base, tasks)
     print(table)
     title = params.title or f"Adapters over {base}: task accuracy"
     return figures, (f"## {title}\n\nGreedy, {n} instances per task, seed {seed} (the same instances for every "
-                     f"row); in brackets the change against {base}.\n\n{table}")
+                     f"row); in parentheses the change against {base}. {PAIRED_NOTE}\n\n{table}")
 
 
-def _table(figures: dict[str, dict[str, float]], base: str, tasks: list[str]) -> str:
+def _table(figures: dict[str, dict[str, float]], rewards: dict[str, dict[str, list[float]]], base: str,
+           tasks: list[str]) -> str:
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for name, accuracies in figures.items():
         cells = []
         for task in tasks:
-            cell = f"{accuracies[task]:.3f}"
+            cell = format_accuracy(accuracies[task], len(rewards[name][task]))
             if name != base:
-                cell += f" ({accuracies[task] - figures[base][task]:+.3f})"
+                cell += f" ({format_change(rewards[base][task], rewards[name][task])})"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from qwenlab.eval.task_eval import evaluate_tasks
 from qwenlab.loading import load
 from qwenlab.recipe.stages.params import EvalParams
+from qwenlab.stats import format_accuracy
 from qwenlab.tasks import TASKS
 
 
@@ -25,8 +26,9 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     lines = [header, "|---|" + "---:|" * (len(tasks) + 1)]
     for name, accs in figures.items():
         mean = sum(accs.values()) / len(accs)
-        lines.append(f"| {name} | " + " | ".join(f"{accs[t]:.3f}" for t in tasks) + f" | {mean:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(format_accuracy(accs[t], n) for t in tasks) + f" | {mean:.3f} |")
     table = "\n".join(lines)
     print(table)
     title = params.title or "Task accuracy"
-    return figures, f"## {title}\n\nGreedy, {n} instances per task, seed {seed}.\n\n{table}"
+    return figures, (f"## {title}\n\nGreedy, {n} instances per task, seed {seed}; brackets: 95% Wilson "
+                     f"interval.\n\n{table}")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 from qwenlab.errors import QwenlabError
 from qwenlab.recipe.stages.params import StageParams
+from qwenlab.stats import format_accuracy
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties")
 
@@ -150,7 +151,7 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     for label, accs in accuracy.items():
         keep = ", ".join("-" if kept.get(label, {}).get(t) is None else f"{kept[label][t]:.0%}" for t in tasks) \
             if label in kept else "(base)" if label == base else "(specialist)"
-        row = f"| {label} | " + " | ".join(f"{accs[t]:.3f}" for t in all_tasks) + f" | {keep} |"
+        row = f"| {label} | " + " | ".join(format_accuracy(accs[t], n) for t in all_tasks) + f" | {keep} |"
         if others:
             row += " " + ", ".join(f"{accs[t] / accuracy[base][t]:.0%}" if accuracy[base][t] else "-"
                                    for t in others) + " |"
@@ -159,7 +160,7 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     print(table)
     section = (f"## Merging the specialists\n\n{names[0]} ({tasks[0]}) and {names[1]} ({tasks[1]}) merged with "
                f"{', '.join(methods)}{' and a tuned ' + params.search.method if params.search else ''}; greedy, "
-               f"{n} instances per task, seed {seed}.\n\n{table}{search_text}")
+               f"{n} instances per task, seed {seed}; brackets: 95% Wilson interval.\n\n{table}{search_text}")
     return {"accuracy": accuracy, "kept": kept, "outputs": outputs, "search": search_figures}, section
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveInt
 
+from qwenlab.stats import format_accuracy
 from qwenlab.recipe.stages.params import StageParams
 
 
@@ -66,10 +67,11 @@ def run(ctx, params: Params) -> tuple[dict, str]:
         figures[label] = {"ttft_s": round(ttft, 4), "decode_tokens_per_s": round(decode, 1),
                           "peak_rss_bytes": result.peak_rss_bytes, "accuracy": accs, "weights": result.weights}
         rows.append(f"| {label} | {result.weights} | {ttft * 1000:.0f} | {decode:.1f} | "
-                    f"{result.peak_rss_bytes / 2**20:.0f} | " + " | ".join(f"{accs[t]:.3f}" for t in tasks) + " |")
+                    f"{result.peak_rss_bytes / 2**20:.0f} | " + " | ".join(format_accuracy(accs[t], n) for t in tasks) + " |")
     header = ["| variant | weights | TTFT ms | decode tok/s | peak RSS MiB | " + " | ".join(tasks) + " |",
               "|---|---|---:|---:|---:|" + "---:|" * len(tasks)]
     table = "\n".join(header + rows)
     print(table)
     return figures, (f"## Quantized variants of {name}\n\nSpeed at a {ctx_len}-token prompt, {gen} new tokens, "
-                     f"median of {runs} runs; accuracy greedy on {n} instances per task, seed {seed}.\n\n{table}")
+                     f"median of {runs} runs; accuracy greedy on {n} instances per task, seed {seed} (brackets: 95% Wilson "
+                     f"interval).\n\n{table}")
