@@ -104,9 +104,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for (model, dtype, label), rows in table.items():
         def ratio(peer: str):
+            if label == peer or label == "llama.cpp" or (peer == "before" and label != "after"):
+                return "-"
             peers = {row["round"]: row["tok_s"] for row in table.get((model, dtype, peer), [])}
             values = [row["tok_s"] / peers[row["round"]] for row in rows if row["round"] in peers]
-            return f"{statistics.median(values):.2f}x" if values and label != peer else "-"
+            return f"{statistics.median(values):.2f}x" if values else "-"
 
         shares = [row["share"] for row in rows if row["share"] is not None]
         each = ", ".join(f"{row['tok_s']:.2f}" for row in rows)

@@ -3,7 +3,7 @@
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w [N, K] row-major (the checkpoint's own layout, so
 // prefill can hand the same tensor to oneDNN and nothing is repacked or copied). Decode reads every
 // weight once per token, so the kernel's job is to stream w at memory bandwidth: each thread takes
-// chunks of 32 rows and walks 8 rows side by side (8 sequential streams the prefetcher follows), each
+// chunks of 64 rows and walks 8 rows side by side (8 sequential streams the prefetcher follows), each
 // with its own accumulator, reduced once per row at the end. Three paths, chosen at run time:
 //   bf16:avx512bf16  vdpbf16ps: x rounded to bf16 (as PyTorch's bf16 model does), 32 products per
 //                    instruction, fp32 accumulation. Only where a child process ran the instruction
@@ -28,7 +28,7 @@ enum Path { FP32 = 0, BF16_WIDEN = 1, BF16_DOT = 2 };
 std::atomic<int> use_bf16_dot{0};  // set through qwenlab_float_path once the probe ran vdpbf16ps
 
 constexpr int64_t XB = 32;             // x is padded to whole blocks of 32 values
-constexpr int64_t ROWS_PER_CHUNK = 32;  // rows a thread claims at a time
+constexpr int64_t ROWS_PER_CHUNK = 64;  // rows a thread claims at a time
 constexpr int MAX_SEGMENTS = 3;
 
 struct Segment {
@@ -59,7 +59,7 @@ static inline void store_rows(__m512 (&acc)[RB][T], int64_t n0, float* y, int64_
 template <int T, int RB>
 __attribute__((target("avx512bf16"))) static void rows_bf16_dot(const uint16_t* w, int64_t K, const uint16_t* x,
                                                                   int64_t Kp, int64_t n0, float* y, int64_t ldy,
-                                                                  const float* bias) {
+                                                                  const float* bias, bool ahead) {
     __m512 acc[RB][T];
     for (int r = 0; r < RB; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -68,6 +68,7 @@ __attribute__((target("avx512bf16"))) static void rows_bf16_dot(const uint16_t* 
         __m512bh xv[T];
         for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * Kp + k);  // zero-padded
         for (int r = 0; r < RB; ++r) {
+            if (ahead) _mm_prefetch((const char*)(w + (n0 + RB + r) * K + k), _MM_HINT_T1);
             const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w + (n0 + r) * K + k);
             for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
         }
@@ -77,7 +78,7 @@ __attribute__((target("avx512bf16"))) static void rows_bf16_dot(const uint16_t* 
 
 template <int T, int RB>
 static void rows_bf16_widen(const uint16_t* w, int64_t K, const float* x, int64_t Kp, int64_t n0, float* y,
-                            int64_t ldy, const float* bias) {
+                            int64_t ldy, const float* bias, bool ahead) {
     __m512 acc[RB][T];
     for (int r = 0; r < RB; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -85,6 +86,7 @@ static void rows_bf16_widen(const uint16_t* w, int64_t K, const float* x, int64_
     for (int64_t k = 0; k < K; k += XB) {
         const __mmask32 m = tail32(K - k);
         for (int r = 0; r < RB; ++r) {
+            if (ahead) _mm_prefetch((const char*)(w + (n0 + RB + r) * K + k), _MM_HINT_T1);
             const __m512i v = _mm512_maskz_loadu_epi16(m, w + (n0 + r) * K + k);
             const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));  // w[k + 2i]
             const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));  // w[k + 2i + 1]
@@ -99,13 +101,14 @@ static void rows_bf16_widen(const uint16_t* w, int64_t K, const float* x, int64_
 
 template <int T, int RB>
 static void rows_fp32(const float* w, int64_t K, const float* x, int64_t Kp, int64_t n0, float* y, int64_t ldy,
-                      const float* bias) {
+                      const float* bias, bool ahead) {
     __m512 acc[RB][T];
     for (int r = 0; r < RB; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 m = tail16(K - k);
         for (int r = 0; r < RB; ++r) {
+            if (ahead) _mm_prefetch((const char*)(w + (n0 + RB + r) * K + k), _MM_HINT_T1);
             const __m512 wv = _mm512_maskz_loadu_ps(m, w + (n0 + r) * K + k);
             for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * Kp + k), acc[r][t]);
         }
@@ -113,15 +116,19 @@ static void rows_fp32(const float* w, int64_t K, const float* x, int64_t Kp, int
     store_rows<T, RB>(acc, n0, y, ldy, bias);
 }
 
+// ahead: also prefetch (into L2) the next RB rows, which this thread reads next. A row of a decode
+// matrix is only 28-152 cache lines, too short for the hardware prefetcher to get ahead of 8 of them.
 template <int PATH, int T, int RB>
-static inline void rows(const FloatJob& j, const Segment& s, int64_t n0, int64_t m) {
+static inline void rows(const FloatJob& j, const Segment& s, int64_t n0, int64_t m, bool ahead = false) {
     float* y = s.y + m * j.ldy;
     if (PATH == BF16_DOT)
-        rows_bf16_dot<T, RB>((const uint16_t*)s.w, j.K, (const uint16_t*)j.xp + m * j.Kp, j.Kp, n0, y, j.ldy, s.bias);
+        rows_bf16_dot<T, RB>((const uint16_t*)s.w, j.K, (const uint16_t*)j.xp + m * j.Kp, j.Kp, n0, y, j.ldy, s.bias,
+                             ahead);
     else if (PATH == BF16_WIDEN)
-        rows_bf16_widen<T, RB>((const uint16_t*)s.w, j.K, (const float*)j.xp + m * j.Kp, j.Kp, n0, y, j.ldy, s.bias);
+        rows_bf16_widen<T, RB>((const uint16_t*)s.w, j.K, (const float*)j.xp + m * j.Kp, j.Kp, n0, y, j.ldy, s.bias,
+                               ahead);
     else
-        rows_fp32<T, RB>((const float*)s.w, j.K, (const float*)j.xp + m * j.Kp, j.Kp, n0, y, j.ldy, s.bias);
+        rows_fp32<T, RB>((const float*)s.w, j.K, (const float*)j.xp + m * j.Kp, j.Kp, n0, y, j.ldy, s.bias, ahead);
 }
 
 // One chunk: up to 32 rows of one segment, every token. Decode (1 token) walks 8 rows at a time;
@@ -141,7 +148,7 @@ void float_chunk(const void* p, int64_t chunk) {
     }
     for (; m < j.M; ++m) {
         int64_t n = begin;
-        for (; n + 8 <= end; n += 8) rows<PATH, 1, 8>(j, seg, n, m);
+        for (; n + 8 <= end; n += 8) rows<PATH, 1, 8>(j, seg, n, m, n + 16 <= end);
         for (; n < end; ++n) rows<PATH, 1, 1>(j, seg, n, m);
     }
 }
