@@ -144,3 +144,11 @@ def test_bookkeeping_fields_are_accepted_and_ignored(server):
     response = server.client().chat.completions.create(model="base", messages=PROMPT, max_tokens=3, store=False,
                                                        metadata={"k": "v"}, user="u", service_tier="auto")
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula():
+    from qwenlab.serve.row_sampling import apply_frequency_presence
+
+    logits, counts = torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[0.0, 1.0, 3.0]])
+    out = apply_frequency_presence(logits, counts, frequency=0.5, presence=0.25)
+    assert out.tolist() == [[1.0, 1.0 - 0.5 - 0.25, 1.0 - 1.5 - 0.25]]

@@ -265,3 +265,11 @@ def test_a_mixed_batch_equals_each_row_alone(server):
     assert alone[1][1][0]["name"] == "get_time" and alone[1][2] == "tool_calls"
     assert json.loads(alone[1][1][0]["arguments"])["zone"] in ("UTC", "CET")
     assert len(alone[3][1]) == 1
+
+
+def test_tool_choice_none_is_accepted_and_leaves_the_tools_out(server):
+    client, engine = server.client(), engine_of(server, "base")
+    response = client.chat.completions.create(model="base", messages=ASK, tools=[WEATHER], tool_choice="none",
+                                              max_tokens=4, temperature=0)
+    assert response.usage.prompt_tokens == len(prompt_ids(engine, ASK))  # no tools block: nothing to call
+    assert response.choices[0].message.tool_calls is None
