@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.serve.conftest import LiveServer
+from tests.serve.conftest import LiveServer, get_text, metric
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -257,8 +257,15 @@ def test_a_mixed_batch_equals_each_row_alone(server):
         return (streamed if stream else whole)(client, temperature=0, max_tokens=150, **job)
 
     alone = [run(job) for job in jobs]
+    before = get_text(server.url + "/metrics")
     with ThreadPoolExecutor(len(jobs) * 2) as pool:
         together = list(pool.map(lambda i: run(jobs[i % len(jobs)], stream=i >= len(jobs)), range(2 * len(jobs))))
+    after = get_text(server.url + "/metrics")
+    tokens = sum(metric(after, "qwenlab_generated_tokens_total", model=m) -
+                 metric(before, "qwenlab_generated_tokens_total", model=m) for m in ("base", "math", "reverse"))
+    steps = (metric(after, "qwenlab_decode_step_seconds_count", engine="base")
+             - metric(before, "qwenlab_decode_step_seconds_count", engine="base"))
+    assert steps < tokens / 2, (steps, tokens)  # the rows shared decode steps: they ran as one batch
     strip = lambda result: (result[0], [(c["name"], c["arguments"]) for c in result[1]], result[2])
     assert [strip(r) for r in together] == [strip(r) for r in alone + alone]
     jsonschema.validate(json.loads(alone[0][0]), PERSON)
