@@ -25,6 +25,7 @@ while; see _restack), so a lone adapter costs r, not Σ r, once the others have 
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from pathlib import Path
 
@@ -73,6 +74,9 @@ class _KernelStack:
         self.a_len, self.bt_len = self.a.numel(), self.bt.numel()  # the kernel checks them against the sizes
 
 
+_attach_counter = itertools.count(1)
+
+
 class AdapterSet:
     def __init__(self, model: nn.Module, kernel: bool | None = None):
         """kernel: use lora_bgmv (None: wherever it runs, for fp32 adapters; False: always the dense path)."""
@@ -80,6 +84,7 @@ class AdapterSet:
         self.kernel_allowed = kernel
         self.use_kernel = False
         self.paths: dict[str, str] = {}
+        self.versions: dict[str, int] = {}  # name -> which attach loaded it (prefix cache namespaces)
         self.known: set[str] = set()
         self._modules: list[nn.Module] = []
         self._stacks: dict[nn.Module, _Stack | _KernelStack] = {}
@@ -107,11 +112,13 @@ class AdapterSet:
                                "cannot target; start the server with at least one --adapter to load it unfused")
         attach_adapter(self.model, adapter, name)
         self.paths[name] = str(path)
+        self.versions[name] = next(_attach_counter)
         self._rebuild()
 
     def detach(self, name: str) -> None:
         detach_adapter(self.model, name)
         self.paths.pop(name, None)
+        self.versions.pop(name, None)
         self._rebuild()
 
     def select(self, rows: list[str | None]) -> None:

@@ -105,6 +105,15 @@ class BatchKVCache:
             self.length = 0
         return moved
 
+    def row_slots(self, row: int) -> torch.Tensor:
+        """The slots that hold `row`'s tokens, in order (a row's slots may have gaps of dead slots)."""
+        return self._valid[row, : self.length].nonzero().flatten()
+
+    def row_kv(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """`row`'s keys and values at `slots`: [layers, 2, kv heads, len(slots), head dim] (a copy)."""
+        return torch.stack([torch.stack((k[row].index_select(1, slots), v[row].index_select(1, slots)))
+                            for k, v in zip(self.keys, self.values)])
+
     # ---- room for the next step ------------------------------------------------------------
     def make_room(self, steps: int) -> None:
         """Ensure `steps` more slots fit: first reclaim dead slots, then grow (up to max_slots)."""

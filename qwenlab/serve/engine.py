@@ -36,6 +36,7 @@ from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.serve.adapters_bridge import AdapterSet
 from qwenlab.serve.batch_cache import BatchKVCache
 from qwenlab.serve.constrained import GrammarBackend
+from qwenlab.serve.prefix_cache import PrefixCache
 from qwenlab.serve.requests import EngineEvent, EngineRequest, RowState
 
 log = logging.getLogger("qwenlab.serve")
@@ -48,19 +49,56 @@ PREFILL_CHUNK_TOKENS = 256
 class PrefillJob:
     """Newcomers' prompts, left-padded into one batch with a KV cache of its own, run a chunk at a time.
 
-    states[i] are the choices of requests[i]: they share its prefilled KV row (copied once per choice)."""
+    states[i] are the choices of requests[i]: they share its prefilled KV row (copied once per choice).
+    reused[i] is (count, kv) of requests[i]'s cached prefix (prefix_cache.PrefixCache.match), or (0, None).
 
-    def __init__(self, model, requests: list[EngineRequest], states: list[list[RowState]], chunk_tokens: int):
+    With reuse, only the uncached tails are computed. They are right-aligned into U columns, U the
+    longest tail; a row whose tail is shorter recomputes the cached tokens that fall into those
+    columns (so it reuses L - U of its L tokens). The reused KV sits in slots [R - reused, R) before
+    them, R the most any row reuses:
+
+        row 0: [. . k k | t t t]     k: reused KV, t: computed tokens, .: padding (masked)
+        row 1: [k k k k | t t t]
+    """
+
+    def __init__(self, model, requests: list[EngineRequest], states: list[list[RowState]], chunk_tokens: int,
+                 reused: list[tuple[int, torch.Tensor | None]] | None = None):
         self.requests, self.states = requests, states
-        self.longest = max(len(r.prompt_ids) for r in requests)
-        self.tokens = torch.tensor([[0] * (self.longest - len(r.prompt_ids)) + r.prompt_ids for r in requests])
-        self.valid = torch.tensor([[False] * (self.longest - len(r.prompt_ids)) + [True] * len(r.prompt_ids)
-                                   for r in requests])
-        self.positions = (self.valid.long().cumsum(-1) - 1).clamp(min=0)  # RoPE counts real tokens only
-        self.cache = model.new_cache(len(requests), self.longest)
+        lengths = [len(r.prompt_ids) for r in requests]
+        reused = reused or [(0, None)] * len(requests)
+        tail = max(n - count for n, (count, _) in zip(lengths, reused))
+        self.reused = [(max(0, n - tail), kv) for n, (_, kv) in zip(lengths, reused)]
+        kept = max(count for count, _ in self.reused)
+        self.longest = tail
+        computed = [n - count for n, (count, _) in zip(lengths, self.reused)]
+        self.tokens = torch.tensor([[0] * (tail - c) + r.prompt_ids[n - c:]
+                                    for r, n, c in zip(requests, lengths, computed)])
+        self.valid = torch.tensor([[False] * (tail - c) + [True] * c for c in computed])
+        start = torch.tensor([count for count, _ in self.reused])[:, None]
+        self.positions = start + (self.valid.long().cumsum(-1) - 1).clamp(min=0)  # RoPE counts real tokens only
+        self.cache = model.new_cache(len(requests), kept + tail)
+        if kept:
+            self._place_reused(kept)
         self.chunk = max(16, chunk_tokens // len(requests))
         self.done = 0
         self.logits: torch.Tensor | None = None
+
+    def _place_reused(self, kept: int) -> None:
+        cache = self.cache
+        for row, (count, kv) in enumerate(self.reused):
+            if count:
+                for layer in range(len(cache.keys)):
+                    cache.keys[layer][row, :, kept - count:kept] = kv[layer, 0, :, :count]
+                    cache.values[layer][row, :, kept - count:kept] = kv[layer, 1, :, :count]
+                cache.valid[row, kept - count:kept] = True
+        cache.length = kept
+        cache.has_padding = not bool(cache.valid[:, :kept].all())
+
+    def prompt_kv(self, row: int, start: int, end: int) -> torch.Tensor:
+        """KV of requests[row]'s prompt tokens [start, end), [layers, 2, kv heads, end - start, head dim]."""
+        first = self.cache.length - len(self.requests[row].prompt_ids)  # its tokens end at the last slot
+        return torch.stack([torch.stack((k[row, :, first + start:first + end], v[row, :, first + start:first + end]))
+                            for k, v in zip(self.cache.keys, self.cache.values)])
 
     def advance(self, model, adapters) -> bool:
         """Run the next chunk; True when the whole prompt is in (then `logits` holds each row's last)."""
@@ -77,12 +115,14 @@ class PrefillJob:
 
 class Engine:
     def __init__(self, name: str, model: Qwen2ForCausalLM, tokenizer: Tokenizer, stop_ids: set[int], *,
-                 max_batch: int = 32, max_context: int = 2048, max_prefill_tokens: int = 1024, metrics=None):
+                 max_batch: int = 32, max_context: int = 2048, max_prefill_tokens: int = 1024, metrics=None,
+                 prefix_cache: PrefixCache | None = None):
         self.name, self.model, self.tokenizer, self.stop_ids = name, model, tokenizer, stop_ids
         self.max_batch, self.max_context, self.max_prefill_tokens = max_batch, max_context, max_prefill_tokens
         self.adapters = AdapterSet(model)
         self.path: str | None = None  # the folder it was loaded from (/v1/models shows its name only)
         self.metrics = metrics
+        self.prefix_cache = prefix_cache  # shared with the other engines of the server (one budget); None: off
         self.cache = BatchKVCache(model.config, max_batch, max_context, model.dtype)
         self.rows: list[RowState] = []  # rows[i] is cache row i
         self.waiting: deque[EngineRequest] = deque()
@@ -178,12 +218,59 @@ class Engine:
         return chosen
 
     def _start_prefill(self, requests: list[EngineRequest]) -> None:
-        """Rows for the newcomers (one whose set-up fails ends alone) and a prefill job for those left."""
+        """Rows for the newcomers (one whose set-up fails ends alone) and a prefill job for those left,
+        which reuses each prompt's cached prefix."""
         states = self._new_rows(requests)
         kept = [(r, s) for r, s in zip(requests, states) if s is not None]
         if kept:
             self.prefilling.append(PrefillJob(self.model, [r for r, _ in kept], [s for _, s in kept],
-                                              self.prefill_chunk_tokens))
+                                              self.prefill_chunk_tokens, [self._cached_prefix(r) for r, _ in kept]))
+
+    # ---- the prefix cache -------------------------------------------------------------------------
+    def namespace(self, adapter: str | None) -> tuple:
+        """Whose KV this is: this engine's model, with this adapter as attached now (None: the base)."""
+        return (self.name, adapter, self.adapters.versions.get(adapter) if adapter else None)
+
+    def _cached_prefix(self, request: EngineRequest) -> tuple[int, torch.Tensor | None]:
+        """(tokens, KV) of the request's longest cached prefix; the last prompt token is always computed
+        (its logits choose the first token)."""
+        if self.prefix_cache is None:
+            return 0, None
+        keys, kv = self.prefix_cache.match(self.namespace(request.adapter), request.prompt_ids,
+                                           len(request.prompt_ids) - 1)
+        count = 0 if kv is None else kv.shape[3]
+        if self.metrics is not None:
+            self.metrics.observe_prefix_lookup(self.name, len(request.prompt_ids), count)
+        return count, kv
+
+    def _cache_prompts(self, job: PrefillJob) -> None:
+        if self.prefix_cache is None:
+            return
+        for index, request in enumerate(job.requests):
+            self.prefix_cache.insert(self.namespace(request.adapter), request.prompt_ids,
+                                     lambda start, end, index=index: job.prompt_kv(index, start, end))
+
+    def _cache_row(self, index: int) -> None:
+        """Before a finished row leaves: keep the KV of its prompt and what it generated, so a chat's next
+        turn (which re-sends this answer) prefills only its new messages."""
+        if self.prefix_cache is None:
+            return
+        row = self.rows[index]
+        tokens = row.request.prompt_ids + row.output_ids[:-1]  # the last chosen token was never fed in
+        slots = self.cache.row_slots(index)
+        if len(slots) != len(tokens):  # a bug guard: never cache KV that is not this sequence's
+            log.warning("request %s: %d KV slots for %d tokens; not cached", row.request.request_id,
+                        len(slots), len(tokens))
+            return
+        self.prefix_cache.insert(self.namespace(row.request.adapter), tokens,
+                                 lambda start, end: self.cache.row_kv(index, slots[start:end]))
+
+    def forget_adapter(self, name: str) -> None:
+        """Detach an adapter and drop its cached KV (engine thread)."""
+        namespace = self.namespace(name)
+        self.adapters.detach(name)
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop(namespace)
 
     def _advance_prefill(self) -> None:
         """One chunk of the oldest prefill; if it fails, its requests are retried one by one, so only the
@@ -197,11 +284,16 @@ class Engine:
                 self._fail_request(job.requests[0], "prefill")
                 return
             log.warning("a prefill of %d requests failed; retrying them one at a time", len(job.requests))
-            for request, states in reversed(list(zip(job.requests, job.states))):
-                self.prefilling.appendleft(PrefillJob(self.model, [request], [states], self.prefill_chunk_tokens))
+            for request, states, reused in reversed(list(zip(job.requests, job.states, job.reused))):
+                self.prefilling.appendleft(PrefillJob(self.model, [request], [states], self.prefill_chunk_tokens,
+                                                      [reused]))
             return
         if finished:
             self.prefilling.popleft()
+            try:
+                self._cache_prompts(job)
+            except Exception:  # the cache is an optimisation: a fault in it must not fail the requests
+                log.exception("caching the prompts of a prefill failed")
             self._join(job)
 
     def _join(self, job: PrefillJob) -> None:
@@ -276,6 +368,11 @@ class Engine:
             self.metrics.observe_step_tokens(len(row_indices))
         for index, reason in sorted(leaving, reverse=True):  # highest first: removal moves the last row
             row = self.rows[index]
+            if reason is not None:
+                try:
+                    self._cache_row(index)
+                except Exception:
+                    log.exception("request %s: caching its KV failed", row.request.request_id)
             self._remove(index)
             if reason is None or not self._finish(row, reason):
                 self._tell(row.request, EngineEvent("error", ROW_ERROR))

@@ -63,6 +63,22 @@ class ServeMetrics:
         tokens_per_second = Gauge("qwenlab_generation_tokens_per_second",
                                   f"Tokens generated per second over the last {self.rate.window_s:g} s", registry=r)
         tokens_per_second.set_function(self.rate.rate)
+        self.prefix_queried = Counter("qwenlab_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+                                      "cache, per engine", ["engine"], registry=r)
+        self.prefix_hits = Counter("qwenlab_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix "
+                                   "cache (not prefilled), per engine", ["engine"], registry=r)
+        self._prefix_cache = None
+        Gauge("qwenlab_prefix_cache_hit_rate", "Prompt tokens reused / prompt tokens looked up, since start",
+              registry=r).set_function(lambda: self._prefix_cache.hit_rate() if self._prefix_cache else 0.0)
+        Gauge("qwenlab_prefix_cache_cached_tokens", "Tokens whose KV the prefix cache holds now",
+              registry=r).set_function(lambda: self._prefix_cache.cached_tokens if self._prefix_cache else 0)
+        Gauge("qwenlab_prefix_cache_bytes", "Memory the prefix cache holds now",
+              registry=r).set_function(lambda: self._prefix_cache.bytes if self._prefix_cache else 0)
+        Gauge("qwenlab_prefix_cache_evicted_blocks", "Blocks evicted to stay under --prefix-cache-mb, since start",
+              registry=r).set_function(lambda: self._prefix_cache.evicted_blocks if self._prefix_cache else 0)
+
+    def watch_prefix_cache(self, cache) -> None:
+        self._prefix_cache = cache
 
     # ---- called by the engine thread ----------------------------------------------------------
     def observe_ttft(self, model: str, seconds: float) -> None:
@@ -77,6 +93,10 @@ class ServeMetrics:
 
     def observe_step_tokens(self, tokens: int) -> None:
         self.rate.add(tokens)
+
+    def observe_prefix_lookup(self, engine: str, prompt_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queried.labels(engine).inc(prompt_tokens)
+        self.prefix_hits.labels(engine).inc(hit_tokens)
 
     def observe_finish(self, engine: str, reason: str) -> None:
         self.finished.labels(engine, reason).inc()

@@ -28,17 +28,19 @@ class Target:
 
 def load_engine(name: str, path: str | Path, *, dtype: str = "fp32", max_batch: int = 32,
                 max_context: int | None = None, max_prefill_tokens: int = 1024, metrics=None,
-                for_adapters: bool = False) -> Engine:
+                for_adapters: bool = False, prefix_cache=None) -> Engine:
     """Load a model folder (or 'nano'; int8/int4 folders load through quant) into an Engine.
 
     for_adapters: a quantized base is loaded with q/k/v and gate/up unfused, so LoRA can target them.
+    prefix_cache: a PrefixCache shared by the server's engines (None: no prefix caching).
     """
     from qwenlab.loading import load
 
     model, tokenizer, checkpoint = load(path, dtype, fuse=not for_adapters)
     context = model.config.context_window(max_context)  # beyond the model's positions: refused, not lowered
     engine = Engine(name, model, tokenizer, tokenizer.stop_ids(checkpoint.generation_config),
-                    max_batch=max_batch, max_context=context, max_prefill_tokens=max_prefill_tokens, metrics=metrics)
+                    max_batch=max_batch, max_context=context, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
+                    prefix_cache=prefix_cache)
     engine.path = str(checkpoint.path)
     return engine
 
@@ -153,7 +155,7 @@ class ModelRegistry:
             if name in self.base.adapters_in_use():
                 raise APIError(409, f"Adapter '{name}' has requests running or queued; retry when they end.",
                                code="adapter_in_use", param="lora_name")
-            self.base.adapters.detach(name)
+            self.base.forget_adapter(name)
 
         await asyncio.wrap_future(self.base.call(detach))
 

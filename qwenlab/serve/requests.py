@@ -84,6 +84,7 @@ class RowState:
         self.position = len(request.prompt_ids)  # RoPE position of the next token fed in
         self.last_token = 0
         self.generated = 0
+        self.output_ids: list[int] = []  # every chosen token, a stop token included (the prefix cache's keys)
         self.sampler = RowSampler(params, tokenizer, vocab_size, request.prompt_ids, index)
         self.grammar = request.constraint.row() if request.constraint is not None else None
         self.simple = params.greedy and self.grammar is None  # the batch argmax is this row's choice
@@ -100,6 +101,7 @@ class RowState:
         request, params = self.request, self.request.params
         self.generated += 1
         self.last_token = token
+        self.output_ids.append(token)
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter()
         if token in stop_ids and (not params.ignore_eos or self.grammar is not None):

@@ -14,6 +14,7 @@ from pathlib import Path
 from qwenlab.errors import QwenlabError
 from qwenlab.serve.limits import ServeLimits, at_least, is_loopback
 from qwenlab.serve.metrics import ServeMetrics
+from qwenlab.serve.prefix_cache import PrefixCache
 from qwenlab.serve.registry import ModelRegistry, load_engine
 
 log = logging.getLogger("qwenlab.serve")
@@ -34,6 +35,7 @@ class ServeConfig:
     max_context: int | None = None  # tokens per request (prompt + completion); default: the model's
     max_prefill_tokens: int = 1024  # padded prompt tokens per prefill: bounds the pause of running rows
     threads: int | None = None  # torch CPU threads (default: torch's choice)
+    prefix_cache_mb: int = 512  # KV of prompt prefixes kept for reuse, all engines together; 0: off
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def check(self) -> None:
@@ -47,6 +49,7 @@ class ServeConfig:
             raise QwenlabError(f"--dtype must be one of fp32, bf16, fp16, got '{self.dtype}'")
         at_least("--max-batch", self.max_batch, 1, MAX_BATCH)
         at_least("--max-prefill-tokens", self.max_prefill_tokens, 1)
+        at_least("--prefix-cache-mb", self.prefix_cache_mb, 0, 1 << 30)
         if self.max_context is not None:
             at_least("--max-context", self.max_context, 2)  # one prompt token and one to generate
         if self.threads is not None:
@@ -66,8 +69,10 @@ def base_name(config: ServeConfig) -> str:
 
 
 def build_registry(config: ServeConfig, metrics: ServeMetrics) -> ModelRegistry:
+    prefix_cache = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb > 0 else None
+    metrics.watch_prefix_cache(prefix_cache)
     common = dict(dtype=config.dtype, max_batch=config.max_batch, max_context=config.max_context,
-                  max_prefill_tokens=config.max_prefill_tokens, metrics=metrics)
+                  max_prefill_tokens=config.max_prefill_tokens, metrics=metrics, prefix_cache=prefix_cache)
     base = load_engine(base_name(config), config.base, for_adapters=bool(config.adapters), **common)
     variants = {name: load_engine(name, path, **common) for name, path in config.variants.items()}
     registry = ModelRegistry(base, variants)
