@@ -129,8 +129,8 @@ class TaskSource:
             value = self.score_instance(completion, instance)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"returned {value!r}, not a finite number")
-        except Exception as e:  # a user's verifier may raise anything: that row scores 0
-            kind = type(e).__name__
+        except Exception as e:  # a user's verifier may raise anything (or overrun its budget): that row scores 0
+            kind = getattr(e, "kind", type(e).__name__)
             self.errors[kind] += 1
             if self.errors[kind] <= 3:
                 print(f"task '{self.NAME}': WARNING: scoring {instance.id} failed ({kind}: "

@@ -10,12 +10,21 @@ Scoring: without a verifier, math-verify compares the completion's answer (its l
 else the whole text) with the gold answer, within a time budget (math_answers.py). With
 `@verifier.py:FN`, FN(completion, item) -> float in [0, 1] is called with the row as a dict; a
 verifier that raises scores that completion 0 and is reported (TaskSource.safe_score).
+
+A user's verifier has a time budget (VERIFIER_BUDGET_S per call): it runs in one long-lived child
+process of its own (spawned; it imports the verifier file itself), and the caller waits at most the
+budget. A call that overruns scores 0 with a one-line warning; the child is killed and replaced (a
+thread cannot be stopped, so a verifier stuck in a loop would keep a core busy for ever). The file is
+also imported once in this process when the task opens, so a missing function or an import error is
+one line before anything runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +33,16 @@ from qwenlab.tasks.base import TaskInstance, TaskSource, file_sha256
 from qwenlab.tasks.math_answers import MathVerifier, gold_answer
 
 MAX_ROWS = 10_000_000
+VERIFIER_BUDGET_S = 5.0  # wall seconds per call of a user's verifier
+VERIFIER_STARTUP_S = 60.0  # a fresh child first imports Python, qwenlab's task module and the verifier
+
+
+class VerifierFailed(Exception):
+    """The user's verifier raised (in its child process), or overran its budget; `kind` names what."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -66,6 +85,77 @@ def load_verifier(path: Path, function: str) -> Callable[[str, dict], float]:
     return fn
 
 
+def _serve_verifier(connection, path: str, function: str) -> None:
+    """The child's loop: (completion, item) in, ("ok", value) or ("error", kind, message) out."""
+    try:
+        fn = load_verifier(Path(path), function)
+    except Exception as e:
+        fn, failure = None, ("error", type(e).__name__, str(e))
+    while True:
+        try:
+            completion, item = connection.recv()
+        except (EOFError, OSError):
+            return
+        if fn is None:
+            reply = failure
+        else:
+            try:
+                value = fn(completion, item)
+                reply = ("ok", value if isinstance(value, (int, float)) else repr(value)[:80])
+            except BaseException as e:  # anything the user's code raises is that completion's 0
+                reply = ("error", type(e).__name__, str(e).splitlines()[0][:160] if str(e) else "")
+        connection.send(reply)
+
+
+class VerifierChild:
+    """A user's verifier in its own spawned process, called with a time budget; killed and replaced
+    when a call overruns. One call at a time (a lock), from any thread."""
+
+    def __init__(self, path: Path, function: str, budget_s: float = VERIFIER_BUDGET_S):
+        self.path, self.function, self.budget_s = str(path), function, budget_s
+        self._lock = threading.Lock()
+        self._process = self._connection = None
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        self._process = context.Process(target=_serve_verifier, args=(theirs, self.path, self.function),
+                                        daemon=True, name="qwenlab-verifier")
+        self._process.start()
+        theirs.close()
+        self._connection = ours
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(5)
+            self._connection.close()
+        self._process = self._connection = None
+
+    def __call__(self, completion: str, item: dict):
+        with self._lock:
+            fresh = self._process is None or not self._process.is_alive()
+            if fresh:
+                self.stop()
+                self._start()
+            try:
+                self._connection.send((completion, item))
+                # the start of a fresh child (imports) is not the call's budget
+                answered = self._connection.poll(self.budget_s + (VERIFIER_STARTUP_S if fresh else 0.0))
+                reply = self._connection.recv() if answered else None
+            except (EOFError, OSError, BrokenPipeError):  # the child died (the verifier exited it)
+                self.stop()
+                raise VerifierFailed("died", f"{Path(self.path).name}:{self.function}: the verifier's process "
+                                             "ended during the call") from None
+            if reply is None:
+                self.stop()
+                raise VerifierFailed("timeout", f"{Path(self.path).name}:{self.function} ran past its "
+                                                f"{self.budget_s:g} s budget")
+        if reply[0] == "error":
+            raise VerifierFailed(reply[1], reply[2])
+        return reply[1]
+
+
 class JsonlTask(TaskSource):
     def __init__(self, path: Path, verifier: tuple[Path, str] | None = None):
         super().__init__()
@@ -76,7 +166,8 @@ class JsonlTask(TaskSource):
         self.math = MathVerifier()
         if verifier is not None:
             verifier_path, function = verifier
-            self.verifier = load_verifier(verifier_path, function)
+            load_verifier(verifier_path, function)  # a bad file or name is one line now, before anything runs
+            self.verifier = VerifierChild(verifier_path.resolve(), function)
             self.identity["verifier"] = {"name": verifier_path.name, "function": function,
                                          "sha256": file_sha256(verifier_path)}
         else:

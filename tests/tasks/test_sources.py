@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -84,6 +85,32 @@ def test_custom_verifier_gets_the_row_and_a_raising_one_scores_zero(files, capsy
     assert score_instance(instance, "boom") == 0.0
     assert get_task(spelling).errors["ValueError"] == 1
     assert "the verifier broke" in capsys.readouterr().err
+
+
+def test_a_hanging_verifier_scores_zero_within_its_budget_with_one_line_and_the_next_call_works(files, capsys):
+    (files / "hangs.py").write_text(
+        "import time\n"
+        "def reward(completion, item):\n"
+        "    if 'hang' in completion:\n"
+        "        while True:\n"
+        "            time.sleep(3600)\n"
+        "    return 1.0 if completion.strip() == '7' else 0.0\n")
+    spelling = f"jsonl:{files / 'data.jsonl'}@{files / 'hangs.py'}:reward"
+    source = get_task(spelling)
+    source.verifier.budget_s = 1.0
+    instance = generate(spelling, 0)
+    assert score_instance(instance, "7") == 1.0  # (this first call also starts the verifier's process)
+    started, result = time.monotonic(), []
+    call = threading.Thread(target=lambda: result.append(score_instance(instance, "hang")), daemon=True)
+    call.start()
+    call.join(10)  # without a budget the call would never return: fail, do not hang the suite
+    assert not call.is_alive() and result == [0.0]
+    assert time.monotonic() - started < 4.0
+    assert source.errors["timeout"] == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "hangs.py:reward" in line]
+    assert len(lines) == 1 and "ran past its 1 s budget" in lines[0] and "scores 0" in lines[0]
+    assert score_instance(instance, "7") == 1.0 and score_instance(instance, "8") == 0.0  # a new process answers
+    source.verifier.stop()
 
 
 def test_mixture_draws_components_by_weight_and_scores_each_with_its_own_verifier(files):
