@@ -1,6 +1,11 @@
-"""Stage `swarm`: a short local SAPO swarm (GRPO peers sharing rollouts over hivemind) on one task.
+"""Stage `swarm`: a short local SAPO swarm (GRPO peers sharing rollouts over hivemind) on one or more tasks.
 
     - swarm: {base: nano, adapter: sft-arithmetic, task: arithmetic, peers: 2, rounds: 100, as: swarm-arithmetic}
+    - swarm: {base: nano, tasks: [arithmetic, "reasoning_gym:chain_sum@chain_sum.yaml"], as: swarm-mixed}
+
+`task` (one) or `tasks` (a list), in any task spelling (docs/tasks.md); not both. With several tasks,
+each round's local groups are one question each of different tasks (SAPO's multi-task rounds), and
+accuracy is the mean over the tasks (each task's own is in the figures).
 
 Peers run as separate processes on loopback (peer 0 bootstraps, the others join it), each with its
 own LoRA policy started from `adapter` (an earlier stage's adapter; omitted: a fresh LoRA). Every
@@ -22,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from qwenlab.errors import QwenlabError
 from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
@@ -31,7 +36,8 @@ from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
 class Params(StageParams):
     MODEL_FIELDS = ("base", "adapter")
     as_: str = named_output()
-    task: TaskSpelling = "arithmetic"
+    task: TaskSpelling | None = None  # one task (default: arithmetic) ...
+    tasks: list[TaskSpelling] | None = Field(default=None, min_length=1)  # ... or several, not both
     base: str = "nano"
     adapter: str | None = None  # the LoRA the peers start from (default: a fresh one)
     peers: PositiveInt = 2
@@ -51,12 +57,25 @@ class Params(StageParams):
     def outputs(self) -> list[str]:
         return [self.as_]
 
+    @model_validator(mode="after")
+    def _one_spelling(self):
+        if self.task is not None and self.tasks is not None:
+            raise ValueError("give 'task' or 'tasks', not both")
+        if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"'tasks' names a task twice: {self.tasks}")
+        return self
+
+    def task_list(self) -> list[str]:
+        return list(self.tasks) if self.tasks is not None else [self.task or "arithmetic"]
+
 
 VALIDATION_SEED, TEST_SEED = 1, 0  # evaluation seeds: snapshots are chosen on 1, reported on 0
 
 
-def _accuracy(base: str, adapters: list[str | None], task: str, n: int, difficulty, seed: int) -> list[float]:
-    """Greedy accuracy of the base with each adapter (None: the base alone), loading the base once."""
+def _accuracy(base: str, adapters: list[str | None], tasks: list[str], n: int, difficulty, seed: int,
+              per_task: list | None = None) -> list[float]:
+    """Greedy accuracy (mean over tasks) of the base with each adapter (None: the base alone), loading the
+    base once; per_task, when given, receives each adapter's {task: accuracy}."""
     from qwenlab.adapters import active_adapters, attach_adapter, detach_adapter
     from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.loading import load
@@ -67,8 +86,10 @@ def _accuracy(base: str, adapters: list[str | None], task: str, n: int, difficul
         if adapter:
             attach_adapter(model, adapter, "candidate")  # (a name like "eval" would clash with nn.Module attributes)
         with active_adapters(model, "candidate" if adapter else None):
-            result = evaluate_tasks(model, tokenizer, [task], n=n, seed=seed, difficulty=difficulty, progress=False)
-        scores.append(result[task].accuracy)
+            result = evaluate_tasks(model, tokenizer, tasks, n=n, seed=seed, difficulty=difficulty, progress=False)
+        scores.append(sum(result[t].accuracy for t in tasks) / len(tasks))
+        if per_task is not None:
+            per_task.append({t: round(result[t].accuracy, 4) for t in tasks})
         if adapter:
             detach_adapter(model, "candidate")
     return scores
@@ -107,7 +128,8 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.checkpoint.writer import atomic_folder, prepare_output_dir, remove_path
     from qwenlab.recipe.context import check_name
 
-    task, name = params.task, params.as_
+    tasks, name = params.task_list(), params.as_
+    task = ", ".join(tasks)  # for the report
     check_name(name, "swarm stage: as")  # it names folders: models/NAME and swarm/NAME
     peers, rounds = params.peers, params.rounds
     base = ctx.model_path(params.base)
@@ -120,7 +142,7 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     remove_path(folder)  # an earlier swarm stage's peers of the same name, in this run
     configs, swarm_name = [], f"recipe-{time.time_ns()}"  # one name for all peers, new for every run
     for index in range(peers):
-        grpo = GRPOConfig(model=base, tasks=[task], difficulty=difficulty, init_adapter=init,
+        grpo = GRPOConfig(model=base, tasks=tasks, difficulty=difficulty, init_adapter=init,
                           num_generations=params.num_generations, learning_rate=params.learning_rate,
                           temperature=params.temperature, max_new_tokens=params.max_new_tokens,
                           seed=seed * 1000 + index)
@@ -142,10 +164,11 @@ def run(ctx, params: Params) -> tuple[dict, str]:
                 candidates.append((index, int(snap.name.split("-")[1]), str(snap)))
     else:
         candidates.append((0, rounds, str(folder / "peer0" / "adapter")))
-    scores = _accuracy(base, [c[2] for c in candidates], task, eval_n, difficulty, VALIDATION_SEED)
+    scores = _accuracy(base, [c[2] for c in candidates], tasks, eval_n, difficulty, VALIDATION_SEED)
     best = max(range(len(candidates)), key=lambda i: (scores[i], -i))  # ties: the earliest candidate
     chosen_peer, chosen_round, chosen = candidates[best]
-    before, after = _accuracy(base, [init, chosen], task, eval_n, difficulty, TEST_SEED)
+    per_task: list[dict] = []
+    before, after = _accuracy(base, [init, chosen], tasks, eval_n, difficulty, TEST_SEED, per_task)
     out = ctx.new_model_dir(name, "swarm stage: as")
     with atomic_folder(out, True, [init, base]) as tmp:  # the old adapter stays until the new one is complete
         shutil.copytree(chosen, tmp, dirs_exist_ok=True)
@@ -162,8 +185,9 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     _plot(rows, validation, folder / "rewards.png")
     picked = "the starting adapter" if chosen_peer is None else f"peer {chosen_peer}'s adapter at round {chosen_round}"
     figures = {
-        "task": task, "peers": peers, "rounds": rounds, "swarm_s": round(swarm_s, 1), "exit_codes": codes,
+        "task": task, "tasks": tasks, "peers": peers, "rounds": rounds, "swarm_s": round(swarm_s, 1), "exit_codes": codes,
         "accuracy_before": round(before, 4), "accuracy_after": round(after, 4),
+        "accuracy_per_task": {"before": per_task[0], "after": per_task[1]},
         "chosen": {"peer": chosen_peer, "round": chosen_round, "validation_accuracy": round(scores[best], 4)},
         "validation": {str(k): v for k, v in validation.items()},
         "reward_first_round": [r[0]["local_reward"] for r in rows],
