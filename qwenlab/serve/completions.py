@@ -155,6 +155,7 @@ class Generation:
         self.choices = [ChoiceState(i, prepared.tool_names, stream) for i in range(prepared.params.n)]
         self.engine = prepared.target.engine
         self.held: EngineEvent | None = None
+        self.started: set[int] = set()  # choices whose first delta went out
 
     def _deliver(self, event: EngineEvent) -> None:
         """Called on the engine thread."""
@@ -193,7 +194,11 @@ class Generation:
                 return
 
     def _merge_waiting_deltas(self, event: EngineEvent) -> EngineEvent:
-        """A slow reader gets the deltas that piled up as one chunk (fewer writes when loaded)."""
+        """A slow reader gets the deltas that piled up as one chunk (fewer writes when loaded); a choice's
+        first delta always goes alone, so the client sees its first token when it exists."""
+        if event.kind == "delta" and event.index not in self.started:
+            self.started.add(event.index)
+            return event
         while event.kind == "delta" and not self.queue.empty():
             following = self.queue.get_nowait()
             if following.kind != "delta" or following.index != event.index:

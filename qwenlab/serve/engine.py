@@ -172,8 +172,8 @@ class Engine:
             newcomers = self._admit()
             if newcomers:
                 self._start_prefill(newcomers)
-        if self.prefilling:
-            self._advance_prefill()
+        if self.prefilling and self._advance_prefill() and self.rows:
+            self.deliver()  # the newcomers' first tokens go out now, not with the decode step's second ones
         if self.rows:
             self._decode()  # a fault here reaches EngineLoop, which ends the running rows only
         self._report()
@@ -272,9 +272,18 @@ class Engine:
         if self.prefix_cache is not None:
             self.prefix_cache.drop(namespace)
 
-    def _advance_prefill(self) -> None:
-        """One chunk of the oldest prefill; if it fails, its requests are retried one by one, so only the
-        culprit ends. A prefill writes a cache of its own: a failed one leaves the running rows untouched."""
+    def deliver(self) -> None:
+        """Hand the events queued so far to their receivers (EngineLoop also does it after every step)."""
+        for listener in self.step_listeners:
+            try:
+                listener()
+            except Exception:  # e.g. the event loop closed during shutdown
+                log.exception("a step listener of engine %s failed", self.name)
+
+    def _advance_prefill(self) -> bool:
+        """One chunk of the oldest prefill; True when it finished and its rows joined. If it fails, its
+        requests are retried one by one, so only the culprit ends. A prefill writes a cache of its own:
+        a failed one leaves the running rows untouched."""
         job = self.prefilling[0]
         try:
             finished = job.advance(self.model, self.adapters)
@@ -282,19 +291,21 @@ class Engine:
             self.prefilling.popleft()
             if len(job.requests) == 1:
                 self._fail_request(job.requests[0], "prefill")
-                return
+                return False
             log.warning("a prefill of %d requests failed; retrying them one at a time", len(job.requests))
             for request, states, reused in reversed(list(zip(job.requests, job.states, job.reused))):
                 self.prefilling.appendleft(PrefillJob(self.model, [request], [states], self.prefill_chunk_tokens,
                                                       [reused]))
-            return
-        if finished:
-            self.prefilling.popleft()
-            try:
-                self._cache_prompts(job)
-            except Exception:  # the cache is an optimisation: a fault in it must not fail the requests
-                log.exception("caching the prompts of a prefill failed")
-            self._join(job)
+            return False
+        if not finished:
+            return False
+        self.prefilling.popleft()
+        try:
+            self._cache_prompts(job)
+        except Exception:  # the cache is an optimisation: a fault in it must not fail the requests
+            log.exception("caching the prompts of a prefill failed")
+        self._join(job)
+        return True
 
     def _join(self, job: PrefillJob) -> None:
         """Copy each prefilled row into the batch once per choice and choose every choice's first token."""
@@ -476,11 +487,7 @@ class EngineLoop(threading.Thread):
                 engine.fail_running(ENGINE_ERROR)
             except Exception:
                 log.exception("engine %s could not reset", engine.name)
-        for listener in engine.step_listeners:
-            try:
-                listener()
-            except Exception:  # e.g. the event loop closed during shutdown
-                log.exception("a step listener of engine %s failed", engine.name)
+        engine.deliver()
         return busy
 
     def stop(self) -> None:
