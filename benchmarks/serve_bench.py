@@ -1,6 +1,6 @@
 """Serving under load: throughput and TTFT of `qwenlab serve` with 1, 8 and 32 concurrent clients.
 
-    python benchmarks/serve_bench.py [--traffic adapters|constrained] [--models nano,qwen2.5-0.5b] [--clients 1,8,32] [--max-tokens 32]
+    python benchmarks/serve_bench.py [--traffic adapters|constrained|scenarios] [--models nano,qwen2.5-0.5b] [--clients 1,8,32] [--max-tokens 32]
                                      [--prompt-tokens 64] [--rounds 2] [--repeats 3] [--threads 1] [--max-prefill-tokens N]
                                      [--bits 8|4] [--work-dir DIR] [--out rows.json]
 
@@ -31,10 +31,22 @@ batches), --repeats times each; per kind it reports a row's decode rate ((tokens
 first token)) and TTFT, and the ratios the issue targets: constrained / free decode rate (>= 0.9) and
 p95 TTFT (<= 1.2) inside the mix, and the mix's tokens/s against the free-only phase's.
 
+--traffic scenarios (issue 25) replays three kinds of real traffic on /v1/completions (the chat turns
+written out in Qwen2.5's format, so every server gets the same text), each client one conversation of
+--turns requests, greedy, --max-tokens each (half that in the agent loop):
+  chat    a short shared system prompt, then each client's own turns: every prompt re-sends the history;
+  agent   a ~1,000-token system prompt with a tools block (shared by every client), a task, then short
+          tool results: the long prefix comes back on every step;
+  unique  ~250-token prompts of random words that share nothing, not even a first token.
+It runs one server at a time: qwenlab with --prefix-cache-mb 0 and 512, llama.cpp's llama-server
+--parallel N (continuous batching; built once into the qwenlab cache from the llama.cpp sources in
+the llama-cpp-python 0.3.36 sdist with scripts/llama_cpp_cmake_args.sh's flags) and llama-cpp-python's
+llama_cpp.server (--interrupt_requests False), both on --gguf. It reports tokens/s (completion tokens
+/ wall time) and TTFT p50/p95 (send -> first text) per scenario and client count.
+
 Models: 'nano' is the shipped nano when built, else a random model of nano's shape; a preset
-(qwen2.5-0.5b) is written once with `qwenlab random PRESET DIR` (same cost per token as the real
-model). Random folders get a word-level tokenizer over the model's whole vocabulary, so every id a
-random model emits decodes to text (a BPE of a few hundred tokens would decode most ids to nothing).
+(qwen2.5-0.5b) is written once with `qwenlab random PRESET DIR`, a folder is used as it is. `qwenlab
+random` writes a byte-level tokenizer over the model's whole vocabulary, so every id decodes to text.
 """
 
 from __future__ import annotations
@@ -54,21 +66,6 @@ ADAPTERS = 8
 
 
 # ---- model folders ------------------------------------------------------------------------------
-def write_wordlevel_tokenizer(folder: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {f"w{i}": i for i in range(vocab_size - len(specials))}
-    vocab.update({s: vocab_size - len(specials) + i for i, s in enumerate(specials)})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.Metaspace()  # joins words with spaces
-    tokenizer.add_special_tokens(specials)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-
-
 def prepare_model(name: str, work: Path) -> Path:
     from qwenlab.checkpoint import open_checkpoint
 
@@ -81,14 +78,15 @@ def prepare_model(name: str, work: Path) -> Path:
             folder = work / "nano-shape"
             if not (folder / "config.json").is_file():
                 from qwenlab.checkpoint.random_model import write_random_model
+                from qwenlab.nano.tokenizer_build import write_full_vocabulary_tokenizer
                 from qwenlab.nano.train import nano_config
 
                 write_random_model(nano_config(512), folder, progress=False)
-    else:
-        folder = work / name
-        if not (folder / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "qwenlab", "random", name, str(folder)], check=True)
-    write_wordlevel_tokenizer(folder, open_checkpoint(folder).config.vocab_size)
+                write_full_vocabulary_tokenizer(folder, open_checkpoint(folder).config.vocab_size)
+        return folder
+    folder = Path(name) if Path(name).is_dir() else work / name
+    if not (folder / "config.json").is_file():  # `qwenlab random` writes a tokenizer over the whole vocabulary
+        subprocess.run([sys.executable, "-m", "qwenlab", "random", name, str(folder)], check=True)
     return folder
 
 
@@ -365,24 +363,6 @@ async def constrained_phase(port: int, clients: int, rounds: int, mix: bool, max
     return row
 
 
-def widen_byte_level_tokenizer(folder: Path, vocab_size: int, padding: int = 271) -> None:
-    """Give a random model's small byte-level BPE (nano's, 400 tokens, what `qwenlab random` writes) tokens
-    for all but the last `padding` rows of its embedding, as Qwen2.5 has (151,665 tokens for 151,936 rows):
-    extra vocabulary entries spelt 'zq<n>', with no merges (decoding only). Without them nearly every id a
-    random 0.5B model picks would decode to nothing, so free rows would stream no text at all; grammars
-    need byte-level tokens, so the word-level tokenizer of the adapter benchmark would not do."""
-    path = folder / "tokenizer.json"
-    data = json.loads(path.read_text())
-    vocab = data["model"]["vocab"]
-    taken = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
-    if len(taken) >= vocab_size - padding:
-        return
-    for i in range(vocab_size - padding):
-        if i not in taken:
-            vocab[f"zq{i}"] = i
-    path.write_text(json.dumps(data))
-
-
 def constrained_model_folder(name: str, args, work: Path) -> tuple[Path, str]:
     """A folder with a byte-level tokenizer (grammars need one): nano, a folder as given, or a preset."""
     if name == "nano":
@@ -402,10 +382,6 @@ def constrained_model_folder(name: str, args, work: Path) -> tuple[Path, str]:
         if not (quantized / "config.json").is_file():
             quantize_model(folder, quantized, bits=args.bits, force=True, progress=False)
         folder, name = quantized, f"{name} int{args.bits}"
-    if name != "nano":
-        from qwenlab.checkpoint import open_checkpoint
-
-        widen_byte_level_tokenizer(folder, open_checkpoint(folder).config.vocab_size)
     return folder, name
 
 
@@ -466,6 +442,265 @@ def constrained_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---- real traffic (issue 25): multi-turn chat, agent loop, unique prompts, against llama.cpp ----------
+WORDS = ("alpha beta gamma delta river stone cloud paper window garden orange silver market engine planet "
+         "letter bridge forest signal copper harbor lantern meadow pocket rocket saddle timber velvet").split()
+SCENARIOS = ("chat", "agent", "unique")
+
+
+def chatml(messages: list[tuple[str, str]], open_turn: bool = True) -> str:
+    """Qwen2.5's chat format, written out: every server gets the same prompt text on /v1/completions."""
+    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+    return text + ("<|im_start|>assistant\n" if open_turn else "")
+
+
+def agent_system_prompt(tokenizer, target_tokens: int = 1000) -> str:
+    """A system prompt with a tools block (Qwen2.5's <tools> layout) padded with tool descriptions to
+    about `target_tokens` tokens of the served tokenizer."""
+    rng = random.Random(25)
+    tools, text = [], ""
+    while True:
+        name = f"tool_{len(tools)}"
+        tools.append(json.dumps({"type": "function", "function": {
+            "name": name, "description": " ".join(rng.choice(WORDS) for _ in range(12)),
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+                           "required": ["query"]}}}))
+        candidate = ("You are an agent. Call tools to finish the task.\n\n# Tools\n\n<tools>\n" + "\n".join(tools)
+                     + "\n</tools>\n\nFor each call, return a json object within <tool_call></tool_call> tags.")
+        if len(tokenizer.encode(candidate)) > target_tokens:
+            return text or candidate
+        text = candidate
+
+
+class Streamed:
+    """One streamed /v1/completions answer over a bare asyncio socket, chunked transfer decoded."""
+
+    @staticmethod
+    async def post(port: int, body: dict) -> tuple[str, float, int, float]:
+        """(text, TTFT s, completion tokens, wall s)."""
+        started = time.perf_counter()
+        payload = json.dumps(body).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+        status = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode().partition(":")
+            headers[key.strip().lower()] = value.strip().lower()
+        if b" 200 " not in status:
+            raise RuntimeError(f"{status.decode().strip()}: {(await reader.read()).decode()[-300:]}")
+        chunked = headers.get("transfer-encoding") == "chunked"
+        buffer, text, ttft, tokens, chunks, finish = b"", [], None, None, 0, None
+        while True:
+            if chunked:
+                size = int((await reader.readline()).strip() or b"0", 16)
+                if size == 0:
+                    break
+                data = await reader.readexactly(size + 2)
+                buffer += data[:-2]
+            else:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                buffer += data
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                for line in event.split(b"\n"):
+                    if not line.startswith(b"data: {"):
+                        continue
+                    parsed = json.loads(line[6:])
+                    if parsed.get("error"):
+                        raise RuntimeError(parsed["error"])
+                    for choice in parsed.get("choices") or []:
+                        if choice.get("text"):
+                            ttft = ttft if ttft is not None else time.perf_counter() - started
+                            text.append(choice["text"])
+                            chunks += 1
+                        finish = choice.get("finish_reason") or finish
+                    if parsed.get("usage"):
+                        tokens = parsed["usage"]["completion_tokens"]
+        writer.close()
+        if tokens is None:  # llama-cpp-python's server sends no usage when streaming: one token per chunk
+            tokens = body["max_tokens"] if finish == "length" else chunks
+        return "".join(text), ttft if ttft is not None else float("nan"), tokens, time.perf_counter() - started
+
+
+def scenario_body(prompt: str, max_tokens: int) -> dict:
+    return {"model": "base", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
+async def scenario_phase(port: int, scenario: str, clients: int, turns: int, max_tokens: int, system: str,
+                         seed: int) -> dict:
+    """Every client runs one conversation of `turns` requests, each prompt re-sending the whole history."""
+    rng = random.Random(seed)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))
+
+    async def one_client(index: int) -> list[tuple[str, float, int, float]]:
+        if scenario == "chat":  # a short shared system prompt, the client's own conversation after it
+            messages, asks = [("system", "You are a helpful assistant.")], lambda: ("user", words(20))
+        elif scenario == "agent":  # the 1,000-token tools prompt, then a task and short tool results
+            messages, asks = [("system", system), ("user", "Task: " + words(12))], None
+        else:  # unique: nothing shared, not even the first token
+            messages, asks = [], None
+        out = []
+        for turn in range(turns):
+            if scenario == "unique":
+                prompt = f"{index}-{turn}-{seed} " + words(80)
+            else:
+                if asks is not None:
+                    messages.append(asks())
+                elif turn:
+                    messages.append(("user", "<tool_response>\n" + words(8) + "\n</tool_response>"))
+                prompt = chatml(messages)
+            text, ttft, tokens, wall = await Streamed.post(port, scenario_body(prompt, max_tokens))
+            if scenario != "unique":
+                messages.append(("assistant", text))
+            out.append((text, ttft, tokens, wall))
+        return out
+
+    started = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*(one_client(i) for i in range(clients))) for r in rs]
+    wall = time.perf_counter() - started
+    ttfts = sorted(r[1] for r in results)
+    return {"scenario": scenario, "clients": clients, "requests": len(results), "tokens": sum(r[2] for r in results),
+            "wall_s": round(wall, 2), "tokens_per_s": round(sum(r[2] for r in results) / wall, 1),
+            "ttft_p50_s": round(statistics.median(ttfts), 3),
+            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3)}
+
+
+def llama_server_binary() -> Path:
+    """llama.cpp's llama-server, built once into the qwenlab cache from the llama.cpp sources vendored in
+    the llama-cpp-python 0.3.36 sdist, with scripts/llama_cpp_cmake_args.sh's portable flags (never
+    GGML_NATIVE: llama.cpp's AMX path dies with SIGILL on this kind of host)."""
+    from qwenlab.home import qwenlab_home
+
+    root = qwenlab_home() / "llama-server-src"
+    binary = root / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    root.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(pip + ["download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python==0.3.36", "-d", str(root)],
+                   check=True)
+    subprocess.run(["tar", "xzf", "llama_cpp_python-0.3.36.tar.gz"], cwd=root, check=True)
+    flags = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "llama_cpp_cmake_args.sh")],
+                           check=True, capture_output=True, text=True).stdout.split()
+    subprocess.run(["cmake", "-S", "llama_cpp_python-0.3.36/vendor/llama.cpp", "-B", "build", *flags,
+                    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DBUILD_SHARED_LIBS=OFF"],
+                   cwd=root, check=True)
+    subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j2"], cwd=root, check=True)
+    return binary
+
+
+def wait_ready(process: subprocess.Popen, port: int, path: str = "/health") -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+def start_peer(kind: str, folder: Path, gguf: Path, port: int, clients: int, threads: int | None,
+               prefix_cache_mb: int = 512) -> subprocess.Popen:
+    threads = threads or 2
+    if kind == "qwenlab":
+        command = [sys.executable, "-m", "qwenlab", "serve", str(folder), "--served-model-name", "base", "--port",
+                   str(port), "--max-batch", "32", "--max-concurrency", "512", "--prefix-cache-mb", str(prefix_cache_mb)]
+        path = "/health"
+    elif kind == "llama-server":
+        command = [str(llama_server_binary()), "-m", str(gguf), "--alias", "base", "--port", str(port), "--host",
+                   "127.0.0.1", "--parallel", str(clients), "-c", str(4096 * clients), "-t", str(threads)]
+        path = "/health"
+    else:
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "base", "--port",
+                   str(port), "--n_ctx", "4096", "--n_threads", str(threads), "--interrupt_requests", "False"]
+        path = "/v1/models"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(process, port, path)
+    return process
+
+
+def prefix_metrics(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("qwenlab_prefix_cache_hit_rate", "qwenlab_prefix_cache_cached_tokens"):
+            if line.startswith(name + " "):
+                values[name.removeprefix("qwenlab_prefix_cache_")] = round(float(line.rpartition(" ")[2]), 3)
+    return values
+
+
+def bench_scenarios(name: str, args, work: Path) -> list[dict]:
+    from qwenlab.model import load_tokenizer
+
+    folder = Path(name)
+    gguf = Path(args.gguf)
+    system = agent_system_prompt(load_tokenizer(folder))
+    servers = [("qwenlab, prefix cache off", "qwenlab", 0), ("qwenlab, prefix cache on", "qwenlab", 512),
+               ("llama-server --parallel N", "llama-server", 0), ("llama-cpp-python server", "llama-cpp-python", 0)]
+    servers = [s for s in servers if s[1] in args.peers.split(",") or s[1] == "qwenlab"]
+    rows = []
+    for label, kind, cache_mb in servers:  # one server at a time: they would share the 2 cores
+        port = free_port()
+        process = start_peer(kind, folder, gguf, port, max(args.clients), args.threads, cache_mb)
+        try:
+            asyncio.run(Streamed.post(port, scenario_body("warm up", 2)))
+            for scenario in SCENARIOS:
+                for clients in args.clients:
+                    row = asyncio.run(scenario_phase(port, scenario, clients, args.turns,
+                                                     args.max_tokens if scenario != "agent" else args.max_tokens // 2,
+                                                     system, seed=clients))
+                    row["server"] = label
+                    if kind == "qwenlab":
+                        row.update(prefix_metrics(port))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    return rows
+
+
+def scenarios_table(rows: list[dict]) -> str:
+    lines = ["| scenario | clients | server | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s "
+             "| prefix hit rate (cumulative) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (SCENARIOS.index(r["scenario"]), r["clients"])):
+        lines.append(f"| {r['scenario']} | {r['clients']} | {r['server']} | {r['requests']} | {r['tokens']} "
+                     f"| {r['wall_s']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} "
+                     f"| {r.get('hit_rate', '')} |")
+    lines.append("")
+    get = {(r["scenario"], r["clients"], r["server"]): r for r in rows}
+    for scenario in SCENARIOS:
+        for clients in sorted({r["clients"] for r in rows}):
+            on = get.get((scenario, clients, "qwenlab, prefix cache on"))
+            off = get.get((scenario, clients, "qwenlab, prefix cache off"))
+            peer = get.get((scenario, clients, "llama-server --parallel N"))
+            slow = get.get((scenario, clients, "llama-cpp-python server"))
+            if not on:
+                continue
+            notes = []
+            if off:
+                notes.append(f"cache on/off tokens/s {on['tokens_per_s'] / off['tokens_per_s']:.2f}, "
+                             f"TTFT p50 {on['ttft_p50_s']} vs {off['ttft_p50_s']} s")
+            if peer:
+                notes.append(f"vs llama-server: tokens/s {on['tokens_per_s'] / peer['tokens_per_s']:.2f}x, "
+                             f"TTFT p50 {on['ttft_p50_s']} vs {peer['ttft_p50_s']} s")
+            if slow:
+                notes.append(f"vs llama-cpp-python: tokens/s {on['tokens_per_s'] / slow['tokens_per_s']:.2f}x, "
+                             f"TTFT p50 {on['ttft_p50_s']} vs {slow['ttft_p50_s']} s")
+            lines.append(f"- {scenario}, {clients} clients: " + "; ".join(notes))
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | mode | clients | requests | tokens | wall s | tokens/s (median) | tokens/s of each repeat "
              "| TTFT p50 s | TTFT p95 s | engine decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -503,16 +738,21 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(Path(tempfile_dir()) / "qwenlab-serve-bench"))
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     parser.add_argument("--bits", type=int, choices=[8, 4], default=None, help="serve an int8/int4 copy of the base")
-    parser.add_argument("--traffic", choices=["adapters", "constrained"], default="adapters",
+    parser.add_argument("--turns", type=int, default=6, help="scenarios: requests per client, history growing")
+    parser.add_argument("--gguf", default=None, help="scenarios: the GGUF the llama.cpp peers serve "
+                        "(`qwenlab export gguf FLOAT_FOLDER --type q4_0`)")
+    parser.add_argument("--peers", default="llama-server,llama-cpp-python", help="scenarios: peers to run")
+    parser.add_argument("--traffic", choices=["adapters", "constrained", "scenarios"], default="adapters",
                         help="adapters: base vs 8 mixed adapters; constrained: json_schema and forced tool-call rows "
-                             "vs free rows (issue 22)")
+                             "vs free rows (issue 22); scenarios: chat, agent and unique prompts vs llama.cpp (issue 25)")
     parser.add_argument("--client", choices=["raw", "openai"], default="raw",
                         help="raw: a bare asyncio HTTP client (default; lighter on a shared CPU); openai: AsyncOpenAI")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    bench, render = (bench_constrained, constrained_table) if args.traffic == "constrained" else (bench_model, table)
+    bench, render = {"constrained": (bench_constrained, constrained_table), "adapters": (bench_model, table),
+                     "scenarios": (bench_scenarios, scenarios_table)}[args.traffic]
     rows = [row for name in args.models.split(",") for row in bench(name, args, work)]
     print()
     print(render(rows))
