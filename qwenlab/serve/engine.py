@@ -210,7 +210,7 @@ class Engine:
                     self.waiting.popleft()  # unloaded after the request was accepted
                     self._tell(request, EngineEvent("error", f"adapter '{request.adapter}' was unloaded"))
                     continue
-                longest_after = max(longest, len(request.prompt_ids))
+                longest_after = max(longest, self._uncached_length(request))
                 if chosen and longest_after * (len(chosen) + 1) > self.max_prefill_tokens:
                     break
                 chosen.append(self.waiting.popleft())
@@ -230,6 +230,12 @@ class Engine:
     def namespace(self, adapter: str | None) -> tuple:
         """Whose KV this is: this engine's model, with this adapter as attached now (None: the base)."""
         return (self.name, adapter, self.adapters.versions.get(adapter) if adapter else None)
+
+    def _uncached_length(self, request: EngineRequest) -> int:
+        """The prompt tokens a prefill would compute: the budget of one prefill counts these only."""
+        cached = 0 if self.prefix_cache is None else self.prefix_cache.cached_length(
+            self.namespace(request.adapter), request.prompt_ids, len(request.prompt_ids) - 1)
+        return len(request.prompt_ids) - cached
 
     def _cached_prefix(self, request: EngineRequest) -> tuple[int, torch.Tensor | None]:
         """(tokens, KV) of the request's longest cached prefix; the last prompt token is always computed

@@ -89,6 +89,15 @@ class PrefixCache:
         self.hit_tokens += len(found) * self.block_tokens
         return [k for k, _ in found], torch.cat([b.kv for _, b in found], dim=3)
 
+    def cached_length(self, namespace: tuple, tokens: list[int], limit: int) -> int:
+        """How many of tokens[:limit] a `match` would reuse, without counting or touching anything."""
+        found = 0
+        for key, parent, part in self._chain(namespace, tokens, max(0, limit) // self.block_tokens):
+            if self._get(namespace, key, parent, part) is None:
+                break
+            found += 1
+        return found * self.block_tokens
+
     def insert(self, namespace: tuple, tokens: list[int], kv_of) -> int:
         """Cache every whole block of `tokens` not cached yet; kv_of(start, end) gives the KV of
         tokens[start:end] as [layers, 2, kv heads, end - start, head dim]. Returns the blocks added."""

@@ -175,3 +175,33 @@ def test_prefix_cache_mb_is_checked(serve_models):
 
     with pytest.raises(QwenlabError, match="--prefix-cache-mb"):
         ServeConfig(base=str(serve_models["base"]), prefix_cache_mb=-1).check()
+
+
+def test_the_prefill_budget_counts_only_uncached_tokens(serve_models):
+    """Prompts that share a long cached prefix are prefilled together, though their full lengths would
+    exceed --max-prefill-tokens: only their new tails are computed."""
+    from qwenlab.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(serve_models["base"])
+    model = load_model(serve_models["base"])
+    engine = Engine("base", model, tokenizer, tokenizer.stop_ids(), max_batch=4, max_context=256,
+                    max_prefill_tokens=64, prefix_cache=PrefixCache(1 << 24))
+    plain = Engine("base", model, tokenizer, tokenizer.stop_ids(), max_batch=4, max_context=256, max_prefill_tokens=64)
+    shared = [(5 * j) % 250 + 3 for j in range(6 * BLOCK_TOKENS)]
+    warm = Collector()
+    engine.submit(EngineRequest(shared + [9], SamplingParams(max_tokens=2, ignore_eos=True), warm))
+    run_until_done(engine, [warm])
+    prompts = [shared + [10 + i, 20 + i, 30 + i] for i in range(3)]  # 99 tokens each, 96 of them cached
+    results = {}
+    for name, server in (("cached", engine), ("plain", plain)):
+        collectors = [Collector() for _ in prompts]
+        for ids, collector in zip(prompts, collectors):
+            server.submit(EngineRequest(ids, SamplingParams(max_tokens=5, ignore_eos=True), collector))
+        server.step()
+        results[name] = collectors
+        if name == "cached":
+            assert not server.waiting and server.rows and len(server.rows) == 3  # one prefill of 3 tails
+        else:
+            assert len(server.waiting) == 2  # 99 > 64: one at a time
+        run_until_done(server, collectors)
+    assert ["".join(c.text) for c in results["cached"]] == ["".join(c.text) for c in results["plain"]]
