@@ -84,12 +84,35 @@ def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
         _add_debug_flag(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The top-level verbs each module registers: a command imports only its own module, so a bad flag
+# or a missing file is reported before another module's imports (grpo's flag table imports torch).
+VERBS = {
+    "qwenlab.cli.model": ("info", "generate", "chat", "random", "nano"), "qwenlab.cli.eval": ("eval",),
+    "qwenlab.cli.run": ("run",), "qwenlab.cli.merge": ("merge", "merge-search"), "qwenlab.cli.adapter": ("adapter",),
+    "qwenlab.cli.train": ("train", "data"), "qwenlab.cli.serve": ("serve",), "qwenlab.cli.grpo": ("grpo",),
+    "qwenlab.cli.swarm": ("swarm",), "qwenlab.cli.variants": ("ls",), "qwenlab.cli.report": ("compare", "card"),
+    "qwenlab.cli.quant": ("quantize", "export"), "qwenlab.cli.bench": ("bench",), "qwenlab.cli.hub": ("pull", "cache"),
+}
+
+
+def modules_for(argv: list[str] | None) -> list[str]:
+    """The command modules `argv` needs (all of them for top-level help or an unknown verb)."""
+    words = [a for a in (argv or []) if not a.startswith("-")]
+    if not words:
+        return COMMAND_MODULES
+    needed = [m for m in COMMAND_MODULES if words[0] in VERBS.get(m, ())]
+    if words[0] == "train" and words[1:2] == ["grpo"]:
+        needed.append("qwenlab.cli.grpo")  # it adds `train grpo`
+    return needed or COMMAND_MODULES
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given argv, only the modules its verb needs are imported (see VERBS)."""
     parser = argparse.ArgumentParser(prog="qwenlab", description="A CPU-first lab for Qwen2.5 small models.")
     parser.add_argument("--version", action="version", version=f"qwenlab {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in (COMMAND_MODULES if argv is None else modules_for(argv)):
         importlib.import_module(name).register(subparsers)
     _add_debug_flag(parser)
     _show_defaults(parser)
@@ -114,7 +137,8 @@ def report_bug() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
     # argparse fills an optional positional OUT before the options that follow the inputs, so in
     # `quantize nano --bits 8 OUT` the OUT is left over: it is OUT, when the command takes one.

@@ -7,6 +7,16 @@ from qwenlab.tasks.registry import TASKS
 
 
 def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from qwenlab.errors import QwenlabError
+
+    # Checked before the trainer's imports (torch, transformers: seconds), as load_jsonl checks it again.
+    for data in (args.data, getattr(args, "eval_data", None)):
+        if data and Path(data).is_dir():
+            raise QwenlabError(f"{data}: expected a JSONL data file, found a folder")
+        if data and not Path(data).exists():
+            raise QwenlabError(f"{data}: data file not found")
     from qwenlab.train import load_train_config, train_dpo, train_sft
     from qwenlab.train.config import config_overrides
 

@@ -41,3 +41,30 @@ def test_task_names_are_listed_where_tasks_are_taken():
     for parser in (choices["eval"], choices["grpo"], choices["merge-search"], data_sft):
         text = " ".join(parser.format_help().split())
         assert all(name in text for name in TASKS), parser.prog
+
+
+def test_a_command_imports_only_its_own_module_so_bad_input_is_reported_fast(tmp_path):
+    """`train sft` with a missing data file fails before torch is imported (grpo's flag table would import it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from qwenlab.cli import main; "
+            f"rc = main(['train', 'sft', '--data', {str(tmp_path / 'missing.jsonl')!r}, '--out', {str(tmp_path / 'o')!r}]); "
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "missing.jsonl: data file not found" in done.stderr
+
+
+def test_every_verb_is_mapped_to_the_module_that_registers_it():
+    from qwenlab.cli import VERBS, modules_for
+
+    full = set(build_parser()._subparsers._group_actions[0].choices)
+    assert full == {verb for verbs in VERBS.values() for verb in verbs}
+    for module, verbs in VERBS.items():
+        for verb in verbs:
+            parser = build_parser([verb])
+            assert verb in parser._subparsers._group_actions[0].choices
+            assert module in modules_for([verb])
+    assert "grpo" in build_parser(["train", "grpo"])._subparsers._group_actions[0].choices["train"] \
+        ._subparsers._group_actions[0].choices
