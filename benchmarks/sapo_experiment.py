@@ -282,21 +282,25 @@ def report(args) -> None:
     by_split: dict[str, list[dict]] = {}
     for r in results:
         by_split.setdefault(r["split"], []).append(r)
-    lines = ["| split (local/external) | paper cumulative reward | ours: mean ± std over seeds (n) | ours / 8/0 "
-             "| paper / 8/0 | held-out before → after |", "|---|---:|---:|---:|---:|---|"]
+    lines = ["| split (local/external) | paper cumulative reward | paper / 8/0 | ours: mean ± std over seeds (n) "
+             "| ours / 8/0 | ours per seed | held-out before → after (per seed) | external groups used / dropped "
+             "(zero advantage) |", "|---|---:|---:|---:|---:|---|---|---|"]
     solo = statistics.mean(r["cumulative_reward"] for r in by_split["8/0"]) if "8/0" in by_split else None
     for split in ("8/0", "6/2", "4/4", "2/6"):
-        rows = by_split.get(split, [])
+        rows = sorted(by_split.get(split, []), key=lambda r: r["seed"])
         if not rows:
-            lines.append(f"| {split} | {PAPER[split]} | not run | | {PAPER[split] / PAPER['8/0']:.2f} | |")
+            lines.append(f"| {split} | {PAPER[split]} | {PAPER[split] / PAPER['8/0']:.2f} | not run | | | | |")
             continue
         values = [r["cumulative_reward"] for r in rows]
         mean, spread = statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
         ratio = f"{mean / solo:.2f}" if solo else "-"
+        per_seed = " / ".join(f"{v:.2f}" for v in values)
         accuracy = (f"{statistics.mean(r['held_out_before'] for r in rows):.3f} → "
-                    f"{statistics.mean(r['held_out_after_mean'] for r in rows):.3f}")
-        lines.append(f"| {split} | {PAPER[split]} | {mean:.2f} ± {spread:.2f} ({len(values)}) | {ratio} | "
-                     f"{PAPER[split] / PAPER['8/0']:.2f} | {accuracy} |")
+                    f"{statistics.mean(r['held_out_after_mean'] for r in rows):.3f} ("
+                    + " / ".join(f"{r['held_out_after_mean']:.3f}" for r in rows) + ")")
+        shared = " / ".join(f"{r['external_used']}/{r['dropped_zero_advantage']}" for r in rows)
+        lines.append(f"| {split} | {PAPER[split]} | {PAPER[split] / PAPER['8/0']:.2f} | {mean:.2f} ± {spread:.2f} "
+                     f"({len(values)}) | {ratio} | {per_seed} | {accuracy} | {shared} |")
     rounds = sorted({r["rounds"] for r in results})
     text = (f"Rounds per run: {', '.join(map(str, rounds)) or '-'}; peers: "
             f"{', '.join(sorted({str(r['peers']) for r in results})) or '-'}.\n\n" + "\n".join(lines) + "\n")
