@@ -1,6 +1,6 @@
 """SAPO's experiment (arXiv 2509.08721, Figure 1 / Table 1) at a scale two CPU cores allow.
 
-    python benchmarks/sapo_experiment.py warmup [--warmup-n 3000] [--warmup-steps 300]
+    python benchmarks/sapo_experiment.py warmup [--warmup-n 4000] [--warmup-steps 400] [--warmup-lr 6e-3]
     python benchmarks/sapo_experiment.py measure [--model nano] [--adapter A] [--n 16]
     python benchmarks/sapo_experiment.py run --rounds R [--seeds 0 1 2] [--splits 8/0 6/2 4/4 2/6] [--peers 8]
     python benchmarks/sapo_experiment.py report
@@ -343,9 +343,9 @@ def main() -> None:
                         "OUT/warmup/adapter when `warmup` made one; 'none': the bare model)")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_LADDERS), choices=list(TASK_LADDERS),
                         help="warmup/measure: the candidate tasks (run takes OUT/chosen_configs.json)")
-    parser.add_argument("--warmup-n", type=int, default=3000, help="warmup: SFT examples")
-    parser.add_argument("--warmup-steps", type=int, default=300, help="warmup: SFT optimizer steps (batch 16)")
-    parser.add_argument("--warmup-lr", type=float, default=2e-3, help="warmup: SFT learning rate")
+    parser.add_argument("--warmup-n", type=int, default=4000, help="warmup: SFT examples")
+    parser.add_argument("--warmup-steps", type=int, default=400, help="warmup: SFT optimizer steps (batch 16)")
+    parser.add_argument("--warmup-lr", type=float, default=6e-3, help="warmup: SFT learning rate")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--splits", nargs="+", default=["8/0", "6/2", "4/4", "2/6"], choices=list(PAPER))
@@ -354,7 +354,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24,
                         help="nano's tokens are short: '<answer>12</answer>' is 15 of them")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.4,
+                        help="sampling temperature of measure and the rounds: the warm-started nano gives the "
+                        "tag characters low probability, so at 1.0 its samples are mostly garbage")
     parser.add_argument("--eval-n", type=int, default=50, help="held-out instances per task")
     parser.add_argument("--n", type=int, default=16, help="measure: questions per task config")
     parser.add_argument("--threads", type=int, default=1)
