@@ -6,7 +6,8 @@
 //
 // qkv [B, (Hq + 2 Hkv) D] is the fused projection output (q heads, then k heads, then v heads);
 // cos/sin [B, D] the row's RoPE angles in HF's rotate-half layout; the caches are [B, Hkv, cap, D];
-// every row writes slot `pos` and attends to slots 0..pos (no padding). out is [B, Hq D].
+// every row writes slot `pos` and attends to slots starts[b]..pos: starts [B] (NULL: all 0) counts each
+// row's leading padding slots, which are never read. out is [B, Hq D].
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -24,17 +25,21 @@ static inline void rope(const float* x, const float* cos, const float* sin, int6
 }
 
 // Lengths count floats: qkv_len = B (Hq + 2 Hkv) D, cs_len = B D (cos and sin each), kv_len = B Hkv cap D
-// (keys and values each), out_len = B Hq D; anything else returns QWENLAB_BAD_SIZES before any access.
+// (keys and values each), out_len = B Hq D; starts (if not NULL) has B entries, each in [0, pos]; anything
+// else returns QWENLAB_BAD_SIZES before any access.
 extern "C" int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64_t Hq, int64_t Hkv,
                                         int64_t D, const float* cos, const float* sin, int64_t cs_len, float* kcache,
                                         float* vcache, int64_t kv_len, int64_t cap, int64_t pos, float* out,
-                                        int64_t out_len) {
+                                        int64_t out_len, const int64_t* starts) {
     if (pos < 0 || pos >= cap || Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0 || D <= 0 || D % 2 != 0)
         return QWENLAB_NOT_APPLICABLE;
     if (B < 0 || !has_elems(qkv_len, {B, Hq + 2 * Hkv, D}) || !has_elems(cs_len, {B, D}) ||
         !has_elems(kv_len, {B, Hkv, cap, D}) || !has_elems(out_len, {B, Hq, D}) ||
         (B > 0 && (!qkv || !cos || !sin || !kcache || !vcache || !out)))
         return QWENLAB_BAD_SIZES;
+    if (starts)
+        for (int64_t b = 0; b < B; ++b)
+            if (starts[b] < 0 || starts[b] > pos) return QWENLAB_BAD_SIZES;
     const int64_t group = Hq / Hkv, S = pos + 1, width = (Hq + 2 * Hkv) * D;
     const float scale = 1.0f / sqrtf((float)D);
     float* q = (float*)malloc(sizeof(float) * (Hq * D + S));
@@ -43,6 +48,7 @@ extern "C" int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64
     for (int64_t b = 0; b < B; ++b) {
         const float* row = qkv + b * width;
         const float *c = cos + b * D, *s = sin + b * D;
+        const int64_t first = starts ? starts[b] : 0;  // the row's slots first..pos; p[t] for t in that range
         for (int64_t h = 0; h < Hq; ++h) rope(row + h * D, c, s, D, q + h * D);
         for (int64_t g = 0; g < Hkv; ++g) {
             float* kslot = kcache + ((b * Hkv + g) * cap + pos) * D;
@@ -52,19 +58,19 @@ extern "C" int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64
         for (int64_t h = 0; h < Hq; ++h) {
             const int64_t g = h / group;
             const float* K = kcache + (b * Hkv + g) * cap * D;
-            const float* V = vcache + (b * Hkv + g) * cap * D;
+            const float* V = vcache + (b * Hkv + g) * cap * D;  // (p indexed by slot; p[0..first) unused)
             const float* qh = q + h * D;
             float top = -INFINITY;
-            for (int64_t t = 0; t < S; ++t) {
+            for (int64_t t = first; t < S; ++t) {
                 p[t] = dot_f32(qh, K + t * D, D) * scale;
                 if (p[t] > top) top = p[t];
             }
             float total = 0.0f;
-            for (int64_t t = 0; t < S; ++t) total += (p[t] = expf(p[t] - top));
+            for (int64_t t = first; t < S; ++t) total += (p[t] = expf(p[t] - top));
             const float inv = 1.0f / total;
             float* o = out + b * Hq * D + h * D;
             memset(o, 0, sizeof(float) * D);
-            for (int64_t t = 0; t < S; ++t) {
+            for (int64_t t = first; t < S; ++t) {
                 const float w = p[t] * inv;
                 const float* v = V + t * D;
                 int64_t i = 0;

@@ -36,11 +36,14 @@ def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: t
 
 # ---- fused decode attention ---------------------------------------------------------------------------
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor, pos: int, num_heads: int) -> torch.Tensor | None:
-    """One new token per row: RoPE, cache write at slot `pos`, attention over slots 0..pos.
+                     values: torch.Tensor, pos: int, num_heads: int,
+                     starts: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One new token per row: RoPE, cache write at slot `pos`, attention over slots starts[b]..pos.
 
     qkv [B, 1, (Hq + 2 Hkv) D], cos/sin [B, 1, 1, D], keys/values [B, Hkv, cap, D], all fp32 and
-    contiguous (returns None otherwise: the caller takes the PyTorch path). Returns [B, 1, Hq D]."""
+    contiguous (returns None otherwise: the caller takes the PyTorch path). starts: int64 [B], each row's
+    count of leading padding slots (None: all 0); each must lie in [0, pos] (the kernel refuses others).
+    Returns [B, 1, Hq D]."""
     b, hkv, cap, d = keys.shape
     tensors = (qkv, cos, sin, keys, values)
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or qkv.shape[1] != 1 \
@@ -49,12 +52,24 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     if cos.shape != sin.shape or keys.shape != values.shape:  # the kernel takes one length for each pair
         raise KernelArgumentError(f"native decode_attention: cos {list(cos.shape)} and sin {list(sin.shape)}, "
                                   f"keys {list(keys.shape)} and values {list(values.shape)} must match")
+    starts_ptr = row_starts(starts, b, "decode_attention")
     out = torch.empty(b, 1, num_heads * d)
     status = checked(library().decode_attention(qkv.data_ptr(), qkv.numel(), b, num_heads, hkv, d, cos.data_ptr(),
                                                  sin.data_ptr(), cos.numel(), keys.data_ptr(), values.data_ptr(),
-                                                 keys.numel(), cap, pos, out.data_ptr(), out.numel()),
+                                                 keys.numel(), cap, pos, out.data_ptr(), out.numel(), starts_ptr),
                       "decode_attention")
     return out if status == 0 else None
+
+
+def row_starts(starts: torch.Tensor | None, rows: int, kernel: str) -> int | None:
+    """The address of per-row start slots (contiguous int64, one per row) for a decode kernel, or None."""
+    if starts is None:
+        return None
+    address, length = buffer(starts, torch.int64, "starts", kernel)
+    if length != rows or starts.dim() != 1:
+        raise KernelArgumentError(f"native {kernel}: starts must have one entry per row ({rows}), "
+                                  f"got shape {list(starts.shape)}")
+    return address
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -27,12 +27,13 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     "qwenlab_float_path": ([i32], "held"),
     # x, x_len, threads, out (a STREAM-like read: the sum of x)
     "qwenlab_read_bandwidth": ([p, i64, i32, p], "released"),
-    # x, x_len, B, H, layers, n_layers, Hq, Hkv, D, cos, sin, cs_len, cap, pos, eps, threads
-    "qwenlab_decode_stack": ([p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, i64, f32, i32], "released"),
+    # x, x_len, B, H, layers, n_layers, Hq, Hkv, D, cos, sin, cs_len, cap, pos, eps, threads, starts (B int64 or NULL)
+    "qwenlab_decode_stack": ([p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, i64, f32, i32, p], "released"),
     # x, x_len, rows, T, K, row_adapter, ra_len, A, A_len, Bt, Bt_len, n_adapters, R, N, y, y_len
     "qwenlab_lora_bgmv": ([p, i64, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, i64, p, i64], "held"),
-    # qkv, qkv_len, B, Hq, Hkv, D, cos, sin, cs_len, keys, values, kv_len, cap, pos, out, out_len
-    "qwenlab_decode_attention": ([p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64], "held"),
+    # qkv, qkv_len, B, Hq, Hkv, D, cos, sin, cs_len, keys, values, kv_len, cap, pos, out, out_len,
+    # starts (B int64 or NULL)
+    "qwenlab_decode_attention": ([p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64, p], "held"),
     # x, x_len, rows, n, w, w_len, eps, out, out_len
     "qwenlab_rms_norm": ([p, i64, i64, i64, p, i64, f32, p, i64], "held"),
     # seed (build.py runs it in a child process before the library is loaded)

@@ -16,6 +16,7 @@ import ctypes
 import torch
 
 from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer
+from qwenlab.native.ops import row_starts
 
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
 ROW_GROUP = 64  # 4 row blocks interleaved per 32-column block: one sequential stream per thread
@@ -273,8 +274,11 @@ class DecodeStack:
             table = cache.native_decode_table = (self, array)
         return table[1]
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, buffers, pos: int) -> torch.Tensor | None:
-        """buffers: the cache's slot_buffers() (per layer keys, values), kept per cache as a native table."""
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, buffers, pos: int,
+                 starts: torch.Tensor | None = None) -> torch.Tensor | None:
+        """buffers: the cache's slot_buffers() (per layer keys, values), kept per cache as a native table.
+        starts: int64 [B], each row's count of leading padding slots (None: all 0): row b attends to slots
+        starts[b]..pos only; each must lie in [0, pos] (the kernel refuses others before any work)."""
         b, t, h = x.shape
         if t != 1 or h != self.hidden or x.requires_grad or any(
                 a.dtype != torch.float32 for a in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()) \
@@ -283,8 +287,9 @@ class DecodeStack:
         table = self._table(cache, buffers)
         if table is None:
             return None
+        starts_ptr = row_starts(starts, b, "decode_stack")
         out = x.contiguous().clone()  # updated in place by the kernel
         status = library().decode_stack(out.data_ptr(), out.numel(), b, h, ctypes.addressof(table), len(self.layers),
                                         self.heads, self.kv_heads, self.head_dim, cos.data_ptr(), sin.data_ptr(),
-                                        cos.numel(), cache.capacity, pos, self.eps, kernel_threads())
+                                        cos.numel(), cache.capacity, pos, self.eps, kernel_threads(), starts_ptr)
         return out if checked(status, "decode_stack") == 0 else None

@@ -1,6 +1,6 @@
 // A whole decode step through every decoder layer in one call, for quantized and float (bf16, fp32) models.
 //
-// Per layer, for B rows of one new token each (no padding, a plain KV cache):
+// Per layer, for B rows of one new token each (a plain KV cache; a row's leading padding slots skipped):
 //   h = rms_norm(x, norm1); qkv = h Wqkvᵀ + b; a = attention(qkv) (RoPE, cache write, softmax·V);
 //   x += a Woᵀ; h = rms_norm(x, norm2); gu = h Wguᵀ; x += (silu(gate) * up) Wdownᵀ
 // with the same kernels the per-op path calls (qmatmul.cpp, decode_attention.cpp), so the results
@@ -28,7 +28,8 @@ int qwenlab_gemm_int4(const float* x, int64_t x_len, int64_t M, int64_t K, const
                       const float* bias, int64_t bias_len, float* y, int64_t y_len, int nthreads, int act);
 int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
                              const float* cos, const float* sin, int64_t cs_len, float* kcache, float* vcache,
-                             int64_t kv_len, int64_t cap, int64_t pos, float* out, int64_t out_len);
+                             int64_t kv_len, int64_t cap, int64_t pos, float* out, int64_t out_len,
+                             const int64_t* starts);
 int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, const float* w, int64_t w_len, float eps,
                      float* out, int64_t out_len);
 }
@@ -105,14 +106,15 @@ static void add_into(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-// x [B, H] is updated in place (x_len = B H floats). cos/sin [B, D] (cs_len = B D each). Returns
+// x [B, H] is updated in place (x_len = B H floats). cos/sin [B, D] (cs_len = B D each). starts [B] (NULL:
+// all 0): row b attends to slots starts[b]..pos only (its leading padding slots are never read). Returns
 // QWENLAB_OK; QWENLAB_NOT_APPLICABLE when a shape does not fit this path (the caller then takes the
 // per-op path: every linear's packed rows must equal its real output width here); QWENLAB_BAD_SIZES
 // when a buffer's length does not fit the dimensions; QWENLAB_NO_MEMORY when a malloc fails.
 extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t H, const DecodeLayer* layers,
                                     int64_t n_layers, int64_t Hq, int64_t Hkv, int64_t D, const float* cos,
                                     const float* sin, int64_t cs_len, int64_t cap, int64_t pos, float eps,
-                                    int nthreads) {
+                                    int nthreads, const int64_t* starts) {
     // Checked here so that decode_attention cannot fail half-way through the stack (x updated in place).
     // (Head counts and width bounded so that the products below cannot overflow.)
     if (n_layers <= 0 || !layers || pos < 0 || pos >= cap || Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0 || D <= 0 ||
@@ -139,6 +141,9 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
     }
     if (B <= 0 || B >= ((int64_t)1 << 31) || H <= 0 || !x || !cos || !sin || !has_elems(x_len, {B, H}) || !has_elems(cs_len, {B, D}))
         return QWENLAB_BAD_SIZES;
+    if (starts)
+        for (int64_t b = 0; b < B; ++b)
+            if (starts[b] < 0 || starts[b] > pos) return QWENLAB_BAD_SIZES;
     for (int64_t i = 0; i < n_layers; ++i) {
         const DecodeLayer& L = layers[i];
         if (!L.norm1 || !L.norm2 || !L.keys || !L.values || !has_elems(L.norm1_len, {H}) ||
@@ -159,7 +164,7 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
         status = L.k.w ? float_linears({&L.qkv, &L.k, &L.v}, h, B, qkv, nthreads, 0) : linear(L.qkv, h, B, qkv, nthreads, 0);
         if (status != QWENLAB_OK) break;
         status = qwenlab_decode_attention(qkv, B * qkv_n, B, Hq, Hkv, D, cos, sin, cs_len, L.keys, L.values,
-                                          L.kv_len, cap, pos, att, B * Hq * D);
+                                          L.kv_len, cap, pos, att, B * Hq * D, starts);
         if (status != QWENLAB_OK || (status = linear(L.o, att, B, y, nthreads, 0)) != QWENLAB_OK) break;
         add_into(x, y, B * H);
         qwenlab_rms_norm(x, B * H, B, H, L.norm2, L.norm2_len, eps, h, B * H);
