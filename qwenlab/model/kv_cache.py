@@ -79,3 +79,17 @@ class KVCache:
         self.length = 0
         self.valid.zero_()
         self.has_padding = False
+
+
+def leading_padding(cache: KVCacheProtocol) -> torch.Tensor | None:
+    """Per row, its count of leading padding slots (int64 [B]) where every row's valid slots are exactly
+    [start, length) with start < length (left-padded prompts); None where a row has a padding or dead slot
+    after one of its tokens, or no token at all. The native decode kernels take these as per-row starts."""
+    length = cache.length
+    if length == 0:
+        return None
+    valid = cache.valid[:, :length]
+    starts = length - valid.sum(dim=1)
+    if bool((starts >= length).any()) or not torch.equal(valid, torch.arange(length)[None, :] >= starts[:, None]):
+        return None
+    return starts.to(torch.int64).contiguous()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qwenlab.model.linear import Linear, fast_linear
+from qwenlab.model.kv_cache import leading_padding
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
 from qwenlab import native as kernels
 from qwenlab.quant import native
@@ -68,10 +69,12 @@ class NativeFloatQwen2ForCausalLM(Qwen2ForCausalLM):
             return super().forward(tokens, *args, **kwargs)
 
     def run_layers(self, x, cos, sin, mask, cache, start):
-        if x.shape[1] == 1 and mask is None and cache is not None:
+        # padded rows (a mask) go too where each row's padding is leading: it attends from its own start
+        starts = leading_padding(cache) if x.shape[1] == 1 and mask is not None and cache is not None else None
+        if x.shape[1] == 1 and (mask is None or starts is not None) and cache is not None:
             stack = self.decode_stack()
             buffers = cache.slot_buffers() if stack is not None else None
-            stacked = stack(x, cos, sin, cache, buffers, start) if buffers is not None else None
+            stacked = stack(x, cos, sin, cache, buffers, start, starts) if buffers is not None else None
             if stacked is not None:
                 return stacked
         return super().run_layers(x, cos, sin, mask, cache, start)

@@ -14,6 +14,7 @@ import torch
 from qwenlab.checkpoint.names import expected_tensor_shapes, layer_prefix
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM, RMSNorm
+from qwenlab.model.kv_cache import leading_padding
 from qwenlab.native import torch_single_threaded
 from qwenlab.quant import native
 from qwenlab.model.memory import release_free_memory
@@ -39,11 +40,14 @@ class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
             return super().forward(*args, **kwargs)
 
     def run_layers(self, x, cos, sin, mask, cache, start):
-        if self.decode_stack is not None and x.shape[1] == 1 and mask is None and cache is not None:
-            buffers = cache.slot_buffers()
-            stacked = self.decode_stack(x, cos, sin, cache, buffers, start) if buffers is not None else None
-            if stacked is not None:
-                return stacked
+        if self.decode_stack is not None and x.shape[1] == 1 and cache is not None:
+            # padded rows (a mask) go too where each row's padding is leading: it attends from its own start
+            starts = leading_padding(cache) if mask is not None else None
+            if mask is None or starts is not None:
+                buffers = cache.slot_buffers()
+                stacked = self.decode_stack(x, cos, sin, cache, buffers, start, starts) if buffers is not None else None
+                if stacked is not None:
+                    return stacked
         return super().run_layers(x, cos, sin, mask, cache, start)
 
 

@@ -9,15 +9,16 @@ baked into the keys), so a row's prompt may sit at any slots before `length`:
     row 1: [. . . . b b b b]     a newcomer is right-aligned so its last token is at length-1
 
 Active rows are packed at the front ([0, rows)), so the forward pass only sees `keys[:rows]`
-(a view, no copy). Dead slots are reclaimed by `compact`, which right-aligns every row. Where no
-row has a dead slot, the native decode stack (quant/) runs the step on these buffers directly.
+(a view, no copy). Dead slots are reclaimed by `compact`, which right-aligns every row. Where every
+row's padding is leading (no dead slot after a token), the native decode stack (quant/) runs the step on
+these buffers directly, each row from its first valid slot.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qwenlab.model.kv_cache import KVCache
+from qwenlab.model.kv_cache import KVCache, leading_padding
 
 
 class BatchKVCache:
@@ -59,10 +60,12 @@ class BatchKVCache:
 
     def slot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer the packed rows' (keys, values) [rows, Hkv, capacity, D], for code that addresses slots
-        directly (the native decode stack: every row writes slot `length` and attends to slots 0..length).
-        Only when no row has a dead or padding slot, so that those slots are exactly each row's own tokens:
-        one row, the choices of one prompt, or rows that joined together with prompts of one length."""
-        if self.rows == 0 or self.has_padding:
+        directly (the native decode stack: every row writes slot `length` and attends to slots start..length,
+        its start the count of its leading padding slots, model.kv_cache.leading_padding). Only when every
+        row's padding is leading, so that the slots from its start are exactly the row's own tokens: one row,
+        the choices of one prompt, or rows that joined together (left-padded prompts of any lengths); not
+        once a row has dead slots after its tokens (a longer newcomer joined later) until compact()."""
+        if self.rows == 0 or (self.has_padding and leading_padding(self) is None):
             return None
         layout = (self.rows, self.capacity, self.keys[0].data_ptr())
         if layout != self._layout:  # quant's DecodeStack keeps a table of these addresses on its cache

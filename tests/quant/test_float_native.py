@@ -169,17 +169,34 @@ def test_greedy_generation_equals_the_pytorch_model(tiny32_dir, bf16_path, dtype
             assert ((ours(x) - own).norm() / own.norm()).item() < 0.02
 
 
-def test_the_decode_stack_equals_the_layer_by_layer_path_and_follows_weight_changes(tiny32_dir):
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_decode_stack_equals_the_layer_by_layer_path_and_follows_weight_changes(tiny32_dir, padded):
+    """Padded: 3 left-padded rows of 9, 5 and 2 tokens, which the stack runs with per-row starts."""
     stacked, layered = load(tiny32_dir, "bf16").model, load(tiny32_dir, "bf16").model
     layered.decode_stack = lambda: None
+    stack, taken = stacked.decode_stack(), []
+
+    def counted(*args):
+        out = stack(*args)
+        taken.append(out is not None)
+        return out
+
+    stacked._stack = counted
     prompt = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    if padded:
+        valid[1, :4] = valid[2, :7] = False
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
     caches = [m.new_cache(3, 24) for m in (stacked, layered)]
     with torch.inference_mode():
-        outs = [m(prompt, cache=c) for m, c in zip((stacked, layered), caches)]
+        outs = [m(prompt, positions=positions, cache=c, valid=valid) for m, c in zip((stacked, layered), caches)]
         for _ in range(6):
             torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
             nxt = outs[1][:, -1:].argmax(-1)
-            outs = [m(nxt, cache=c) for m, c in zip((stacked, layered), caches)]
+            positions = positions[:, -1:] + 1
+            outs = [m(nxt, positions=positions, cache=c) for m, c in zip((stacked, layered), caches)]
+    assert taken == [True] * 6
+    stacked._stack = stack
     first = stacked.decode_stack()
     assert stacked.decode_stack() is first  # unchanged layers: the same stack
     q = stacked.model.layers[1].self_attn.q_proj

@@ -135,12 +135,13 @@ def test_logit_comparison_figures(tiny32_dir, quantized_dirs):
 
 
 @needs_native_kernel
-@pytest.mark.parametrize("bits", [8, 4])
-def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits, monkeypatch):
+@pytest.mark.parametrize("bits,padded", [(8, False), (4, False), (8, True), (4, True)])
+def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits, padded, monkeypatch):
     """Decode steps through the native paths give the logits and cache contents of the PyTorch path,
     step after step, for a batch of rows: the whole stack of layers in one call (decode_stack.cpp),
     and layer by layer with the fused attention (RoPE + cache write + softmax·V), native RMSNorm and
-    SiLU·mul inside the down projection."""
+    SiLU·mul inside the down projection. Padded: 3 left-padded rows of 9, 6 and 1 tokens; the stack
+    attends each row from its first token (per-row starts 0, 3, 8), the layer-by-layer path masks."""
     from qwenlab.model.qwen2 import RMSNorm
     from qwenlab.quant.fused import NativeRMSNorm
 
@@ -162,23 +163,40 @@ def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits, monkeyp
             return out
         return call
 
-    stacked.decode_stack = counted("stack", stacked.decode_stack)
+    stack = stacked.decode_stack
+    stacked.decode_stack = counted("stack", stack)
     monkeypatch.setattr(native, "decode_attention", counted("attention", native.decode_attention))  # layered only
     models = (stacked, layered, plain)
     prompt = tokens(shape=(3, 9), seed=2)
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    if padded:
+        valid[1, :3] = valid[2, :8] = False
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
     caches = [m.new_cache(3, 24) for m in models]
     with torch.inference_mode():
-        outs = [m(prompt, cache=c) for m, c in zip(models, caches)]
+        outs = [m(prompt, positions=positions, cache=c, valid=valid) for m, c in zip(models, caches)]
         for step in range(8):
             for out in outs[:2]:
-                torch.testing.assert_close(out, outs[2], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(out[valid[:, -outs[2].shape[1]:]], outs[2][valid[:, -outs[2].shape[1]:]],
+                                           atol=1e-4, rtol=1e-4)
             nxt = outs[2][:, -1:].argmax(-1)
-            outs = [m(nxt, cache=c) for m, c in zip(models, caches)]
+            positions = positions[:, -1:] + 1
+            outs = [m(nxt, positions=positions, cache=c) for m, c in zip(models, caches)]
+        if padded:  # starts outside [0, pos] are refused before any layer runs
+            x = torch.zeros(3, 1, stacked.config.hidden_size)
+            cos, sin = stacked.rotary(positions, torch.float32)
+            for bad in ([0, 3, -1], [0, 3, 18]):
+                with pytest.raises(native.KernelArgumentError, match="native decode_stack"):
+                    stack(x, cos, sin, caches[0], caches[0].slot_buffers(), 17, torch.tensor(bad))
         for cache in caches[:2]:
             for k_fused, k_plain in zip(cache.keys, caches[2].keys):
                 torch.testing.assert_close(k_fused[:, :, :17], k_plain[:, :, :17], atol=1e-5, rtol=1e-5)
             for v_fused, v_plain in zip(cache.values, caches[2].values):
                 torch.testing.assert_close(v_fused[:, :, :17], v_plain[:, :, :17], atol=1e-5, rtol=1e-5)
-    # every decode step took the fused paths (the prefill, 9 tokens per row, is not a decode step)
+    # every decode step took the fused paths (the prefill, 9 tokens per row, is not a decode step); padded
+    # rows take the stack with their starts, and the per-layer attention's PyTorch masked path
     assert taken["stack"] == [True] * 8
-    assert len(taken["attention"]) == 8 * len(layered.model.layers) and all(taken["attention"])
+    if padded:
+        assert taken["attention"] == []
+    else:
+        assert len(taken["attention"]) == 8 * len(layered.model.layers) and all(taken["attention"])

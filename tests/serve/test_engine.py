@@ -115,6 +115,33 @@ def test_compaction_keeps_every_rows_keys_in_order():
     assert cache.length == 6 and cache.capacity >= 66
 
 
+def test_slot_buffers_only_where_every_rows_padding_is_leading():
+    """The native decode kernels attend row b from slot starts[b] (its count of leading padding slots): the
+    cache offers its buffers for left-padded rows, not once a row has a dead slot after its tokens."""
+    from qwenlab.checkpoint.config import Qwen2Config
+    from qwenlab.model.kv_cache import KVCache, leading_padding
+
+    config = Qwen2Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    cache = BatchKVCache(config, max_rows=3, max_slots=128, dtype=torch.float32, initial_slots=16)
+    source = KVCache.for_model(config, 2, 5, torch.float32)
+    source.reserve(torch.tensor([[True] * 5, [False, False, True, True, True]]))  # one left-padded prefill
+    cache.add_row(source, 0)
+    cache.add_row(source, 1)
+    cache.reserve(torch.ones(2, 1, dtype=torch.bool))  # a decode step's slot
+    assert cache.has_padding and leading_padding(cache).tolist() == [0, 2]
+    assert cache.slot_buffers() is not None
+    longer = KVCache.for_model(config, 1, 8, torch.float32)
+    longer.reserve(torch.ones(1, 8, dtype=torch.bool))
+    cache.add_row(longer, 0)  # the older rows get dead slots after their tokens
+    assert leading_padding(cache) is None and cache.slot_buffers() is None
+    cache.compact()  # nothing to reclaim (the newcomer fills every slot): the dead slots stay
+    assert leading_padding(cache) is None and cache.slot_buffers() is None
+    cache.remove_row(2)
+    cache.compact()  # the older rows right-aligned again: leading padding only
+    assert cache.length == 6 and leading_padding(cache).tolist() == [0, 2] and cache.slot_buffers() is not None
+
+
 def test_adapters_with_different_targets_and_ranks_mix_in_one_batch(serve_models, tmp_path):
     """q|k|v and gate|up share one stacked A per batch: adapters that target only some members
     (PEFT's q_proj/v_proj default, an MLP-only one) must still add exactly their own deltas."""
@@ -207,3 +234,41 @@ def test_a_long_prefill_goes_in_chunks_between_the_running_rows_steps(engine, re
         engine.prefill_chunk_tokens = 256
     assert "".join(running.text) == alone(reference.base, tokenizer, running_ids, None, 40)
     assert "".join(newcomer.text) == alone(reference.base, tokenizer, long_ids, None, 5)
+
+
+def test_a_mixed_length_batch_runs_on_the_native_decode_stack(serve_models, reference):
+    """Two requests with prompts of different lengths admitted at once are left-padded in the batch cache:
+    each row's padding is leading, so every decode step (both rows, then the one left after the shorter
+    request ends) runs in the one-call native decode stack with per-row starts, and each greedy text
+    equals the request generated alone."""
+    from qwenlab import native
+    from qwenlab.checkpoint import open_checkpoint
+    from qwenlab.quant import load_quantized_model
+
+    model = load_quantized_model(open_checkpoint(serve_models["int8"], validate=False))
+    if model.decode_stack is None:
+        assert not native.available()  # only where qwenlab's kernels cannot build
+        return
+    tokenizer = reference.tokenizer
+    engine = Engine("base-int8", model, tokenizer, tokenizer.stop_ids(), max_batch=3, max_context=256)
+    stack, taken = model.decode_stack, []
+
+    def counted(x, cos, sin, cache, buffers, pos, starts=None):
+        out = stack(x, cos, sin, cache, buffers, pos, starts)
+        taken.append((x.shape[0], None if starts is None else starts.tolist(), out is not None))
+        return out
+
+    model.decode_stack = counted
+    jobs = [(tokenizer.encode("Reverse the word: apple apple apple"), 9), (tokenizer.encode("hello"), 5)]
+    assert len(jobs[0][0]) != len(jobs[1][0])
+    collectors = [Collector() for _ in jobs]
+    for (ids, max_tokens), collector in zip(jobs, collectors):
+        engine.submit(EngineRequest(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), collector))
+    run_until_done(engine, collectors)
+    for (ids, max_tokens), collector in zip(jobs, collectors):
+        assert "".join(collector.text) == alone(reference.int8, tokenizer, ids, None, max_tokens)
+    # every decode step went to the stack and ran there: the mixed steps with two different starts
+    assert taken and all(ran for _, _, ran in taken), taken
+    mixed = [starts for rows, starts, _ in taken if rows == 2]
+    assert len(mixed) == 4 and all(starts is not None and len(set(starts)) == 2 for starts in mixed), taken
+    assert engine.cache.native_decode_table[0] is stack  # built for the server's cache
