@@ -12,7 +12,7 @@ def measure_missing(variants: dict[str, str], tasks: list[str], *, n: int = 50, 
     these tasks at this n and seed is recorded yet; returns what was measured."""
     from qwenlab.variants.listing import load_variant
     from qwenlab.variants.results import accuracy_figures, accuracy_setting, latest, record_accuracy, \
-        record_measurement
+        record_measurement, rewards_of
     from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.tasks.registry import DEFAULT_DIFFICULTY
 
@@ -21,9 +21,11 @@ def measure_missing(variants: dict[str, str], tasks: list[str], *, n: int = 50, 
     measured = []
     for name, folder in variants.items():
         accuracy = accuracy_figures(folder)
-        # Present: a figure at this setting on at least n instances (its first n are these n: a stable prefix).
+        # Present: a figure at this setting on at least n instances (its first n are these n: a stable prefix),
+        # with its per-instance rewards (older records lack them, and the verdict's paired tests need them).
         missing = [t for t in tasks if not any(accuracy_setting(f) == (difficulties[t], seed) and
-                                               (f.values.get("n") or 0) >= n for f in accuracy.get(t, []))]
+                                               (f.values.get("n") or 0) >= n and rewards_of(f) is not None
+                                               for f in accuracy.get(t, []))]
         need_ppl = perplexity_file and Path(perplexity_file).name not in latest(folder, "perplexity")
         if not missing and not need_ppl:
             continue

@@ -97,3 +97,18 @@ def test_the_verdict_ships_the_best_and_backs_each_claim_with_a_paired_test(fres
     record(base, "arithmetic", [1] * 60 + [0] * (prompts - 60), keep_rewards=False)
     assert "Not tested against it" in build_comparison([base, other]).recommendation
     assert not math.isnan(build_comparison([base, other]).rows[0]["mean_accuracy"])
+
+
+def test_compare_measure_remeasures_a_figure_recorded_without_per_instance_rewards(fresh_family):
+    """An old record (no rewards) cannot back a paired claim: --measure measures it again, so the verdict
+    does not depend on what an older qwenlab left in the cache."""
+    from qwenlab.report.measure import measure_missing
+    from qwenlab.variants.results import rewards_of
+
+    base = fresh_family / "base"
+    record(base, "arithmetic", [1, 0, 0, 0], difficulty=1, keep_rewards=False)
+    measured = measure_missing({"base": str(base)}, ["arithmetic"], n=4, seed=0, difficulty=1)
+    assert measured == ["base: accuracy on arithmetic"]
+    newest = accuracy_figures(base)["arithmetic"][0]
+    assert rewards_of(newest) is not None and len(rewards_of(newest)) == 4
+    assert measure_missing({"base": str(base)}, ["arithmetic"], n=4, seed=0, difficulty=1) == []
