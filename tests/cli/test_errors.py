@@ -57,3 +57,20 @@ def test_a_bad_flag_value_is_refused_by_argparse_with_exit_2(capsys):
         main(["generate", "nano", "--prompt", "x", "--top-p", "nan"])
     assert stop.value.code == 2
     assert "argument --top-p: expected a finite number, got 'nan'" in capsys.readouterr().err
+
+
+
+def test_a_reader_that_leaves_early_gets_no_broken_pipe_traceback(tiny_model_dir):
+    """`qwenlab generate ... | head -c 1`: the writer finds the pipe closed; it ends quietly, no traceback."""
+    import subprocess
+    import sys
+
+    # stdout is a pipe closed after the first byte; generate streams 200 more tokens into it, a flush each
+    child = subprocess.Popen([sys.executable, "-m", "qwenlab", "generate", str(tiny_model_dir), "hello",
+                              "--max-new-tokens", "200", "--temperature", "1", "--seed", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout.read(1)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(120) != 0  # it did find the pipe closed (a run that ended before would exit 0)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
