@@ -8,7 +8,9 @@ completions, <= 4 new tokens), so every round publishes, fetches, verifies, re-s
 the other peer's record. Every `--every-s` seconds it samples the resident set size (RSS) of each
 peer's whole process tree (the peer, its DHT process, p2pd) and the round the peer has reached.
 Writes OUT/memory_<rounds>_rounds.json (the series, start/end RSS, slope by least squares over the
-second half, after allocators and caches have warmed up) and OUT/memory_<rounds>_rounds.png.
+second half, after allocators and caches have warmed up) and OUT/memory_<rounds>_rounds.png. Each peer
+also records, per round in its rounds.jsonl, its RSS, glibc's live heap and Python's live blocks after
+its end-of-round malloc_trim: a leak shows as live bytes growing, allocator retention as RSS alone.
 """
 
 from __future__ import annotations
@@ -125,6 +127,20 @@ def main() -> None:
             "external_used": sum(r["external_used"] for r in rows), "accepted": sum(r["accepted"] for r in rows),
             "rejected": sum(r["rejected"] for r in rows),
         }
+        # The peer's own per-round figures (after its end-of-round trim): live heap vs RSS.
+        heap = [(r["round"], r["heap_in_use_mib"], r["rss_mib"]) for r in rows if r.get("heap_in_use_mib")]
+        if heap:
+            late_heap = [h for h in heap if h[0] >= heap[-1][0] / 2]
+            summary[name].update({
+                "heap_in_use_mib_round_5": next((h[1] for h in heap if h[0] >= 5), None),
+                "heap_in_use_mib_last": heap[-1][1], "rss_mib_round_5": next((h[2] for h in heap if h[0] >= 5), None),
+                "rss_mib_last_round": heap[-1][2],
+                "slope_heap_in_use_kib_per_round_second_half": round(1024 * slope([(r, m) for r, m, _ in late_heap]), 3),
+                "slope_rss_kib_per_round_second_half_from_rounds": round(1024 * slope([(r, m) for r, _, m in late_heap]), 3),
+                "python_blocks_round_5": next((r["python_blocks"] for r in rows if r["round"] >= 5), None),
+                "python_blocks_last": rows[-1].get("python_blocks"),
+            })
+            (out / "heap.json").write_text(json.dumps(heap))
     result = {"command": " ".join(sys.argv), "model": args.model, "rounds": args.rounds, "flags": FLAGS,
               "seconds": round(time.monotonic() - started, 1), "summary": summary, "samples": samples,
               "exit_codes": [p.returncode for _, _, p in peers]}
@@ -132,10 +148,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"memory_{args.rounds}_rounds.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
-    plot(samples, [name for name, _, _ in peers], out / f"memory_{args.rounds}_rounds.png")
+    heaps = {name: json.loads((peer_out / "heap.json").read_text()) for name, peer_out, _ in peers
+             if (peer_out / "heap.json").is_file()}
+    plot(samples, [name for name, _, _ in peers], out / f"memory_{args.rounds}_rounds.png", heaps)
 
 
-def plot(samples: list[dict], names: list[str], png: Path) -> None:
+def plot(samples: list[dict], names: list[str], png: Path, heaps: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,6 +166,9 @@ def plot(samples: list[dict], names: list[str], png: Path) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], label=f"peer {name}: peer process")
         ax.plot([p[0] for p in points], [p[2] for p in points], linestyle="--",
                 label=f"peer {name}: with DHT process and p2pd")
+        if heaps and name in heaps:
+            ax.plot([h[0] for h in heaps[name]], [h[1] for h in heaps[name]], linestyle=":",
+                    label=f"peer {name}: live heap (glibc in use)")
     ax.set_xlabel("round")
     ax.set_ylabel("resident memory (MiB)")
     ax.set_title("swarm peer memory over rounds (2 peers on loopback)")

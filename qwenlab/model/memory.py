@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import ctypes.util
 from functools import lru_cache
 
@@ -26,3 +27,39 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+@lru_cache(maxsize=1)
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+def heap_usage() -> dict[str, int] | None:
+    """glibc's heap over all arenas, in bytes: `in_use` (live malloc'd blocks, mmapped ones included) and
+    `free_held` (freed blocks the allocator keeps mapped). Growth of RSS with flat `in_use` is the allocator
+    holding pages, not a leak. None where the C library is not glibc."""
+    fn = _mallinfo2()
+    if fn is None:
+        return None
+    info = fn()
+    return {"in_use": info.uordblks + info.hblkhd, "free_held": info.fordblks}
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux /proc/self/statm), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

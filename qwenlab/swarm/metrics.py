@@ -4,7 +4,8 @@ Row fields: round, time, local_reward (mean over this peer's own rollouts this r
 (mean of OUR scores of the external rollouts trained on), claimed_external_reward (what their senders
 said), local_used, external_used, fallback_local (external slots filled locally), accepted,
 rejected, rejected_by_reason, duplicates, claim_mismatches, peers_seen, dht_ok, dht_errors, loss,
-kl, seconds_generate, seconds_exchange, seconds_train.
+kl, seconds_generate, seconds_exchange, seconds_train, and this process's memory after the round:
+rss_mib, heap_in_use_mib (glibc's live heap), python_blocks (sys.getallocatedblocks()).
 """
 
 from __future__ import annotations

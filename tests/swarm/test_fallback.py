@@ -39,6 +39,8 @@ def test_peer_trains_on_local_rollouts_when_the_swarm_is_unreachable_then_resume
     rows = [json.loads(line) for line in (tmp_path / "peer" / "rounds.jsonl").read_text().splitlines()]
     assert summary["rounds"] == 2 and [r["round"] for r in rows] == [1, 2]
     assert all(not r["dht_ok"] and r["fallback_local"] == 2 and r["local_used"] == 3 for r in rows)
+    # each round records what the process holds (RSS above the live heap, which holds the model)
+    assert all(r["rss_mib"] > r["heap_in_use_mib"] > 1 and r["python_blocks"] > 1000 for r in rows)
     assert (tmp_path / "peer" / "adapter" / "adapter_model.safetensors").is_file()
 
     config.rounds, config.network = 3, False  # restart (solo this time): continues at round 3
