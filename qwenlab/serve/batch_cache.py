@@ -5,13 +5,14 @@ row writes its new token at the same slot `length`, and a per-row `valid` mask s
 slots hold that row's tokens. Slots are not positions (RoPE positions are passed per row and
 baked into the keys), so a row's prompt may sit at any slots before `length`:
 
-    row 0: [a a a a a a . .]     a, b: a request's tokens; . : dead or padding slots (masked)
+    row 0: [. . a a a a a a]     a, b: a request's tokens; . : padding slots (masked)
     row 1: [. . . . b b b b]     a newcomer is right-aligned so its last token is at length-1
 
 Active rows are packed at the front ([0, rows)), so the forward pass only sees `keys[:rows]`
-(a view, no copy). Dead slots are reclaimed by `compact`, which right-aligns every row. Where every
-row's padding is leading (no dead slot after a token), the native decode stack (quant/) runs the step on
-these buffers directly, each row from its first valid slot.
+(a view, no copy). A newcomer longer than the batch moves the older rows right, so that every row's
+padding stays leading (no dead slot after a token): the native decode stack (quant/) then runs each step
+on these buffers directly, each row from its first valid slot. `compact` reclaims leading padding that
+every row has (rows that left), right-aligning every row.
 """
 
 from __future__ import annotations
@@ -62,9 +63,8 @@ class BatchKVCache:
         """Per layer the packed rows' (keys, values) [rows, Hkv, capacity, D], for code that addresses slots
         directly (the native decode stack: every row writes slot `length` and attends to slots start..length,
         its start the count of its leading padding slots, model.kv_cache.leading_padding). Only when every
-        row's padding is leading, so that the slots from its start are exactly the row's own tokens: one row,
-        the choices of one prompt, or rows that joined together (left-padded prompts of any lengths); not
-        once a row has dead slots after its tokens (a longer newcomer joined later) until compact()."""
+        row's padding is leading, so that the slots from its start are exactly the row's own tokens, which
+        add_row keeps true (a longer newcomer moves the older rows right); None for an empty batch."""
         if self.rows == 0 or (self.has_padding and leading_padding(self) is None):
             return None
         layout = (self.rows, self.capacity, self.keys[0].data_ptr())
@@ -79,9 +79,9 @@ class BatchKVCache:
         if self.rows >= self.max_rows:
             raise RuntimeError("no free row in the batch KV cache")
         span = source.length
-        if span > self.length:  # the newcomer is longer than the batch: older rows get dead slots
+        if span > self.length:  # the newcomer is longer than the batch: the older rows move right
             self._ensure_capacity(span)
-            self._valid[:, self.length:span] = False
+            self._shift_rows_right(span - self.length)
             self.length = span
         row, begin = self.rows, self.length - span
         for layer in range(self.num_layers):
@@ -91,6 +91,19 @@ class BatchKVCache:
         self._valid[row, begin:self.length] = source.valid[source_row, :span]
         self.rows += 1
         return row
+
+    def _shift_rows_right(self, by: int) -> None:
+        """Move every row's slots `by` to the right, the gap becoming leading padding. Without it the older
+        rows would get dead slots after their tokens, and every step until compact() would leave the
+        one-call native decode stack for the per-layer path; this costs one copy of the live KV."""
+        rows, length = self.rows, self.length
+        if rows and length:
+            for table in (self.keys, self.values):
+                for layer in range(self.num_layers):
+                    buffer = table[layer]
+                    buffer[:rows, :, by:by + length] = buffer[:rows, :, :length].clone()
+            self._valid[:rows, by:by + length] = self._valid[:rows, :length].clone()
+        self._valid[:rows, :by] = False
 
     def remove_row(self, row: int) -> int | None:
         """Free `row` by moving the last row into it; returns the moved row's old index (or None)."""

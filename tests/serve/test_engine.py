@@ -117,7 +117,8 @@ def test_compaction_keeps_every_rows_keys_in_order():
 
 def test_slot_buffers_only_where_every_rows_padding_is_leading():
     """The native decode kernels attend row b from slot starts[b] (its count of leading padding slots): the
-    cache offers its buffers for left-padded rows, not once a row has a dead slot after its tokens."""
+    cache offers its buffers for left-padded rows, and keeps every row's padding leading when a longer
+    newcomer joins."""
     from qwenlab.checkpoint.config import Qwen2Config
     from qwenlab.model.kv_cache import KVCache, leading_padding
 
@@ -126,6 +127,8 @@ def test_slot_buffers_only_where_every_rows_padding_is_leading():
     cache = BatchKVCache(config, max_rows=3, max_slots=128, dtype=torch.float32, initial_slots=16)
     source = KVCache.for_model(config, 2, 5, torch.float32)
     source.reserve(torch.tensor([[True] * 5, [False, False, True, True, True]]))  # one left-padded prefill
+    keys = torch.arange(1, 11, dtype=torch.float32).view(2, 1, 5, 1).expand(2, 1, 5, config.head_dim)
+    source.write(0, 0, keys, keys)  # distinct keys per row and slot
     cache.add_row(source, 0)
     cache.add_row(source, 1)
     cache.reserve(torch.ones(2, 1, dtype=torch.bool))  # a decode step's slot
@@ -133,13 +136,17 @@ def test_slot_buffers_only_where_every_rows_padding_is_leading():
     assert cache.slot_buffers() is not None
     longer = KVCache.for_model(config, 1, 8, torch.float32)
     longer.reserve(torch.ones(1, 8, dtype=torch.bool))
-    cache.add_row(longer, 0)  # the older rows get dead slots after their tokens
-    assert leading_padding(cache) is None and cache.slot_buffers() is None
-    cache.compact()  # nothing to reclaim (the newcomer fills every slot): the dead slots stay
-    assert leading_padding(cache) is None and cache.slot_buffers() is None
+    keys_before = [cache.keys[0][row, 0, cache.row_slots(row), 0].clone() for row in range(2)]
+    assert keys_before[1][:3].tolist() == [8, 9, 10]
+    cache.add_row(longer, 0)  # longer than the batch: the older rows move right, their padding still leading
+    assert cache.length == 8 and leading_padding(cache).tolist() == [2, 4, 0] and cache.slot_buffers() is not None
+    for row in range(2):  # each older row's keys moved with its slots, in order
+        assert torch.equal(cache.keys[0][row, 0, cache.row_slots(row), 0], keys_before[row])
     cache.remove_row(2)
-    cache.compact()  # the older rows right-aligned again: leading padding only
+    cache.compact()  # the padding every row had is reclaimed: right-aligned again
     assert cache.length == 6 and leading_padding(cache).tolist() == [0, 2] and cache.slot_buffers() is not None
+    for row in range(2):
+        assert torch.equal(cache.keys[0][row, 0, cache.row_slots(row), 0], keys_before[row])
 
 
 def test_adapters_with_different_targets_and_ranks_mix_in_one_batch(serve_models, tmp_path):
@@ -272,3 +279,19 @@ def test_a_mixed_length_batch_runs_on_the_native_decode_stack(serve_models, refe
     mixed = [starts for rows, starts, _ in taken if rows == 2]
     assert len(mixed) == 4 and all(starts is not None and len(set(starts)) == 2 for starts in mixed), taken
     assert engine.cache.native_decode_table[0] is stack  # built for the server's cache
+
+    # A longer newcomer joins a running row mid-stream: the older row moves right (leading padding), so
+    # the steps after the join stay on the stack too, and both texts are still their runs alone.
+    taken.clear()
+    running_ids, long_ids = tokenizer.encode("hello"), tokenizer.encode("Reverse the word: apple apple apple pear")
+    running, newcomer = Collector(), Collector()
+    engine.submit(EngineRequest(running_ids, SamplingParams(max_tokens=12, ignore_eos=True), running))
+    for _ in range(3):
+        engine.step()
+    assert engine.cache.length < len(long_ids)  # the newcomer is longer than the batch
+    engine.submit(EngineRequest(long_ids, SamplingParams(max_tokens=6, ignore_eos=True), newcomer))
+    run_until_done(engine, [running, newcomer])
+    assert "".join(running.text) == alone(reference.int8, tokenizer, running_ids, None, 12)
+    assert "".join(newcomer.text) == alone(reference.int8, tokenizer, long_ids, None, 6)
+    assert taken and all(ran for _, _, ran in taken), taken
+    assert sum(rows == 2 for rows, _, _ in taken) >= 5, taken  # the steps after the join took the stack
