@@ -108,7 +108,9 @@ def load(ref: str | Path, dtype: str = "fp32", adapters: list[str | Path] | tupl
     if quantized:
         model = _load_quantized(checkpoint, adapters, quant_backend, fuse)
     else:
-        model = _load_float(checkpoint, dtype, float_backend if fuse and not adapters else "torch")
+        # (fuse=False, serve's base for run-time adapters, stays native: LoRA wraps NativeLinear, and the
+        # decode stack adds serve's per-row deltas itself)
+        model = _load_float(checkpoint, dtype, float_backend if not adapters else "torch")
         _apply_adapters(model, adapters, adapter_mode)
     # An adapter folder that carries its own tokenizer (extra tokens, another template) speaks with it.
     own = [a for a in adapters if (a / "tokenizer.json").is_file()]

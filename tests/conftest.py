@@ -40,3 +40,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "model"
     build_hf_model(folder)
     return folder
+
+
+class CountedCalls:
+    """A callable (a native decode stack, say) whose calls are recorded by `record(args, out)`; every other
+    attribute is the wrapped object's, so code that asks it questions (`matches()`) sees the real one."""
+
+    def __init__(self, wrapped, record):
+        self.wrapped, self.record = wrapped, record
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.wrapped(*args, **kwargs)
+        self.record(args, out)
+        return out

@@ -13,9 +13,10 @@
 
 #define MAX_RANK 256
 
-// The delta itself; the entry points below check its arguments first.
-static void bgmv(const float* x, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter, const float* A,
-                 const float* Bt, int64_t R, int64_t N, float* y) {
+// The delta itself; the entry points check its arguments first. Token t's x starts at x + t ldx and its
+// y at y + t ldy (ldx >= K, ldy >= N: the decode stack adds q, k and v deltas into columns of one buffer).
+static void bgmv(const float* x, int64_t ldx, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter,
+                 const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy) {
     float h[MAX_RANK];
     for (int64_t r = 0; r < rows; ++r) {
         const int32_t a = row_adapter[r];
@@ -23,8 +24,8 @@ static void bgmv(const float* x, int64_t rows, int64_t T, int64_t K, const int32
         const float* Aa = A + (int64_t)a * R * K;
         const float* Ba = Bt + (int64_t)a * R * N;
         for (int64_t t = r * T; t < (r + 1) * T; ++t) {
-            const float* xt = x + t * K;
-            float* yt = y + t * N;
+            const float* xt = x + t * ldx;
+            float* yt = y + t * ldy;
             for (int64_t j = 0; j < R; ++j) h[j] = dot_f32(Aa + j * K, xt, K);
             int64_t n = 0;
             for (; n + 16 <= N; n += 16) {
@@ -58,6 +59,14 @@ extern "C" int qwenlab_lora_bgmv(const float* x, int64_t x_len, int64_t rows, in
         return QWENLAB_BAD_SIZES;
     for (int64_t r = 0; r < rows; ++r)
         if (row_adapter[r] >= n_adapters) return QWENLAB_BAD_SIZES;
-    bgmv(x, rows, T, K, row_adapter, A, Bt, R, N, y);
+    bgmv(x, K, rows, T, K, row_adapter, A, Bt, R, N, y, N);
+    return QWENLAB_OK;
+}
+
+// For decode_stack.cpp, which checks every argument before its first layer: one token per row, strided.
+int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
+                   const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy) {
+    if (R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;
+    bgmv(x, ldx, rows, 1, K, row_adapter, A, Bt, R, N, y, ldy);
     return QWENLAB_OK;
 }

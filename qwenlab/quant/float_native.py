@@ -14,8 +14,10 @@ PyTorch's bf16 path reached about half of that bound on the 0.5B shape (issue 23
   layers in one native call (quant/native.DecodeStack); PyTorch's own ops run single-threaded meanwhile
   (native.torch_single_threaded), so a busy core cannot stall an OpenMP barrier ~100 times per token.
   Prefill runs on PyTorch's threads, as many as other processes left free (torch_threads_on_free_cores:
-  with another process on one of two cores, 2 OpenMP threads ran 150x slower than 1). Anything the stack does not take (padding masks, a cache without
-  slot buffers, an attached LoRA) runs the layers one by one, each linear still on NativeLinear.
+  with another process on one of two cores, 2 OpenMP threads ran 150x slower than 1). Adapters attached
+  for serve's per-row use ride along (the stack adds each row's own delta); anything the stack does not
+  take (padding after a row's tokens, a cache without slot buffers, adapters outside serve) runs the
+  layers one by one, each linear still on NativeLinear.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import torch
 from torch import nn
 
 from qwenlab.model.linear import Linear, fast_linear
-from qwenlab.model.kv_cache import leading_padding
 from qwenlab.model.qwen2 import Qwen2ForCausalLM
 from qwenlab import native as kernels
 from qwenlab.quant import native
@@ -59,7 +60,6 @@ class NativeFloatQwen2ForCausalLM(Qwen2ForCausalLM):
     """The model core with NativeLinear layers; see the module docstring."""
 
     _stack: native.DecodeStack | None = None
-    _watched: list = []
 
     def forward(self, tokens, *args, **kwargs):
         if tokens.shape[1] != 1:  # prefill: oneDNN on PyTorch's threads, as many as other processes left free
@@ -69,35 +69,29 @@ class NativeFloatQwen2ForCausalLM(Qwen2ForCausalLM):
             return super().forward(tokens, *args, **kwargs)
 
     def run_layers(self, x, cos, sin, mask, cache, start):
-        # padded rows (a mask) go too where each row's padding is leading: it attends from its own start
-        starts = leading_padding(cache) if x.shape[1] == 1 and mask is not None and cache is not None else None
-        if x.shape[1] == 1 and (mask is None or starts is not None) and cache is not None:
-            stack = self.decode_stack()
-            buffers = cache.slot_buffers() if stack is not None else None
-            stacked = stack(x, cos, sin, cache, buffers, start, starts) if buffers is not None else None
-            if stacked is not None:
-                return stacked
-        return super().run_layers(x, cos, sin, mask, cache, start)
+        stack = self.decode_stack() if x.shape[1] == 1 and cache is not None else None
+        stacked = native.run_decode_stack(self, stack, x, cos, sin, mask, cache, start)
+        return stacked if stacked is not None else super().run_layers(x, cos, sin, mask, cache, start)
 
     def decode_stack(self) -> native.DecodeStack | None:
         """The one-call decode stack over the current layers, rebuilt when a layer or a weight's memory has
-        changed since it was built (a LoRA attached or merged); None where a layer is not a NativeLinear."""
-        if self._stack is not None and all(owner._modules[name] is module and module.weight.data_ptr() == ptr
-                                           for owner, name, module, ptr in self._watched):
+        changed since it was built (an adapter attached, detached or merged); None where a layer's linear is
+        not a NativeLinear (an adapter's wrapper around one is fine: the stack adds its rows' deltas)."""
+        if self._stack is not None and self._stack.matches():
             return self._stack
-        self._stack, watched = None, []
+        self._stack = None
         for layer in self.model.layers:
             for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for name in names:
                     module = owner._modules[name]
-                    if type(module) is not NativeLinear or not module.weight.is_contiguous() \
-                            or module.weight.dtype not in native.FLOAT_BITS:
+                    base = getattr(module, "base_layer", module)
+                    if type(base) is not NativeLinear or not base.weight.is_contiguous() \
+                            or base.weight.dtype not in native.FLOAT_BITS:
                         return None
-                    watched.append((owner, name, module, module.weight.data_ptr()))
         if not kernels.available():
             return None
-        self._stack, self._watched = native.DecodeStack(self.model.layers, self.config), watched
+        self._stack = native.DecodeStack(self.model.layers, self.config)
         return self._stack
 
 

@@ -14,7 +14,6 @@ import torch
 from qwenlab.checkpoint.names import expected_tensor_shapes, layer_prefix
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM, RMSNorm
-from qwenlab.model.kv_cache import leading_padding
 from qwenlab.native import torch_single_threaded
 from qwenlab.quant import native
 from qwenlab.model.memory import release_free_memory
@@ -40,15 +39,11 @@ class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
             return super().forward(*args, **kwargs)
 
     def run_layers(self, x, cos, sin, mask, cache, start):
-        if self.decode_stack is not None and x.shape[1] == 1 and cache is not None:
-            # padded rows (a mask) go too where each row's padding is leading: it attends from its own start
-            starts = leading_padding(cache) if mask is not None else None
-            if mask is None or starts is not None:
-                buffers = cache.slot_buffers()
-                stacked = self.decode_stack(x, cos, sin, cache, buffers, start, starts) if buffers is not None else None
-                if stacked is not None:
-                    return stacked
-        return super().run_layers(x, cos, sin, mask, cache, start)
+        stack = self.decode_stack
+        if stack is not None and isinstance(stack, native.DecodeStack) and not stack.matches():
+            stack = self.decode_stack = native.DecodeStack(self.model.layers, self.config)  # an adapter swap
+        stacked = native.run_decode_stack(self, stack, x, cos, sin, mask, cache, start)
+        return stacked if stacked is not None else super().run_layers(x, cos, sin, mask, cache, start)
 
 
 # Stored dtypes (safetensors names) of the format quantize.py writes: anything else is refused before a
@@ -189,9 +184,9 @@ def load_quantized_model(checkpoint, backend: str | None = None, fuse: bool = Tr
     model.model.norm = norm(norm_class, "model.norm.weight")
     model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)
     model.quantization = dict(section)
-    layer_linears = lambda layer: (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                                   layer.mlp.down_proj)
-    if fuse and all(is_native(m) for layer in model.model.layers for m in layer_linears(layer)):
+    layer_linears = lambda layer: [m for owner in (layer.self_attn, layer.mlp) for name, m in owner.named_children()
+                                   if name.endswith("_proj")]
+    if all(is_native(m) for layer in model.model.layers for m in layer_linears(layer)):
         model.decode_stack = native.DecodeStack(model.model.layers, config)  # a decode step's layers in one call
     release_free_memory()
     return model.eval().requires_grad_(False)

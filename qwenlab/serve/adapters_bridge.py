@@ -37,6 +37,7 @@ from qwenlab.adapters import LoraAdapter, adapter_names, attach_adapter, detach_
 from qwenlab.adapters.apply import lora_modules
 from qwenlab.errors import QwenlabError
 from qwenlab import native
+from qwenlab.quant.native import lora_table
 
 # Selects in a row whose batch needed fewer adapters than are stacked before the stacks shrink.
 SHRINK_AFTER = 64
@@ -94,7 +95,11 @@ class AdapterSet:
         self._row_adapter: torch.Tensor | None = None  # kernel: int32 [rows], index into _present or -1
         self._row_adapter_ptr = 0
         self._rows: tuple | None = None
+        self._native_table: tuple | None = None  # (decode stack, stacks, lora_table) for native_deltas
         self._rebuild()
+        # The one-call native decode stack asks this object for each step's deltas (native_deltas): with
+        # adapters attached, a decode step stays one native call (quant.native.run_decode_stack).
+        model.row_adapters = self
 
     def names(self) -> list[str]:
         return sorted(self.known)
@@ -144,6 +149,19 @@ class AdapterSet:
             column_scaling = torch.tensor([s for _, r, s in layout for _ in range(r)])
             mask = (row_adapter[:, None] == column_adapter[None, :]) * column_scaling
             self._masks[layout] = mask[:, None, :].to(dtype)  # [rows, 1 (tokens), R]
+
+    def native_deltas(self, stack):
+        """For the native decode stack's step: None where no row of the batch uses an adapter, the stacked
+        adapters as its table and each row's index where the kernel path holds them (fp32 lora_bgmv stacks),
+        else False (the dense path: the layers then run one by one, through _forward)."""
+        if not self.use_kernel:
+            return False
+        if self._row_adapter is None:
+            return None
+        cached = self._native_table
+        if cached is None or cached[0] is not stack or cached[1] is not self._stacks:
+            cached = self._native_table = (stack, self._stacks, lora_table(stack.wrapped, self._stacks))
+        return cached[2], self._row_adapter
 
     def _restack(self, present: set[str]) -> None:
         """Make the stacks hold every adapter in `present`.
@@ -199,10 +217,11 @@ class AdapterSet:
         return out + F.linear(hidden, stack.b)
 
     def _kernel_fits(self) -> bool:
-        """lora_bgmv runs here: the kernel builds, and every adapter is fp32 with a rank it takes."""
+        """lora_bgmv runs here: the kernel builds, and every adapter is fp32 or bf16 with a rank it takes."""
         if self.kernel_allowed is False or not self._modules or not native.available():
             return False
-        return all(a.dtype == torch.float32 and a.shape[0] <= native.LORA_MAX_RANK
+        # (bf16 adapters of a bf16 base too: the kernel's stacks are fp32 copies, its activations fp32)
+        return all(a.dtype in (torch.float32, torch.bfloat16) and a.shape[0] <= native.LORA_MAX_RANK
                    for m in self._modules for a in m.lora_A.values())
 
     def _rebuild(self) -> None:
@@ -217,6 +236,6 @@ class AdapterSet:
             # a second Python call per linear, ~5 µs each, which is a tenth of a nano decode step.
             module.forward = partial(self._forward, module)
         self._stacks, self._present, self._masks, self._rows, self._row_adapter = {}, (), {}, None, None
-        self._surplus_selects = 0
+        self._surplus_selects, self._native_table = 0, None
         self.use_kernel = self._kernel_fits()
         self._bgmv = native.library().lora_bgmv if self.use_kernel else None

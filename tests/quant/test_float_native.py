@@ -17,6 +17,7 @@ from qwenlab.model.generate import generate_token_ids
 from qwenlab.native.library import KernelArgumentError, float_path, force_float_path
 from qwenlab.quant import native as kernels
 from qwenlab.quant.float_native import NativeFloatQwen2ForCausalLM, NativeLinear
+from tests.conftest import CountedCalls
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
 
@@ -98,7 +99,7 @@ def test_load_puts_float_models_on_the_native_stack_unless_told_not_to(tiny32_di
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one table, no copy
     assert model.decode_stack() is not None
     assert type(load(tiny32_dir, "bf16", float_backend="torch").model).__name__ == "Qwen2ForCausalLM"
-    assert type(load(tiny32_dir, "fp32", fuse=False).model).__name__ == "Qwen2ForCausalLM"  # serve's LoRA loads
+    assert isinstance(load(tiny32_dir, "fp32", fuse=False).model, NativeFloatQwen2ForCausalLM)  # serve's LoRA loads
 
 
 def greedy(model, prompts, steps=24):
@@ -146,14 +147,7 @@ def test_greedy_generation_equals_the_pytorch_model(tiny32_dir, bf16_path, dtype
     plain = load_model(tiny32_dir, "fp32") if dtype == "fp32" else \
         bf16_weights_in_fp32(tiny32_dir, round_inputs=bf16_path == "avx512bf16")
     taken = []
-    stack = ours.decode_stack()
-
-    def counted(*args):  # still the one stack, its uses counted
-        out = stack(*args)
-        taken.append(out is not None)
-        return out
-
-    ours._stack = counted
+    ours._stack = CountedCalls(ours.decode_stack(), lambda args, out: taken.append(out is not None))  # uses counted
     for prompts in ([[5, 6, 7, 8], [9, 10, 11, 12]], [[1, 2, 3], [4, 5, 6, 7, 8]]):  # equal lengths; padded
         got = greedy(ours, prompts)
         if bf16_path == "avx512f" or dtype == "fp32":
@@ -175,13 +169,7 @@ def test_the_decode_stack_equals_the_layer_by_layer_path_and_follows_weight_chan
     stacked, layered = load(tiny32_dir, "bf16").model, load(tiny32_dir, "bf16").model
     layered.decode_stack = lambda: None
     stack, taken = stacked.decode_stack(), []
-
-    def counted(*args):
-        out = stack(*args)
-        taken.append(out is not None)
-        return out
-
-    stacked._stack = counted
+    stacked._stack = CountedCalls(stack, lambda args, out: taken.append(out is not None))
     prompt = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(2))
     valid = torch.ones(3, 9, dtype=torch.bool)
     if padded:
@@ -202,5 +190,5 @@ def test_the_decode_stack_equals_the_layer_by_layer_path_and_follows_weight_chan
     q = stacked.model.layers[1].self_attn.q_proj
     q.weight.data = q.weight.data * 2  # what a LoRA merge does: new memory under the same parameter
     assert stacked.decode_stack() is not first
-    stacked.model.layers[0].mlp.up_proj = torch.nn.Identity()  # an attached LoRA replaces the module
+    stacked.model.layers[0].mlp.up_proj = torch.nn.Identity()  # a module that is not a NativeLinear
     assert stacked.decode_stack() is None

@@ -12,6 +12,7 @@ from qwenlab.model.generate import generate_token_ids
 from qwenlab.quant import load_quantized_model, quantize_model
 from qwenlab.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from qwenlab import native
+from tests.conftest import CountedCalls
 from qwenlab.loading import load
 from qwenlab.quant.linear import Int4WeightLinear, Int8WeightLinear, QuantizedEmbedding
 
@@ -164,7 +165,7 @@ def test_fused_decode_paths_equal_the_pytorch_path(quantized_dirs, bits, padded,
         return call
 
     stack = stacked.decode_stack
-    stacked.decode_stack = counted("stack", stack)
+    stacked.decode_stack = CountedCalls(stack, lambda args, out: taken["stack"].append(out is not None))
     monkeypatch.setattr(native, "decode_attention", counted("attention", native.decode_attention))  # layered only
     models = (stacked, layered, plain)
     prompt = tokens(shape=(3, 9), seed=2)

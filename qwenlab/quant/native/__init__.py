@@ -17,6 +17,7 @@ import torch
 
 from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer
 from qwenlab.native.ops import row_starts
+from qwenlab.model.kv_cache import leading_padding
 
 ROW_BLOCK = 16  # rows per VNNI vector (the int32 lanes of one 512-bit register)
 ROW_GROUP = 64  # 4 row blocks interleaved per 32-column block: one sequential stream per thread
@@ -211,7 +212,39 @@ class _DecodeLayer(ctypes.Structure):
                 ("k", _QLinear), ("v", _QLinear), ("up", _QLinear)]  # float layers only (else zeroed)
 
 
+class _LoraLinear(ctypes.Structure):  # decode_stack.cpp's LoraLinear: A [n, R, K], Bt [n, R, N]; A null: none
+    _fields_ = [("A", ctypes.c_void_p), ("Bt", ctypes.c_void_p), ("A_len", ctypes.c_int64), ("Bt_len", ctypes.c_int64),
+                ("R", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+class _LoraLayer(ctypes.Structure):
+    _fields_ = [(name, _LoraLinear) for name in ("q", "k", "v", "o", "gate", "up", "down")]
+
+
+# The layer's linears in _LoraLayer's order: (owner, attribute) names.
+ADAPTER_TARGETS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+                   ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def lora_table(wrapped: list[tuple], stacks: dict) -> ctypes.Array:
+    """Per layer the adapters' stacks of its wrapped linears for decode_stack.cpp. wrapped: per layer the
+    DecodeStack's modules in ADAPTER_TARGETS order (None: not wrapped); stacks: module -> an object with
+    a_ptr, a_len, bt_ptr, bt_len, rank, count, active (serve's _KernelStack, lora_bgmv's layout)."""
+    def entry(module):
+        stack = stacks.get(module) if module is not None else None
+        if stack is None or not stack.active:
+            return _LoraLinear()
+        return _LoraLinear(stack.a_ptr, stack.bt_ptr, stack.a_len, stack.bt_len, stack.rank, stack.count)
+    return (_LoraLayer * len(wrapped))(*[_LoraLayer(*map(entry, modules)) for modules in wrapped])
+
+
+def _unwrapped(module):
+    """The linear an adapter wraps (LoRALinear's base_layer), or the module itself."""
+    return getattr(module, "base_layer", module)
+
+
 def _qlinear(layer) -> _QLinear:
+    layer = _unwrapped(layer)
     kernel = "decode_stack"
     if not hasattr(layer, "qweight"):  # a float layer: its weight as stored, [N, K] row-major
         bits = FLOAT_BITS.get(layer.weight.dtype)
@@ -249,6 +282,20 @@ class DecodeStack:
         self.layers = [self._layer(layer) for layer in layers]
         self.hidden, self.eps = config.hidden_size, float(config.rms_norm_eps)
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        # The modules whose weights the table points at (and any adapter wrapping them), to tell when a
+        # module swap (an adapter attached or detached, a merge writing new weights) has made it stale.
+        self._watched = [(owner, name, owner._modules[name], _weight_address(owner._modules[name]))
+                         for layer in layers for owner in (layer.self_attn, layer.mlp)
+                         for name in owner._modules if name.endswith("_proj")]
+        # Per layer, ADAPTER_TARGETS' modules where an adapter wraps them (serve's per-row adapters).
+        self.wrapped = [tuple(_wrapped_or_none(getattr(getattr(layer, owner), name, None)) for owner, name in ADAPTER_TARGETS)
+                        for layer in layers]
+        self.has_adapters = any(m is not None for modules in self.wrapped for m in modules)
+
+    def matches(self) -> bool:
+        """Whether the layers still hold the modules and weights this stack was built from."""
+        return all(owner._modules.get(name) is module and _weight_address(module) == address
+                   for owner, name, module, address in self._watched)
 
     def _layer(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
@@ -275,10 +322,12 @@ class DecodeStack:
         return table[1]
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, buffers, pos: int,
-                 starts: torch.Tensor | None = None) -> torch.Tensor | None:
+                 starts: torch.Tensor | None = None, lora: tuple | None = None) -> torch.Tensor | None:
         """buffers: the cache's slot_buffers() (per layer keys, values), kept per cache as a native table.
         starts: int64 [B], each row's count of leading padding slots (None: all 0): row b attends to slots
-        starts[b]..pos only; each must lie in [0, pos] (the kernel refuses others before any work)."""
+        starts[b]..pos only; each must lie in [0, pos] (the kernel refuses others before any work).
+        lora: (lora_table(...), row_adapter int32 [B], each row's index into the stacks or -1), the deltas
+        of each row's own adapter; None: no adapter delta (no row uses one)."""
         b, t, h = x.shape
         if t != 1 or h != self.hidden or x.requires_grad or any(
                 a.dtype != torch.float32 for a in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()) \
@@ -288,8 +337,47 @@ class DecodeStack:
         if table is None:
             return None
         starts_ptr = row_starts(starts, b, "decode_stack")
+        lora_ptr, lora_len, ra_ptr, ra_len = None, 0, None, 0
+        if lora is not None:
+            adapters, row_adapter = lora
+            lora_ptr, lora_len = ctypes.addressof(adapters), len(adapters)
+            ra_ptr, ra_len = buffer(row_adapter, torch.int32, "row_adapter", "decode_stack")
         out = x.contiguous().clone()  # updated in place by the kernel
         status = library().decode_stack(out.data_ptr(), out.numel(), b, h, ctypes.addressof(table), len(self.layers),
                                         self.heads, self.kv_heads, self.head_dim, cos.data_ptr(), sin.data_ptr(),
-                                        cos.numel(), cache.capacity, pos, self.eps, kernel_threads(), starts_ptr)
+                                        cos.numel(), cache.capacity, pos, self.eps, kernel_threads(), starts_ptr,
+                                        lora_ptr, lora_len, ra_ptr, ra_len)
         return out if checked(status, "decode_stack") == 0 else None
+
+
+def _weight_address(module) -> int:
+    base = _unwrapped(module)
+    weight = getattr(base, "qweight", None)
+    if weight is None:
+        weight = getattr(base, "weight", None)
+    return weight.data_ptr() if weight is not None else 0
+
+
+def _wrapped_or_none(module):
+    return module if module is not None and hasattr(module, "lora_A") else None
+
+
+def run_decode_stack(model, stack: DecodeStack | None, x, cos, sin, mask, cache, start):
+    """A decode step's layers through `stack` (one native call), or None where it does not apply and the
+    caller runs the layers one by one: not one token per row, no cache offering slot buffers, a row with
+    padding after its tokens, or adapters attached with no per-row provider that runs them natively
+    (model.row_adapters, serve's AdapterSet: `native_deltas(stack)` -> False, None or (table, row_adapter))."""
+    if stack is None or x.shape[1] != 1 or cache is None:
+        return None
+    # padded rows (a mask) go too where each row's padding is leading: it attends from its own start
+    starts = leading_padding(cache) if mask is not None else None
+    if mask is not None and starts is None:
+        return None
+    lora = None
+    if stack.has_adapters:
+        provider = getattr(model, "row_adapters", None)
+        lora = provider.native_deltas(stack) if provider is not None else False
+        if lora is False:
+            return None
+    buffers = cache.slot_buffers()
+    return stack(x, cos, sin, cache, buffers, start, starts, lora) if buffers is not None else None

@@ -8,11 +8,14 @@
 // ctypes argument conversion, tensor allocation and residual adds, which on the 0.5B int4 shape was
 // 2.4 of a decode step's 11.4 ms while the kernel's threads sat idle.
 //
-// A quantized layer has fused q|k|v and gate|up weights (one packed matrix each). A float layer keeps the
-// checkpoint's separate q, k, v, gate and up matrices (so LoRA can still wrap them), given as `qkv` = q,
-// `k`, `v`, `gate_up` = gate and `up`; their rows run as one pool job (float_matmul.cpp's segments).
+// A quantized layer has fused q|k|v and gate|up weights (one packed matrix each), or separate ones where
+// adapters wrap them. A float layer keeps the checkpoint's separate q, k, v, gate and up matrices (so LoRA
+// can still wrap them), given as `qkv` = q, `k`, `v`, `gate_up` = gate and `up`; float rows run as one
+// pool job (float_matmul.cpp's segments). Optionally each row adds its own LoRA adapter's delta to every
+// linear's output (`lora`, `row_adapter`: serve's per-row adapters, lora_bgmv.cpp).
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include <initializer_list>
@@ -33,6 +36,8 @@ int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64
 int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, const float* w, int64_t w_len, float eps,
                      float* out, int64_t out_len);
 }
+int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
+                   const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy);
 int run_float_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const void* const* w,
                            const float* const* bias, float* const* y, const int64_t* N, int64_t ldy, int nthreads,
                            int act);
@@ -57,6 +62,20 @@ struct DecodeLayer {
     float* values;  // [B, Hkv, cap, D]
     int64_t norm1_len, norm2_len, kv_len;  // floats: H, H, B Hkv cap D (keys and values each)
     QLinear k, v, up;  // float layers: k, v and up apart from q (in qkv) and gate (in gate_up); else w null
+};
+
+// One linear's LoRA adapters for the batch, in lora_bgmv.cpp's layout: A [n, R, K], Bt [n, R, N] (B
+// transposed, scaling folded in, ranks zero-padded to R). A null: this linear has none.
+struct LoraLinear {
+    const float* A;
+    const float* Bt;
+    int64_t A_len, Bt_len, R, n;
+};
+
+// Per layer, the deltas of the rows' own adapters (serve's per-row adapters, lora_bgmv): added to each
+// linear's output before it is used, so a step with adapters stays one call.
+struct LoraLayer {
+    LoraLinear q, k, v, o, gate, up, down;
 };
 
 static bool is_float(const QLinear& l) { return l.bits == 16 || l.bits == 32; }
@@ -102,6 +121,36 @@ static bool linear_ok(const QLinear& l) {
            (l.bits == 8 || has_elems(l.mz_len, {l.N, l.K / l.gs})) && (!l.bias || has_elems(l.bias_len, {l.N}));
 }
 
+// Linears that read the same x whose outputs sit side by side in y [B, sum N_i]: float ones in one pool
+// job; quantized ones (whose kernels write a contiguous [B, N]) each into `tmp`, then copied into place.
+static int side_by_side(std::initializer_list<const QLinear*> ls, const float* x, int64_t B, float* y, float* tmp,
+                        int nthreads) {
+    if (is_float(**ls.begin())) return float_linears(ls, x, B, y, nthreads, 0);
+    int64_t ldy = 0, offset = 0;
+    for (const QLinear* l : ls) ldy += l->N;
+    for (const QLinear* l : ls) {
+        int status = linear(*l, x, B, tmp, nthreads, 0);
+        if (status != QWENLAB_OK) return status;
+        for (int64_t b = 0; b < B; ++b) memcpy(y + b * ldy + offset, tmp + b * l->N, sizeof(float) * l->N);
+        offset += l->N;
+    }
+    return QWENLAB_OK;
+}
+
+// y (row stride ldy) += each row's adapter delta of x (row stride ldx); nothing where the linear has none.
+static int lora_add(const LoraLinear& a, const int32_t* row_adapter, const float* x, int64_t ldx, int64_t B,
+                    int64_t K, float* y, int64_t N, int64_t ldy) {
+    if (!a.A || !row_adapter) return QWENLAB_OK;
+    return lora_bgmv_rows(x, ldx, B, K, row_adapter, a.A, a.Bt, a.R, N, y, ldy);
+}
+
+static bool lora_ok(const LoraLinear& a, int64_t K, int64_t N) {
+    return !a.A || (a.Bt && a.R > 0 && a.R <= 256 && a.n > 0 && has_elems(a.A_len, {a.n, a.R, K}) &&
+                    has_elems(a.Bt_len, {a.n, a.R, N}));
+}
+
+static float silu(float v) { return v / (1.0f + expf(-v)); }
+
 static void add_into(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
@@ -114,7 +163,8 @@ static void add_into(float* x, const float* y, int64_t n) {
 extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t H, const DecodeLayer* layers,
                                     int64_t n_layers, int64_t Hq, int64_t Hkv, int64_t D, const float* cos,
                                     const float* sin, int64_t cs_len, int64_t cap, int64_t pos, float eps,
-                                    int nthreads, const int64_t* starts) {
+                                    int nthreads, const int64_t* starts, const LoraLayer* lora,
+                                    int64_t lora_len, const int32_t* row_adapter, int64_t ra_len) {
     // Checked here so that decode_attention cannot fail half-way through the stack (x updated in place).
     // (Head counts and width bounded so that the products below cannot overflow.)
     if (n_layers <= 0 || !layers || pos < 0 || pos >= cap || Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0 || D <= 0 ||
@@ -124,15 +174,15 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
     for (int64_t i = 0; i < n_layers; ++i) {
         const DecodeLayer& L = layers[i];
         if (L.o.N != H || L.o.K != Hq * D || L.down.N != H || L.down.K != I) return QWENLAB_NOT_APPLICABLE;
-        if (L.k.w) {  // float: q, k, v apart, all of one float format
-            if (!is_float(L.qkv) || L.k.bits != L.qkv.bits || L.v.bits != L.qkv.bits || L.qkv.N != Hq * D ||
+        if (L.k.w) {  // q, k, v apart, all of one format (float, or quantized with exact widths)
+            if (L.k.bits != L.qkv.bits || L.v.bits != L.qkv.bits || L.qkv.N != Hq * D ||
                 L.k.N != Hkv * D || L.v.N != Hkv * D || L.qkv.K != H || L.k.K != H || L.v.K != H)
                 return QWENLAB_NOT_APPLICABLE;
         } else if (L.qkv.N != qkv_n || L.qkv.K != H) {
             return QWENLAB_NOT_APPLICABLE;
         }
-        if (L.up.w) {  // float: gate and up apart
-            if (!is_float(L.gate_up) || L.up.bits != L.gate_up.bits || L.gate_up.N != I || L.up.N != I ||
+        if (L.up.w) {  // gate and up apart
+            if (L.up.bits != L.gate_up.bits || L.gate_up.N != I || L.up.N != I ||
                 L.gate_up.K != H || L.up.K != H)
                 return QWENLAB_NOT_APPLICABLE;
         } else if (L.gate_up.N != 2 * I || L.gate_up.K != H) {
@@ -144,6 +194,23 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
     if (starts)
         for (int64_t b = 0; b < B; ++b)
             if (starts[b] < 0 || starts[b] > pos) return QWENLAB_BAD_SIZES;
+    if (lora && row_adapter) {  // adapters: q, k, v, gate and up must be apart to take their own deltas
+        if (lora_len != n_layers || !has_elems(ra_len, {B})) return QWENLAB_BAD_SIZES;
+        for (int64_t i = 0; i < n_layers; ++i) {
+            const LoraLayer& A = lora[i];
+            if ((A.q.A || A.k.A || A.v.A) && !layers[i].k.w) return QWENLAB_NOT_APPLICABLE;
+            if ((A.gate.A || A.up.A) && !layers[i].up.w) return QWENLAB_NOT_APPLICABLE;
+            if (!lora_ok(A.q, H, Hq * D) || !lora_ok(A.k, H, Hkv * D) || !lora_ok(A.v, H, Hkv * D) ||
+                !lora_ok(A.o, Hq * D, H) || !lora_ok(A.gate, H, I) || !lora_ok(A.up, H, I) || !lora_ok(A.down, I, H))
+                return QWENLAB_BAD_SIZES;
+            for (const LoraLinear* a : {&A.q, &A.k, &A.v, &A.o, &A.gate, &A.up, &A.down})
+                if (a->A)
+                    for (int64_t b = 0; b < B; ++b)
+                        if (row_adapter[b] >= a->n) return QWENLAB_BAD_SIZES;
+        }
+    } else {
+        lora = nullptr, row_adapter = nullptr;
+    }
     for (int64_t i = 0; i < n_layers; ++i) {
         const DecodeLayer& L = layers[i];
         if (!L.norm1 || !L.norm2 || !L.keys || !L.values || !has_elems(L.norm1_len, {H}) ||
@@ -157,23 +224,42 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
     float* att = (float*)malloc(sizeof(float) * B * Hq * D);
     float* gu = (float*)malloc(sizeof(float) * B * 2 * I);
     float* y = (float*)malloc(sizeof(float) * B * H);
-    int status = h && qkv && att && gu && y ? QWENLAB_OK : QWENLAB_NO_MEMORY;
+    // quantized linears kept apart (an adapter's model) are written here first; silu(gate) up for down's LoRA
+    float* tmp = (float*)malloc(sizeof(float) * B * (qkv_n > I ? qkv_n : I));
+    int status = h && qkv && att && gu && y && tmp ? QWENLAB_OK : QWENLAB_NO_MEMORY;
+    const int64_t q_n = Hq * D, kv_n = Hkv * D;
     for (int64_t i = 0; i < n_layers && status == QWENLAB_OK; ++i) {
         const DecodeLayer& L = layers[i];
+        const LoraLayer* A = lora ? &lora[i] : nullptr;
         qwenlab_rms_norm(x, B * H, B, H, L.norm1, L.norm1_len, eps, h, B * H);
-        status = L.k.w ? float_linears({&L.qkv, &L.k, &L.v}, h, B, qkv, nthreads, 0) : linear(L.qkv, h, B, qkv, nthreads, 0);
+        status = L.k.w ? side_by_side({&L.qkv, &L.k, &L.v}, h, B, qkv, tmp, nthreads) : linear(L.qkv, h, B, qkv, nthreads, 0);
+        if (status == QWENLAB_OK && A)
+            if ((status = lora_add(A->q, row_adapter, h, H, B, H, qkv, q_n, qkv_n)) != QWENLAB_OK ||
+                (status = lora_add(A->k, row_adapter, h, H, B, H, qkv + q_n, kv_n, qkv_n)) != QWENLAB_OK ||
+                (status = lora_add(A->v, row_adapter, h, H, B, H, qkv + q_n + kv_n, kv_n, qkv_n)) != QWENLAB_OK)
+                break;
         if (status != QWENLAB_OK) break;
         status = qwenlab_decode_attention(qkv, B * qkv_n, B, Hq, Hkv, D, cos, sin, cs_len, L.keys, L.values,
                                           L.kv_len, cap, pos, att, B * Hq * D, starts);
         if (status != QWENLAB_OK || (status = linear(L.o, att, B, y, nthreads, 0)) != QWENLAB_OK) break;
+        if (A && (status = lora_add(A->o, row_adapter, att, q_n, B, q_n, y, H, H)) != QWENLAB_OK) break;
         add_into(x, y, B * H);
         qwenlab_rms_norm(x, B * H, B, H, L.norm2, L.norm2_len, eps, h, B * H);
-        status = L.up.w ? float_linears({&L.gate_up, &L.up}, h, B, gu, nthreads, 0) : linear(L.gate_up, h, B, gu, nthreads, 0);
+        status = L.up.w ? side_by_side({&L.gate_up, &L.up}, h, B, gu, tmp, nthreads) : linear(L.gate_up, h, B, gu, nthreads, 0);
+        if (status == QWENLAB_OK && A)
+            if ((status = lora_add(A->gate, row_adapter, h, H, B, H, gu, I, 2 * I)) != QWENLAB_OK ||
+                (status = lora_add(A->up, row_adapter, h, H, B, H, gu + I, I, 2 * I)) != QWENLAB_OK)
+                break;
         if (status != QWENLAB_OK) break;
         // act 1: silu(gate) * up, applied while quantizing
         if ((status = linear(L.down, gu, B, y, nthreads, 1)) != QWENLAB_OK) break;
+        if (A && A->down.A) {  // down's delta reads silu(gate) up itself
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t j = 0; j < I; ++j) tmp[b * I + j] = silu(gu[b * 2 * I + j]) * gu[b * 2 * I + I + j];
+            if ((status = lora_add(A->down, row_adapter, tmp, I, B, I, y, H, H)) != QWENLAB_OK) break;
+        }
         add_into(x, y, B * H);
     }
-    free(h); free(qkv); free(att); free(gu); free(y);
+    free(h); free(qkv); free(att); free(gu); free(y); free(tmp);
     return status;
 }
