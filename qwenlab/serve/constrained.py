@@ -9,14 +9,15 @@ its own matcher.
 Masks: llguidance fills one bit per token; `RowGrammar.allowed()` unpacks it through a 256-entry
 table into a bool row the width of the logits, ids past the tokenizer's own always banned (a
 padding id must never be sampled). The engine computes the next masks in a worker thread while the
-decode forward pass runs (llguidance and torch both release the GIL), and applies them with one
-masked_fill per constrained row. llguidance.torch's own apply function is not used: it is
+decode forward pass runs (llguidance and torch both release the GIL), or on its own thread where they
+cost less than the hand-off (INLINE_BELOW_S), and applies them with one masked_fill per constrained row. llguidance.torch's own apply function is not used: it is
 torch.compile'd and took 38 s on its first CPU call.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 
@@ -27,6 +28,11 @@ from qwenlab.serve.limits import APIError
 # Qwen2.5 writes JSON the way json.dumps does; no free whitespace, so a sampled row cannot loop on it.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 COMPILED_KEPT = 64
+# Masks cheaper than this (all rows together) are computed on the engine thread before the forward pass.
+# Handing them to the worker and back cost ~0.1 ms on nano (a thread wake-up each way), and on 2 cores
+# the worker competes with the kernel's threads; a nano row's mask takes ~20 µs, a 0.5B row's (152k
+# tokens) several times that, which the worker then hides behind a forward pass of ~10 ms.
+INLINE_BELOW_S = 1e-4
 _BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # byte -> its 8 bits, low first
 
 
@@ -37,6 +43,7 @@ class GrammarBackend:
         self.real_tokens[:min(tokenizer.vocab_size, logits_width)] = True
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenlab-masks")
         self._compiled: dict[str, Constraint] = {}  # clients repeat their schemas: check each once
+        self._row_seconds = 0.0  # running mean of one row's mask time (the first masks are computed inline)
 
     @cached_property
     def lltokenizer(self):
@@ -75,8 +82,22 @@ class GrammarBackend:
         return constraint
 
     def masks(self, grammars: list["RowGrammar"]) -> Future:
-        """Start computing each grammar's next mask off this thread; the future gives [allowed or error]."""
-        return self._workers.submit(_all_masks, grammars)
+        """Start computing each grammar's next mask; the future gives [allowed or error]. Off this thread,
+        overlapping the forward pass, unless the masks are cheaper than the hand-off: then here, at once."""
+        if len(grammars) * self._row_seconds < INLINE_BELOW_S:
+            done = Future()
+            done.set_result(self._timed_masks(grammars))
+            return done
+        return self._workers.submit(self._timed_masks, grammars)
+
+    def _timed_masks(self, grammars: list["RowGrammar"]) -> list:
+        # CPU time of this thread, not wall time: in the worker, waiting for the GIL or a core while the
+        # forward pass runs would count, look expensive, and keep the masks off the engine thread for good
+        started = time.thread_time()
+        out = _all_masks(grammars)
+        per_row = (time.thread_time() - started) / max(len(grammars), 1)
+        self._row_seconds = 0.8 * self._row_seconds + 0.2 * per_row  # (a float store: safe across threads)
+        return out
 
 
 def _one_line(message: str) -> str:

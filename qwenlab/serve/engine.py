@@ -399,7 +399,7 @@ class Engine:
         """Choose one row's next token and emit its text; its finish reason when it is done."""
         if isinstance(allowed, Exception):
             raise allowed
-        token, logprob = (greedy_token, None) if row.simple else row.choose(logits, allowed)
+        token, logprob = (greedy_token, None) if row.simple else row.choose(logits, allowed, greedy_token)
         first = row.request.first_token_s is None
         reason = row.accept(token, self.stop_ids, logprob)
         self._observe_token(row.request, first)

@@ -89,9 +89,16 @@ class RowState:
         self.grammar = request.constraint.row() if request.constraint is not None else None
         self.simple = params.greedy and self.grammar is None  # the batch argmax is this row's choice
 
-    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> tuple[int, TokenLogprob | None]:
-        """The next token from this row's logits [1, V], within the grammar's `allowed` tokens."""
-        token, logprob = self.sampler.choose(logits, allowed)
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None,
+               greedy_token: int | None = None) -> tuple[int, TokenLogprob | None]:
+        """The next token from this row's logits [1, V], within the grammar's `allowed` tokens. greedy_token:
+        the batch's argmax for this row; a greedy constrained row takes it as is when the grammar allows it
+        (most steps of a model that writes the format anyway), and masks its logits only when not."""
+        if greedy_token is not None and allowed is not None and self.request.params.greedy \
+                and bool(allowed[greedy_token]):
+            token, logprob = greedy_token, None
+        else:
+            token, logprob = self.sampler.choose(logits, allowed)
         if self.grammar is not None:
             self.grammar.accept(token)
         return token, logprob
