@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import ctypes.util
+import os
 from functools import lru_cache
 
 
 @lru_cache(maxsize=1)
-def _malloc_trim():
+def _libc():
     # find_library runs ldconfig/gcc in a subprocess: once per process, not per call.
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None  # not glibc
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    return getattr(_libc(), "malloc_trim", None)  # None: not glibc
 
 
 def release_free_memory() -> None:
@@ -37,23 +42,20 @@ class _MallInfo2(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _mallinfo2():
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.restype = _MallInfo2
+    fn = getattr(_libc(), "mallinfo2", None)  # glibc >= 2.33
+    if fn is not None:
+        fn.restype = _MallInfo2
     return fn
 
 
-def heap_usage() -> dict[str, int] | None:
-    """glibc's heap over all arenas, in bytes: `in_use` (live malloc'd blocks, mmapped ones included) and
-    `free_held` (freed blocks the allocator keeps mapped). Growth of RSS with flat `in_use` is the allocator
-    holding pages, not a leak. None where the C library is not glibc."""
+def heap_in_use() -> int | None:
+    """Bytes in glibc's live malloc'd blocks over all arenas, mmapped ones included. Growth of RSS with
+    this flat is the allocator holding freed pages, not a leak. None where the C library is not glibc."""
     fn = _mallinfo2()
     if fn is None:
         return None
     info = fn()
-    return {"in_use": info.uordblks + info.hblkhd, "free_held": info.fordblks}
+    return info.uordblks + info.hblkhd
 
 
 def resident_bytes() -> int | None:

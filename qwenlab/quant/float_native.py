@@ -85,7 +85,7 @@ class NativeFloatQwen2ForCausalLM(Qwen2ForCausalLM):
                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for name in names:
                     module = owner._modules[name]
-                    base = getattr(module, "base_layer", module)
+                    base = native.unwrapped(module)
                     if type(base) is not NativeLinear or not base.weight.is_contiguous() \
                             or base.weight.dtype not in native.FLOAT_BITS:
                         return None

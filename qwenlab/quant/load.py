@@ -40,7 +40,7 @@ class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
 
     def run_layers(self, x, cos, sin, mask, cache, start):
         stack = self.decode_stack
-        if stack is not None and isinstance(stack, native.DecodeStack) and not stack.matches():
+        if stack is not None and not stack.matches():
             stack = self.decode_stack = native.DecodeStack(self.model.layers, self.config)  # an adapter swap
         stacked = native.run_decode_stack(self, stack, x, cos, sin, mask, cache, start)
         return stacked if stacked is not None else super().run_layers(x, cos, sin, mask, cache, start)

@@ -10,7 +10,8 @@ Masks: llguidance fills one bit per token; `RowGrammar.allowed()` unpacks it thr
 table into a bool row the width of the logits, ids past the tokenizer's own always banned (a
 padding id must never be sampled). The engine computes the next masks in a worker thread while the
 decode forward pass runs (llguidance and torch both release the GIL), or on its own thread where they
-cost less than the hand-off (INLINE_BELOW_S), and applies them with one masked_fill per constrained row. llguidance.torch's own apply function is not used: it is
+cost less than the hand-off (INLINE_BELOW_S), and applies them with one masked_fill per constrained
+row. llguidance.torch's own apply function is not used: it is
 torch.compile'd and took 38 s on its first CPU call.
 """
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from qwenlab.adapters.peft_format import save_adapter_files
 from qwenlab.errors import QwenlabError
-from qwenlab.model.memory import heap_usage, release_free_memory, resident_bytes
+from qwenlab.model.memory import heap_in_use, release_free_memory, resident_bytes
 from qwenlab.swarm.dht import SwarmDHT
 from qwenlab.swarm.metrics import SwarmMetrics, mean
 from qwenlab.swarm.records import RecordLimits, encode_record
@@ -371,9 +371,9 @@ class SwarmPeer:
     def _memory() -> dict:
         """What this process holds after a round, for telling a leak (live bytes grow) from the allocator
         keeping freed pages (RSS grows, live bytes flat): RSS, glibc's live heap, Python's live blocks."""
-        rss, heap = resident_bytes(), heap_usage()
+        rss, heap = resident_bytes(), heap_in_use()
         return {"rss_mib": None if rss is None else round(rss / 2**20, 1),
-                "heap_in_use_mib": None if heap is None else round(heap["in_use"] / 2**20, 1),
+                "heap_in_use_mib": None if heap is None else round(heap / 2**20, 1),
                 "python_blocks": sys.getallocatedblocks()}
 
     # ---- the loop ------------------------------------------------------------------------

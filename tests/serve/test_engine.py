@@ -9,6 +9,7 @@ import torch
 from qwenlab.serve.batch_cache import BatchKVCache
 from qwenlab.serve.engine import Engine
 from qwenlab.serve.requests import EngineRequest, SamplingParams
+from tests.conftest import CountedCalls
 from tests.serve.conftest import ADAPTERS
 
 
@@ -243,21 +244,6 @@ def test_a_long_prefill_goes_in_chunks_between_the_running_rows_steps(engine, re
     assert "".join(newcomer.text) == alone(reference.base, tokenizer, long_ids, None, 5)
 
 
-class CountedStack:
-    """A decode stack that records each call: (rows, starts, whether it ran, whether adapters rode along)."""
-
-    def __init__(self, stack, taken: list):
-        self.stack, self.taken = stack, taken
-
-    def __getattr__(self, name):
-        return getattr(self.stack, name)
-
-    def __call__(self, x, cos, sin, cache, buffers, pos, starts=None, lora=None):
-        out = self.stack(x, cos, sin, cache, buffers, pos, starts, lora)
-        self.taken.append((x.shape[0], None if starts is None else starts.tolist(), out is not None))
-        return out
-
-
 def test_a_mixed_length_batch_runs_on_the_native_decode_stack(serve_models, reference):
     """Two requests with prompts of different lengths admitted at once are left-padded in the batch cache:
     each row's padding is leading, so every decode step (both rows, then the one left after the shorter
@@ -274,7 +260,9 @@ def test_a_mixed_length_batch_runs_on_the_native_decode_stack(serve_models, refe
     tokenizer = reference.tokenizer
     engine = Engine("base-int8", model, tokenizer, tokenizer.stop_ids(), max_batch=3, max_context=256)
     stack, taken = model.decode_stack, []
-    model.decode_stack = CountedStack(stack, taken)
+    # each call: (rows, starts, whether it ran); run_decode_stack passes starts as the 7th argument
+    model.decode_stack = CountedCalls(stack, lambda args, out: taken.append(
+        (args[0].shape[0], None if args[6] is None else args[6].tolist(), out is not None)))
     jobs = [(tokenizer.encode("Reverse the word: apple apple apple"), 9), (tokenizer.encode("hello"), 5)]
     assert len(jobs[0][0]) != len(jobs[1][0])
     collectors = [Collector() for _ in jobs]

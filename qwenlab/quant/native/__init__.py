@@ -238,13 +238,13 @@ def lora_table(wrapped: list[tuple], stacks: dict) -> ctypes.Array:
     return (_LoraLayer * len(wrapped))(*[_LoraLayer(*map(entry, modules)) for modules in wrapped])
 
 
-def _unwrapped(module):
+def unwrapped(module):
     """The linear an adapter wraps (LoRALinear's base_layer), or the module itself."""
     return getattr(module, "base_layer", module)
 
 
 def _qlinear(layer) -> _QLinear:
-    layer = _unwrapped(layer)
+    layer = unwrapped(layer)
     kernel = "decode_stack"
     if not hasattr(layer, "qweight"):  # a float layer: its weight as stored, [N, K] row-major
         bits = FLOAT_BITS.get(layer.weight.dtype)
@@ -355,7 +355,7 @@ class DecodeStack:
 def _weight_slot(module) -> tuple[dict, str, torch.Tensor | None, int]:
     """Where a linear keeps the weight the stack points at: (its parameters or buffers dict, the key, the
     tensor, its address); a merge that writes `weight.data` changes the address, a swap the tensor."""
-    base = _unwrapped(module)
+    base = unwrapped(module)
     for table in (base._buffers, base._parameters):
         for key in ("qweight", "weight"):
             if table.get(key) is not None:
