@@ -1,10 +1,13 @@
-"""The kernels that are not quantization: the per-row LoRA delta, a decode step's attention, RMSNorm.
+"""The kernels that are not quantization: the per-row LoRA delta, a decode step's attention, RMSNorm,
+and the argmax of logits under a grammar's bit mask.
 
 Each wrapper checks dtype and contiguity, passes every buffer with its length (the kernel checks the
 lengths against the dimensions), and returns None where its fast path does not apply.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -82,3 +85,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     checked(library().rms_norm(x.data_ptr(), x.numel(), x.numel() // max(n, 1), n, weight.data_ptr(), weight.numel(),
                                 eps, out.data_ptr(), out.numel()), "rms_norm")
     return out
+
+
+# ---- grammar masks --------------------------------------------------------------------------------------
+def masked_argmax(logits: torch.Tensor, mask_words: torch.Tensor, n_valid: int) -> int | None:
+    """The id of the largest of `logits` [V] (fp32, contiguous) among those whose bit is set in `mask_words`
+    (int32, llguidance's layout: id i is bit i % 32 of word i // 32) and below `n_valid`; ties go to the
+    lowest id. None when no id is allowed. Costs a pass over the set bits, with no bool row unpacked."""
+    kernel = "masked_argmax"
+    lp, l_len = buffer(logits, torch.float32, "logits", kernel)
+    mp, m_len = buffer(mask_words, torch.int32, "mask", kernel)
+    out = ctypes.c_int64(-1)
+    checked(library().masked_argmax(lp, l_len, mp, m_len, n_valid, ctypes.addressof(out)), kernel)
+    return out.value if out.value >= 0 else None

@@ -38,6 +38,8 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     "qwenlab_decode_attention": ([p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64, p], "held"),
     # x, x_len, rows, n, w, w_len, eps, out, out_len
     "qwenlab_rms_norm": ([p, i64, i64, i64, p, i64, f32, p, i64], "held"),
+    # logits, logits_len, mask (uint32 words), mask_len, n_valid, out (one int64: the id, or -1)
+    "qwenlab_masked_argmax": ([p, i64, p, i64, i64, p], "held"),
     # seed (build.py runs it in a child process before the library is loaded)
     "qwenlab_probe": ([i32], "held"),
     # seed: one vdpbf16ps, run in a child process like qwenlab_probe (the bf16 path's own probe)

@@ -6,9 +6,13 @@ tokens) and the engine's stop ids as end-of-sequence. A request's grammar is com
 on the HTTP side, so an unsupported schema feature is a 400 that names it; each batch row then gets
 its own matcher.
 
-Masks: llguidance fills one bit per token; `RowGrammar.allowed()` unpacks it through a 256-entry
-table into a bool row the width of the logits, ids past the tokenizer's own always banned (a
-padding id must never be sampled). The engine computes the next masks in a worker thread while the
+Masks: llguidance fills one bit per token (`TokenMask`). A greedy row computes none in advance: its
+argmax is offered to the grammar, then its next few most likely tokens, and only when all are refused
+is the mask computed and the best allowed token found by a native pass over the set bits
+(native/token_mask.cpp). Other rows unpack the bits through a 256-entry table into a bool row the
+width of the logits. Ids past the tokenizer's own are always banned (a padding id must never be
+sampled). A row whose grammar is complete ends at once, without the decode step that could only
+choose a stop token. The engine computes the next masks in a worker thread while the
 decode forward pass runs (llguidance and torch both release the GIL), or on its own thread where they
 cost less than the hand-off (INLINE_BELOW_S), and applies them with one masked_fill per constrained
 row. llguidance.torch's own apply function is not used: it is
@@ -24,6 +28,7 @@ from functools import cached_property
 
 import torch
 
+from qwenlab import native
 from qwenlab.serve.limits import APIError
 
 # Qwen2.5 writes JSON the way json.dumps does; no free whitespace, so a sampled row cannot loop on it.
@@ -34,6 +39,12 @@ COMPILED_KEPT = 64
 # the worker competes with the kernel's threads; a nano row's mask takes ~20 µs, a 0.5B row's (152k
 # tokens) several times that, which the worker then hides behind a forward pass of ~10 ms.
 INLINE_BELOW_S = 1e-4
+# A greedy row whose argmax the grammar refuses offers it this many of its next most likely tokens (a
+# refusal costs ~0.5 µs) before the mask is computed, when the vocabulary is large enough (WALK_FROM_TOKENS)
+# for a mask to cost more than the walk: nano's 400-token mask took ~40 µs inside the engine (caches cold
+# after the forward pass), the walk ~25 µs, and it found an allowed token one time in six.
+GREEDY_WALK = 8
+WALK_FROM_TOKENS = 32768
 _BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # byte -> its 8 bits, low first
 
 
@@ -41,7 +52,8 @@ class GrammarBackend:
     def __init__(self, tokenizer, logits_width: int, stop_ids: set[int]):
         self.tokenizer, self.width, self.stop_ids = tokenizer, logits_width, stop_ids
         self.real_tokens = torch.zeros(logits_width, dtype=torch.bool)
-        self.real_tokens[:min(tokenizer.vocab_size, logits_width)] = True
+        self.real_count = min(tokenizer.vocab_size, logits_width)
+        self.real_tokens[:self.real_count] = True
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenlab-masks")
         self._compiled: dict[str, Constraint] = {}  # clients repeat their schemas: check each once
         self._row_seconds = 0.0  # running mean of one row's mask time (the first masks are computed inline)
@@ -127,22 +139,77 @@ class Constraint:
         return RowGrammar(self.backend, self._matcher.deep_copy())
 
 
+class TokenMask:
+    """One row's allowed next tokens as llguidance wrote them: a bit per token id. A greedy row asks
+    `allows(its argmax)` (a bit test in Python, no tensor op); only a choice among the allowed tokens
+    needs `banned()`, the unpacked bool row, built then."""
+
+    def __init__(self, backend: GrammarBackend, words: torch.Tensor):
+        self.backend, self.words = backend, words
+        self._ints = words.numpy()  # shares the buffer: a Python bit test per token
+
+    def allows(self, token: int) -> bool:
+        return token < self.backend.real_count and bool((int(self._ints[token >> 5]) >> (token & 31)) & 1)
+
+    def greedy_choice(self, logits: torch.Tensor, argmax: int) -> int:
+        """The most likely allowed token of one row's logits [V], given their argmax: that argmax when
+        allowed; else the native kernel's pass over the mask's set bits; else (no native kernels) a masked
+        argmax over the unpacked mask. Ties go to the lowest id on every path."""
+        if self.allows(argmax):
+            return argmax
+        if native.available():
+            token = native.masked_argmax(logits.float().contiguous(), self.words, self.backend.real_count)
+            if token is not None:
+                return token
+        return int(logits.masked_fill(self.banned(), float("-inf")).argmax())
+
+    def banned(self) -> torch.Tensor:
+        """bool [logits width]: True where the grammar forbids the token (and for every padding id)."""
+        bits = _BYTE_BITS[self.words.view(torch.uint8).long()].view(-1)[: self.backend.width]
+        return ~(bits & self.backend.real_tokens)
+
+
 class RowGrammar:
     def __init__(self, backend: GrammarBackend, matcher):
         self.backend, self.matcher = backend, matcher
-        self.bitmask = torch.zeros((backend.width + 31) // 32, dtype=torch.int32)
+        self.mask = TokenMask(backend, torch.zeros((backend.width + 31) // 32, dtype=torch.int32))
 
-    def allowed(self) -> torch.Tensor:
-        """bool [logits width]: the tokens the grammar allows next (a stop token once it is complete)."""
-        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
+    def allowed(self) -> TokenMask:
+        """The tokens the grammar allows next (a stop token once it is complete). The mask's buffer is this
+        row's own and is rewritten by the next call: it is used within the step it was computed for."""
+        words = self.mask.words
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
         if self.matcher.is_error():
             raise RuntimeError(f"grammar: {self.matcher.get_error()}")
-        bits = _BYTE_BITS[self.bitmask.view(torch.uint8).long()].view(-1)[: self.backend.width]
-        return bits & self.backend.real_tokens
+        return self.mask
+
+    def try_accept(self, token: int) -> bool:
+        """Consume `token` if the grammar allows it; False (and no change) if not. A padding id never is."""
+        return token < self.backend.real_count and self.matcher.try_consume_tokens([token]) == 1
+
+    def accept_likeliest(self, logits: torch.Tensor) -> int | None:
+        """After the argmax of `logits` [V] was refused: consume and return the likeliest allowed token among
+        the GREEDY_WALK most likely, or None to leave it to the mask (always, for a small vocabulary).
+        A tie with the next token also gives None: the masked argmax breaks ties by id, topk does not."""
+        if self.backend.real_count < WALK_FROM_TOKENS:
+            return None
+        values, ids = logits.topk(GREEDY_WALK + 1)
+        values, ids = values.tolist(), ids.tolist()
+        for rank in range(1, GREEDY_WALK):
+            if values[rank] == values[rank + 1]:
+                return None
+            if self.try_accept(ids[rank]):
+                return ids[rank]
+        return None
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"grammar refused token {token}: {self.matcher.get_error()}")
+
+    def complete(self) -> bool:
+        """The text so far is the whole grammar and it admits nothing more but a stop token: the row can end
+        now, without a decode step that could only choose that stop token."""
+        return self.matcher.is_stopped() and not self.matcher.is_error()
 
 
 # ---- grammars from request fields ------------------------------------------------------------------

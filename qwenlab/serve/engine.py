@@ -329,11 +329,10 @@ class Engine:
             self._choose_and_emit(job.logits[sources], list(range(first, len(self.rows))), self._first_masks(first))
 
     def _first_masks(self, first: int) -> dict[int, object]:
-        grammars = [row.grammar for row in self.rows[first:] if row.grammar is not None]
-        if not grammars:
+        rows = [row for row in self.rows[first:] if row.grammar is not None and not row.checks_first]
+        if not rows:
             return {}
-        masks = iter(self.grammars.masks(grammars).result())
-        return {id(row): next(masks) for row in self.rows[first:] if row.grammar is not None}
+        return dict(zip(map(id, rows), self.grammars.masks([row.grammar for row in rows]).result()))
 
     def _new_rows(self, requests: list[EngineRequest]) -> list[list[RowState] | None]:
         """The RowStates (one per choice) of each request; one whose set-up fails (its seed, its prompt,
@@ -355,7 +354,7 @@ class Engine:
         valid = torch.ones(len(self.rows), 1, dtype=torch.bool)
         self.adapters.select([row.request.adapter for row in self.rows])
         started = time.perf_counter()
-        constrained = [row for row in self.rows if row.grammar is not None]
+        constrained = [row for row in self.rows if row.grammar is not None and not row.checks_first]
         pending = self.grammars.masks([row.grammar for row in constrained]) if constrained else None
         logits = self.model(tokens, positions=positions, cache=self.cache, valid=valid)[:, -1]
         # the masks were computed in a worker thread while the forward pass ran

@@ -8,13 +8,16 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from qwenlab.model.generate import _RowText  # incremental detokenisation + stop strings, shared with `generate`
 from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.serve.row_sampling import RowSampler, TokenLogprob
+
+if TYPE_CHECKING:
+    from qwenlab.serve.constrained import TokenMask
 
 _ids = itertools.count()
 
@@ -88,17 +91,25 @@ class RowState:
         self.sampler = RowSampler(params, tokenizer, vocab_size, request.prompt_ids, index)
         self.grammar = request.constraint.row() if request.constraint is not None else None
         self.simple = params.greedy and self.grammar is None  # the batch argmax is this row's choice
+        self.checks_first = params.greedy and self.grammar is not None  # see choose(): no mask in advance
 
-    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None,
+    def choose(self, logits: torch.Tensor, allowed: TokenMask | None,
                greedy_token: int | None = None) -> tuple[int, TokenLogprob | None]:
-        """The next token from this row's logits [1, V], within the grammar's `allowed` tokens. greedy_token:
-        the batch's argmax for this row; a greedy constrained row takes it as is when the grammar allows it
-        (most steps of a model that writes the format anyway), and masks its logits only when not."""
-        if greedy_token is not None and allowed is not None and self.request.params.greedy \
-                and bool(allowed[greedy_token]):
-            token, logprob = greedy_token, None
-        else:
-            token, logprob = self.sampler.choose(logits, allowed)
+        """The next token from this row's logits [1, V], within the grammar's `allowed` tokens.
+
+        greedy_token: the batch's argmax for this row. A greedy constrained row (`checks_first`) gets no
+        mask in advance: its argmax is offered to the grammar, then its next most likely tokens, and only
+        when the grammar refuses them all is the mask computed and the likeliest allowed token taken. Both give the masked argmax; a model
+        that writes the format anyway never pays for a mask (llama.cpp's grammar sampler does the same)."""
+        if self.checks_first:
+            if self.grammar.try_accept(greedy_token):
+                return greedy_token, None
+            token = self.grammar.accept_likeliest(logits[0])
+            if token is None:
+                token = self.grammar.allowed().greedy_choice(logits[0], greedy_token)
+                self.grammar.accept(token)
+            return token, None
+        token, logprob = self.sampler.choose(logits, allowed.banned() if allowed is not None else None)
         if self.grammar is not None:
             self.grammar.accept(token)
         return token, logprob
@@ -117,7 +128,7 @@ class RowState:
         if delta or logprob is not None:
             request.on_event(EngineEvent("delta", delta, index=self.index,
                                          logprobs=[logprob] if logprob is not None else None))
-        if hit_stop:
+        if hit_stop or (self.grammar is not None and self.grammar.complete()):
             return "stop"
         if self.generated >= params.max_tokens:
             return "length"

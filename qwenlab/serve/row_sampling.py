@@ -58,14 +58,14 @@ class RowSampler:
             for token, value in params.logit_bias:
                 self.bias[0, token] = value
 
-    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> tuple[int, TokenLogprob | None]:
-        """logits [1, V] -> (token, its logprob entry or None)."""
+    def choose(self, logits: torch.Tensor, banned: torch.Tensor | None) -> tuple[int, TokenLogprob | None]:
+        """logits [1, V] -> (token, its logprob entry or None); banned: bool [V], the tokens a grammar forbids."""
         p = self.params
         logits = logits.float()
         if self.bias is not None:
             logits = logits + self.bias
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))
         logprobs = torch.log_softmax(logits, dim=-1) if p.logprobs is not None else None
         if self.counts is not None:
             logits = apply_frequency_presence(logits, self.counts, p.frequency_penalty, p.presence_penalty)
