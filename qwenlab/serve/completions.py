@@ -87,7 +87,8 @@ def _constraint(body: ChatCompletionRequest, engine):
                  else [t.function.name for t in body.tools])
         functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
         single = isinstance(body.tool_choice, NamedToolChoice) or not body.parallel_tool_calls
-        return engine.grammars.compile(tool_call_grammar(functions, names, parallel=not single), "tools")
+        grammar = tool_call_grammar(functions, names, parallel=not single, tag_ids=engine.grammars.tool_tag_ids)
+        return engine.grammars.compile(grammar, "tools")
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":

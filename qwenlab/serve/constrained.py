@@ -94,6 +94,12 @@ class GrammarBackend:
         constraint = self._compiled[grammar] = Constraint(self, matcher)
         return constraint
 
+    @cached_property
+    def tool_tag_ids(self) -> dict[str, int]:
+        """The ids of `<tool_call>` and `</tool_call>` where the tokenizer has each as one token."""
+        ids = {tag: self.tokenizer.token_id(tag) for tag in ("<tool_call>", "</tool_call>")}
+        return {tag: i for tag, i in ids.items() if i is not None and i < self.width}
+
     def masks(self, grammars: list["RowGrammar"]) -> Future:
         """Start computing each grammar's next mask; the future gives [allowed or error]. Off this thread,
         overlapping the forward pass, unless the masks are cheaper than the hand-off: then here, at once."""
@@ -222,17 +228,28 @@ def json_schema_grammar(schema: dict) -> str:
         raise APIError(400, f"response_format.json_schema.schema: {e}", param="response_format.json_schema.schema")
 
 
-def tool_call_grammar(tools: list[dict], names: list[str], parallel: bool) -> str:
+def tool_call_grammar(tools: list[dict], names: list[str], parallel: bool,
+                      tag_ids: dict[str, int] | None = None) -> str:
     """Qwen2.5's tool-call text for the functions in `names`, each call's arguments held to its schema:
     `<tool_call>\\n{"name": "f", "arguments": {…}}\\n</tool_call>`, once (or several times, newline-separated,
-    when parallel calls are allowed)."""
+    when parallel calls are allowed).
+
+    tag_ids: the tokenizer's own ids of `<tool_call>` and `</tool_call>` (Qwen2.5 has one token each, and
+    writes them so). A tag is then that token or its text spelled out: written as text alone, llguidance's
+    mask offered only the tag's token while its matcher refused to consume it, so a forced call failed on
+    the very token a Qwen2.5 model writes."""
     import llguidance
+
+    def tag(text: str) -> str:
+        token = (tag_ids or {}).get(text)
+        return f"(<[{token}]> | {json.dumps(text)})" if token is not None else json.dumps(text)
 
     rules, choices = [], []
     for i, tool in enumerate(t for t in tools if t["name"] in names):
         schema = {**(tool.get("parameters") or {"type": "object"}), "x-guidance": JSON_OPTIONS}
-        opening = f'<tool_call>\n{{"name": {json.dumps(tool["name"])}, "arguments": '
-        rules.append(f"call_{i}: {json.dumps(opening)} args_{i} {json.dumps(chr(125) + chr(10) + '</tool_call>')}")
+        opening = f'\n{{"name": {json.dumps(tool["name"])}, "arguments": '
+        rules.append(f"call_{i}: {tag('<tool_call>')} {json.dumps(opening)} args_{i} {json.dumps(chr(125) + chr(10))} "
+                     f"{tag('</tool_call>')}")
         rules.append(f"args_{i}: %json {json.dumps(schema)}")
         choices.append(f"call_{i}")
     call = "call: " + " | ".join(choices)

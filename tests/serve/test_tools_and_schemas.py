@@ -80,8 +80,14 @@ def scripted(engine, prompt_ids: list[int], text: str):
     """Make the model write `text` then end its turn, whatever it would have written: a forward hook adds a
     large logit to the scripted token at each position after `prompt_ids` (the server, its parser and its
     stream are what is tested; the model only has to say something malformed on cue)."""
-    tokenizer = engine.tokenizer
-    script = tokenizer.encode(text) + [tokenizer.token_id("<|im_end|>")]
+    with scripted_ids(engine, prompt_ids, engine.tokenizer.encode(text)):
+        yield
+
+
+@contextmanager
+def scripted_ids(engine, prompt_ids: list[int], script: list[int]):
+    """`scripted` with the token ids given, then the end of the turn."""
+    script = script + [engine.tokenizer.token_id("<|im_end|>")]
     start = len(prompt_ids)
 
     def hook(_module, _args, kwargs, output):
@@ -280,3 +286,48 @@ def test_tool_choice_none_is_accepted_and_leaves_the_tools_out(server):
                                               max_tokens=4, temperature=0)
     assert response.usage.prompt_tokens == len(prompt_ids(engine, ASK))  # no tools block: nothing to call
     assert response.choices[0].message.tool_calls is None
+
+
+@pytest.fixture(scope="module")
+def tag_token_server(tool_models, tmp_path_factory):
+    """The random base with a tokenizer that has `<tool_call>` and `</tool_call>` as tokens of their own (ids
+    400 and 401 of the padded embedding), not special, as Qwen2.5's tokenizer.json has them."""
+    import shutil
+
+    from qwenlab.serve import ServeConfig, build_app
+
+    folder = tmp_path_factory.mktemp("tags") / "base"
+    shutil.copytree(tool_models / "base", folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    for token_id, content in ((400, "<tool_call>"), (401, "</tool_call>")):
+        tokenizer["added_tokens"].append({"id": token_id, "content": content, "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "special": False})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with LiveServer(build_app(ServeConfig(base=str(folder), served_model_name="base", max_batch=4))) as live:
+        yield live
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("spelled", [False, True], ids=["tag-tokens", "tag-text"])
+def test_a_forced_call_takes_the_tag_tokens_qwen_writes(tag_token_server, stream, spelled):
+    """Qwen2.5 writes `<tool_call>` as one token. A forced call's grammar must accept it (llguidance's mask
+    offered only that token for the tag written as text, and its matcher then refused it: every forced call
+    failed); the tag spelled out in ordinary tokens stays allowed too."""
+    engine = engine_of(tag_token_server, "base")
+    tokenizer = engine.tokenizer
+    assert tokenizer.encode("<tool_call>") == [400] and tokenizer.encode("</tool_call>") == [401]
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}'
+    ask = dict(model="base", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=100, temperature=0)
+    prompt = prompt_ids(engine, ASK, [WEATHER])
+    if spelled:  # the tags in ordinary tokens: script them id by id, past the tokenizer's merging
+        ids = [t for part in ("<tool_call", ">") for t in tokenizer.encode(part)]
+        assert 400 not in ids
+        text_ids = ids + tokenizer.encode("\n" + call + "\n") + [t for part in ("</tool_call", ">")
+                                                                  for t in tokenizer.encode(part)]
+    else:
+        text_ids = tokenizer.encode("<tool_call>\n" + call + "\n</tool_call>")
+        assert text_ids[0] == 400 and text_ids[-1] == 401
+    with scripted_ids(engine, prompt, text_ids):
+        content, calls, finish = (streamed if stream else whole)(tag_token_server.client(), **ask)
+    assert finish == "tool_calls" and content is None
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Oslo", "days": 3})]
