@@ -27,11 +27,12 @@ def completion_logprobs_json(entries: list[TokenLogprob], text_start: int = 0) -
 
 
 class ChoiceState:
-    def __init__(self, index: int, tool_names: set[str] | None, stream: bool = True):
-        """stream False: the answer is parsed whole at the end (a call's JSON is checked before it is taken)."""
+    def __init__(self, index: int, tool_names: set[str] | None, stream: bool = True, forced_name: str | None = None):
+        """stream False: the answer is parsed whole at the end (a call's JSON is checked before it is taken).
+        forced_name: the one function a grammar forces the answer to call (announced with the first token)."""
         self.index, self.stream = index, stream
         self.held: list[str] = []
-        self.parser = ToolCallParser(tool_names) if tool_names else None
+        self.parser = ToolCallParser(tool_names, forced_name) if tool_names else None
         self.items: list[tuple[str, object]] = []  # ("content", text) / ("tool", call delta), in order
         self.logprobs: list[TokenLogprob] = []
         self.finish: EngineEvent | None = None

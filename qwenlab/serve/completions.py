@@ -38,6 +38,7 @@ class Prepared:
     params: SamplingParams
     constraint: object | None = None  # a compiled grammar every choice follows
     tool_names: set[str] | None = None  # parse the answer for calls of these functions
+    forced_name: str | None = None  # the one function a grammar forces every choice to call
 
 
 def prepare(body: SamplingFields, target: Target, limits: ServeLimits) -> Prepared:
@@ -72,7 +73,17 @@ def prepare(body: SamplingFields, target: Target, limits: ServeLimits) -> Prepar
     params = _sampling(body, len(prompt_ids), engine.max_context, limits, bias)
     constraint = _constraint(body, engine) if chat else None
     tool_names = {t["function"]["name"] for t in tools} if calling else None
-    return Prepared(target, prompt_ids, params, constraint, tool_names)
+    return Prepared(target, prompt_ids, params, constraint, tool_names, _forced_name(body) if chat else None)
+
+
+def _forced_name(body: ChatCompletionRequest) -> str | None:
+    """The function a forced call must be, when only one can be: a named tool_choice, or `required` with one
+    tool offered."""
+    if isinstance(body.tool_choice, NamedToolChoice):
+        return body.tool_choice.function.name
+    if body.tool_choice == "required" and body.tools and len(body.tools) == 1:
+        return body.tools[0].function.name
+    return None
 
 
 def _constraint(body: ChatCompletionRequest, engine):
@@ -153,7 +164,8 @@ class Generation:
         self.request = EngineRequest(prepared.prompt_ids, prepared.params, adapter=prepared.target.adapter,
                                      model_id=prepared.target.model_id, on_event=self._deliver,
                                      constraint=prepared.constraint)
-        self.choices = [ChoiceState(i, prepared.tool_names, stream) for i in range(prepared.params.n)]
+        self.choices = [ChoiceState(i, prepared.tool_names, stream, prepared.forced_name)
+                        for i in range(prepared.params.n)]
         self.engine = prepared.target.engine
         self.held: EngineEvent | None = None
         self.started: set[int] = set()  # choices whose first delta went out

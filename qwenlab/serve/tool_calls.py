@@ -10,6 +10,9 @@ whole text at once, so the two can only differ where a stream had to commit befo
   then only `function.arguments` fragments. The fragments are the model's own text of the arguments
   value, cut where its braces balance, so nothing is auto-closed or lost; they join up to the text
   the whole answer gives.
+- A forced call of one known function (a named `tool_choice`, or `required` with one tool) is announced
+  with the first token: the grammar guarantees the call, so the client need not wait for the model to
+  spell the name out before its first chunk (`forced_name`).
 - Text outside the calls is content; whitespace next to a tag is dropped.
 - A call that does not parse (bad JSON, arguments not an object, a function not offered) comes back as
   content, tags and all. The one exception: a stream commits to a call once its name is read and
@@ -99,8 +102,11 @@ class _Call:
 class ToolCallParser:
     """Feed text deltas; get back ("content", text) and ("tool", {index, id?, name?, arguments}) items."""
 
-    def __init__(self, tool_names: set[str]):
+    def __init__(self, tool_names: set[str], forced_name: str | None = None):
+        """forced_name: the function a grammar-forced answer calls; its first call is announced at once."""
         self.tool_names = tool_names
+        self.forced_name = forced_name
+        self.announced_first: _Call | None = None  # the forced call, announced before its text arrived
         self.buffer = ""  # text not yet classified (outside a call)
         self.call: _Call | None = None
         self.calls = 0
@@ -109,6 +115,10 @@ class ToolCallParser:
 
     def feed(self, text: str) -> list[tuple[str, object]]:
         out: list[tuple[str, object]] = []
+        if self.forced_name is not None and self.calls == 0 and self.call is None and self.announced_first is None:
+            self.announced_first = _Call(0, announced=True)
+            out.append(("tool", {"index": 0, "id": self.announced_first.id, "name": self.forced_name,
+                                 "arguments": ""}))
         if self.call is not None:
             self.call.body += text
         else:
@@ -123,7 +133,8 @@ class ToolCallParser:
                     return out
                 self._content(self.buffer[:at], out)
                 self.held_space, self.after_call = "", False
-                self.call = _Call(self.calls, body=self.buffer[at + len(OPEN):])
+                self.call = _Call(self.calls) if self.calls or self.announced_first is None else self.announced_first
+                self.call.body = self.buffer[at + len(OPEN):]
                 self.buffer = ""
             end = self.call.body.find(CLOSE)
             if end < 0:
@@ -139,6 +150,8 @@ class ToolCallParser:
         out: list[tuple[str, object]] = []
         if self.call is not None:
             self._complete(out, closed=False)
+        elif self.announced_first is not None and self.calls == 0:
+            self.buffer = ""  # cut off inside the opening tag: the forced call was announced, with no arguments
         self._content(self.buffer, out)
         self.buffer = ""
         if self.held_space and not self.after_call:
@@ -149,15 +162,16 @@ class ToolCallParser:
     # ---- inside a call -------------------------------------------------------------------------
     def _stream_arguments(self, out: list) -> None:
         call = self.call
-        if not call.announced:
+        if call.args_start is None:
             match = HEADER.match(call.body)
             if match is None or match.end() == len(call.body) or call.body[match.end()] != "{" \
                     or _unescape(match.group(1)) not in self.tool_names:
                 return  # not (yet) a call of an offered function with an object: wait, or for the closing tag
-            call.announced, call.args_start = True, match.end()
-            call.scanned = call.args_start
-            out.append(("tool", {"index": call.index, "id": call.id, "name": _unescape(match.group(1)),
-                                 "arguments": ""}))
+            call.args_start = call.scanned = match.end()
+            if not call.announced:
+                call.announced = True
+                out.append(("tool", {"index": call.index, "id": call.id, "name": _unescape(match.group(1)),
+                                     "arguments": ""}))
         if call.args_end is None:
             call.args_end = _container_end(call.body, call.scanned, call.scan)
             call.scanned = len(call.body)
@@ -175,7 +189,10 @@ class ToolCallParser:
         if not call.announced:
             out.append(("tool", {"index": call.index, "id": call.id, "name": parsed[0], "arguments": ""}))
             call.announced = True
-        arguments = parsed[1] if parsed is not None else call.body[call.args_start:call.args_end]
+        if parsed is not None:
+            arguments = parsed[1]
+        else:  # a committed call whose text broke off: its arguments as written (none if they never began)
+            arguments = call.body[call.args_start:call.args_end] if call.args_start is not None else ""
         self._send_arguments(call, arguments[call.args_sent:], out)
         self.calls += 1
         self.after_call = True

@@ -84,6 +84,28 @@ def scripted(engine, prompt_ids: list[int], text: str):
         yield
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("max_tokens", [1, 3, 12])
+def test_a_forced_call_of_one_function_is_announced_with_the_first_token(server, stream, max_tokens):
+    """Named tool_choice, or `required` with one tool: the grammar fixes the function, so its header chunk
+    (id, name) goes out with the first token instead of after the model has spelled the name; a call cut
+    short by max_tokens is still that call (arguments as far as written), streamed or not."""
+    client = server.client()
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for tools, choice in (([WEATHER, TIME], named), ([TIME], "required")):
+        ask = dict(model="base", messages=ASK, tools=tools, tool_choice=choice, max_tokens=max_tokens, temperature=0)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **ask))
+            first = next(c for c in chunks if c.choices and (c.choices[0].delta.content or c.choices[0].delta.tool_calls))
+            header = first.choices[0].delta.tool_calls[0]
+            assert header.function.name == "get_time" and header.id.startswith("call_")
+        content, calls, finish = (streamed if stream else whole)(client, **ask)
+        complete = whole(client, **{**ask, "max_tokens": 100})
+        assert complete[2] == "tool_calls" and json.loads(complete[1][0]["arguments"])["zone"] in ("UTC", "CET")
+        assert content is None and [c["name"] for c in calls] == ["get_time"] and finish == "length"
+        assert complete[1][0]["arguments"].startswith(calls[0]["arguments"])  # as far as it was written
+
+
 @contextmanager
 def scripted_ids(engine, prompt_ids: list[int], script: list[int]):
     """`scripted` with the token ids given, then the end of the turn."""
