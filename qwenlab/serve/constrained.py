@@ -21,6 +21,7 @@ torch.compile'd and took 38 s on its first CPU call.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,6 +96,11 @@ class GrammarBackend:
         return constraint
 
     @cached_property
+    def native_masked_argmax(self):
+        """token_mask.cpp's entry point (buffers and lengths as arguments), or None without native kernels."""
+        return native.library().masked_argmax if native.available() else None
+
+    @cached_property
     def tool_tag_ids(self) -> dict[str, int]:
         """The ids of `<tool_call>` and `</tool_call>` where the tokenizer has each as one token."""
         ids = {tag: self.tokenizer.token_id(tag) for tag in ("<tool_call>", "</tool_call>")}
@@ -153,20 +159,28 @@ class TokenMask:
     def __init__(self, backend: GrammarBackend, words: torch.Tensor):
         self.backend, self.words = backend, words
         self._ints = words.numpy()  # shares the buffer: a Python bit test per token
+        # the native argmax's arguments, bound once: inside the engine, right after a forward pass, each
+        # Python-level tensor op of this per-step path cost several µs (cold caches)
+        self._words_at, self._found = words.data_ptr(), ctypes.c_int64(-1)
+        self._found_at = ctypes.addressof(self._found)
 
     def allows(self, token: int) -> bool:
         return token < self.backend.real_count and bool((int(self._ints[token >> 5]) >> (token & 31)) & 1)
 
     def greedy_choice(self, logits: torch.Tensor, argmax: int) -> int:
-        """The most likely allowed token of one row's logits [V], given their argmax: that argmax when
-        allowed; else the native kernel's pass over the mask's set bits; else (no native kernels) a masked
-        argmax over the unpacked mask. Ties go to the lowest id on every path."""
-        if self.allows(argmax):
-            return argmax
-        if native.available():
-            token = native.masked_argmax(logits.float().contiguous(), self.words, self.backend.real_count)
-            if token is not None:
-                return token
+        """The most likely allowed token of one row's logits [V], given their argmax."""
+        return argmax if self.allows(argmax) else self.best_allowed(logits)
+
+    def best_allowed(self, logits: torch.Tensor) -> int:
+        """The most likely allowed token of one row's logits [V]: a native pass over the mask's set bits, or
+        (no native kernels, or logits it does not take) a masked argmax over the unpacked mask. Ties go to
+        the lowest id on both paths."""
+        kernel = self.backend.native_masked_argmax
+        if kernel is not None and logits.dtype == torch.float32 and logits.is_contiguous():
+            status = kernel(logits.data_ptr(), logits.numel(), self._words_at, self.words.numel(),
+                            self.backend.real_count, self._found_at)
+            if native.checked(status, "masked_argmax") == 0 and self._found.value >= 0:
+                return self._found.value
         return int(logits.masked_fill(self.banned(), float("-inf")).argmax())
 
     def banned(self) -> torch.Tensor:

@@ -98,15 +98,16 @@ class RowState:
         """The next token from this row's logits [1, V], within the grammar's `allowed` tokens.
 
         greedy_token: the batch's argmax for this row. A greedy constrained row (`checks_first`) gets no
-        mask in advance: its argmax is offered to the grammar, then its next most likely tokens, and only
-        when the grammar refuses them all is the mask computed and the likeliest allowed token taken. Both give the masked argmax; a model
-        that writes the format anyway never pays for a mask (llama.cpp's grammar sampler does the same)."""
+        mask in advance: its argmax is offered to the grammar, then (large vocabularies) its next most likely
+        tokens, and only when the grammar refuses them is the mask computed and the likeliest allowed token
+        taken. Both give the masked argmax; a model that writes the format anyway never pays for a mask
+        (llama.cpp's grammar sampler does the same)."""
         if self.checks_first:
             if self.grammar.try_accept(greedy_token):
                 return greedy_token, None
             token = self.grammar.accept_likeliest(logits[0])
             if token is None:
-                token = self.grammar.allowed().greedy_choice(logits[0], greedy_token)
+                token = self.grammar.allowed().best_allowed(logits[0])
                 self.grammar.accept(token)
             return token, None
         token, logprob = self.sampler.choose(logits, allowed.banned() if allowed is not None else None)
