@@ -166,6 +166,7 @@ class Engine:
         """One scheduling round; returns whether anything was done."""
         if not self.has_work():
             return False
+        started = time.perf_counter()
         self._run_commands()
         self._drop_cancelled()
         if not self.prefilling:
@@ -177,6 +178,8 @@ class Engine:
         if self.rows:
             self._decode()  # a fault here reaches EngineLoop, which ends the running rows only
         self._report()
+        if self.metrics is not None:  # busy time against wall time: what the HTTP side leaves the engine
+            self.metrics.observe_busy(self.name, time.perf_counter() - started)
         return True
 
     def _run_commands(self) -> None:

@@ -55,6 +55,8 @@ class ServeMetrics:
         self.generated_tokens = Counter("qwenlab_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.step_seconds = Histogram("qwenlab_decode_step_seconds", "Duration of one batched decode step",
                                       ["engine"], registry=r)
+        self.busy_seconds = Counter("qwenlab_engine_busy_seconds", "Time the engine thread spent in scheduling "
+                                    "rounds that did work (prefill and decode), per engine", ["engine"], registry=r)
         self.batch_rows = Gauge("qwenlab_batch_rows", "Rows in the last decode step", ["engine"], registry=r)
         self.queue_depth = Gauge("qwenlab_queue_depth", "Requests waiting for a batch row", ["engine"], registry=r)
         self.running = Gauge("qwenlab_running_requests", "Requests in the running batch", ["engine"], registry=r)
@@ -90,6 +92,9 @@ class ServeMetrics:
     def observe_decode_step(self, engine: str, rows: int, seconds: float) -> None:
         self.step_seconds.labels(engine).observe(seconds)
         self.batch_rows.labels(engine).set(rows)
+
+    def observe_busy(self, engine: str, seconds: float) -> None:
+        self.busy_seconds.labels(engine).inc(seconds)
 
     def observe_step_tokens(self, tokens: int) -> None:
         self.rate.add(tokens)

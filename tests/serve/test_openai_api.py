@@ -1,6 +1,7 @@
 """The server through the official `openai` client: models, chat and completions (streamed and not),
 adapters and variants equal to the library's own generation, mixed-adapter batches, run-time loading."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -96,8 +97,10 @@ def test_mixed_adapter_batches_equal_one_at_a_time(server):
             enumerate((m, p) for p in PROMPTS for m in ("base", "math", "reverse"))]
     alone = [chat(client, m, p, n).choices[0].message.content for m, p, n in jobs]
     before = get_text(server.url + "/metrics")
+    started = time.perf_counter()
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: stream_chat(client, *job)[0], jobs))
+    wall = time.perf_counter() - started
     after = get_text(server.url + "/metrics")
     assert together == alone
     name = "qwenlab_generated_tokens_total"
@@ -105,6 +108,11 @@ def test_mixed_adapter_batches_equal_one_at_a_time(server):
     steps = (metric(after, "qwenlab_decode_step_seconds_count", engine="base")
              - metric(before, "qwenlab_decode_step_seconds_count", engine="base"))
     assert steps < tokens / 2, (steps, tokens)  # rows shared decode steps: requests were batched
+    busy = metric(after, "qwenlab_engine_busy_seconds_total", engine="base") - metric(
+        before, "qwenlab_engine_busy_seconds_total", engine="base")
+    decoding = metric(after, "qwenlab_decode_step_seconds_sum", engine="base") - metric(
+        before, "qwenlab_decode_step_seconds_sum", engine="base")
+    assert decoding < busy < wall, (decoding, busy, wall)  # busy rounds hold the decode steps and the prefills
 
 
 def test_load_and_unload_an_adapter_at_run_time(server, serve_models, reference):
