@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from qwenlab.native.library import NOT_APPLICABLE, KernelArgumentError, buffer, checked, library
+from qwenlab.native.library import NOT_APPLICABLE, KernelArgumentError, buffer, checked, kernel_threads, library
 
 
 # ---- LoRA deltas for mixed-adapter batches ------------------------------------------------------------
@@ -32,7 +32,7 @@ def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: t
     ap, a_len = buffer(a, torch.float32, "a", kernel)
     bp, b_len = buffer(bt, torch.float32, "bt", kernel)
     status = checked(library().lora_bgmv(xp, x_len, rows, tokens, k, rp, r_len, ap, a_len, bp, b_len, a.shape[0],
-                                          a.shape[1], n_out, yp, y_len), kernel)
+                                          a.shape[1], n_out, yp, y_len, kernel_threads()), kernel)
     if status == NOT_APPLICABLE:
         raise ValueError(f"lora_bgmv: rank {a.shape[1]} is over {LORA_MAX_RANK}")
 

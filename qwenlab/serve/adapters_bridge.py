@@ -203,7 +203,8 @@ class AdapterSet:
             target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.zeros(out.shape)
             status = self._bgmv(x.data_ptr(), x.numel(), rows, tokens, width, self._row_adapter_ptr, rows,
                                 stack.a_ptr, stack.a_len, stack.bt_ptr, stack.bt_len, stack.count, stack.rank,
-                                stack.out_features, target.data_ptr(), target.numel())  # in place: target += delta
+                                stack.out_features, target.data_ptr(), target.numel(),
+                                native.kernel_threads())  # in place: target += delta
             if status != 0:
                 raise QwenlabError(f"lora_bgmv failed on a rank-{stack.rank} stack")
             return out if target is out else out + target.to(out.dtype)

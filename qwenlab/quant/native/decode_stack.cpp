@@ -37,7 +37,7 @@ int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, con
                      float* out, int64_t out_len);
 }
 int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
-                   const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy);
+                   const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy, int nthreads);
 int run_float_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const void* const* w,
                            const float* const* bias, float* const* y, const int64_t* N, int64_t ldy, int nthreads,
                            int act);
@@ -139,9 +139,9 @@ static int side_by_side(std::initializer_list<const QLinear*> ls, const float* x
 
 // y (row stride ldy) += each row's adapter delta of x (row stride ldx); nothing where the linear has none.
 static int lora_add(const LoraLinear& a, const int32_t* row_adapter, const float* x, int64_t ldx, int64_t B,
-                    int64_t K, float* y, int64_t N, int64_t ldy) {
+                    int64_t K, float* y, int64_t N, int64_t ldy, int nthreads) {
     if (!a.A || !row_adapter) return QWENLAB_OK;
-    return lora_bgmv_rows(x, ldx, B, K, row_adapter, a.A, a.Bt, a.R, N, y, ldy);
+    return lora_bgmv_rows(x, ldx, B, K, row_adapter, a.A, a.Bt, a.R, N, y, ldy, nthreads);
 }
 
 static bool lora_ok(const LoraLinear& a, int64_t K, int64_t N) {
@@ -234,21 +234,21 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
         qwenlab_rms_norm(x, B * H, B, H, L.norm1, L.norm1_len, eps, h, B * H);
         status = L.k.w ? side_by_side({&L.qkv, &L.k, &L.v}, h, B, qkv, tmp, nthreads) : linear(L.qkv, h, B, qkv, nthreads, 0);
         if (status == QWENLAB_OK && A)
-            if ((status = lora_add(A->q, row_adapter, h, H, B, H, qkv, q_n, qkv_n)) != QWENLAB_OK ||
-                (status = lora_add(A->k, row_adapter, h, H, B, H, qkv + q_n, kv_n, qkv_n)) != QWENLAB_OK ||
-                (status = lora_add(A->v, row_adapter, h, H, B, H, qkv + q_n + kv_n, kv_n, qkv_n)) != QWENLAB_OK)
+            if ((status = lora_add(A->q, row_adapter, h, H, B, H, qkv, q_n, qkv_n, nthreads)) != QWENLAB_OK ||
+                (status = lora_add(A->k, row_adapter, h, H, B, H, qkv + q_n, kv_n, qkv_n, nthreads)) != QWENLAB_OK ||
+                (status = lora_add(A->v, row_adapter, h, H, B, H, qkv + q_n + kv_n, kv_n, qkv_n, nthreads)) != QWENLAB_OK)
                 break;
         if (status != QWENLAB_OK) break;
         status = qwenlab_decode_attention(qkv, B * qkv_n, B, Hq, Hkv, D, cos, sin, cs_len, L.keys, L.values,
                                           L.kv_len, cap, pos, att, B * Hq * D, starts);
         if (status != QWENLAB_OK || (status = linear(L.o, att, B, y, nthreads, 0)) != QWENLAB_OK) break;
-        if (A && (status = lora_add(A->o, row_adapter, att, q_n, B, q_n, y, H, H)) != QWENLAB_OK) break;
+        if (A && (status = lora_add(A->o, row_adapter, att, q_n, B, q_n, y, H, H, nthreads)) != QWENLAB_OK) break;
         add_into(x, y, B * H);
         qwenlab_rms_norm(x, B * H, B, H, L.norm2, L.norm2_len, eps, h, B * H);
         status = L.up.w ? side_by_side({&L.gate_up, &L.up}, h, B, gu, tmp, nthreads) : linear(L.gate_up, h, B, gu, nthreads, 0);
         if (status == QWENLAB_OK && A)
-            if ((status = lora_add(A->gate, row_adapter, h, H, B, H, gu, I, 2 * I)) != QWENLAB_OK ||
-                (status = lora_add(A->up, row_adapter, h, H, B, H, gu + I, I, 2 * I)) != QWENLAB_OK)
+            if ((status = lora_add(A->gate, row_adapter, h, H, B, H, gu, I, 2 * I, nthreads)) != QWENLAB_OK ||
+                (status = lora_add(A->up, row_adapter, h, H, B, H, gu + I, I, 2 * I, nthreads)) != QWENLAB_OK)
                 break;
         if (status != QWENLAB_OK) break;
         // act 1: silu(gate) * up, applied while quantizing
@@ -256,7 +256,7 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
         if (A && A->down.A) {  // down's delta reads silu(gate) up itself
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t j = 0; j < I; ++j) tmp[b * I + j] = silu(gu[b * 2 * I + j]) * gu[b * 2 * I + I + j];
-            if ((status = lora_add(A->down, row_adapter, tmp, I, B, I, y, H, H)) != QWENLAB_OK) break;
+            if ((status = lora_add(A->down, row_adapter, tmp, I, B, I, y, H, H, nthreads)) != QWENLAB_OK) break;
         }
         add_into(x, y, B * H);
     }
