@@ -7,15 +7,14 @@ on the HTTP side, so an unsupported schema feature is a 400 that names it; each 
 its own matcher.
 
 Masks: llguidance fills one bit per token (`TokenMask`). A greedy row computes none in advance: its
-argmax is offered to the grammar, then its next few most likely tokens, and only when all are refused
-is the mask computed and the best allowed token found by a native pass over the set bits
-(native/token_mask.cpp). Other rows unpack the bits through a 256-entry table into a bool row the
-width of the logits. Ids past the tokenizer's own are always banned (a padding id must never be
-sampled). A row whose grammar is complete ends at once, without the decode step that could only
-choose a stop token. The engine computes the next masks in a worker thread while the
-decode forward pass runs (llguidance and torch both release the GIL), or on its own thread where they
-cost less than the hand-off (INLINE_BELOW_S), and applies them with one masked_fill per constrained
-row. llguidance.torch's own apply function is not used: it is
+argmax is offered to the grammar (then, with a large vocabulary, its next few most likely tokens), and
+only when they are refused is the mask computed and the best allowed token found by a native pass over
+the set bits (native/token_mask.cpp). A sampled row's next mask is computed in a worker thread while
+the decode forward pass runs (llguidance and torch both release the GIL), or on the engine thread where
+that costs less than the hand-off (INLINE_BELOW_S), unpacked through a 256-entry table into a bool row
+the width of the logits and applied with one masked_fill. Ids past the tokenizer's own are always
+banned (a padding id must never be sampled). A row whose grammar is complete ends at once, without the
+decode step that could only choose a stop token. llguidance.torch's own apply function is not used: it is
 torch.compile'd and took 38 s on its first CPU call.
 """
 
