@@ -27,7 +27,8 @@ The load generator shares the CPU with the server, as a co-located client would.
 server per model (no adapters; `--models` takes 'nano', a preset, or a model folder, e.g. an int4 copy).
 Every request is a streamed chat completion with the same short tools block in its prompt (so all have
 one prompt length); a client's requests cycle through three kinds:
-  free   tool_choice auto, unconstrained, ignore_eos: exactly --max-tokens tokens;
+  free   tool_choice auto, unconstrained, ignore_eos: exactly --max-tokens tokens (those after a stop
+         token decode to nothing and send no chunk: on nano ~57 chunks for 64 tokens);
   json   response_format json_schema (bounded strings and numbers), constrained by llguidance;
   tool   tool_choice required: a forced call whose arguments follow the function's schema.
 Phases alternate 'free-only' (every request free) and 'mix' (the three kinds, interleaved in the same
