@@ -38,6 +38,9 @@ int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, con
 }
 int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
                    const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy, int nthreads);
+int run_quant_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const uint8_t* const* w,
+                      const uint16_t* const* s, const uint16_t* const* mz, const float* const* bias,
+                      const int64_t* N, const int64_t* gs, float* const* y, int64_t ldy, int nthreads);
 int run_float_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const void* const* w,
                            const float* const* bias, float* const* y, const int64_t* N, int64_t ldy, int nthreads,
                            int act);
@@ -122,10 +125,27 @@ static bool linear_ok(const QLinear& l) {
 }
 
 // Linears that read the same x whose outputs sit side by side in y [B, sum N_i]: float ones in one pool
-// job; quantized ones (whose kernels write a contiguous [B, N]) each into `tmp`, then copied into place.
+// job, quantized ones of one kind too (run_quant_linears: x quantized once, written in place); a mix of
+// kinds each into `tmp`, then copied into place.
 static int side_by_side(std::initializer_list<const QLinear*> ls, const float* x, int64_t B, float* y, float* tmp,
                         int nthreads) {
     if (is_float(**ls.begin())) return float_linears(ls, x, B, y, nthreads, 0);
+    bool same = ls.size() <= 3;
+    for (const QLinear* l : ls) same = same && l->bits == (*ls.begin())->bits && l->K == (*ls.begin())->K;
+    if (same) {
+        const uint8_t* w[3];
+        const uint16_t *s[3], *mz[3];
+        const float* bias[3];
+        int64_t N[3], gs[3], ldy = 0;
+        float* out[3];
+        int n = 0;
+        for (const QLinear* l : ls) {
+            w[n] = l->w, s[n] = l->s, mz[n] = l->mz, bias[n] = l->bias, N[n] = l->N, gs[n] = l->gs;
+            out[n] = y + ldy, ldy += l->N, ++n;
+        }
+        return run_quant_linears(x, B, (*ls.begin())->K, (int)(*ls.begin())->bits, n, w, s, mz, bias, N, gs, out,
+                                 ldy, nthreads);
+    }
     int64_t ldy = 0, offset = 0;
     for (const QLinear* l : ls) ldy += l->N;
     for (const QLinear* l : ls) {
