@@ -151,24 +151,15 @@ class Constraint:
 
 
 class TokenMask:
-    """One row's allowed next tokens as llguidance wrote them: a bit per token id. A greedy row asks
-    `allows(its argmax)` (a bit test in Python, no tensor op); only a choice among the allowed tokens
-    needs `banned()`, the unpacked bool row, built then."""
+    """One row's allowed next tokens as llguidance wrote them: a bit per token id. A greedy row takes the
+    best allowed token straight from the bits (`best_allowed`); a sampled row unpacks them (`banned()`)."""
 
     def __init__(self, backend: GrammarBackend, words: torch.Tensor):
         self.backend, self.words = backend, words
-        self._ints = words.numpy()  # shares the buffer: a Python bit test per token
         # the native argmax's arguments, bound once: inside the engine, right after a forward pass, each
         # Python-level tensor op of this per-step path cost several µs (cold caches)
         self._words_at, self._found = words.data_ptr(), ctypes.c_int64(-1)
         self._found_at = ctypes.addressof(self._found)
-
-    def allows(self, token: int) -> bool:
-        return token < self.backend.real_count and bool((int(self._ints[token >> 5]) >> (token & 31)) & 1)
-
-    def greedy_choice(self, logits: torch.Tensor, argmax: int) -> int:
-        """The most likely allowed token of one row's logits [V], given their argmax."""
-        return argmax if self.allows(argmax) else self.best_allowed(logits)
 
     def best_allowed(self, logits: torch.Tensor) -> int:
         """The most likely allowed token of one row's logits [V]: a native pass over the mask's set bits, or

@@ -30,12 +30,12 @@ def mask_with(engine, allowed: list[int]) -> TokenMask:
     backend = engine.grammars
     mask = TokenMask(backend, torch.zeros((backend.width + 31) // 32, dtype=torch.int32))
     for token in allowed:
-        mask._ints[token >> 5] |= 1 << (token & 31) if token & 31 != 31 else -(1 << 31)
+        mask.words[token >> 5] |= 1 << (token & 31) if token & 31 != 31 else -(1 << 31)
     return mask
 
 
 @pytest.mark.parametrize("kernels", ["native", "torch"])
-def test_greedy_choice_is_the_masked_argmax_on_every_path(engine, kernels, monkeypatch):
+def test_best_allowed_is_the_masked_argmax_on_every_path(engine, kernels, monkeypatch):
     """Argmax allowed; a few allowed tokens; many allowed with one among the top GREEDY_WALK; many allowed and
     none in the top; ties go to the lowest id. With the native kernels and without (QWENLAB_NATIVE=0's path)."""
     if kernels == "torch":
@@ -55,27 +55,26 @@ def test_greedy_choice_is_the_masked_argmax_on_every_path(engine, kernels, monke
             allowed = rng.sample(order[GREEDY_WALK:], 250)
         allowed = [t for t in allowed if t < width] or [order[-1] if order[-1] < width else 0]
         mask = mask_with(engine, allowed)
-        assert mask.greedy_choice(logits, order[0]) == masked_argmax(logits, mask), (kind, allowed)
+        assert mask.best_allowed(logits) == masked_argmax(logits, mask), (kind, allowed)
     logits = torch.zeros(engine.grammars.width)  # all tied: the lowest allowed id, as argmax gives
     mask = mask_with(engine, [7, 300, 41])
-    assert mask.greedy_choice(logits, 0) == 7 == masked_argmax(logits, mask)
+    assert mask.best_allowed(logits) == 7 == masked_argmax(logits, mask)
 
 
 def test_padding_ids_are_never_allowed(engine):
     """An embedding padded past the tokenizer (Qwen2.5: 151,936 rows for ~151,665 tokens): a padding id is
-    refused even if its bit were set, on the bit-test path and on the unpacked one."""
+    refused even if its bit were set, by the native argmax and in the unpacked mask."""
     from qwenlab.serve.constrained import GrammarBackend
 
     backend = GrammarBackend(engine.tokenizer, engine.tokenizer.vocab_size + 16, engine.stop_ids)
     mask = TokenMask(backend, torch.zeros((backend.width + 31) // 32, dtype=torch.int32))
     padding = backend.real_count + 3
     for token in (padding, 5):
-        mask._ints[token >> 5] |= 1 << (token & 31)
-    assert not mask.allows(padding) and mask.allows(5)
+        mask.words[token >> 5] |= 1 << (token & 31)
     assert mask.banned()[padding] and not mask.banned()[5]
     logits = torch.zeros(backend.width)
     logits[padding] = 10.0
-    assert mask.greedy_choice(logits, padding) == 5
+    assert mask.best_allowed(logits) == 5
 
 
 def test_a_refused_token_leaves_the_grammar_unchanged(engine):
