@@ -332,7 +332,7 @@ class Engine:
             self._choose_and_emit(job.logits[sources], list(range(first, len(self.rows))), self._first_masks(first))
 
     def _first_masks(self, first: int) -> dict[int, object]:
-        rows = [row for row in self.rows[first:] if row.grammar is not None and not row.checks_first]
+        rows = [row for row in self.rows[first:] if row.masked_ahead]
         if not rows:
             return {}
         return dict(zip(map(id, rows), self.grammars.masks([row.grammar for row in rows]).result()))
@@ -357,7 +357,7 @@ class Engine:
         valid = torch.ones(len(self.rows), 1, dtype=torch.bool)
         self.adapters.select([row.request.adapter for row in self.rows])
         started = time.perf_counter()
-        constrained = [row for row in self.rows if row.grammar is not None and not row.checks_first]
+        constrained = [row for row in self.rows if row.masked_ahead]
         pending = self.grammars.masks([row.grammar for row in constrained]) if constrained else None
         logits = self.model(tokens, positions=positions, cache=self.cache, valid=valid)[:, -1]
         # the masks were computed in a worker thread while the forward pass ran

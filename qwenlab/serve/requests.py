@@ -92,6 +92,7 @@ class RowState:
         self.grammar = request.constraint.row() if request.constraint is not None else None
         self.simple = params.greedy and self.grammar is None  # the batch argmax is this row's choice
         self.checks_first = params.greedy and self.grammar is not None  # see choose(): no mask in advance
+        self.masked_ahead = self.grammar is not None and not self.checks_first  # the engine computes its masks
 
     def choose(self, logits: torch.Tensor, allowed: TokenMask | None,
                greedy_token: int | None = None) -> tuple[int, TokenLogprob | None]:
