@@ -2,8 +2,9 @@
 
 One library holds every kernel. This package holds what is not quantization: RMSNorm and a decode
 step's attention (decode_attention.cpp), the per-row LoRA delta serving uses for mixed-adapter batches
-(lora_bgmv.cpp), the argmax under a grammar's bit mask (token_mask.cpp), the build, the thread policy and the status codes. The int8/int4 matmul and the
-one-call decode stack live with the quantized formats they read (qwenlab/quant/native/).
+(lora_bgmv.cpp), the argmax under a grammar's bit mask (token_mask.cpp), the build, the thread policy
+and the status codes. The int8/int4 matmul and the one-call decode stack live with the quantized
+formats they read (qwenlab/quant/native/).
 
 Without a compiler, or on a CPU without AVX-512 VNNI, `available()` is False and every caller falls
 back to PyTorch. Set QWENLAB_NATIVE=0 to disable the kernels.
