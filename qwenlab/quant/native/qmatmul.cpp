@@ -204,79 +204,74 @@ static bool gemm_args_ok(int bits, const float* x, int64_t x_len, int64_t M, int
            (bits == 8 || has_elems(mz_len, {N, K / gs})) && (!bias || has_elems(bias_len, {N}));
 }
 
-template <int BITS>
-static int gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
-                int64_t N, int64_t gs, const float* bias, float* y, int nthreads, int act) {
-    if (M == 0) return QWENLAB_OK;  // no rows: nothing to compute (and malloc(0) may return null)
-    if ((double)M * N * K < (1 << 18)) nthreads = 1;  // tiny layers: waking a second thread costs more than it saves
-    GemmJob job{x, M, K, N, gs, K / XB, K / gs, 16, act, w, s, mz, bias, y, N, nullptr, nullptr, nullptr};
-    job.xq = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
-    job.xs = (float*)malloc(sizeof(float) * M * job.KB);
-    job.xsum = (int32_t*)malloc(sizeof(int32_t) * M * job.KB);
-    int status = QWENLAB_NO_MEMORY;
-    if (job.xq && job.xs && job.xsum) {
-        pool().run(quantize_chunk, &job, (M + job.rows_per_chunk - 1) / job.rows_per_chunk, nthreads);
-        if (!job.out_of_memory.load()) {
-            const int64_t NG = N / (16 * RG);
-            pool().run(gemm_chunk<BITS>, &job, (NG + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK, nthreads);
-            status = QWENLAB_OK;
-        }
-    }
-    free(job.xq); free(job.xs); free(job.xsum);
-    return status;
-}
-
-// Several quantized linears of one x (the decode stack's q, k, v or gate, up kept apart for adapters),
-// their outputs side by side in y [M, ldy] at column offsets y_i - y: x is quantized once and every
-// segment's row groups are chunks of one pool job. Before this, each linear was its own call (its own
-// quantization of x, allocations and two pool hand-offs, k and v too small for a second thread) and its
-// output was copied into place: the adapter server's decode step ran ~20% slower than the fused base's.
-// Arguments are the decode stack's, already checked (linear_ok); all segments share bits, K and act 0.
-struct SideBySideJob {
+// Jobs that share x, M, K and act (each its own weights, output columns y and stride ldy): x is quantized
+// once, into jobs[0]'s buffers, and every job's row groups are chunks of one pool job. One job is a plain
+// matmul; several are the decode stack's q, k, v (or gate, up) kept apart for adapters, written side by
+// side. As separate calls, each paid its own quantization of x, allocations and two pool hand-offs (k and
+// v too small for a second thread) plus a copy into place: the adapter server's decode step ran ~20%
+// slower than the fused base's.
+struct JobList {
     GemmJob* jobs;
-    int64_t first[4];  // first[i]: segment i's first chunk; first[n]: the total
+    int64_t first[4];  // first[i]: job i's first chunk; first[n]: the total
     int n;
 };
 
 template <int BITS>
-void side_by_side_chunk(const void* p, int64_t chunk) {
-    const SideBySideJob& j = *(const SideBySideJob*)p;
+void job_list_chunk(const void* p, int64_t chunk) {
+    const JobList& j = *(const JobList*)p;
     int i = 0;
     while (i + 1 < j.n && chunk >= j.first[i + 1]) ++i;
     gemm_chunk<BITS>(&j.jobs[i], chunk - j.first[i]);
 }
 
+template <int BITS>
+static int run_jobs(GemmJob* jobs, int n, int nthreads) {
+    GemmJob& lead = jobs[0];
+    const int64_t M = lead.M, K = lead.K;
+    if (M == 0) return QWENLAB_OK;  // no rows: nothing to compute (and malloc(0) may return null)
+    lead.xq = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
+    lead.xs = (float*)malloc(sizeof(float) * M * lead.KB);
+    lead.xsum = (int32_t*)malloc(sizeof(int32_t) * M * lead.KB);
+    int status = QWENLAB_NO_MEMORY;
+    if (lead.xq && lead.xs && lead.xsum) {
+        pool().run(quantize_chunk, &lead, (M + lead.rows_per_chunk - 1) / lead.rows_per_chunk, nthreads);
+        if (!lead.out_of_memory.load()) {
+            JobList list{jobs, {0, 0, 0, 0}, n};
+            for (int i = 0; i < n; ++i) {
+                jobs[i].xq = lead.xq, jobs[i].xs = lead.xs, jobs[i].xsum = lead.xsum;
+                const int64_t NG = jobs[i].N / (16 * RG);
+                list.first[i + 1] = list.first[i] + (NG + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK;
+            }
+            pool().run(job_list_chunk<BITS>, &list, list.first[n], nthreads);
+            status = QWENLAB_OK;
+        }
+    }
+    free(lead.xq); free(lead.xs); free(lead.xsum);
+    return status;
+}
+
+template <int BITS>
+static int gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* mz,
+                int64_t N, int64_t gs, const float* bias, float* y, int nthreads, int act) {
+    if ((double)M * N * K < (1 << 18)) nthreads = 1;  // tiny layers: waking a second thread costs more than it saves
+    GemmJob job{x, M, K, N, gs, K / XB, K / gs, 16, act, w, s, mz, bias, y, N, nullptr, nullptr, nullptr};
+    return run_jobs<BITS>(&job, 1, nthreads);
+}
+
+// The decode stack's side-by-side linears (run_jobs above); arguments already checked there (linear_ok):
+// every segment shares bits and K, and y[i] is segment i's first column in y [M, ldy].
 int run_quant_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const uint8_t* const* w,
                       const uint16_t* const* s, const uint16_t* const* mz, const float* const* bias,
                       const int64_t* N, const int64_t* gs, float* const* y, int64_t ldy, int nthreads) {
-    if (M == 0) return QWENLAB_OK;
     if (nseg < 1 || nseg > 3 || (bits != 8 && bits != 4)) return QWENLAB_BAD_SIZES;
     if ((double)M * ldy * K < (1 << 18)) nthreads = 1;
-    GemmJob jobs[3] = {
-        {x, M, K, N[0], gs[0], K / XB, K / gs[0], 16, 0, w[0], s[0], mz[0], bias[0], y[0], ldy, nullptr, nullptr, nullptr},
-        {x, M, K, 0, 1, K / XB, 1, 16, 0, nullptr, nullptr, nullptr, nullptr, nullptr, ldy, nullptr, nullptr, nullptr},
-        {x, M, K, 0, 1, K / XB, 1, 16, 0, nullptr, nullptr, nullptr, nullptr, nullptr, ldy, nullptr, nullptr, nullptr}};
-    jobs[0].xq = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
-    jobs[0].xs = (float*)malloc(sizeof(float) * M * jobs[0].KB);
-    jobs[0].xsum = (int32_t*)malloc(sizeof(int32_t) * M * jobs[0].KB);
-    int status = QWENLAB_NO_MEMORY;
-    if (jobs[0].xq && jobs[0].xs && jobs[0].xsum) {
-        pool().run(quantize_chunk, &jobs[0], (M + jobs[0].rows_per_chunk - 1) / jobs[0].rows_per_chunk, nthreads);
-        SideBySideJob job{jobs, {0, 0, 0, 0}, nseg};
-        for (int i = 0; i < nseg; ++i) {
-            if (i > 0) {  // the same quantized x; this segment's weights and output columns
-                jobs[i].N = N[i], jobs[i].gs = gs[i], jobs[i].G = K / gs[i], jobs[i].w = w[i], jobs[i].s = s[i];
-                jobs[i].mz = mz[i], jobs[i].bias = bias[i], jobs[i].y = y[i];
-                jobs[i].xq = jobs[0].xq, jobs[i].xs = jobs[0].xs, jobs[i].xsum = jobs[0].xsum;
-            }
-            const int64_t NG = N[i] / (16 * RG);
-            job.first[i + 1] = job.first[i] + (NG + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK;
-        }
-        pool().run(bits == 8 ? side_by_side_chunk<8> : side_by_side_chunk<4>, &job, job.first[nseg], nthreads);
-        status = QWENLAB_OK;
+    GemmJob jobs[3] = {};
+    for (int i = 0; i < nseg; ++i) {
+        GemmJob& j = jobs[i];
+        j.x = x, j.M = M, j.K = K, j.N = N[i], j.gs = gs[i], j.KB = K / XB, j.G = K / gs[i], j.rows_per_chunk = 16;
+        j.act = 0, j.w = w[i], j.s = s[i], j.mz = mz[i], j.bias = bias[i], j.y = y[i], j.ldy = ldy;
     }
-    free(jobs[0].xq); free(jobs[0].xs); free(jobs[0].xsum);
-    return status;
+    return bits == 8 ? run_jobs<8>(jobs, nseg, nthreads) : run_jobs<4>(jobs, nseg, nthreads);
 }
 
 extern "C" {
