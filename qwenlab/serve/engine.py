@@ -8,7 +8,8 @@ Each `step()`:
      streams in flight get a decode step between chunks (chunked prefill); when it is done its KV
      rows are copied into the running BatchKVCache, once per choice (n > 1 shares the prefill);
   4. runs one decode step for every running row (each row with its own adapter and position),
-     while a worker thread computes the next token masks of the grammar-constrained rows.
+     while a worker thread computes the next token masks of the grammar-constrained rows (a row whose next
+     token the grammar forces needs none).
 A row leaves the moment it finishes, and a waiting request takes its place at the next step.
 
 Faults stay as small as they can: an exception while setting up, sampling or emitting one row ends
@@ -44,6 +45,8 @@ ROW_ERROR = "internal error while generating this request; other requests are un
 ENGINE_ERROR = "internal error in the generation engine"
 # Prompt tokens (rows x columns) per prefill chunk: what a running stream may wait for between two tokens.
 PREFILL_CHUNK_TOKENS = 256
+# The most forced tokens a row alone in the batch feeds in one forward pass.
+MAX_FORCED_RUN = 64
 
 
 class PrefillJob:
@@ -169,12 +172,13 @@ class Engine:
         started = time.perf_counter()
         self._run_commands()
         self._drop_cancelled()
-        if not self.prefilling:
-            newcomers = self._admit()
-            if newcomers:
-                self._start_prefill(newcomers)
-        if self.prefilling and self._advance_prefill() and self.rows:
-            self.deliver()  # the newcomers' first tokens go out now, not with the decode step's second ones
+        if not (self.rows and self.rows[0].unfed > 1):  # else a forced run is fed first, alone (_advance)
+            if not self.prefilling:
+                newcomers = self._admit()
+                if newcomers:
+                    self._start_prefill(newcomers)
+            if self.prefilling and self._advance_prefill() and self.rows:
+                self.deliver()  # the newcomers' first tokens go out now, not with the decode step's second ones
         if self.rows:
             self._decode()  # a fault here reaches EngineLoop, which ends the running rows only
         self._report()
@@ -265,7 +269,8 @@ class Engine:
         if self.prefix_cache is None:
             return
         row = self.rows[index]
-        tokens = row.request.prompt_ids + row.output_ids[:-1]  # the last chosen token was never fed in
+        # the chosen tokens not yet fed in (the last, or a forced run's) have no KV
+        tokens = row.request.prompt_ids + row.output_ids[:len(row.output_ids) - row.unfed]
         slots = self.cache.row_slots(index)
         if len(slots) != len(tokens):  # a bug guard: never cache KV that is not this sequence's
             log.warning("request %s: %d KV slots for %d tokens; not cached", row.request.request_id,
@@ -332,7 +337,7 @@ class Engine:
             self._choose_and_emit(job.logits[sources], list(range(first, len(self.rows))), self._first_masks(first))
 
     def _first_masks(self, first: int) -> dict[int, object]:
-        rows = [row for row in self.rows[first:] if row.masked_ahead]
+        rows = [row for row in self.rows[first:] if row.needs_mask()]
         if not rows:
             return {}
         return dict(zip(map(id, rows), self.grammars.masks([row.grammar for row in rows]).result()))
@@ -351,19 +356,25 @@ class Engine:
         return out
 
     def _decode(self) -> None:
-        self.cache.make_room(1)
-        tokens = torch.tensor([[row.last_token] for row in self.rows])
-        positions = torch.tensor([[row.position] for row in self.rows])
-        valid = torch.ones(len(self.rows), 1, dtype=torch.bool)
+        width = self.rows[0].unfed if len(self.rows) == 1 else 1  # a forced run: one row, alone (_advance)
+        self.cache.make_room(width)
+        if width == 1:
+            tokens = torch.tensor([[row.last_token] for row in self.rows])
+            positions = torch.tensor([[row.position] for row in self.rows])
+        else:
+            row = self.rows[0]
+            tokens = torch.tensor([row.output_ids[-width:]])
+            positions = torch.arange(row.position, row.position + width)[None]
+        valid = torch.ones(len(self.rows), width, dtype=torch.bool)
         self.adapters.select([row.request.adapter for row in self.rows])
         started = time.perf_counter()
-        constrained = [row for row in self.rows if row.masked_ahead]
+        constrained = [row for row in self.rows if row.needs_mask()]
         pending = self.grammars.masks([row.grammar for row in constrained]) if constrained else None
-        logits = self.model(tokens, positions=positions, cache=self.cache, valid=valid)[:, -1]
+        logits = self.model(tokens, positions=positions, cache=self.cache, valid=valid, last_only=width > 1)[:, -1]
         # the masks were computed in a worker thread while the forward pass ran
         masks = dict(zip(map(id, constrained), pending.result())) if pending is not None else {}
         for row in self.rows:
-            row.position += 1
+            row.fed()
         count = len(self.rows)
         self._choose_and_emit(logits, list(range(count)), masks)
         if self.metrics is not None:
@@ -405,6 +416,15 @@ class Engine:
         first = row.request.first_token_s is None
         reason = row.accept(token, self.stop_ids, logprob)
         self._observe_token(row.request, first)
+        if reason is None and row.grammar is not None and row.grammar.forced and len(self.rows) == 1 \
+                and not self.prefilling and not self.waiting:
+            # Alone, a row takes its whole forced run now and the next step feeds it in one forward pass; in
+            # a batch the other rows would need padding slots, so there it takes one forced token per step.
+            # A newcomer arriving meanwhile joins one step later (step()).
+            generated = row.generated
+            reason = row.take_forced_run(self.stop_ids, MAX_FORCED_RUN)  # max_tokens bounds it too
+            for _ in range(row.generated - generated):
+                self._observe_token(row.request, False)
         return reason
 
     def _finish(self, row: RowState, reason: str) -> bool:

@@ -86,13 +86,20 @@ class RowState:
         self.text = _RowText(tokenizer, params.stop)
         self.position = len(request.prompt_ids)  # RoPE position of the next token fed in
         self.last_token = 0
+        self.unfed = 0  # chosen tokens the next step feeds in: 1, or more after a forced run (see take_forced_run)
         self.generated = 0
         self.output_ids: list[int] = []  # every chosen token, a stop token included (the prefix cache's keys)
         self.sampler = RowSampler(params, tokenizer, vocab_size, request.prompt_ids, index)
-        self.grammar = request.constraint.row() if request.constraint is not None else None
+        # a row that returns logprobs reports the model's own choice, so it takes no forced tokens
+        self.grammar = request.constraint.row(forcing=params.logprobs is None) if request.constraint is not None else None
         self.simple = params.greedy and self.grammar is None  # the batch argmax is this row's choice
         self.checks_first = params.greedy and self.grammar is not None  # see choose(): no mask in advance
         self.masked_ahead = self.grammar is not None and not self.checks_first  # the engine computes its masks
+
+    def needs_mask(self) -> bool:
+        """Whether the engine computes this row's mask for the next step (a sampled constrained row whose
+        next token is not forced)."""
+        return self.masked_ahead and not self.grammar.forced
 
     def choose(self, logits: torch.Tensor, allowed: TokenMask | None,
                greedy_token: int | None = None) -> tuple[int, TokenLogprob | None]:
@@ -102,7 +109,10 @@ class RowState:
         mask in advance: its argmax is offered to the grammar, then (large vocabularies) its next most likely
         tokens, and only when the grammar refuses them is the mask computed and the likeliest allowed token
         taken. Both give the masked argmax; a model that writes the format anyway never pays for a mask
-        (llama.cpp's grammar sampler does the same)."""
+        (llama.cpp's grammar sampler does the same). A token the grammar forces (constrained.py) is taken
+        before any of that, with no mask and no draw."""
+        if self.grammar is not None and self.grammar.forced:
+            return self._take_forced(), None
         if self.checks_first:
             if self.grammar.try_accept(greedy_token):
                 return greedy_token, None
@@ -121,6 +131,7 @@ class RowState:
         request, params = self.request, self.request.params
         self.generated += 1
         self.last_token = token
+        self.unfed += 1
         self.output_ids.append(token)
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter()
@@ -135,6 +146,25 @@ class RowState:
         if self.generated >= params.max_tokens:
             return "length"
         return None
+
+    def take_forced_run(self, stop_ids: set[int], limit: int) -> str | None:
+        """Choose now every token the grammar forces next (at most `limit`), emitting each; the next step
+        feeds them all in one forward pass. Returns a finish reason if one of them ends the row."""
+        reason = None
+        while reason is None and self.grammar.forced and limit > 0:
+            reason = self.accept(self._take_forced(), stop_ids)
+            limit -= 1
+        return reason
+
+    def _take_forced(self) -> int:
+        token = self.grammar.take_forced()
+        self.sampler.record(token)  # no draw chose it, but the penalties count it
+        return token
+
+    def fed(self) -> None:
+        """The step fed this row's unfed tokens in."""
+        self.position += self.unfed
+        self.unfed = 0
 
     def finish(self, reason: str) -> None:
         tail = self.text.flush()

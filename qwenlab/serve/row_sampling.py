@@ -72,11 +72,15 @@ class RowSampler:
         token = int(choose_next_tokens(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                        repetition_penalty=p.repetition_penalty, seen=self.seen,
                                        generator=self.generator)[0])
+        self.record(token)
+        return token, (self._entry(logprobs[0], token) if logprobs is not None else None)
+
+    def record(self, token: int) -> None:
+        """Count a chosen token for the penalties (also one a grammar forced, which no draw chose)."""
         if self.seen is not None:
             self.seen[0, token] = True
         if self.counts is not None:
             self.counts[0, token] += 1
-        return token, (self._entry(logprobs[0], token) if logprobs is not None else None)
 
     def _entry(self, logprobs: torch.Tensor, token: int) -> TokenLogprob:
         top = []
