@@ -18,6 +18,11 @@ The report shows every peer's reward per round, its validation accuracy per snap
 exchanged and rejected, and the before/after table.
 Optional: difficulty, local, external, num_generations, learning_rate, temperature, max_new_tokens,
 eval_n, select_every (0: keep peer 0's final adapter, no selection), seed, timeout_s.
+
+`control: true` also runs the solo control: one peer alone (no shared rollouts) with the same local
+rollouts per round, rounds, start and seed as peer 0, its snapshot chosen on validation the same way.
+The report then says whether the swarm beat it, from a paired test on the same test instances: only
+when the 95% interval of the difference lies above zero.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 
 from qwenlab.errors import QwenlabError
 from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
+from qwenlab.stats import paired_comparison
 
 
 class Params(StageParams):
@@ -53,6 +59,7 @@ class Params(StageParams):
     temperature: PositiveFloat = 1.0
     max_new_tokens: PositiveInt = 8
     timeout_s: PositiveFloat = 300
+    control: bool = False  # also run solo GRPO with the same local rollouts, and compare (paired test)
 
     def outputs(self) -> list[str]:
         return [self.as_]
@@ -73,9 +80,10 @@ VALIDATION_SEED, TEST_SEED = 1, 0  # evaluation seeds: snapshots are chosen on 1
 
 
 def _accuracy(base: str, adapters: list[str | None], tasks: list[str], n: int, difficulty, seed: int,
-              per_task: list | None = None) -> list[float]:
+              per_task: list | None = None, rewards: list | None = None) -> list[float]:
     """Greedy accuracy (mean over tasks) of the base with each adapter (None: the base alone), loading the
-    base once; per_task, when given, receives each adapter's {task: accuracy}."""
+    base once; per_task, when given, receives each adapter's {task: accuracy}, and rewards its per-instance
+    rewards (the tasks' in order: the same instances for every adapter, so they pair up)."""
     from qwenlab.adapters import active_adapters, attach_adapter, detach_adapter
     from qwenlab.eval.task_eval import evaluate_tasks
     from qwenlab.loading import load
@@ -90,6 +98,8 @@ def _accuracy(base: str, adapters: list[str | None], tasks: list[str], n: int, d
         scores.append(sum(result[t].accuracy for t in tasks) / len(tasks))
         if per_task is not None:
             per_task.append({t: round(result[t].accuracy, 4) for t in tasks})
+        if rewards is not None:
+            rewards.append([r for t in tasks for r in result[t].rewards])
         if adapter:
             detach_adapter(model, "candidate")
     return scores
@@ -120,11 +130,48 @@ def _plot(rows_per_peer: list[list[dict]], validation: dict[int, list[tuple[int,
     plt.close(fig)
 
 
-def run(ctx, params: Params) -> tuple[dict, str]:
+def _train_peers(params: Params, base: Path, init: Path | None, tasks: list[str], folder: Path, peers: int,
+                 swarm_name: str) -> list[int]:
+    """Run `peers` GRPO peers into folder/peer<i> (one peer: solo, no network, no external rollouts);
+    their exit codes. Peer 0 must finish."""
     from qwenlab.swarm import PeerConfig
     from qwenlab.swarm.local import run_local_swarm
     from qwenlab.train.grpo import GRPOConfig
 
+    configs = []
+    for index in range(peers):
+        grpo = GRPOConfig(model=base, tasks=tasks, difficulty=params.difficulty, init_adapter=init,
+                          num_generations=params.num_generations, learning_rate=params.learning_rate,
+                          temperature=params.temperature, max_new_tokens=params.max_new_tokens,
+                          seed=params.seed * 1000 + index)
+        configs.append(PeerConfig(grpo=grpo, out=str(folder / f"peer{index}"), swarm=swarm_name,
+                                  network=peers > 1, host="127.0.0.1", local=params.local,
+                                  external=params.external if peers > 1 else 0, rounds=params.rounds,
+                                  save_every=params.rounds, snapshot_every=params.select_every, resume=False,
+                                  quiet=True))
+    codes = run_local_swarm(configs, timeout_s=params.timeout_s)
+    if codes[0] != 0 or not (folder / "peer0" / "adapter").is_dir():
+        raise QwenlabError(f"swarm stage: peer 0 failed (exit codes {codes}); see {folder}")
+    return codes
+
+
+def _choose(base: Path, init: Path | None, tasks: list[str], folder: Path, peers: int, params: Params):
+    """(candidates, their validation accuracies, the index of the best). Candidates: the starting adapter
+    (round 0; a fresh LoRA is the base itself, so not a candidate) and every snapshot of every peer that
+    finished, as (peer or None, round, path)."""
+    candidates: list[tuple[int | None, int, str | None]] = [(None, 0, init)] if init else []
+    if params.select_every:
+        for index in range(peers):
+            for snap in sorted((folder / f"peer{index}" / "snapshots").glob("round-*")):
+                candidates.append((index, int(snap.name.split("-")[1]), str(snap)))
+    else:
+        candidates.append((0, params.rounds, str(folder / "peer0" / "adapter")))
+    scores = _accuracy(base, [c[2] for c in candidates], tasks, params.eval_n, params.difficulty, VALIDATION_SEED)
+    best = max(range(len(candidates)), key=lambda i: (scores[i], -i))  # ties: the earliest candidate
+    return candidates, scores, best
+
+
+def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.checkpoint.writer import atomic_folder, prepare_output_dir, remove_path
     from qwenlab.recipe.context import check_name
 
@@ -134,41 +181,31 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     peers, rounds = params.peers, params.rounds
     base = ctx.model_path(params.base)
     init = ctx.model_path(params.adapter) if params.adapter else None
-    difficulty, eval_n, seed, select_every = params.difficulty, params.eval_n, params.seed, params.select_every
+    difficulty, eval_n, select_every = params.difficulty, params.eval_n, params.select_every
     # Checked now, not after the swarm ran: the result may not replace its own starting adapter or base.
     out = prepare_output_dir(ctx.model_dir(name, "swarm stage: as"), True, [init, base])
     folder = ctx.run_dir / "swarm" / name
     prepare_output_dir(folder, True, [init, base])
     remove_path(folder)  # an earlier swarm stage's peers of the same name, in this run
-    configs, swarm_name = [], f"recipe-{time.time_ns()}"  # one name for all peers, new for every run
-    for index in range(peers):
-        grpo = GRPOConfig(model=base, tasks=tasks, difficulty=difficulty, init_adapter=init,
-                          num_generations=params.num_generations, learning_rate=params.learning_rate,
-                          temperature=params.temperature, max_new_tokens=params.max_new_tokens,
-                          seed=seed * 1000 + index)
-        configs.append(PeerConfig(grpo=grpo, out=str(folder / f"peer{index}"), swarm=swarm_name,
-                                  network=peers > 1, host="127.0.0.1", local=params.local,
-                                  external=params.external if peers > 1 else 0, rounds=rounds,
-                                  save_every=rounds, snapshot_every=select_every, resume=False, quiet=True))
     started = time.time()
-    codes = run_local_swarm(configs, timeout_s=params.timeout_s)
+    codes = _train_peers(params, base, init, tasks, folder, peers, f"recipe-{time.time_ns()}")
     swarm_s = time.time() - started
-    if codes[0] != 0 or not (folder / "peer0" / "adapter").is_dir():
-        raise QwenlabError(f"swarm stage: peer 0 failed (exit codes {codes}); see {folder}")
-    # Candidates: the starting adapter (round 0; a fresh LoRA is the base itself, so not a candidate)
-    # and every snapshot of every peer that finished.
-    candidates: list[tuple[int | None, int, str | None]] = [(None, 0, init)] if init else []
-    if select_every:
-        for index in range(peers):
-            for snap in sorted((folder / f"peer{index}" / "snapshots").glob("round-*")):
-                candidates.append((index, int(snap.name.split("-")[1]), str(snap)))
-    else:
-        candidates.append((0, rounds, str(folder / "peer0" / "adapter")))
-    scores = _accuracy(base, [c[2] for c in candidates], tasks, eval_n, difficulty, VALIDATION_SEED)
-    best = max(range(len(candidates)), key=lambda i: (scores[i], -i))  # ties: the earliest candidate
+    candidates, scores, best = _choose(base, init, tasks, folder, peers, params)
     chosen_peer, chosen_round, chosen = candidates[best]
+    control = None
+    if params.control:
+        solo = ctx.run_dir / "swarm" / f"{name}-solo"
+        prepare_output_dir(solo, True, [init, base])
+        remove_path(solo)
+        started = time.time()
+        _train_peers(params, base, init, tasks, solo, 1, f"recipe-solo-{time.time_ns()}")
+        solo_s = time.time() - started
+        solo_candidates, solo_scores, solo_best = _choose(base, init, tasks, solo, 1, params)
+        control = (solo_candidates[solo_best], solo_scores[solo_best], solo_s)
     per_task: list[dict] = []
-    before, after = _accuracy(base, [init, chosen], tasks, eval_n, difficulty, TEST_SEED, per_task)
+    rewards: list[list[float]] = []
+    tested = [init, chosen] + ([control[0][2]] if control else [])
+    before, after, *solo_after = _accuracy(base, tested, tasks, eval_n, difficulty, TEST_SEED, per_task, rewards)
     out = ctx.new_model_dir(name, "swarm stage: as")
     with atomic_folder(out, True, [init, base]) as tmp:  # the old adapter stays until the new one is complete
         shutil.copytree(chosen, tmp, dirs_exist_ok=True)
@@ -198,6 +235,24 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     }
     print(f"  swarm: {peers} peers x {rounds} rounds in {swarm_s:.0f} s; chose {picked} on validation; "
           f"{task} accuracy {before:.3f} -> {after:.3f}")
+    verdict = ""
+    if control:
+        (_, solo_round, _), solo_validation, solo_s = control
+        test = paired_comparison(rewards[2], rewards[1])  # swarm against solo, on the same test instances
+        beat = test.low > 0 and test.significant()
+        figures["control"] = {"solo_s": round(solo_s, 1), "solo_round": solo_round,
+                              "solo_validation_accuracy": round(solo_validation, 4),
+                              "solo_accuracy": round(solo_after[0], 4), "per_task": per_task[2],
+                              "difference": round(test.difference, 4), "ci95": [round(test.low, 4), round(test.high, 4)],
+                              "p_value": test.p_value, "swarm_beat_solo": beat}
+        verdict = (f"\n\n**Against solo GRPO** (one peer, no shared rollouts, the same {params.local} local rollout "
+                   f"groups per round for {rounds} rounds, the same start and seed as peer 0; its snapshot at round "
+                   f"{solo_round} chosen on validation the same way, {solo_s:.0f} s): solo {solo_after[0]:.3f}, swarm "
+                   f"{after:.3f}. " + test.describe("solo", "swarm") + ". " +
+                   ("The swarm beat solo GRPO: the whole interval lies above zero." if beat else
+                    "The swarm did not beat solo GRPO here: the interval of the difference includes zero "
+                    "or lies below it."))
+        print(f"  swarm vs solo: {test.describe('solo', 'swarm')}")
     start_from = f"adapter `{params.adapter}`" if init else "a fresh LoRA"
     curve = " | ".join(f"peer {k}: " + ", ".join(f"r{r} {a:.3f}" for r, a in v) for k, v in sorted(validation.items()))
     section = (f"## Swarm GRPO: {name}\n\n{peers} peers on loopback (hivemind DHT), {rounds} rounds each, starting "
@@ -207,6 +262,7 @@ def run(ctx, params: Params) -> tuple[dict, str]:
                f"Snapshots every {select_every or rounds} rounds, greedy accuracy on validation instances "
                f"(evaluation seed {VALIDATION_SEED}, n={eval_n}): {curve}. Registered as `{name}`: {picked}.\n\n"
                f"| {task} (greedy, n={eval_n}, evaluation seed {TEST_SEED}) | accuracy |\n|---|---:|\n"
-               f"| before ({start_from}) | {before:.3f} |\n| after ({picked}) | {after:.3f} |\n\n"
-               f"![reward per round and validation accuracy](swarm/{name}/rewards.png)")
+               f"| before ({start_from}) | {before:.3f} |\n| after ({picked}) | {after:.3f} |"
+               + (f"\n| solo control (its round {control[0][1]}) | {solo_after[0]:.3f} |" if control else "")
+               + verdict + f"\n\n![reward per round and validation accuracy](swarm/{name}/rewards.png)")
     return figures, section
