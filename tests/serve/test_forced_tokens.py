@@ -179,3 +179,31 @@ def test_rows_with_logprobs_take_no_forced_tokens(engine, forced_log):
     entries = [entry for e in out["events"] for entry in (e.logprobs or [])]
     assert not forced_log and len(entries) == out["done"][0].completion_tokens
     json.loads("".join(e.text for e in out["events"]))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3, 5])
+def test_max_tokens_cuts_a_forced_run_where_it_falls(engine, max_tokens):
+    """A budget that ends inside a forced run: exactly max_tokens tokens, finish 'length', and the text is the
+    prefix of the uncut answer."""
+    constraint = engine.grammars.compile(json_schema_grammar(SCHEMA), "response_format")
+    ids = prompt_ids(engine, PROMPTS[1])
+    _, whole, _ = run_alone(engine, ids, constraint)
+    out = submit(engine, ids, constraint, max_tokens=max_tokens)
+    while not out["done"]:
+        engine.step()
+    done = out["done"][0]
+    text = "".join(e.text for e in out["events"])
+    assert done.finish_reason == "length" and done.completion_tokens == max_tokens
+    assert whole.startswith(text) and len(text) < len(whole)
+
+
+def test_a_stop_string_inside_a_forced_run_ends_the_row_there(engine):
+    """`stop` matched by forced text: the row stops at it, as with text the model chose."""
+    constraint = engine.grammars.compile(json_schema_grammar(SCHEMA), "response_format")
+    ids = prompt_ids(engine, PROMPTS[0])
+    out = submit(engine, ids, constraint, stop=['"age"'])
+    while not out["done"]:
+        engine.step()
+    text = "".join(e.text for e in out["events"])
+    assert out["done"][0].finish_reason == "stop"
+    assert text.startswith('{"name": "') and text.endswith(", ") and '"age"' not in text
