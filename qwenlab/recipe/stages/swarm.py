@@ -133,11 +133,15 @@ def _plot(rows_per_peer: list[list[dict]], validation: dict[int, list[tuple[int,
 def _train_peers(params: Params, base: Path, init: Path | None, tasks: list[str], folder: Path, peers: int,
                  swarm_name: str) -> list[int]:
     """Run `peers` GRPO peers into folder/peer<i> (one peer: solo, no network, no external rollouts);
-    their exit codes. Peer 0 must finish."""
+    their exit codes. Peer 0 must finish. The folder is emptied first (an earlier stage's peers of the same
+    name, in this run)."""
+    from qwenlab.checkpoint.writer import prepare_output_dir, remove_path
     from qwenlab.swarm import PeerConfig
     from qwenlab.swarm.local import run_local_swarm
     from qwenlab.train.grpo import GRPOConfig
 
+    prepare_output_dir(folder, True, [init, base])
+    remove_path(folder)
     configs = []
     for index in range(peers):
         grpo = GRPOConfig(model=base, tasks=tasks, difficulty=params.difficulty, init_adapter=init,
@@ -172,7 +176,7 @@ def _choose(base: Path, init: Path | None, tasks: list[str], folder: Path, peers
 
 
 def run(ctx, params: Params) -> tuple[dict, str]:
-    from qwenlab.checkpoint.writer import atomic_folder, prepare_output_dir, remove_path
+    from qwenlab.checkpoint.writer import atomic_folder, prepare_output_dir
     from qwenlab.recipe.context import check_name
 
     tasks, name = params.task_list(), params.as_
@@ -185,8 +189,6 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     # Checked now, not after the swarm ran: the result may not replace its own starting adapter or base.
     out = prepare_output_dir(ctx.model_dir(name, "swarm stage: as"), True, [init, base])
     folder = ctx.run_dir / "swarm" / name
-    prepare_output_dir(folder, True, [init, base])
-    remove_path(folder)  # an earlier swarm stage's peers of the same name, in this run
     started = time.time()
     codes = _train_peers(params, base, init, tasks, folder, peers, f"recipe-{time.time_ns()}")
     swarm_s = time.time() - started
@@ -195,8 +197,6 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     control = None
     if params.control:
         solo = ctx.run_dir / "swarm" / f"{name}-solo"
-        prepare_output_dir(solo, True, [init, base])
-        remove_path(solo)
         started = time.time()
         _train_peers(params, base, init, tasks, solo, 1, f"recipe-solo-{time.time_ns()}")
         solo_s = time.time() - started
