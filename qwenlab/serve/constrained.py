@@ -19,10 +19,11 @@ torch.compile'd and took 38 s on its first CPU call.
 
 Forced tokens: where the grammar leaves the next bytes no alternative (a schema's keys and punctuation, a
 forced call's `<tool_call>` and name), llguidance gives their canonical tokens (`compute_ff_tokens`), asked
-once after each token the model chose. A row emits them one per step with no argmax check, no mask and no
-sampling: the text is the one the masked choice would write, and on nano a JSON row's ~46 tokens hold ~30
-such (`"name": "` alone is 9 tokens in its 400-token vocabulary). Rows that return logprobs keep the
-model's own choice, whose logprob they report.
+once after each token the model chose. A row takes them with no argmax check, no mask and no sampling
+(in a batch one per step; alone, the whole run at once, fed in one forward pass: engine.py). The text is
+the one the masked choice would write, and on nano a JSON row's ~46 tokens hold ~30 such (`"name": "`
+alone is 9 tokens in its 400-token vocabulary). Rows that return logprobs keep the model's own choice,
+whose logprob they report.
 """
 
 from __future__ import annotations
