@@ -184,19 +184,23 @@ async def run_phase(port: int, clients: int, rounds: int, models: list[str], pro
                     token_ids: list[int], seed: int, client_kind: str) -> dict:
     import openai
 
-    rng = random.Random(seed)
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=3600)
     send = openai_request if client_kind == "openai" else raw_request
+    # Each client draws its prompts from its own generator, so client i sends the same prompts to every server
+    # in a phase of this seed whatever order the requests finish in. The caller gives each phase a seed of its
+    # own: prompts seen in an earlier phase would be prefix-cache hits for one server and not the other.
+    generators = {index: random.Random(f"{seed}-{index}") for index in range(-1, clients)}
 
     def body(index: int, tokens: int = max_tokens) -> dict:
-        prompt = [rng.choice(token_ids) for _ in range(prompt_tokens)]
+        prompt = [generators[index].choice(token_ids) for _ in range(prompt_tokens)]
         return request_body(models[index % len(models)], prompt, tokens)
 
     async def one_client(index: int) -> list[tuple[float, int]]:
         return [await send(client, port, body(index)) for _ in range(rounds)]
 
-    await send(client, port, body(0, 2))  # warm-up: first-call allocations
+    await send(client, port, body(-1, 2))  # warm-up: first-call allocations
     before = engine_counters(port)
+    hits_before = prefix_hit_tokens(port)
     started = time.perf_counter()
     results = [r for per_client in await asyncio.gather(*(one_client(i) for i in range(clients))) for r in per_client]
     wall = time.perf_counter() - started
@@ -214,7 +218,16 @@ async def run_phase(port: int, clients: int, rounds: int, models: list[str], pro
             # the engine's own rate while it works (prefill and decode), and the share of the wall time it
             # worked: clients get tokens_per_s = engine_busy_tokens_per_s * engine_busy_share
             "engine_busy_tokens_per_s": round((after[0] - before[0]) / max(after[2] - before[2], 1e-9), 1),
-            "engine_busy_share": round((after[2] - before[2]) / wall, 3)}
+            "engine_busy_share": round((after[2] - before[2]) / wall, 3),
+            # prompt tokens served from the prefix cache in this phase: 0 when no prompt repeats an earlier one
+            "prefix_hit_tokens": prefix_hit_tokens(port) - hits_before}
+
+
+def prefix_hit_tokens(port: int) -> float:
+    """Prompt tokens taken from the prefix cache so far, all engines together, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("qwenlab_prefix_cache_hit_tokens_total"))
 
 
 def engine_counters(port: int) -> tuple[float, float, float]:
@@ -271,12 +284,12 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         rows = []
         for clients in args.clients:
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-            for _ in range(args.repeats):
-                for mode, served in modes.items():
+            for repeat in range(args.repeats):
+                for mode, served in modes.items():  # both modes get this repeat's prompts, new to both servers
                     asked = list(served) or ["base"]
                     runs[mode].append(asyncio.run(run_phase(servers[mode][0], clients, args.rounds, asked,
                                                             args.prompt_tokens, args.max_tokens, token_ids,
-                                                            seed=clients, client_kind=args.client)))
+                                                            seed=1000 * clients + repeat, client_kind=args.client)))
             for mode, phases in runs.items():  # the median repeat by throughput stands for the mode
                 median = sorted(phases, key=lambda r: r["tokens_per_s"])[len(phases) // 2]
                 rows.append({"model": name, "mode": mode, **median,

@@ -19,7 +19,7 @@ def cmd_serve(args) -> int:
                          served_model_name=args.served_model_name, host=args.host, port=args.port, dtype=args.dtype,
                          max_batch=args.max_batch, max_context=args.max_context,
                          max_prefill_tokens=args.max_prefill_tokens, threads=args.threads,
-                         prefix_cache_mb=args.prefix_cache_mb,
+                         prefix_cache_mb=args.prefix_cache_mb, lora_dtype=args.lora_dtype,
                          limits=limits)
     serve(config)  # checks every setting (ServeConfig.check) before loading anything
     return 0
@@ -56,6 +56,8 @@ def register(subparsers) -> None:
                    help="prompt tokens prefilled per step; smaller keeps running streams flowing")
     p.add_argument("--prefix-cache-mb", type=int, default=512,
                    help="memory for the KV of prompt prefixes reused across requests (0: off)")
+    p.add_argument("--lora-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the adapters' weights in mixed batches (auto: bf16 over a bf16 or quantized base, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-context", type=int, default=None, help="prompt + completion tokens per request")
     p.add_argument("--max-tokens", type=int, default=4096, help="the most max_tokens a request may ask for")

@@ -13,8 +13,8 @@ back to PyTorch. Set QWENLAB_NATIVE=0 to disable the kernels.
 from qwenlab.native.library import (BAD_SIZES, NO_MEMORY, NOT_APPLICABLE, KernelArgumentError, available, buffer,
                                     checked, kernel_threads, library, optional_buffer, torch_single_threaded,
                                     torch_threads_on_free_cores, unavailable_reason)
-from qwenlab.native.ops import LORA_MAX_RANK, decode_attention, lora_bgmv_, masked_argmax, rms_norm
+from qwenlab.native.ops import LORA_MAX_RANK, decode_attention, lora_bgmv_, lora_bits, masked_argmax, rms_norm
 
 __all__ = ["BAD_SIZES", "LORA_MAX_RANK", "NOT_APPLICABLE", "NO_MEMORY", "KernelArgumentError", "available", "buffer",
-           "checked", "decode_attention", "kernel_threads", "library", "lora_bgmv_", "masked_argmax", "optional_buffer",
+           "checked", "decode_attention", "kernel_threads", "library", "lora_bgmv_", "lora_bits", "masked_argmax", "optional_buffer",
            "rms_norm", "torch_single_threaded", "torch_threads_on_free_cores", "unavailable_reason"]

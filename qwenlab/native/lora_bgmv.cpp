@@ -6,6 +6,9 @@
 // with zero rows). Each token costs R (K + N) multiply-adds for its own adapter only: a dense product
 // with all n adapters' columns stacked would cost n times that. y is updated in place (the base
 // layer's output), on the kernels' thread pool when the work is large enough (bgmv_threads).
+//
+// A and Bt are fp32 or bf16 (bits 32 or 16; x, y and the sums stay fp32). A decode step reads every
+// adapter of its rows once, so the deltas are bound by memory bandwidth: bf16 stacks halve those bytes.
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -17,36 +20,72 @@
 // Below this many multiply-adds (all rows together) the decode stack's delta runs on the calling thread.
 #define PARALLEL_FROM_MACS (1 << 16)
 
+// 16 weights from p as fp32: bf16 is the high half of an fp32, so widening is a 16-bit shift.
+static inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_w(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 load_w(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load_w(__mmask16 m, const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// sum_k w[k] x[k] in fp32, any n.
+template <typename W>
+static inline float dot_w(const W* w, const float* x, int64_t n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        acc0 = _mm512_fmadd_ps(load_w(w + k), _mm512_loadu_ps(x + k), acc0);
+        acc1 = _mm512_fmadd_ps(load_w(w + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
+    }
+    for (; k + 16 <= n; k += 16) acc0 = _mm512_fmadd_ps(load_w(w + k), _mm512_loadu_ps(x + k), acc0);
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+        acc1 = _mm512_fmadd_ps(load_w(m, w + k), _mm512_maskz_loadu_ps(m, x + k), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
 // One token's delta, columns [n0, n1) of its output: h = A[a] x (R dot products), then y[n0:n1] += Bt[a]ᵀ h.
-static void bgmv_token(const float* xt, const float* Aa, const float* Ba, int64_t R, int64_t K, int64_t N,
+template <typename W>
+static void bgmv_token(const float* xt, const W* Aa, const W* Ba, int64_t R, int64_t K, int64_t N,
                        int64_t n0, int64_t n1, float* yt) {
     float h[MAX_RANK];
-    for (int64_t j = 0; j < R; ++j) h[j] = dot_f32(Aa + j * K, xt, K);
+    for (int64_t j = 0; j < R; ++j) h[j] = dot_w(Aa + j * K, xt, K);
     int64_t n = n0;
     for (; n + 16 <= n1; n += 16) {
         __m512 acc = _mm512_loadu_ps(yt + n);
-        for (int64_t j = 0; j < R; ++j)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), _mm512_loadu_ps(Ba + j * N + n), acc);
+        for (int64_t j = 0; j < R; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), load_w(Ba + j * N + n), acc);
         _mm512_storeu_ps(yt + n, acc);
     }
     if (n < n1) {
         __mmask16 m = (__mmask16)((1u << (n1 - n)) - 1);
         __m512 acc = _mm512_maskz_loadu_ps(m, yt + n);
-        for (int64_t j = 0; j < R; ++j)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), _mm512_maskz_loadu_ps(m, Ba + j * N + n), acc);
+        for (int64_t j = 0; j < R; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), load_w(m, Ba + j * N + n), acc);
         _mm512_mask_storeu_ps(yt + n, m, acc);
     }
+}
+
+// Adapter a's token delta with A and Bt of either width (bits 16: bf16, else fp32).
+static inline void adapter_token(const float* xt, const void* A, const void* Bt, int bits, int32_t a, int64_t R,
+                                 int64_t K, int64_t N, int64_t n0, int64_t n1, float* yt) {
+    if (bits == 16)
+        bgmv_token(xt, (const uint16_t*)A + (int64_t)a * R * K, (const uint16_t*)Bt + (int64_t)a * R * N, R, K, N,
+                   n0, n1, yt);
+    else
+        bgmv_token(xt, (const float*)A + (int64_t)a * R * K, (const float*)Bt + (int64_t)a * R * N, R, K, N, n0, n1,
+                   yt);
 }
 
 // The delta itself; the entry points check its arguments first. Token t's x starts at x + t ldx and its
 // y at y + t ldy (ldx >= K, ldy >= N: the decode stack adds q, k and v deltas into columns of one buffer).
 static void bgmv(const float* x, int64_t ldx, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter,
-                 const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy) {
+                 const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy) {
     for (int64_t r = 0; r < rows; ++r) {
         const int32_t a = row_adapter[r];
         if (a < 0) continue;
-        for (int64_t t = r * T; t < (r + 1) * T; ++t)
-            bgmv_token(x + t * ldx, A + (int64_t)a * R * K, Bt + (int64_t)a * R * N, R, K, N, 0, N, y + t * ldy);
+        for (int64_t t = r * T; t < (r + 1) * T; ++t) adapter_token(x + t * ldx, A, Bt, bits, a, R, K, N, 0, N, y + t * ldy);
     }
 }
 
@@ -58,7 +97,8 @@ struct RowsJob {
     const float* x;
     int64_t T, ldx, K;
     const int32_t* row_adapter;
-    const float *A, *Bt;
+    const void *A, *Bt;
+    int bits;
     int64_t R, N, parts;
     float* y;
     int64_t ldy;
@@ -72,47 +112,49 @@ static void rows_chunk(const void* p, int64_t chunk) {
     const int64_t width = (j.N + j.parts - 1) / j.parts;
     const int64_t n0 = part * width, n1 = n0 + width < j.N ? n0 + width : j.N;
     if (n0 >= n1) return;
-    bgmv_token(j.x + t * j.ldx, j.A + (int64_t)a * j.R * j.K, j.Bt + (int64_t)a * j.R * j.N, j.R, j.K, j.N, n0, n1,
-               j.y + t * j.ldy);
+    adapter_token(j.x + t * j.ldx, j.A, j.Bt, j.bits, a, j.R, j.K, j.N, n0, n1, j.y + t * j.ldy);
 }
 
 // rows x T tokens on up to nthreads threads; on the calling thread when the work is too small to pay for the
 // hand-off. Arguments already checked.
 static void bgmv_threads(const float* x, int64_t ldx, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter,
-                         const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy, int nthreads) {
+                         const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy,
+                         int nthreads) {
     const int64_t tokens = rows * T;
     if (nthreads <= 1 || tokens * R * (K + N) < PARALLEL_FROM_MACS) {
-        bgmv(x, ldx, rows, T, K, row_adapter, A, Bt, R, N, y, ldy);
+        bgmv(x, ldx, rows, T, K, row_adapter, A, Bt, bits, R, N, y, ldy);
         return;
     }
     int64_t parts = tokens >= nthreads ? 1 : (nthreads + tokens - 1) / tokens;
     if (parts > 1 && N / parts < 64) parts = N >= 128 ? N / 64 : 1;  // a slice under 64 columns is not worth it
-    const RowsJob job{x, T, ldx, K, row_adapter, A, Bt, R, N, parts, y, ldy};
+    const RowsJob job{x, T, ldx, K, row_adapter, A, Bt, bits, R, N, parts, y, ldy};
     qwenlab_pool::pool().run(rows_chunk, &job, tokens * parts, nthreads);
 }
 
 // Lengths count elements: x_len = rows T K, y_len = rows T N, ra_len = rows, A_len = n R K, Bt_len = n R N
-// for n adapters; a row's adapter index must be below n. Checked before y is touched: O(rows).
+// for n adapters (bits 32: fp32 A and Bt; 16: bf16); a row's adapter index must be below n. Checked before y
+// is touched: O(rows).
 extern "C" int qwenlab_lora_bgmv(const float* x, int64_t x_len, int64_t rows, int64_t T, int64_t K,
-                                 const int32_t* row_adapter, int64_t ra_len, const float* A, int64_t A_len,
-                                 const float* Bt, int64_t Bt_len, int64_t n_adapters, int64_t R, int64_t N, float* y,
-                                 int64_t y_len, int nthreads) {
+                                 const int32_t* row_adapter, int64_t ra_len, const void* A, int64_t A_len,
+                                 const void* Bt, int64_t Bt_len, int64_t n_adapters, int64_t R, int64_t N, float* y,
+                                 int64_t y_len, int nthreads, int bits) {
     if (R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;
-    if (rows < 0 || T < 0 || K < 0 || R < 0 || N < 0 || !has_elems(x_len, {rows, T, K}) ||
+    if (rows < 0 || T < 0 || K < 0 || R < 0 || N < 0 || (bits != 16 && bits != 32) || !has_elems(x_len, {rows, T, K}) ||
         !has_elems(y_len, {rows, T, N}) || !has_elems(ra_len, {rows}) || !has_elems(A_len, {n_adapters, R, K}) ||
         !has_elems(Bt_len, {n_adapters, R, N}) || (x_len && !x) || (y_len && !y) || (ra_len && !row_adapter) ||
         (A_len && !A) || (Bt_len && !Bt))
         return QWENLAB_BAD_SIZES;
     for (int64_t r = 0; r < rows; ++r)
         if (row_adapter[r] >= n_adapters) return QWENLAB_BAD_SIZES;
-    bgmv_threads(x, K, rows, T, K, row_adapter, A, Bt, R, N, y, N, nthreads);
+    bgmv_threads(x, K, rows, T, K, row_adapter, A, Bt, bits, R, N, y, N, nthreads);
     return QWENLAB_OK;
 }
 
 // For decode_stack.cpp, which checks every argument before its first layer: one token per row, strided.
 int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
-                   const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy, int nthreads) {
+                   const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy,
+                   int nthreads) {
     if (R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;
-    bgmv_threads(x, ldx, rows, 1, K, row_adapter, A, Bt, R, N, y, ldy, nthreads);
+    bgmv_threads(x, ldx, rows, 1, K, row_adapter, A, Bt, bits, R, N, y, ldy, nthreads);
     return QWENLAB_OK;
 }

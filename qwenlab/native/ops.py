@@ -22,19 +22,25 @@ def lora_bgmv_(y: torch.Tensor, x: torch.Tensor, row_adapter: torch.Tensor, a: t
     """y[r, t] += bt[i]ᵀ (a[i] x[r, t]) with i = row_adapter[r] (rows with -1 are left alone), in place.
 
     x [rows, T, K] and y [rows, T, N] contiguous fp32; row_adapter int32 [rows]; a [n, R, K] and
-    bt [n, R, N] contiguous fp32 (scalings folded into bt)."""
+    bt [n, R, N] contiguous, both fp32 or both bf16 (scalings folded into bt; the sums are fp32)."""
     rows, tokens, k = x.shape
     n_out = y.shape[-1]
     kernel = "lora_bgmv"
+    dtype = torch.bfloat16 if a.dtype == torch.bfloat16 else torch.float32
     xp, x_len = buffer(x, torch.float32, "x", kernel)
     yp, y_len = buffer(y, torch.float32, "y", kernel)
     rp, r_len = buffer(row_adapter, torch.int32, "row_adapter", kernel)
-    ap, a_len = buffer(a, torch.float32, "a", kernel)
-    bp, b_len = buffer(bt, torch.float32, "bt", kernel)
+    ap, a_len = buffer(a, dtype, "a", kernel)
+    bp, b_len = buffer(bt, dtype, "bt", kernel)
     status = checked(library().lora_bgmv(xp, x_len, rows, tokens, k, rp, r_len, ap, a_len, bp, b_len, a.shape[0],
-                                          a.shape[1], n_out, yp, y_len, kernel_threads()), kernel)
+                                          a.shape[1], n_out, yp, y_len, kernel_threads(), lora_bits(dtype)), kernel)
     if status == NOT_APPLICABLE:
         raise ValueError(f"lora_bgmv: rank {a.shape[1]} is over {LORA_MAX_RANK}")
+
+
+def lora_bits(dtype: torch.dtype) -> int:
+    """lora_bgmv's name for a stack's dtype: 16 (bf16) or 32 (fp32)."""
+    return 16 if dtype == torch.bfloat16 else 32
 
 
 # ---- fused decode attention ---------------------------------------------------------------------------

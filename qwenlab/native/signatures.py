@@ -31,8 +31,9 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     # NULL), lora (n_layers LoraLayer or NULL), lora_len, row_adapter (B int32 or NULL), ra_len
     "qwenlab_decode_stack": ([p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i64, i64, i64, f32, i32, p, p, i64, p,
                               i64], "released"),
-    # x, x_len, rows, T, K, row_adapter, ra_len, A, A_len, Bt, Bt_len, n_adapters, R, N, y, y_len, threads
-    "qwenlab_lora_bgmv": ([p, i64, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, i64, p, i64, i32], "held"),
+    # x, x_len, rows, T, K, row_adapter, ra_len, A, A_len, Bt, Bt_len, n_adapters, R, N, y, y_len, threads,
+    # bits (A and Bt: 32 fp32, 16 bf16)
+    "qwenlab_lora_bgmv": ([p, i64, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, i64, p, i64, i32, i32], "held"),
     # qkv, qkv_len, B, Hq, Hkv, D, cos, sin, cs_len, keys, values, kv_len, cap, pos, out, out_len,
     # starts (B int64 or NULL)
     "qwenlab_decode_attention": ([p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64, p], "held"),

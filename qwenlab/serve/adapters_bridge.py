@@ -6,10 +6,13 @@ Punica idea: one op per linear for the whole batch, not one per adapter). It rep
 forward while serve owns the model (an instance attribute; the module code is untouched).
 Two implementations:
 
-- kernel (fp32, where qwenlab's native kernels run): per linear, the adapters' A are stacked into
-  [n, R, in] and their B (scaling folded in) into [n, R, out], ranks zero-padded to R; one call of
+- kernel (fp32 activations, where qwenlab's native kernels run): per linear, the adapters' A are stacked
+  into [n, R, in] and their B (scaling folded in) into [n, R, out], ranks zero-padded to R; one call of
   lora_bgmv.cpp adds to each token's base output the delta of its own row's adapter. A token costs
-  R (in + out) multiply-adds whatever n is.
+  R (in + out) multiply-adds whatever n is. The stacks are fp32 or bf16 (`lora_dtype`, vLLM's
+  --lora-dtype): a decode step reads every adapter of its rows once, so bf16 stacks halve the deltas'
+  bytes. "auto" stores bf16 over a bf16 or quantized base, whose own weights are coarser than that, and
+  fp32 over an fp32 base.
 - dense (any dtype, any CPU): all adapters' A concatenated into A_cat [R, in] and B into B_cat [out, R],
   R = Σ r, and
 
@@ -39,6 +42,8 @@ from qwenlab.errors import QwenlabError
 from qwenlab import native
 from qwenlab.quant.native import lora_table
 
+# What the kernel path's stacks may hold (serve's --lora-dtype).
+LORA_DTYPES = ("auto", "fp32", "bf16")
 # Selects in a row whose batch needed fewer adapters than are stacked before the stacks shrink.
 SHRINK_AFTER = 64
 
@@ -59,18 +64,20 @@ class _KernelStack:
     one slot per adapter of `order`; an adapter that does not touch this module (or is merged into the
     weight) has zeros."""
 
-    def __init__(self, module: nn.Module, order: list[str]):
+    def __init__(self, module: nn.Module, order: list[str], dtype: torch.dtype = torch.float32):
         names = [n for n in order if n in module.lora_A and n not in module.merged]
         self.active = bool(names)
         rank = max((module.lora_A[n].shape[0] for n in names), default=0)
-        self.a = torch.zeros(len(order), rank, module.in_features)
-        self.bt = torch.zeros(len(order), rank, module.out_features)
+        a = torch.zeros(len(order), rank, module.in_features)
+        bt = torch.zeros(len(order), rank, module.out_features)
         for n in names:
             i, r = order.index(n), module.lora_A[n].shape[0]
-            self.a[i, :r] = module.lora_A[n].float()
-            self.bt[i, :r] = (module.lora_B[n].float() * module.scaling[n]).t()
+            a[i, :r] = module.lora_A[n].float()
+            bt[i, :r] = (module.lora_B[n].float() * module.scaling[n]).t()  # scaled in fp32, then rounded once
+        self.a, self.bt = a.to(dtype), bt.to(dtype)
         # What each call passes to the kernel, read once (a Python call per linear per step adds up).
         self.rank, self.out_features, self.count = rank, module.out_features, len(order)
+        self.bits = native.lora_bits(dtype)
         self.a_ptr, self.bt_ptr = self.a.data_ptr(), self.bt.data_ptr()
         self.a_len, self.bt_len = self.a.numel(), self.bt.numel()  # the kernel checks them against the sizes
 
@@ -79,10 +86,15 @@ _attach_counter = itertools.count(1)
 
 
 class AdapterSet:
-    def __init__(self, model: nn.Module, kernel: bool | None = None):
-        """kernel: use lora_bgmv (None: wherever it runs, for fp32 adapters; False: always the dense path)."""
+    def __init__(self, model: nn.Module, kernel: bool | None = None, dtype: str = "auto"):
+        """kernel: use lora_bgmv (None: wherever it runs, for fp32 adapters; False: always the dense path).
+        dtype: the kernel's stacks, one of LORA_DTYPES ("auto": bf16 over a bf16 or quantized base)."""
+        if dtype not in LORA_DTYPES:
+            raise QwenlabError(f"lora dtype must be one of {', '.join(LORA_DTYPES)}, got '{dtype}'")
         self.model = model
         self.kernel_allowed = kernel
+        self.dtype = dtype
+        self.stack_dtype = torch.float32
         self.use_kernel = False
         self.paths: dict[str, str] = {}
         self.versions: dict[str, int] = {}  # name -> which attach loaded it (prefix cache namespaces)
@@ -182,8 +194,9 @@ class AdapterSet:
             wanted = present | stacked
         self._present = tuple(sorted(wanted))
         self._surplus_selects = 0
-        kind = _KernelStack if self.use_kernel else _Stack
-        self._stacks = {m: kind(m, list(self._present)) for m in self._modules}
+        order = list(self._present)
+        self._stacks = {m: _KernelStack(m, order, self.stack_dtype) if self.use_kernel else _Stack(m, order)
+                        for m in self._modules}
 
     def _forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The LoRALinear's forward while serve owns it: the base output plus every row's own delta."""
@@ -204,7 +217,7 @@ class AdapterSet:
             status = self._bgmv(x.data_ptr(), x.numel(), rows, tokens, width, self._row_adapter_ptr, rows,
                                 stack.a_ptr, stack.a_len, stack.bt_ptr, stack.bt_len, stack.count, stack.rank,
                                 stack.out_features, target.data_ptr(), target.numel(),
-                                native.kernel_threads())  # in place: target += delta
+                                native.kernel_threads(), stack.bits)  # in place: target += delta
             if status != 0:
                 raise QwenlabError(f"lora_bgmv failed on a rank-{stack.rank} stack")
             return out if target is out else out + target.to(out.dtype)
@@ -240,3 +253,12 @@ class AdapterSet:
         self._surplus_selects, self._native_table = 0, None
         self.use_kernel = self._kernel_fits()
         self._bgmv = native.library().lora_bgmv if self.use_kernel else None
+        self.stack_dtype = self._stack_dtype()
+
+    def _stack_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
+        bases = [module.base_layer for module in self._modules[:1]]
+        coarse = any(hasattr(b, "qweight") or getattr(b, "weight", None) is not None and b.weight.dtype == torch.bfloat16
+                     for b in bases)
+        return torch.bfloat16 if coarse else torch.float32

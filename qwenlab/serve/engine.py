@@ -119,10 +119,10 @@ class PrefillJob:
 class Engine:
     def __init__(self, name: str, model: Qwen2ForCausalLM, tokenizer: Tokenizer, stop_ids: set[int], *,
                  max_batch: int = 32, max_context: int = 2048, max_prefill_tokens: int = 1024, metrics=None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, lora_dtype: str = "auto"):
         self.name, self.model, self.tokenizer, self.stop_ids = name, model, tokenizer, stop_ids
         self.max_batch, self.max_context, self.max_prefill_tokens = max_batch, max_context, max_prefill_tokens
-        self.adapters = AdapterSet(model)
+        self.adapters = AdapterSet(model, dtype=lora_dtype)
         self.path: str | None = None  # the folder it was loaded from (/v1/models shows its name only)
         self.metrics = metrics
         self.prefix_cache = prefix_cache  # shared with the other engines of the server (one budget); None: off

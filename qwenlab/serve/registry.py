@@ -28,11 +28,12 @@ class Target:
 
 def load_engine(name: str, path: str | Path, *, dtype: str = "fp32", max_batch: int = 32,
                 max_context: int | None = None, max_prefill_tokens: int = 1024, metrics=None,
-                for_adapters: bool = False, prefix_cache=None) -> Engine:
+                for_adapters: bool = False, prefix_cache=None, lora_dtype: str = "auto") -> Engine:
     """Load a model folder (or 'nano'; int8/int4 folders load through quant) into an Engine.
 
     for_adapters: a quantized base is loaded with q/k/v and gate/up unfused, so LoRA can target them.
     prefix_cache: a PrefixCache shared by the server's engines (None: no prefix caching).
+    lora_dtype: the adapters' stacks in mixed batches (adapters_bridge.LORA_DTYPES).
     """
     from qwenlab.loading import load
 
@@ -40,7 +41,7 @@ def load_engine(name: str, path: str | Path, *, dtype: str = "fp32", max_batch: 
     context = model.config.context_window(max_context)  # beyond the model's positions: refused, not lowered
     engine = Engine(name, model, tokenizer, tokenizer.stop_ids(checkpoint.generation_config),
                     max_batch=max_batch, max_context=context, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
-                    prefix_cache=prefix_cache)
+                    prefix_cache=prefix_cache, lora_dtype=lora_dtype)
     engine.path = str(checkpoint.path)
     return engine
 

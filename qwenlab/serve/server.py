@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
+from qwenlab.serve.adapters_bridge import LORA_DTYPES
 from qwenlab.serve.limits import ServeLimits, at_least, is_loopback
 from qwenlab.serve.metrics import ServeMetrics
 from qwenlab.serve.prefix_cache import PrefixCache
@@ -36,6 +37,7 @@ class ServeConfig:
     max_prefill_tokens: int = 1024  # padded prompt tokens per prefill: bounds the pause of running rows
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     prefix_cache_mb: int = 512  # KV of prompt prefixes kept for reuse, all engines together; 0: off
+    lora_dtype: str = "auto"  # adapters' stacks in mixed batches: auto (bf16 over a bf16/quantized base), fp32, bf16
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def check(self) -> None:
@@ -50,6 +52,8 @@ class ServeConfig:
         at_least("--max-batch", self.max_batch, 1, MAX_BATCH)
         at_least("--max-prefill-tokens", self.max_prefill_tokens, 1)
         at_least("--prefix-cache-mb", self.prefix_cache_mb, 0, 1 << 30)
+        if self.lora_dtype not in LORA_DTYPES:
+            raise QwenlabError(f"--lora-dtype must be one of {', '.join(LORA_DTYPES)}, got '{self.lora_dtype}'")
         if self.max_context is not None:
             at_least("--max-context", self.max_context, 2)  # one prompt token and one to generate
         if self.threads is not None:
@@ -73,7 +77,8 @@ def build_registry(config: ServeConfig, metrics: ServeMetrics) -> ModelRegistry:
     metrics.watch_prefix_cache(prefix_cache)
     common = dict(dtype=config.dtype, max_batch=config.max_batch, max_context=config.max_context,
                   max_prefill_tokens=config.max_prefill_tokens, metrics=metrics, prefix_cache=prefix_cache)
-    base = load_engine(base_name(config), config.base, for_adapters=bool(config.adapters), **common)
+    base = load_engine(base_name(config), config.base, for_adapters=bool(config.adapters),
+                       lora_dtype=config.lora_dtype, **common)
     variants = {name: load_engine(name, path, **common) for name, path in config.variants.items()}
     registry = ModelRegistry(base, variants)
     for name, path in config.adapters.items():

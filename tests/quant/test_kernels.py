@@ -108,26 +108,30 @@ def test_rows_gather_from_every_layout(bits, backend):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows,tokens,k,n_out,rank,adapters", [(5, 3, 40, 37, 8, 3), (8, 1, 256, 768, 8, 8),
                                                                  (2, 7, 896, 128, 16, 2), (3, 1, 16, 16, 1, 1),
                                                                  (1, 1, 896, 4867, 16, 1), (2, 1, 4864, 129, 8, 2)])
-def test_lora_bgmv_adds_each_rows_own_adapter_delta(rows, tokens, k, n_out, rank, adapters, threads, monkeypatch):
+def test_lora_bgmv_adds_each_rows_own_adapter_delta(rows, tokens, k, n_out, rank, adapters, threads, dtype,
+                                                    monkeypatch):
     """On 1 to 3 of the kernels' threads: whole rows per thread, and a row's columns split across threads
-    (fewer tokens than threads: one row of 4867 columns, a tail that is not a whole 16-lane block)."""
+    (fewer tokens than threads: one row of 4867 columns, a tail that is not a whole 16-lane block). bf16
+    stacks are widened exactly, so the reference is the same fp32 product of the bf16 values."""
     import importlib
 
     monkeypatch.setattr(importlib.import_module("qwenlab.native.library"), "_kernel_threads", threads)
     g = torch.Generator().manual_seed(rows * 100 + k)
     x = torch.randn(rows, tokens, k, generator=g)
-    a, bt = torch.randn(adapters, rank, k, generator=g), torch.randn(adapters, rank, n_out, generator=g)
+    a = torch.randn(adapters, rank, k, generator=g).to(dtype)
+    bt = torch.randn(adapters, rank, n_out, generator=g).to(dtype)
     row_adapter = torch.randint(-1, adapters, (rows,), generator=g, dtype=torch.int32)
     row_adapter[0] = -1  # a row with no adapter is left alone
     y = torch.randn(rows, tokens, n_out, generator=g)
     expected = y.clone()
     for r, i in enumerate(row_adapter.tolist()):
         if i >= 0:
-            expected[r] += (x[r] @ a[i].T) @ bt[i]
+            expected[r] += (x[r] @ a[i].float().T) @ bt[i].float()
     native.lora_bgmv_(y, x, row_adapter, a, bt)
     # fp32 sums in another order: within a few ulps of the largest delta (k 4864 makes deltas of ~1e4)
     torch.testing.assert_close(y, expected, atol=1e-6 * float(expected.abs().max()) + 1e-4, rtol=1e-5)
@@ -139,6 +143,14 @@ def test_lora_bgmv_refuses_a_rank_over_its_limit():
     rank = native.LORA_MAX_RANK + 1
     with pytest.raises(ValueError, match="rank"):
         native.lora_bgmv_(y, x, torch.zeros(1, dtype=torch.int32), torch.zeros(1, rank, 16), torch.zeros(1, rank, 16))
+
+
+@needs_native
+def test_lora_bgmv_refuses_stacks_of_two_dtypes():
+    x, y = torch.zeros(1, 1, 16), torch.zeros(1, 1, 16)
+    with pytest.raises(native.KernelArgumentError, match="bt must be a contiguous torch.bfloat16"):
+        native.lora_bgmv_(y, x, torch.zeros(1, dtype=torch.int32), torch.zeros(1, 4, 16, dtype=torch.bfloat16),
+                          torch.zeros(1, 4, 16))
 
 
 @needs_native

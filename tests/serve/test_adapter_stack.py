@@ -37,10 +37,10 @@ def models(tmp_path_factory):
     return paths
 
 
-def with_adapters(models, kind):
+def with_adapters(models, kind, lora_dtype="auto"):
     model = load(models[kind] if kind.startswith("int") else models["base"], "fp32" if kind.startswith("int") else kind,
                  fuse=False).model  # what serve loads for a base that takes adapters
-    adapters = AdapterSet(model)
+    adapters = AdapterSet(model, dtype=lora_dtype)
     for name in ADAPTER_NAMES:
         adapters.attach(name, adapters.read(models[name]), str(models[name]))
     assert adapters.use_kernel
@@ -91,6 +91,49 @@ def test_rows_with_different_adapters_decode_in_one_native_call(models, kind, mo
         taken.clear()
         stacked(outs[0][:, -1:].argmax(-1), positions=positions + 1, cache=caches[0])
     assert taken == [(True, False)]
+
+
+@pytest.mark.parametrize("kind,lora_dtype,stacked", [
+    ("fp32", "auto", torch.float32), ("bf16", "auto", torch.bfloat16), ("int8", "auto", torch.bfloat16),
+    ("int4", "auto", torch.bfloat16), ("int4", "fp32", torch.float32), ("fp32", "bf16", torch.bfloat16)])
+def test_adapter_stacks_take_the_bases_precision_unless_told(models, kind, lora_dtype, stacked):
+    """auto (vLLM's --lora-dtype auto): bf16 stacks over a bf16 or quantized base, fp32 over fp32."""
+    _, adapters = with_adapters(models, kind, lora_dtype)
+    adapters.select(["a", "b"])
+    dtypes = {(stack.a.dtype, stack.bt.dtype) for stack in adapters._stacks.values()}
+    assert dtypes == {(stacked, stacked)}
+    assert {stack.bits for stack in adapters._stacks.values()} == {16 if stacked == torch.bfloat16 else 32}
+
+
+def test_an_unknown_lora_dtype_is_refused_by_name(models):
+    from qwenlab.errors import QwenlabError
+
+    with pytest.raises(QwenlabError, match="lora dtype must be one of auto, fp32, bf16, got 'fp16'"):
+        with_adapters(models, "fp32", "fp16")
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4"])
+def test_bf16_stacks_change_the_logits_by_the_rounding_of_the_adapters_only(models, kind):
+    """The same mixed batch with fp32 and with bf16 stacks: bf16 rounds A and scaled B (relative 2^-9), so
+    the logits move by a small fraction of what the adapters themselves move them, and the base rows not at all."""
+    rows = ["a", None, "b", "a"]
+    prompt = torch.randint(0, 300, (4, 6), generator=torch.Generator().manual_seed(5))
+    outs = {}
+    with torch.inference_mode():
+        for lora_dtype in ("fp32", "bf16", "none"):
+            model, adapters = with_adapters(models, kind, "fp32" if lora_dtype == "none" else lora_dtype)
+            adapters.select(rows if lora_dtype != "none" else [None] * 4)
+            cache = model.new_cache(4, 16)
+            logits = model(prompt, cache=cache)
+            step = model(logits[:, -1:].argmax(-1) if lora_dtype == "fp32" else outs["fp32"][0], cache=cache,
+                         positions=torch.full((4, 1), prompt.shape[1]))
+            outs[lora_dtype] = (logits[:, -1:].argmax(-1), torch.cat([logits, step], 1))
+    fp32, bf16, base = outs["fp32"][1], outs["bf16"][1], outs["none"][1]
+    torch.testing.assert_close(bf16[1], fp32[1], atol=0, rtol=0)  # the row with no adapter
+    for row in (0, 2, 3):
+        moved = (fp32[row] - base[row]).abs().max()
+        assert moved > 1e-2  # the adapters really change these rows
+        assert (bf16[row] - fp32[row]).abs().max() < 0.05 * moved
 
 
 def test_a_served_batch_mixing_adapters_runs_on_the_stack_and_equals_each_request_alone(models, monkeypatch):

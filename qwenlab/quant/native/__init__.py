@@ -214,7 +214,7 @@ class _DecodeLayer(ctypes.Structure):
 
 class _LoraLinear(ctypes.Structure):  # decode_stack.cpp's LoraLinear: A [n, R, K], Bt [n, R, N]; A null: none
     _fields_ = [("A", ctypes.c_void_p), ("Bt", ctypes.c_void_p), ("A_len", ctypes.c_int64), ("Bt_len", ctypes.c_int64),
-                ("R", ctypes.c_int64), ("n", ctypes.c_int64)]
+                ("R", ctypes.c_int64), ("n", ctypes.c_int64), ("bits", ctypes.c_int64)]
 
 
 class _LoraLayer(ctypes.Structure):
@@ -229,12 +229,12 @@ ADAPTER_TARGETS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn
 def lora_table(wrapped: list[tuple], stacks: dict) -> ctypes.Array:
     """Per layer the adapters' stacks of its wrapped linears for decode_stack.cpp. wrapped: per layer the
     DecodeStack's modules in ADAPTER_TARGETS order (None: not wrapped); stacks: module -> an object with
-    a_ptr, a_len, bt_ptr, bt_len, rank, count, active (serve's _KernelStack, lora_bgmv's layout)."""
+    a_ptr, a_len, bt_ptr, bt_len, rank, count, bits, active (serve's _KernelStack, lora_bgmv's layout)."""
     def entry(module):
         stack = stacks.get(module) if module is not None else None
         if stack is None or not stack.active:
             return _LoraLinear()
-        return _LoraLinear(stack.a_ptr, stack.bt_ptr, stack.a_len, stack.bt_len, stack.rank, stack.count)
+        return _LoraLinear(stack.a_ptr, stack.bt_ptr, stack.a_len, stack.bt_len, stack.rank, stack.count, stack.bits)
     return (_LoraLayer * len(wrapped))(*[_LoraLayer(*map(entry, modules)) for modules in wrapped])
 
 

@@ -37,7 +37,8 @@ int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, con
                      float* out, int64_t out_len);
 }
 int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
-                   const float* A, const float* Bt, int64_t R, int64_t N, float* y, int64_t ldy, int nthreads);
+                   const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy,
+                   int nthreads);
 int run_quant_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const uint8_t* const* w,
                       const uint16_t* const* s, const uint16_t* const* mz, const float* const* bias,
                       const int64_t* N, const int64_t* gs, float* const* y, int64_t ldy, int nthreads);
@@ -68,11 +69,11 @@ struct DecodeLayer {
 };
 
 // One linear's LoRA adapters for the batch, in lora_bgmv.cpp's layout: A [n, R, K], Bt [n, R, N] (B
-// transposed, scaling folded in, ranks zero-padded to R). A null: this linear has none.
+// transposed, scaling folded in, ranks zero-padded to R), fp32 (bits 32) or bf16 (bits 16). A null: none.
 struct LoraLinear {
-    const float* A;
-    const float* Bt;
-    int64_t A_len, Bt_len, R, n;
+    const void* A;
+    const void* Bt;
+    int64_t A_len, Bt_len, R, n, bits;
 };
 
 // Per layer, the deltas of the rows' own adapters (serve's per-row adapters, lora_bgmv): added to each
@@ -161,11 +162,11 @@ static int side_by_side(std::initializer_list<const QLinear*> ls, const float* x
 static int lora_add(const LoraLinear& a, const int32_t* row_adapter, const float* x, int64_t ldx, int64_t B,
                     int64_t K, float* y, int64_t N, int64_t ldy, int nthreads) {
     if (!a.A || !row_adapter) return QWENLAB_OK;
-    return lora_bgmv_rows(x, ldx, B, K, row_adapter, a.A, a.Bt, a.R, N, y, ldy, nthreads);
+    return lora_bgmv_rows(x, ldx, B, K, row_adapter, a.A, a.Bt, (int)a.bits, a.R, N, y, ldy, nthreads);
 }
 
 static bool lora_ok(const LoraLinear& a, int64_t K, int64_t N) {
-    return !a.A || (a.Bt && a.R > 0 && a.R <= 256 && a.n > 0 && has_elems(a.A_len, {a.n, a.R, K}) &&
+    return !a.A || (a.Bt && (a.bits == 16 || a.bits == 32) && a.R > 0 && a.R <= 256 && a.n > 0 && has_elems(a.A_len, {a.n, a.R, K}) &&
                     has_elems(a.Bt_len, {a.n, a.R, N}));
 }
 
