@@ -3,8 +3,9 @@
 Each `step()`:
   1. runs queued control commands (adapter load/unload) while no forward pass is in flight;
   2. drops cancelled rows (client gone, timeout);
-  3. admits waiting requests into free rows: one left-padded prefill for all newcomers (each
-     row with its own adapter), run in chunks of PREFILL_CHUNK_TOKENS, one chunk per step, so the
+  3. admits waiting requests into free rows, oldest first: one left-padded prefill (each row with its
+     own adapter) for a group that fits one chunk, or for one longer prompt (see _admit), run in
+     chunks of PREFILL_CHUNK_TOKENS, one chunk per step, so the
      streams in flight get a decode step between chunks (chunked prefill); when it is done its KV
      rows are copied into the running BatchKVCache, once per choice (n > 1 shares the prefill);
   4. runs one decode step for every running row (each row with its own adapter and position),
@@ -202,9 +203,16 @@ class Engine:
                 self._count("cancelled")
 
     def _admit(self) -> list[EngineRequest]:
-        """Waiting requests for the free rows, within one prefill's token budget."""
+        """The next prefill's requests: the oldest waiting one, and those after it while the group, padded to
+        its longest uncached tail, still fits one chunk (and --max-prefill-tokens).
+
+        So a group finishes in the step it starts, and a prompt longer than a chunk is prefilled alone, a
+        chunk per step: requests get their first token in arrival order (as vLLM's chunked prefill
+        serves them), where one group of many would make each wait for all of them. A chat's clients
+        that send their next turns together then see a first token after their own share of the work."""
         chosen: list[EngineRequest] = []
         longest = 0
+        budget = min(self.prefill_chunk_tokens, self.max_prefill_tokens)
         with self.lock:
             while self.waiting and len(self.rows) + sum(r.params.n for r in chosen) + self.waiting[0].params.n \
                     <= self.max_batch:
@@ -218,7 +226,7 @@ class Engine:
                     self._tell(request, EngineEvent("error", f"adapter '{request.adapter}' was unloaded"))
                     continue
                 longest_after = max(longest, self._uncached_length(request))
-                if chosen and longest_after * (len(chosen) + 1) > self.max_prefill_tokens:
+                if chosen and longest_after * (len(chosen) + 1) > budget:
                     break
                 chosen.append(self.waiting.popleft())
                 longest = longest_after

@@ -244,6 +244,25 @@ def test_a_long_prefill_goes_in_chunks_between_the_running_rows_steps(engine, re
     assert "".join(newcomer.text) == alone(reference.base, tokenizer, long_ids, None, 5)
 
 
+def test_requests_that_arrive_together_get_first_tokens_in_arrival_order(engine, reference):
+    """Three 100-token prompts at once, with 256-token chunks: a prefill groups requests only while the group
+    fits one chunk, so the first two answer after one step and the third a step later (one group of three
+    made all three wait two steps). Each text equals its run alone."""
+    tokenizer = engine.tokenizer
+    prompts = [(tokenizer.encode(f"Reverse the word: {word} ") * 40)[:100] for word in ("apple", "pear", "kiwi")]
+    collectors = [Collector() for _ in prompts]
+    for ids, collector in zip(prompts, collectors):
+        engine.submit(EngineRequest(ids, SamplingParams(max_tokens=4, ignore_eos=True), collector))
+    answered = []
+    for _ in range(2):
+        engine.step()
+        answered.append([bool(c.text) for c in collectors])
+    assert answered == [[True, True, False], [True, True, True]]
+    run_until_done(engine, collectors)
+    for ids, collector in zip(prompts, collectors):
+        assert "".join(collector.text) == alone(reference.base, tokenizer, ids, None, 4)
+
+
 def test_a_mixed_length_batch_runs_on_the_native_decode_stack(serve_models, reference):
     """Two requests with prompts of different lengths admitted at once are left-padded in the batch cache:
     each row's padding is leading, so every decode step (both rows, then the one left after the shorter
