@@ -122,12 +122,13 @@ def write_random_adapters(model: Path, work: Path, rank: int = 8) -> dict[str, P
 
 # ---- one server --------------------------------------------------------------------------------------
 def start_server(model: Path, adapters: dict[str, Path], port: int, threads: int | None,
-                 prefill_tokens: int | None) -> subprocess.Popen:
+                 prefill_tokens: int | None, lora_dtype: str = "auto") -> subprocess.Popen:
     command = [sys.executable, "-m", "qwenlab", "serve", str(model), "--served-model-name", "base", "--port", str(port),
                "--max-batch", "32", "--max-concurrency", "512"]
     command += [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
     command += ["--threads", str(threads)] if threads else []
     command += ["--max-prefill-tokens", str(prefill_tokens)] if prefill_tokens else []
+    command += ["--lora-dtype", lora_dtype] if adapters else []
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -280,7 +281,8 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
     try:
         for mode, served in modes.items():
             port = free_port()
-            servers[mode] = (port, start_server(folder, served, port, args.threads, args.max_prefill_tokens))
+            servers[mode] = (port, start_server(folder, served, port, args.threads, args.max_prefill_tokens,
+                                                args.lora_dtype))
         rows = []
         for clients in args.clients:
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -767,6 +769,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the server's prefill budget per step")
+    parser.add_argument("--lora-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="adapters: the mixed server's --lora-dtype")
     parser.add_argument("--work-dir", default=str(Path(tempfile_dir()) / "qwenlab-serve-bench"))
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     parser.add_argument("--bits", type=int, choices=[8, 4], default=None, help="serve an int8/int4 copy of the base")

@@ -131,6 +131,68 @@ static void bgmv_threads(const float* x, int64_t ldx, int64_t rows, int64_t T, i
     qwenlab_pool::pool().run(rows_chunk, &job, tokens * parts, nthreads);
 }
 
+// Several linears' deltas of the same x (q, k and v; gate and up) as one pool job: one hand-off instead of
+// one per linear, and the small k and v deltas share the threads with q's. Segment s adds into y_s
+// (row stride ldy, N_s columns).
+struct LoraSegment {
+    const void* A;
+    const void* Bt;
+    int bits;
+    int64_t R, N;
+    float* y;
+};
+
+#define MAX_SEGMENTS 4
+
+struct SegmentsJob {
+    const float* x;
+    int64_t ldx, K, ldy;
+    const int32_t* row_adapter;
+    const LoraSegment* segs;
+    int nseg;
+    int64_t parts[MAX_SEGMENTS], first[MAX_SEGMENTS + 1];  // chunks of segment s: [first[s], first[s + 1])
+};
+
+static void segments_chunk(const void* p, int64_t chunk) {
+    const SegmentsJob& j = *static_cast<const SegmentsJob*>(p);
+    int s = 0;
+    while (chunk >= j.first[s + 1]) ++s;
+    const LoraSegment& g = j.segs[s];
+    const int64_t local = chunk - j.first[s], t = local / j.parts[s], part = local % j.parts[s];
+    const int32_t a = j.row_adapter[t];
+    if (a < 0) return;
+    const int64_t width = (g.N + j.parts[s] - 1) / j.parts[s];
+    const int64_t n0 = part * width, n1 = n0 + width < g.N ? n0 + width : g.N;
+    if (n0 < n1) adapter_token(j.x + t * j.ldx, g.A, g.Bt, g.bits, a, g.R, j.K, g.N, n0, n1, g.y + t * j.ldy);
+}
+
+// For decode_stack.cpp (arguments checked there): one token per row; nseg <= MAX_SEGMENTS.
+int lora_bgmv_segments(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
+                       const LoraSegment* segs, int nseg, int64_t ldy, int nthreads) {
+    if (nseg <= 0) return QWENLAB_OK;
+    if (nseg > MAX_SEGMENTS) return QWENLAB_NOT_APPLICABLE;
+    int64_t macs = 0;
+    for (int s = 0; s < nseg; ++s) {
+        if (segs[s].R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;
+        macs += rows * segs[s].R * (K + segs[s].N);
+    }
+    if (nthreads <= 1 || macs < PARALLEL_FROM_MACS) {
+        for (int s = 0; s < nseg; ++s)
+            bgmv(x, ldx, rows, 1, K, row_adapter, segs[s].A, segs[s].Bt, segs[s].bits, segs[s].R, segs[s].N, segs[s].y, ldy);
+        return QWENLAB_OK;
+    }
+    SegmentsJob job{x, ldx, K, ldy, row_adapter, segs, nseg, {}, {}};
+    job.first[0] = 0;
+    for (int s = 0; s < nseg; ++s) {  // as bgmv_threads: split a row's columns only when rows are fewer than threads
+        int64_t parts = rows >= nthreads ? 1 : (nthreads + rows - 1) / rows;
+        if (parts > 1 && segs[s].N / parts < 64) parts = segs[s].N >= 128 ? segs[s].N / 64 : 1;
+        job.parts[s] = parts;
+        job.first[s + 1] = job.first[s] + rows * parts;
+    }
+    qwenlab_pool::pool().run(segments_chunk, &job, job.first[nseg], nthreads);
+    return QWENLAB_OK;
+}
+
 // Lengths count elements: x_len = rows T K, y_len = rows T N, ra_len = rows, A_len = n R K, Bt_len = n R N
 // for n adapters (bits 32: fp32 A and Bt; 16: bf16); a row's adapter index must be below n. Checked before y
 // is touched: O(rows).

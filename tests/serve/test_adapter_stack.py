@@ -93,6 +93,43 @@ def test_rows_with_different_adapters_decode_in_one_native_call(models, kind, mo
     assert taken == [(True, False)]
 
 
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    """An int8 base wide enough (hidden 512, r 16) that the deltas run on the kernels' thread pool."""
+    from qwenlab.quant import quantize_model
+    from tests.adapters.conftest import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("adapter-stack-wide")
+    build_hf_model(root / "base", hidden=512, intermediate=1024, layers=2, heads=8, kv_heads=2, seed=7)
+    make_peft_adapter(root / "base", root / "a", r=16, alpha=32, seed=1)
+    make_peft_adapter(root / "base", root / "b", r=8, alpha=8, targets=("k_proj", "v_proj", "up_proj"), seed=2)
+    return {"int8": quantize_model(root / "base", root / "int8", bits=8, group_size=32, progress=False),
+            "a": root / "a", "b": root / "b"}
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [["a", None, "b", "a"], ["b"], ["a", "b"]])
+def test_deltas_on_the_thread_pool_equal_the_layer_by_layer_path(wide_models, rows, threads, monkeypatch):
+    """q, k and v's deltas (and gate and up's) run as one pool job on 2-3 threads: whole rows per thread,
+    and a row's columns split when rows are fewer than threads. The logits equal the layer-by-layer path's."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("qwenlab.native.library"), "_kernel_threads", threads)
+    stacked, stacked_adapters = with_adapters(wide_models, "int8")
+    layered, layered_adapters = with_adapters(wide_models, "int8")
+    layered.row_adapters = None
+    b = len(rows)
+    prompt = torch.randint(0, 300, (b, 5), generator=torch.Generator().manual_seed(b))
+    caches = [m.new_cache(b, 8) for m in (stacked, layered)]
+    with torch.inference_mode():
+        for adapters in (stacked_adapters, layered_adapters):
+            adapters.select(rows)
+        outs = [m(prompt, cache=c) for m, c in zip((stacked, layered), caches)]
+        nxt = outs[1][:, -1:].argmax(-1)
+        steps = [m(nxt, cache=c, positions=torch.full((b, 1), 5)) for m, c in zip((stacked, layered), caches)]
+    torch.testing.assert_close(steps[0], steps[1], atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("kind,lora_dtype,stacked", [
     ("fp32", "auto", torch.float32), ("bf16", "auto", torch.bfloat16), ("int8", "auto", torch.bfloat16),
     ("int4", "auto", torch.bfloat16), ("int4", "fp32", torch.float32), ("fp32", "bf16", torch.bfloat16)])

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include <initializer_list>
+#include <utility>
 
 #include "vec.h"
 
@@ -39,6 +40,15 @@ int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, con
 int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
                    const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy,
                    int nthreads);
+struct LoraSegment {  // lora_bgmv.cpp's: one linear's stacks and where its delta goes
+    const void* A;
+    const void* Bt;
+    int bits;
+    int64_t R, N;
+    float* y;
+};
+int lora_bgmv_segments(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
+                       const LoraSegment* segs, int nseg, int64_t ldy, int nthreads);
 int run_quant_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const uint8_t* const* w,
                       const uint16_t* const* s, const uint16_t* const* mz, const float* const* bias,
                       const int64_t* N, const int64_t* gs, float* const* y, int64_t ldy, int nthreads);
@@ -165,12 +175,25 @@ static int lora_add(const LoraLinear& a, const int32_t* row_adapter, const float
     return lora_bgmv_rows(x, ldx, B, K, row_adapter, a.A, a.Bt, (int)a.bits, a.R, N, y, ldy, nthreads);
 }
 
+// The deltas of linears that read the same x (row stride ldx), linear i's added into columns y_i (row stride
+// ldy) of N_i columns: one pool job for all of them (lora_bgmv_segments); linears without adapters are skipped.
+static int lora_add_side_by_side(std::initializer_list<std::pair<const LoraLinear*, float*>> linears,
+                                 std::initializer_list<int64_t> widths, const int32_t* row_adapter, const float* x,
+                                 int64_t ldx, int64_t B, int64_t K, int64_t ldy, int nthreads) {
+    LoraSegment segs[4];
+    int n = 0;
+    auto width = widths.begin();
+    for (const auto& [a, y] : linears) {
+        if (a->A && row_adapter) segs[n++] = LoraSegment{a->A, a->Bt, (int)a->bits, a->R, *width, y};
+        ++width;
+    }
+    return lora_bgmv_segments(x, ldx, B, K, row_adapter, segs, n, ldy, nthreads);
+}
+
 static bool lora_ok(const LoraLinear& a, int64_t K, int64_t N) {
     return !a.A || (a.Bt && (a.bits == 16 || a.bits == 32) && a.R > 0 && a.R <= 256 && a.n > 0 && has_elems(a.A_len, {a.n, a.R, K}) &&
                     has_elems(a.Bt_len, {a.n, a.R, N}));
 }
-
-static float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static void add_into(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
@@ -255,10 +278,8 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
         qwenlab_rms_norm(x, B * H, B, H, L.norm1, L.norm1_len, eps, h, B * H);
         status = L.k.w ? side_by_side({&L.qkv, &L.k, &L.v}, h, B, qkv, tmp, nthreads) : linear(L.qkv, h, B, qkv, nthreads, 0);
         if (status == QWENLAB_OK && A)
-            if ((status = lora_add(A->q, row_adapter, h, H, B, H, qkv, q_n, qkv_n, nthreads)) != QWENLAB_OK ||
-                (status = lora_add(A->k, row_adapter, h, H, B, H, qkv + q_n, kv_n, qkv_n, nthreads)) != QWENLAB_OK ||
-                (status = lora_add(A->v, row_adapter, h, H, B, H, qkv + q_n + kv_n, kv_n, qkv_n, nthreads)) != QWENLAB_OK)
-                break;
+            status = lora_add_side_by_side({{&A->q, qkv}, {&A->k, qkv + q_n}, {&A->v, qkv + q_n + kv_n}},
+                                           {q_n, kv_n, kv_n}, row_adapter, h, H, B, H, qkv_n, nthreads);
         if (status != QWENLAB_OK) break;
         status = qwenlab_decode_attention(qkv, B * qkv_n, B, Hq, Hkv, D, cos, sin, cs_len, L.keys, L.values,
                                           L.kv_len, cap, pos, att, B * Hq * D, starts);
@@ -268,15 +289,13 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
         qwenlab_rms_norm(x, B * H, B, H, L.norm2, L.norm2_len, eps, h, B * H);
         status = L.up.w ? side_by_side({&L.gate_up, &L.up}, h, B, gu, tmp, nthreads) : linear(L.gate_up, h, B, gu, nthreads, 0);
         if (status == QWENLAB_OK && A)
-            if ((status = lora_add(A->gate, row_adapter, h, H, B, H, gu, I, 2 * I, nthreads)) != QWENLAB_OK ||
-                (status = lora_add(A->up, row_adapter, h, H, B, H, gu + I, I, 2 * I, nthreads)) != QWENLAB_OK)
-                break;
+            status = lora_add_side_by_side({{&A->gate, gu}, {&A->up, gu + I}}, {I, I}, row_adapter, h, H, B, H,
+                                           2 * I, nthreads);
         if (status != QWENLAB_OK) break;
         // act 1: silu(gate) * up, applied while quantizing
         if ((status = linear(L.down, gu, B, y, nthreads, 1)) != QWENLAB_OK) break;
         if (A && A->down.A) {  // down's delta reads silu(gate) up itself
-            for (int64_t b = 0; b < B; ++b)
-                for (int64_t j = 0; j < I; ++j) tmp[b * I + j] = silu(gu[b * 2 * I + j]) * gu[b * 2 * I + I + j];
+            for (int64_t b = 0; b < B; ++b) silu_mul_row(gu + b * 2 * I, gu + b * 2 * I + I, I, tmp + b * I);
             if ((status = lora_add(A->down, row_adapter, tmp, I, B, I, y, H, H, nthreads)) != QWENLAB_OK) break;
         }
         add_into(x, y, B * H);
