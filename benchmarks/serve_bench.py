@@ -46,7 +46,8 @@ written out in Qwen2.5's format, so every server gets the same text), each clien
 It runs one server at a time: qwenlab with --prefix-cache-mb 0 and 512, llama.cpp's llama-server
 --parallel N (continuous batching; built once into the qwenlab cache from the llama.cpp sources in
 the llama-cpp-python 0.3.36 sdist with scripts/llama_cpp_cmake_args.sh's flags) and llama-cpp-python's
-llama_cpp.server (--interrupt_requests False), both on --gguf. It reports tokens/s (completion tokens
+llama_cpp.server (--interrupt_requests False; its extras: pip install -e '.[bench]'), both on --gguf.
+It reports tokens/s (completion tokens
 / wall time) and TTFT p50/p95 (send -> first text) per scenario and client count.
 
 Models: 'nano' is the shipped nano when built, else a random model of nano's shape; a preset
@@ -621,11 +622,12 @@ def llama_server_binary() -> Path:
     return binary
 
 
-def wait_ready(process: subprocess.Popen, port: int, path: str = "/health") -> None:
+def wait_ready(process: subprocess.Popen, port: int, path: str = "/health", log: Path | None = None) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            tail = log.read_text(errors="replace")[-2000:] if log is not None and log.is_file() else ""
+            raise RuntimeError(f"server exited with {process.returncode}: {tail}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2)
             return
@@ -647,11 +649,17 @@ def start_peer(kind: str, folder: Path, gguf: Path, port: int, clients: int, thr
                    "127.0.0.1", "--parallel", str(clients), "-c", str(4096 * clients), "-t", str(threads)]
         path = "/health"
     else:
+        import importlib.util
+
+        if importlib.util.find_spec("sse_starlette") is None:
+            raise SystemExit("llama-cpp-python's server needs its extras: pip install -e '.[bench]' (or --peers llama-server)")
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "base", "--port",
                    str(port), "--n_ctx", "4096", "--n_threads", str(threads), "--interrupt_requests", "False"]
         path = "/v1/models"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_ready(process, port, path)
+    log = Path(tempfile_dir()) / f"serve-bench-{kind}-{port}.log"  # a file, not a pipe: a chatty server never blocks
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink)
+    wait_ready(process, port, path, log)
     return process
 
 
