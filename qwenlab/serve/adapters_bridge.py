@@ -38,6 +38,7 @@ from torch import nn
 
 from qwenlab.adapters import LoraAdapter, adapter_names, attach_adapter, detach_adapter, read_adapter
 from qwenlab.adapters.apply import lora_modules
+from qwenlab.checkpoint.dtypes import parse_dtype
 from qwenlab.errors import QwenlabError
 from qwenlab import native
 from qwenlab.quant.native import lora_table
@@ -256,9 +257,10 @@ class AdapterSet:
         self.stack_dtype = self._stack_dtype()
 
     def _stack_dtype(self) -> torch.dtype:
+        """The kernel stacks' dtype: as told, or for "auto" bf16 where the base's linears are quantized or bf16."""
         if self.dtype != "auto":
-            return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
-        bases = [module.base_layer for module in self._modules[:1]]
-        coarse = any(hasattr(b, "qweight") or getattr(b, "weight", None) is not None and b.weight.dtype == torch.bfloat16
-                     for b in bases)
+            return parse_dtype(self.dtype, "lora dtype", allowed=("fp32", "bf16"))
+        base = self._modules[0].base_layer if self._modules else None
+        weight = getattr(base, "weight", None)
+        coarse = hasattr(base, "qweight") or (weight is not None and weight.dtype == torch.bfloat16)
         return torch.bfloat16 if coarse else torch.float32
