@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "lora_bgmv.h"
 #include "vec.h"
 
 #include "pool.h"
@@ -134,23 +135,13 @@ static void bgmv_threads(const float* x, int64_t ldx, int64_t rows, int64_t T, i
 // Several linears' deltas of the same x (q, k and v; gate and up) as one pool job: one hand-off instead of
 // one per linear, and the small k and v deltas share the threads with q's. Segment s adds into y_s
 // (row stride ldy, N_s columns).
-struct LoraSegment {
-    const void* A;
-    const void* Bt;
-    int bits;
-    int64_t R, N;
-    float* y;
-};
-
-#define MAX_SEGMENTS 4
-
 struct SegmentsJob {
     const float* x;
     int64_t ldx, K, ldy;
     const int32_t* row_adapter;
     const LoraSegment* segs;
     int nseg;
-    int64_t parts[MAX_SEGMENTS], first[MAX_SEGMENTS + 1];  // chunks of segment s: [first[s], first[s + 1])
+    int64_t parts[LORA_MAX_SEGMENTS], first[LORA_MAX_SEGMENTS + 1];  // chunks of segment s: [first[s], first[s + 1])
 };
 
 static void segments_chunk(const void* p, int64_t chunk) {
@@ -166,11 +157,11 @@ static void segments_chunk(const void* p, int64_t chunk) {
     if (n0 < n1) adapter_token(j.x + t * j.ldx, g.A, g.Bt, g.bits, a, g.R, j.K, g.N, n0, n1, g.y + t * j.ldy);
 }
 
-// For decode_stack.cpp (arguments checked there): one token per row; nseg <= MAX_SEGMENTS.
+// For decode_stack.cpp (arguments checked there): one token per row; nseg <= LORA_MAX_SEGMENTS.
 int lora_bgmv_segments(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
                        const LoraSegment* segs, int nseg, int64_t ldy, int nthreads) {
     if (nseg <= 0) return QWENLAB_OK;
-    if (nseg > MAX_SEGMENTS) return QWENLAB_NOT_APPLICABLE;
+    if (nseg > LORA_MAX_SEGMENTS) return QWENLAB_NOT_APPLICABLE;
     int64_t macs = 0;
     for (int s = 0; s < nseg; ++s) {
         if (segs[s].R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;

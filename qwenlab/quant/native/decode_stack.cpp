@@ -21,6 +21,7 @@
 #include <initializer_list>
 #include <utility>
 
+#include "lora_bgmv.h"
 #include "vec.h"
 
 extern "C" {
@@ -37,18 +38,6 @@ int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64
 int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, const float* w, int64_t w_len, float eps,
                      float* out, int64_t out_len);
 }
-int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
-                   const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy,
-                   int nthreads);
-struct LoraSegment {  // lora_bgmv.cpp's: one linear's stacks and where its delta goes
-    const void* A;
-    const void* Bt;
-    int bits;
-    int64_t R, N;
-    float* y;
-};
-int lora_bgmv_segments(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
-                       const LoraSegment* segs, int nseg, int64_t ldy, int nthreads);
 int run_quant_linears(const float* x, int64_t M, int64_t K, int bits, int nseg, const uint8_t* const* w,
                       const uint16_t* const* s, const uint16_t* const* mz, const float* const* bias,
                       const int64_t* N, const int64_t* gs, float* const* y, int64_t ldy, int nthreads);
@@ -180,7 +169,7 @@ static int lora_add(const LoraLinear& a, const int32_t* row_adapter, const float
 static int lora_add_side_by_side(std::initializer_list<std::pair<const LoraLinear*, float*>> linears,
                                  std::initializer_list<int64_t> widths, const int32_t* row_adapter, const float* x,
                                  int64_t ldx, int64_t B, int64_t K, int64_t ldy, int nthreads) {
-    LoraSegment segs[4];
+    LoraSegment segs[LORA_MAX_SEGMENTS];
     int n = 0;
     auto width = widths.begin();
     for (const auto& [a, y] : linears) {
