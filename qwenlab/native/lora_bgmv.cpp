@@ -21,33 +21,6 @@
 // Below this many multiply-adds (all rows together) the decode stack's delta runs on the calling thread.
 #define PARALLEL_FROM_MACS (1 << 16)
 
-// 16 weights from p as fp32: bf16 is the high half of an fp32, so widening is a 16-bit shift.
-static inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load_w(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-static inline __m512 load_w(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-static inline __m512 load_w(__mmask16 m, const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-// sum_k w[k] x[k] in fp32, any n.
-template <typename W>
-static inline float dot_w(const W* w, const float* x, int64_t n) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= n; k += 32) {
-        acc0 = _mm512_fmadd_ps(load_w(w + k), _mm512_loadu_ps(x + k), acc0);
-        acc1 = _mm512_fmadd_ps(load_w(w + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
-    }
-    for (; k + 16 <= n; k += 16) acc0 = _mm512_fmadd_ps(load_w(w + k), _mm512_loadu_ps(x + k), acc0);
-    if (k < n) {
-        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
-        acc1 = _mm512_fmadd_ps(load_w(m, w + k), _mm512_maskz_loadu_ps(m, x + k), acc1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
 // One token's delta, columns [n0, n1) of its output: h = A[a] x (R dot products), then y[n0:n1] += Bt[a]ᵀ h.
 template <typename W>
 static void bgmv_token(const float* xt, const W* Aa, const W* Ba, int64_t R, int64_t K, int64_t N,

@@ -6,21 +6,34 @@
 
 #include <initializer_list>
 
-// sum_k a[k] * b[k] in fp32, any n (a masked load for the tail), two accumulators for latency.
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
+// 16 weights from p as fp32: bf16 is the high half of an fp32, so widening is a 16-bit shift.
+static inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_w(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 load_w(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load_w(__mmask16 m, const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// sum_k w[k] * x[k] in fp32 for fp32 or bf16 w, any n (a masked load for the tail), two accumulators for latency.
+template <typename W>
+static inline float dot_w(const W* w, const float* x, int64_t n) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
+        acc0 = _mm512_fmadd_ps(load_w(w + k), _mm512_loadu_ps(x + k), acc0);
+        acc1 = _mm512_fmadd_ps(load_w(w + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
     }
-    for (; k + 16 <= n; k += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
+    for (; k + 16 <= n; k += 16) acc0 = _mm512_fmadd_ps(load_w(w + k), _mm512_loadu_ps(x + k), acc0);
     if (k < n) {
         __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
-        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc1);
+        acc1 = _mm512_fmadd_ps(load_w(m, w + k), _mm512_maskz_loadu_ps(m, x + k), acc1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) { return dot_w(a, b, n); }
 
 // e^x for x in [-87.3, 88.3] (clamped), Cephes' expf polynomial: ~1e-7 relative error, plenty before
 // the int8 quantization the result goes through.
