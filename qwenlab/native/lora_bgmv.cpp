@@ -5,10 +5,11 @@
 // A is [n, R, K] and Bt is [n, R, N] (B transposed, each adapter's scaling folded in, ranks padded to R
 // with zero rows). Each token costs R (K + N) multiply-adds for its own adapter only: a dense product
 // with all n adapters' columns stacked would cost n times that. y is updated in place (the base
-// layer's output), on the kernels' thread pool when the work is large enough (bgmv_threads).
+// layer's output), on the kernels' thread pool when the work is large enough (bgmv_segments).
 //
-// A and Bt are fp32 or bf16 (bits 32 or 16; x, y and the sums stay fp32). A decode step reads every
-// adapter of its rows once, so the deltas are bound by memory bandwidth: bf16 stacks halve those bytes.
+// A and Bt are fp32 or bf16 (bits 32 or 16; x, y and the sums stay fp32). bf16 stacks halve the bytes a
+// decode step reads; measured, that took only ~1 ms off a ~48 ms step (0.5B int4, 8 rows of 8 adapters),
+// since the deltas' cost there was mostly per-call overhead, not bandwidth.
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -63,54 +64,16 @@ static void bgmv(const float* x, int64_t ldx, int64_t rows, int64_t T, int64_t K
     }
 }
 
-// The deltas on the kernels' thread pool: a chunk is one token and a slice of its columns (fewer tokens
-// than threads split each token's columns, recomputing its R dot products). Measured on the 0.5B int4
-// shape, 8 rows of 8 adapters: prefill's first step 0.70-0.78 s -> 0.64-0.66 s; the decode step did not
-// move, since its deltas (~140 MB a step in fp32) are bound by memory bandwidth, not by one thread.
-struct RowsJob {
-    const float* x;
-    int64_t T, ldx, K;
-    const int32_t* row_adapter;
-    const void *A, *Bt;
-    int bits;
-    int64_t R, N, parts;
-    float* y;
-    int64_t ldy;
-};
-
-static void rows_chunk(const void* p, int64_t chunk) {
-    const RowsJob& j = *static_cast<const RowsJob*>(p);
-    const int64_t t = chunk / j.parts, part = chunk % j.parts;  // token t of row t / T
-    const int32_t a = j.row_adapter[t / j.T];
-    if (a < 0) return;
-    const int64_t width = (j.N + j.parts - 1) / j.parts;
-    const int64_t n0 = part * width, n1 = n0 + width < j.N ? n0 + width : j.N;
-    if (n0 >= n1) return;
-    adapter_token(j.x + t * j.ldx, j.A, j.Bt, j.bits, a, j.R, j.K, j.N, n0, n1, j.y + t * j.ldy);
-}
-
-// rows x T tokens on up to nthreads threads; on the calling thread when the work is too small to pay for the
-// hand-off. Arguments already checked.
-static void bgmv_threads(const float* x, int64_t ldx, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter,
-                         const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy,
-                         int nthreads) {
-    const int64_t tokens = rows * T;
-    if (nthreads <= 1 || tokens * R * (K + N) < PARALLEL_FROM_MACS) {
-        bgmv(x, ldx, rows, T, K, row_adapter, A, Bt, bits, R, N, y, ldy);
-        return;
-    }
-    int64_t parts = tokens >= nthreads ? 1 : (nthreads + tokens - 1) / tokens;
-    if (parts > 1 && N / parts < 64) parts = N >= 128 ? N / 64 : 1;  // a slice under 64 columns is not worth it
-    const RowsJob job{x, T, ldx, K, row_adapter, A, Bt, bits, R, N, parts, y, ldy};
-    qwenlab_pool::pool().run(rows_chunk, &job, tokens * parts, nthreads);
-}
-
-// Several linears' deltas of the same x (q, k and v; gate and up) as one pool job: one hand-off instead of
-// one per linear, and the small k and v deltas share the threads with q's. Segment s adds into y_s
-// (row stride ldy, N_s columns).
+// The deltas of one or several linears that read the same x (q, k and v; gate and up) as one job on the
+// kernels' thread pool: one hand-off for all, and the small k and v deltas share the threads with q's. A
+// chunk is one token of one segment and a slice of its columns (fewer tokens than threads split each
+// token's columns, recomputing its R dot products). Segment s adds into y_s (row stride ldy, N_s columns).
+// Measured on the 0.5B int4 shape, 8 rows of 8 adapters: the pool took prefill's first step from 0.70-0.78 s
+// to 0.64-0.66 s; one job for q/k/v and one for gate/up (with down's silu vectorised in the decode stack)
+// took 1-3 ms off a ~48 ms decode step.
 struct SegmentsJob {
     const float* x;
-    int64_t ldx, K, ldy;
+    int64_t T, ldx, K, ldy;
     const int32_t* row_adapter;
     const LoraSegment* segs;
     int nseg;
@@ -122,39 +85,48 @@ static void segments_chunk(const void* p, int64_t chunk) {
     int s = 0;
     while (chunk >= j.first[s + 1]) ++s;
     const LoraSegment& g = j.segs[s];
-    const int64_t local = chunk - j.first[s], t = local / j.parts[s], part = local % j.parts[s];
-    const int32_t a = j.row_adapter[t];
+    const int64_t local = chunk - j.first[s], t = local / j.parts[s], part = local % j.parts[s];  // token t of row t / T
+    const int32_t a = j.row_adapter[t / j.T];
     if (a < 0) return;
     const int64_t width = (g.N + j.parts[s] - 1) / j.parts[s];
     const int64_t n0 = part * width, n1 = n0 + width < g.N ? n0 + width : g.N;
     if (n0 < n1) adapter_token(j.x + t * j.ldx, g.A, g.Bt, g.bits, a, g.R, j.K, g.N, n0, n1, g.y + t * j.ldy);
 }
 
-// For decode_stack.cpp (arguments checked there): one token per row; nseg <= LORA_MAX_SEGMENTS.
-int lora_bgmv_segments(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
-                       const LoraSegment* segs, int nseg, int64_t ldy, int nthreads) {
+// rows x T tokens of nseg segments on up to nthreads threads; on the calling thread when the work is too
+// small to pay for the hand-off. Arguments already checked, except what is returned as not applicable.
+static int bgmv_segments(const float* x, int64_t ldx, int64_t rows, int64_t T, int64_t K, const int32_t* row_adapter,
+                         const LoraSegment* segs, int nseg, int64_t ldy, int nthreads) {
     if (nseg <= 0) return QWENLAB_OK;
     if (nseg > LORA_MAX_SEGMENTS) return QWENLAB_NOT_APPLICABLE;
+    const int64_t tokens = rows * T;
     int64_t macs = 0;
     for (int s = 0; s < nseg; ++s) {
         if (segs[s].R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;
-        macs += rows * segs[s].R * (K + segs[s].N);
+        macs += tokens * segs[s].R * (K + segs[s].N);
     }
     if (nthreads <= 1 || macs < PARALLEL_FROM_MACS) {
         for (int s = 0; s < nseg; ++s)
-            bgmv(x, ldx, rows, 1, K, row_adapter, segs[s].A, segs[s].Bt, segs[s].bits, segs[s].R, segs[s].N, segs[s].y, ldy);
+            bgmv(x, ldx, rows, T, K, row_adapter, segs[s].A, segs[s].Bt, segs[s].bits, segs[s].R, segs[s].N, segs[s].y,
+                 ldy);
         return QWENLAB_OK;
     }
-    SegmentsJob job{x, ldx, K, ldy, row_adapter, segs, nseg, {}, {}};
+    SegmentsJob job{x, T, ldx, K, ldy, row_adapter, segs, nseg, {}, {}};
     job.first[0] = 0;
-    for (int s = 0; s < nseg; ++s) {  // as bgmv_threads: split a row's columns only when rows are fewer than threads
-        int64_t parts = rows >= nthreads ? 1 : (nthreads + rows - 1) / rows;
-        if (parts > 1 && segs[s].N / parts < 64) parts = segs[s].N >= 128 ? segs[s].N / 64 : 1;
+    for (int s = 0; s < nseg; ++s) {
+        int64_t parts = tokens >= nthreads ? 1 : (nthreads + tokens - 1) / tokens;
+        if (parts > 1 && segs[s].N / parts < 64) parts = segs[s].N >= 128 ? segs[s].N / 64 : 1;  // under 64 columns: not worth it
         job.parts[s] = parts;
-        job.first[s + 1] = job.first[s] + rows * parts;
+        job.first[s + 1] = job.first[s] + tokens * parts;
     }
     qwenlab_pool::pool().run(segments_chunk, &job, job.first[nseg], nthreads);
     return QWENLAB_OK;
+}
+
+// For decode_stack.cpp (arguments checked there): one token per row; nseg <= LORA_MAX_SEGMENTS.
+int lora_bgmv_segments(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
+                       const LoraSegment* segs, int nseg, int64_t ldy, int nthreads) {
+    return bgmv_segments(x, ldx, rows, 1, K, row_adapter, segs, nseg, ldy, nthreads);
 }
 
 // Lengths count elements: x_len = rows T K, y_len = rows T N, ra_len = rows, A_len = n R K, Bt_len = n R N
@@ -172,15 +144,14 @@ extern "C" int qwenlab_lora_bgmv(const float* x, int64_t x_len, int64_t rows, in
         return QWENLAB_BAD_SIZES;
     for (int64_t r = 0; r < rows; ++r)
         if (row_adapter[r] >= n_adapters) return QWENLAB_BAD_SIZES;
-    bgmv_threads(x, K, rows, T, K, row_adapter, A, Bt, bits, R, N, y, N, nthreads);
-    return QWENLAB_OK;
+    const LoraSegment segment{A, Bt, bits, R, N, y};
+    return bgmv_segments(x, K, rows, T, K, row_adapter, &segment, 1, N, nthreads);
 }
 
 // For decode_stack.cpp, which checks every argument before its first layer: one token per row, strided.
 int lora_bgmv_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* row_adapter,
                    const void* A, const void* Bt, int bits, int64_t R, int64_t N, float* y, int64_t ldy,
                    int nthreads) {
-    if (R > MAX_RANK) return QWENLAB_NOT_APPLICABLE;
-    bgmv_threads(x, ldx, rows, 1, K, row_adapter, A, Bt, bits, R, N, y, ldy, nthreads);
-    return QWENLAB_OK;
+    const LoraSegment segment{A, Bt, bits, R, N, y};
+    return bgmv_segments(x, ldx, rows, 1, K, row_adapter, &segment, 1, ldy, nthreads);
 }

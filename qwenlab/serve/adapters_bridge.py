@@ -10,9 +10,9 @@ Two implementations:
   into [n, R, in] and their B (scaling folded in) into [n, R, out], ranks zero-padded to R; one call of
   lora_bgmv.cpp adds to each token's base output the delta of its own row's adapter. A token costs
   R (in + out) multiply-adds whatever n is. The stacks are fp32 or bf16 (`lora_dtype`, vLLM's
-  --lora-dtype): a decode step reads every adapter of its rows once, so bf16 stacks halve the deltas'
-  bytes. "auto" stores bf16 over a bf16 or quantized base, whose own weights are coarser than that, and
-  fp32 over an fp32 base.
+  --lora-dtype): bf16 halves the bytes a decode step reads (measured: ~1 ms off a ~48 ms step on the 0.5B
+  int4 shape with 8 adapters). "auto" stores bf16 over a bf16 or quantized base, whose own weights are
+  coarser than that, and fp32 over an fp32 base.
 - dense (any dtype, any CPU): all adapters' A concatenated into A_cat [R, in] and B into B_cat [out, R],
   R = Σ r, and
 
