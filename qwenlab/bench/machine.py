@@ -82,10 +82,16 @@ def model_bytes_per_token(model, context: int) -> int:
 
 def kernel_path(model, dtype: str) -> str:
     """The kernel path a model's decode runs, as `qwenlab bench` prints it: bf16:avx512bf16, bf16:avx512f,
-    fp32:avx512f, int4:vnni, int8:aten, ..., or <dtype>:torch (PyTorch's own kernels)."""
+    fp32:avx512f, int4:vnni ("int4:vnni/prefill:amx-bf16" where long prompts
+    take oneDNN's bf16 matmul), int8:aten, ..., or <dtype>:torch (PyTorch's own kernels)."""
     if dtype.startswith("int"):
         backends = {getattr(m, "backend", None) for m in model.modules()} - {None}
         backend = "vnni" if backends == {"native"} else "+".join(sorted(backends)) or "torch"
+        if "native" in backends:
+            from qwenlab.quant.native import prefill_path
+
+            if prefill_path() == "amx-bf16":  # long prompts (see quant.native.BF16_PREFILL_MIN_ROWS)
+                backend += "/prefill:amx-bf16"
         return f"{dtype}:{backend}"
     from qwenlab.quant.float_native import NativeFloatQwen2ForCausalLM
 

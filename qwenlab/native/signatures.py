@@ -21,6 +21,8 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     "qwenlab_gemm_int8": ([p, i64, i64, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32], "released"),
     # as gemm_int8, with mz, mz_len after s, s_len
     "qwenlab_gemm_int4": ([p, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32], "released"),
+    # bits (8 or 4), w, w_len, s, s_len, mz (int4; NULL for int8), mz_len, N, K, gs, wt (bf16 [K, N]), wt_len, threads
+    "qwenlab_dequant_bf16": ([i32, p, i64, p, i64, p, i64, i64, i64, i64, p, i64, i32], "released"),
     # x, x_len, M, K, w, w_len, bits (16 bf16, 32 fp32), N, bias, bias_len, y, y_len, threads, act
     "qwenlab_gemm_float": ([p, i64, i64, i64, p, i64, i64, i64, p, i64, p, i64, i32, i32], "released"),
     # request: 1 use vdpbf16ps (only after qwenlab_probe_bf16 ran in a child), 0 the widening path, -1 ask

@@ -14,7 +14,7 @@ import torch
 from qwenlab.checkpoint.names import expected_tensor_shapes, layer_prefix
 from qwenlab.errors import QwenlabError
 from qwenlab.model.qwen2 import Qwen2ForCausalLM, RMSNorm
-from qwenlab.native import torch_single_threaded
+from qwenlab.native import torch_single_threaded, torch_threads_on_free_cores
 from qwenlab.quant import native
 from qwenlab.model.memory import release_free_memory
 from qwenlab.quant.linear import LINEAR_CLASSES, FloatEmbedding, FloatHead, QuantizedEmbedding
@@ -32,11 +32,16 @@ class QuantizedQwen2ForCausalLM(Qwen2ForCausalLM):
     native = False
     decode_stack: native.DecodeStack | None = None
 
-    def forward(self, *args, **kwargs):
+    def forward(self, tokens, *args, **kwargs):
         if not self.native:
-            return super().forward(*args, **kwargs)
+            return super().forward(tokens, *args, **kwargs)
+        if tokens.numel() >= native.BF16_PREFILL_MIN_ROWS and native.bf16_prefill_runs():
+            # A long prompt's matmuls run on oneDNN (AMX), and so do its attention and norms: PyTorch gets the
+            # threads other processes left free, as the float models' prefill does.
+            with torch_threads_on_free_cores():
+                return super().forward(tokens, *args, **kwargs)
         with torch_single_threaded():
-            return super().forward(*args, **kwargs)
+            return super().forward(tokens, *args, **kwargs)
 
     def run_layers(self, x, cos, sin, mask, cache, start):
         stack = self.decode_stack

@@ -168,11 +168,14 @@ def test_native_kernel_is_exact_across_many_alternating_calls_on_two_threads():
     """Prefill alternates a few-chunk job (activation quantization) and a many-chunk one (the matmul)
     on the kernel's thread pool. A late worker once claimed a chunk of the next job under the previous
     job's tag, so the caller returned while a chunk still ran (a rare segfault or wrong rows): every
-    call here must give the same rows as the first."""
+    call here must give the same rows as the first (all on VNNI: 128 rows would otherwise take the bf16 path)."""
+    from qwenlab.quant.native import force_prefill_path
+
     lin, _, _ = layer(4, 4096, 512, 64, "native", bias=False)
     x = torch.randn(128, 512, generator=torch.Generator().manual_seed(5))
     saved = torch.get_num_threads()
     torch.set_num_threads(2)
+    force_prefill_path("vnni")
     try:
         with native.torch_single_threaded():
             reference = lin(x)
@@ -181,3 +184,4 @@ def test_native_kernel_is_exact_across_many_alternating_calls_on_two_threads():
                     assert torch.equal(lin(x[:m]), reference[:m])
     finally:
         torch.set_num_threads(saved)
+        force_prefill_path(None)

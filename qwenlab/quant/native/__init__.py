@@ -12,10 +12,13 @@ products, group-wise for both widths; benchmarks/speed_bench.py shows what each 
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
 
 import torch
 
-from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer
+from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer, \
+    torch_on_kernel_threads
 from qwenlab.native.ops import row_starts
 from qwenlab.model.kv_cache import leading_padding
 
@@ -126,6 +129,9 @@ class PackedLinear:
         weights = [value for buffer in buffers for value in buffer]
         bias_args = optional_buffer(bias, torch.float32, "the bias", self.kernel)
         self.args = (*weights, self.rows, group_size, *bias_args)  # as qwenlab_gemm_int* takes them after K
+        # as qwenlab_dequant_bf16 takes them: bits, w, w_len, s, s_len, mz, mz_len, N, K, gs
+        self.dequant_args = (self.bits, *weights[:4], *(weights[4:] if mins is not None else (None, 0)),
+                             self.rows, self.k, group_size)
 
     def __deepcopy__(self, memo):  # a copy points into the copied tensors, never at the originals
         import copy
@@ -136,11 +142,83 @@ class PackedLinear:
         """x [..., K] (any float dtype) -> fp32 [..., n]; silu_mul: x is a fused gate|up output [..., 2K]
         and the layer multiplies silu(gate) * up."""
         x2, act = _gemm_input(x, self.k, silu_mul)
+        if x2.shape[0] >= BF16_PREFILL_MIN_ROWS and self.k * self.rows <= BF16_PREFILL_MAX_WEIGHT \
+                and bf16_prefill_runs():
+            return self._bf16_matmul(x2, n, silu_mul).view(*x.shape[:-1], n)
         y = torch.empty(x2.shape[0], self.rows)
         gemm = library().gemm_int8 if self.bits == 8 else library().gemm_int4
         checked(gemm(x2.data_ptr(), x2.numel(), x2.shape[0], self.k, *self.args, y.data_ptr(), y.numel(),
                       kernel_threads(), act), self.kernel)
         return (y if self.rows == n else y[:, :n]).view(*x.shape[:-1], n)
+
+    def dequantized_bf16_t(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight, transposed, in bf16: [K, rows] (rows: the padded output rows), written into `out` if given."""
+        wt = torch.empty(self.k, self.rows, dtype=torch.bfloat16) if out is None else out
+        if wt.dtype != torch.bfloat16 or tuple(wt.shape) != (self.k, self.rows) or not wt.is_contiguous():
+            raise KernelArgumentError(f"native dequant_bf16: out must be a contiguous bf16 [{self.k}, {self.rows}]")
+        checked(library().dequant_bf16(*self.dequant_args, wt.data_ptr(), wt.numel(), kernel_threads()),
+                "dequant_bf16")
+        return wt
+
+    def _bf16_matmul(self, x2: torch.Tensor, n: int, silu_mul: bool) -> torch.Tensor:
+        """Prefill through oneDNN's bf16 matmul (AMX): x rounded to bf16, the weight dequantized into a scratch
+        buffer shared by every layer of this thread, fp32 out. See BF16_PREFILL_MIN_ROWS."""
+        if silu_mul:
+            gate, up = x2.split(self.k, dim=-1)
+            x2 = torch.nn.functional.silu(gate) * up
+        wt = self.dequantized_bf16_t(_scratch_bf16(self.k * self.rows).view(self.k, self.rows))
+        with torch_on_kernel_threads():  # a quantized model's forward keeps PyTorch on one thread otherwise
+            y = torch.matmul(x2.to(torch.bfloat16), wt).float()
+        bias = self.tensors[3]
+        if bias is not None:
+            y += bias
+        return y if self.rows == n else y[:, :n]
+
+
+# Prompts of at least this many rows multiply through oneDNN's bf16 matmul where it runs on AMX-BF16: the
+# weight is dequantized to bf16 once per call (a pass over the packed bytes, writing 2 bytes a weight), then
+# the matmul runs at ~3x the VNNI loop's rate. Below it the dequantization costs more than it saves (measured
+# on the 0.5B shape; benchmarks/results/decode_bound.md). Weights over BF16_PREFILL_MAX_WEIGHT values (the
+# LM head of a large vocabulary, when every position's logits are asked for) stay on VNNI, so the scratch
+# buffer stays small.
+BF16_PREFILL_MIN_ROWS = 256
+BF16_PREFILL_MAX_WEIGHT = 1 << 27
+_scratch = threading.local()
+
+
+def _scratch_bf16(numel: int) -> torch.Tensor:
+    """A bf16 buffer of `numel` values, reused by every call on this thread (no fresh pages per layer)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.bfloat16)
+    return buf[:numel]
+
+
+def bf16_prefill_runs() -> bool:
+    """Whether long prompts take the bf16 (AMX) path: PyTorch reports AMX tiles usable (its own check asks
+    the kernel for permission with arch_prctl) and QWENLAB_PREFILL (or force_prefill_path) is not "vnni"."""
+    if _prefill["runs"] is None:
+        choice = _prefill["forced"] or os.environ.get("QWENLAB_PREFILL", "auto")
+        if choice not in PREFILL_PATHS:
+            raise KernelArgumentError(f"QWENLAB_PREFILL must be one of {', '.join(PREFILL_PATHS)}, got {choice!r}")
+        is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        _prefill["runs"] = choice != "vnni" and bool(is_amx and is_amx())
+    return _prefill["runs"]
+
+
+PREFILL_PATHS = ("auto", "vnni", "amx-bf16")
+_prefill: dict = {"forced": None, "runs": None}
+
+
+def force_prefill_path(name: str | None) -> str:
+    """"vnni", or "amx-bf16" (taken only where AMX runs), for long prompts from now on in this process; None: the
+    default. Returns the path in use. For tests and benchmarks (QWENLAB_PREFILL does the same for a run)."""
+    _prefill["forced"], _prefill["runs"] = name, None
+    return prefill_path()
+
+
+def prefill_path() -> str:
+    return "amx-bf16" if bf16_prefill_runs() else "vnni"
 
 
 def linear_int8(x: torch.Tensor, n: int, packed: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -293,3 +293,87 @@ int qwenlab_gemm_int4(const float* x, int64_t x_len, int64_t M, int64_t K, const
     return gemm<4>(x, M, K, w, s, mz, N, gs, bias, y, nthreads, act);
 }
 }
+
+// ---- prefill through bf16 matmuls: the packed weight dequantized, transposed, to bf16 wt [K, N] ----------------
+// A long prompt is compute-bound, and where the CPU has AMX-BF16, PyTorch's oneDNN bf16 matmul runs ~3x faster
+// than the VNNI loop above. One pass over the packed layout writes wt[k, n] = w[n, k] in bf16: a 64-byte vector
+// holds k..k+3 of 16 consecutive rows, so byte j of every lane is column k+j of those rows, 16 contiguous
+// outputs in wt. Rounding to bf16 is to nearest even (8 bits of mantissa, well under int4's step).
+namespace {
+struct DequantJob {
+    const uint8_t* w;
+    const uint16_t *s, *mz;
+    int64_t N, K, gs, G;
+    uint16_t* wt;
+    int bits;
+};
+
+static inline __m256i to_bf16(__m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+
+void dequant_chunk(const void* p, int64_t i) {  // row group i: rows 64i .. 64i+63, every column
+    const DequantJob& j = *(const DequantJob*)p;
+    const int64_t KB = j.K / XB, wgroup = (j.bits == 8 ? 16 : 8) * j.K * RG, pgroup = j.G * 16 * RG;
+    const uint8_t* wg = j.w + i * wgroup;
+    const uint16_t* sg = j.s + i * pgroup;
+    const uint16_t* mg = j.mz ? j.mz + i * pgroup : nullptr;
+    const __m512i byte = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(0x0F);
+    const int BPB = j.bits == 8 ? 512 : 256;
+    for (int64_t b = 0; b < KB; ++b) {
+        const uint8_t* wb = wg + b * RG * BPB;
+        const int64_t g = (b * XB) / j.gs;
+        __m512 sv[RG], mv[RG];  // the 4 row blocks' scales (and int4 mins, int8 offsets) for this group
+        for (int r = 0; r < RG; ++r) {
+            sv[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sg + (g * RG + r) * 16)));
+            mv[r] = j.bits == 8 ? _mm512_mul_ps(sv[r], _mm512_set1_ps(-128.0f))  // u8 = q + 128
+                                : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mg + (g * RG + r) * 16)));
+        }
+        // The row blocks innermost: each column's 64 rows are one 128-byte run of wt, two whole cache lines.
+        uint16_t* out = j.wt + (b * XB) * j.N + i * 16 * RG;
+        if (j.bits == 8) {
+            for (int q = 0; q < 8; ++q)
+                for (int c = 0; c < 4; ++c)
+                    for (int r = 0; r < RG; ++r) {
+                        const __m512i v = _mm512_loadu_si512(wb + (q * RG + r) * 64);
+                        __m512 f = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * c), byte));
+                        _mm256_storeu_si256((__m256i*)(out + (q * 4 + c) * j.N + r * 16),
+                                            to_bf16(_mm512_fmadd_ps(f, sv[r], mv[r])));
+                    }
+        } else {
+            for (int o = 0; o < 4; ++o)
+                for (int c = 0; c < 4; ++c)
+                    for (int r = 0; r < RG; ++r) {
+                        const __m512i v = _mm512_loadu_si512(wb + (o * RG + r) * 64);
+                        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * c), nib));
+                        __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * c + 4), nib));
+                        _mm256_storeu_si256((__m256i*)(out + (o * 8 + c) * j.N + r * 16),
+                                            to_bf16(_mm512_fmadd_ps(lo, sv[r], mv[r])));
+                        _mm256_storeu_si256((__m256i*)(out + (o * 8 + 4 + c) * j.N + r * 16),
+                                            to_bf16(_mm512_fmadd_ps(hi, sv[r], mv[r])));
+                    }
+        }
+    }
+}
+}  // namespace
+
+extern "C" {
+// wt [K, N] bf16 (N the packed, padded rows) from a packed int8 (mz null) or int4 weight; lengths in elements.
+int qwenlab_dequant_bf16(int bits, const uint8_t* w, int64_t w_len, const uint16_t* s, int64_t s_len,
+                         const uint16_t* mz, int64_t mz_len, int64_t N, int64_t K, int64_t gs, uint16_t* wt,
+                         int64_t wt_len, int nthreads) {
+    const int64_t limit = (int64_t)1 << 31;
+    if ((bits != 8 && bits != 4) || K <= 0 || K >= limit || N <= 0 || N >= limit || gs <= 0 || gs >= limit ||
+        K % XB || gs % XB || K % gs || N % (16 * RG) || !w || !s || !wt || (bits == 4 && !mz))
+        return QWENLAB_BAD_SIZES;
+    if (!has_elems(w_len, {N, bits == 8 ? K : K / 2}) || !has_elems(s_len, {N, K / gs}) ||
+        (bits == 4 && !has_elems(mz_len, {N, K / gs})) || !has_elems(wt_len, {K, N}))
+        return QWENLAB_BAD_SIZES;
+    DequantJob job{w, s, bits == 4 ? mz : nullptr, N, K, gs, K / gs, wt, bits};
+    pool().run(dequant_chunk, &job, N / (16 * RG), nthreads);
+    return QWENLAB_OK;
+}
+}
