@@ -119,6 +119,29 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
         module.unmerge(name)
 
 
+@contextmanager
+def without_adapter_wrappers(model: nn.Module) -> Iterator[None]:
+    """Inside the block, each LoRALinear is replaced by its base layer, whose weight holds every adapter merged into
+    it: the model is a plain one again (a float model's native decode stack then runs, see quant.float_native).
+    Refused while any adapter is unmerged: the block would silently drop it."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                unmerged = [a for a in child.lora_A if a not in child.merged]
+                if unmerged:
+                    raise QwenlabError(f"adapter '{unmerged[0]}' is not merged: merge it before running without the "
+                                       "adapter wrappers")
+                swapped.append((parent, name, child))
+    for parent, name, wrapper in swapped:
+        parent._modules[name] = wrapper.base_layer
+    try:
+        yield
+    finally:
+        for parent, name, wrapper in swapped:
+            parent._modules[name] = wrapper
+
+
 def load_model_with_adapters(base, adapters: dict[str, str | Path] | None = None, dtype: str | torch.dtype = "fp32"):
     """Load a base model folder (or 'nano') and attach adapters {name: folder}."""
     from qwenlab.model import load_model

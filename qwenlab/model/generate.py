@@ -135,12 +135,24 @@ def generate_token_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], config
     # gate|up output) is megabytes: a trim costs ~0.5-4 ms, 2% of a small model's whole call.
     if batch * longest * 2 * model.config.intermediate_size * 4 >= PREFILL_TRIM_BYTES:
         release_free_memory()
-    cache = model.new_cache(batch, capacity)
+    # Identical prompts (n samples of one prompt: GRPO's groups) are prefilled once; their rows copy its KV cache.
+    unique_index: dict[tuple[int, ...], int] = {}  # prompt -> its index among the distinct prompts
+    first_rows, owners = [], []  # each distinct prompt's first row; each row's distinct prompt
+    for row, prompt in enumerate(prompts):
+        if tuple(prompt) not in unique_index:
+            unique_index[tuple(prompt)] = len(first_rows)
+            first_rows.append(row)
+        owners.append(unique_index[tuple(prompt)])
+    shared = len(first_rows) < batch
+    prefill_rows, owner = torch.tensor(first_rows), torch.tensor(owners)
+    cache = model.new_cache(len(prefill_rows), capacity)
     for begin in range(0, longest, PREFILL_CHUNK):  # a long prompt in chunks: bounded prefill buffers
         part = slice(begin, begin + PREFILL_CHUNK)
-        logits = model(tokens[:, part], positions=positions[:, part], cache=cache, valid=valid[:, part],
-                       last_only=True)
+        logits = model(tokens[prefill_rows, part], positions=positions[prefill_rows, part], cache=cache,
+                       valid=valid[prefill_rows, part], last_only=True)
     logits = logits[:, -1]
+    if shared:
+        cache, logits = cache.select_rows(owner), logits.index_select(0, owner)
     next_position = positions[:, -1:] + 1
     done = [False] * batch
     stop = torch.tensor(sorted(stop_ids)) if stop_ids else torch.empty(0, dtype=torch.long)

@@ -75,6 +75,16 @@ class KVCache:
     def slot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return list(zip(self.keys, self.values))
 
+    def select_rows(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache whose row i is a copy of this cache's row rows[i] (same capacity and length): prompts
+        shared by several rows are prefilled once and copied (generate's duplicate prompts, GRPO's groups)."""
+        copy = KVCache.__new__(KVCache)
+        copy.keys = [k.index_select(0, rows) for k in self.keys]
+        copy.values = [v.index_select(0, rows) for v in self.values]
+        copy.valid = self.valid.index_select(0, rows)
+        copy.capacity, copy.length, copy.has_padding = self.capacity, self.length, self.has_padding
+        return copy
+
     def reset(self) -> None:
         self.length = 0
         self.valid.zero_()

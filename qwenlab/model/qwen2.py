@@ -164,6 +164,15 @@ class Qwen2ForCausalLM(nn.Module):
         valid: [B, T] bool, False for left-padding tokens (only needed with padding).
         last_only: compute the head for the last position only (prefill in generation).
         """
+        x = self.final_hidden(tokens, positions, cache, valid, last_only)
+        # lm_head is None when tied (Qwen2.5 0.5B-3B); quantized models set it to the shared quantized table.
+        return self.lm_head(x) if self.lm_head is not None else fast_linear(x, self.model.embed_tokens.weight)
+
+    def final_hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                     cache: KVCacheProtocol | None = None, valid: torch.Tensor | None = None,
+                     last_only: bool = False) -> torch.Tensor:
+        """The final norm's output [B, T, hidden]: what the head multiplies (training takes the log-probs it needs
+        from it in chunks, never the [B, T, vocab] logits). Arguments as forward's."""
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -178,9 +187,7 @@ class Qwen2ForCausalLM(nn.Module):
         x = self.run_layers(x, cos, sin, mask, cache, start)
         if last_only:
             x = x[:, -1:]
-        x = self.model.norm(x)
-        # lm_head is None when tied (Qwen2.5 0.5B-3B); quantized models set it to the shared quantized table.
-        return self.lm_head(x) if self.lm_head is not None else fast_linear(x, self.model.embed_tokens.weight)
+        return self.model.norm(x)
 
     def run_layers(self, x, cos, sin, mask, cache: KVCacheProtocol | None, start: int) -> torch.Tensor:
         for index, layer in enumerate(self.model.layers):

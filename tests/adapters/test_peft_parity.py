@@ -17,7 +17,10 @@ from qwenlab.adapters import (
     unmerge_adapter,
     write_adapter,
 )
+from qwenlab.adapters import without_adapter_wrappers
+from qwenlab.adapters.apply import lora_modules
 from qwenlab.adapters.combine import combine_adapters
+from qwenlab.errors import QwenlabError
 from qwenlab.adapters.extract import extract_adapter
 from qwenlab.checkpoint import open_checkpoint
 from qwenlab.model import load_model
@@ -79,7 +82,15 @@ def test_merge_and_unmerge_in_the_model(peft_pair, base_dir):
         assert (model(TOKENS) - peft_logits(peft_model)).abs().max().item() <= 1e-4
         with active_adapters(model, "a"):  # a merged adapter is not applied twice
             assert (model(TOKENS) - peft_logits(peft_model)).abs().max().item() <= 1e-4
+    with without_adapter_wrappers(model):  # a plain model on the merged weights: still PEFT's logits
+        assert not lora_modules(model)
+        with torch.no_grad():
+            assert (model(TOKENS) - peft_logits(peft_model)).abs().max().item() <= 1e-4
+    assert lora_modules(model)  # the wrappers are back
     unmerge_adapter(model, "a")
+    with pytest.raises(QwenlabError, match="adapter 'a' is not merged"):
+        with without_adapter_wrappers(model):
+            pass
     after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert max((after[k] - before[k]).abs().max().item() for k in before) <= 1e-6
 

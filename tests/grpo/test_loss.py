@@ -69,3 +69,27 @@ def test_num_tokens_normaliser_supports_micro_batches():
     whole, _ = grpo_loss(logprobs, mask, adv)
     halves = [grpo_loss(logprobs[i:i + 2], mask[i:i + 2], adv[i:i + 2], num_tokens=12)[0] for i in (0, 2)]
     assert torch.allclose(whole, sum(halves))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
+def test_selected_token_logprobs_equal_the_full_logits_ones_and_their_gradients(temperature, chunk_rows):
+    """The chunked head on the marked positions gives token_logprobs' values there, 0 elsewhere, and the same
+    gradients for the hidden states and (when it is trained) the head's weight."""
+    from qwenlab.train.grpo.loss import selected_token_logprobs
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 0.5).requires_grad_(True)
+    tokens = torch.randint(0, 50, (3, 7), generator=g)
+    mask = (torch.rand(3, 6, generator=g) > 0.4).float()
+    mask[2] = 0  # a row with nothing to train on
+    upstream = torch.randn(3, 6, generator=g)
+    expected = token_logprobs(hidden @ weight.t(), tokens, temperature) * mask
+    got = selected_token_logprobs(hidden, weight, tokens, mask, temperature, chunk_rows=chunk_rows)
+    assert torch.allclose(got, expected, atol=1e-5) and bool((got[mask == 0] == 0).all())
+    grads_expected = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    grads_got = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    for a, b in zip(grads_got, grads_expected):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert grads_expected[0].abs().max() > 0  # not trivially equal

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from qwenlab.adapters import active_adapters, read_adapter
+from qwenlab.native import available as kernels_available
+from qwenlab.quant import native
 from qwenlab.train.grpo import GRPOConfig, GRPOLearner, Rollout, run_grpo
 from qwenlab.train.grpo.policy import POLICY
 from tests.conftest import build_hf_model
@@ -107,8 +109,22 @@ def test_merged_generation_samples_the_same_policy_and_restores_the_weights(tiny
         for module in lora_modules(learner.model).values():
             module.lora_B[POLICY].normal_(0, 0.5)  # a policy that differs from the base
     before = {n: p.clone() for n, p in learner.model.state_dict().items() if "lora" not in n}
+    wrappers = set(lora_modules(learner.model))
     instances = draw_instances(["reverse"], 2, "merge")
-    merged = learner.rollouts(instances, seed=7)
+    stack_steps = []
+    stack_call = native.DecodeStack.__call__
+
+    def counting(self, *args, **kwargs):  # counts the decode steps the native stack ran (it returns None otherwise)
+        out = stack_call(self, *args, **kwargs)
+        stack_steps.append(out is not None and not self.has_adapters)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native.DecodeStack, "__call__", counting)
+        merged = learner.rollouts(instances, seed=7)
+    if kernels_available():  # the merged policy's decode steps ran as one native call each, on plain weights
+        assert stack_steps and all(stack_steps)
+    assert set(lora_modules(learner.model)) == wrappers  # the adapter wrappers are back
     after = learner.model.state_dict()
     assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
     learner.config.merge_for_generation = False

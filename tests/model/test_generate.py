@@ -261,3 +261,29 @@ def test_generated_stream_equals_decode_of_its_tokens(model, tokenizer):
             assert streamed == completion.text == tokenizer.decode(completion.token_ids)
             replaced += "\ufffd" in completion.text
     assert replaced > 0
+
+
+def test_repeated_prompts_are_prefilled_once_and_match_their_runs_alone(model, monkeypatch):
+    """Rows with the same prompt (n samples of one prompt, a GRPO group) share one prefill: the prefill pass has
+    one row per distinct prompt, greedy rows equal their runs alone, and sampled copies still differ."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [5, 6, 7], [8, 9, 10, 11], [5, 6, 7]]
+    prefill_rows = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda tokens, **kw: (tokens.shape[1] > 1 and prefill_rows.append(
+        tokens.shape[0])) or forward(tokens, **kw))
+    greedy = run_ids(model, prompts, max_new_tokens=8)
+    assert prefill_rows == [2]
+    assert greedy == [run_ids(model, [p], max_new_tokens=8)[0] for p in prompts]
+    sampled = run_ids(model, prompts, max_new_tokens=12, temperature=1.5, seed=3)
+    assert len({tuple(sampled[i]) for i in (0, 2, 4)}) > 1  # each copy draws its own tokens
+
+
+def test_sampling_draws_tokens_in_proportion_to_their_probabilities():
+    from qwenlab.model.sampling import choose_next_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(40000, 5)
+    drawn = choose_next_tokens(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    share = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    # 4 standard errors of a binomial share at n = 40,000 is at most 0.01; a zero-probability token never comes
+    assert (share - probs).abs().max().item() < 0.01 and share[4] == 0

@@ -83,6 +83,66 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens[:, 1:, None]).squeeze(-1)
 
 
+class _SelectedLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / τ)[target] for rows of h, `chunk` rows at a time; the backward recomputes each chunk's
+    logits instead of keeping them. Peak memory is one chunk's [chunk, vocab] logits, not [rows, vocab]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = _chunk_logits(hidden[rows], weight, temperature)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logits = _chunk_logits(hidden[rows], weight, ctx.temperature)
+            # d logp[target] / d logits = onehot(target) - softmax(logits), then / τ through the division
+            grad = torch.softmax(logits, dim=-1).mul_(-grad_out[rows, None])
+            grad.scatter_add_(1, targets[rows, None], grad_out[rows, None])
+            if ctx.temperature != 1.0:
+                grad /= ctx.temperature
+            if need_hidden:
+                grad_hidden[rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += grad.t() @ hidden[rows].float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = (hidden.to(weight.dtype) @ weight.t()).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+LOGPROB_CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 151,936 fp32 = 156 MB on Qwen2.5's vocabulary
+
+
+def selected_token_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, tokens: torch.Tensor,
+                            mask: torch.Tensor, temperature: float = 1.0,
+                            chunk_rows: int = LOGPROB_CHUNK_ROWS) -> torch.Tensor:
+    """token_logprobs(logits, tokens) at the positions `mask` [B, T-1] marks, 0 elsewhere, from the final hidden
+    states [B, T, H] and the head's weight [V, H]: the head runs on the marked positions only (a completion's,
+    not the prompt's), `chunk_rows` at a time, so no [B, T, V] tensor exists in the forward or the backward."""
+    picked = mask.bool()
+    rows = hidden[:, :-1][picked]  # [N, H]: the positions whose next token is trained on
+    targets = tokens[:, 1:][picked]
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    if rows.shape[0]:
+        out = out.masked_scatter(picked, _SelectedLogprobs.apply(rows, head_weight, targets, float(temperature),
+                                                                 int(chunk_rows)))
+    return out
+
+
 def grpo_loss(logprobs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, *,
               old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None,
               beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,

@@ -9,7 +9,7 @@ The swarm peer (qwenlab.swarm.peer) uses the same learner with rollouts from oth
 
 Why not TRL's GRPOTrainer: on a CPU the step is all generation, and its generate() (transformers,
 no KV-cache reuse tricks, per-token Python in the HF loop) was measured slower than this engine;
-benchmarks/grpo_step_timing.py has the figures. The loss is TRL's (see loss.py).
+benchmarks/grpo_bench.py has the figures. The loss is TRL's (see loss.py).
 CPU safety: the model is loaded in fp32 whatever config.json says (nano ships bf16 weights), so
 no bf16 path is taken on a CPU; memory per step is bounded by batch × generations × tokens.
 """
@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 
-from qwenlab.adapters import active_adapters, merge_adapter, read_adapter, unmerge_adapter
+from qwenlab.adapters import active_adapters, merge_adapter, read_adapter, unmerge_adapter, without_adapter_wrappers
 from qwenlab.adapters.peft_format import save_adapter_files
 from qwenlab.errors import QwenlabError
 from qwenlab.model.generate import GenerationConfig
 from qwenlab.model.tokenizer import IM_END
+from qwenlab.quant.float_native import load_native_float_model, native_float_applies
 from qwenlab.tasks import parse_task_list
 from qwenlab.train.grpo.curves import JsonlLog, plot_curves
 from qwenlab.train.grpo.loss import LOSS_TYPES, SCALE_REWARDS, batch_advantages, grpo_loss, pack_batch, \
-    token_logprobs
+    selected_token_logprobs
 from qwenlab.train.grpo.rollouts import has_answer_block
 from qwenlab.train.grpo.policy import ALL_LINEAR, POLICY, LoraSettings, attach_policy, load_policy_weights, \
     new_lora, policy_adapter
@@ -123,7 +124,12 @@ class GRPOLearner:
         if config.threads:
             torch.set_num_threads(config.threads)
         checkpoint = open_checkpoint(config.model)
-        model = load_model(checkpoint, "fp32")  # fp32 on CPU always: never a bf16 default
+        # fp32 on CPU always (never a bf16 default); on the native float stack where its kernels run, so that a
+        # rollout's decode steps are one native call each (rollouts()), while training runs PyTorch's autograd.
+        if native_float_applies("fp32"):
+            model = load_native_float_model(checkpoint, "fp32")
+        else:
+            model = load_model(checkpoint, "fp32")
         tokenizer = load_tokenizer(checkpoint.path)
         if config.init_adapter:
             adapter = read_adapter(config.init_adapter)
@@ -151,8 +157,11 @@ class GRPOLearner:
                                      self.generation_config(seed))
         merge_adapter(self.model, POLICY)
         try:
-            return generate_rollouts(self.model, self.tokenizer, instances, self.config.num_generations,
-                                     self.generation_config(seed))
+            # The merged policy is all in the base weights: without the adapter wrappers, a decode step of the
+            # native float model runs every layer in one native call (its decode stack), on those same weights.
+            with without_adapter_wrappers(self.model):
+                return generate_rollouts(self.model, self.tokenizer, instances, self.config.num_generations,
+                                         self.generation_config(seed), use_policy=False)
         finally:
             unmerge_adapter(self.model, POLICY)
 
@@ -194,6 +203,13 @@ class GRPOLearner:
         return [r + self.config.format_reward * has_answer_block(text)
                 for r, text in zip(rollout.rewards, rollout.completions)]
 
+    def _logprobs(self, packed) -> torch.Tensor:
+        """log π of each completion token ([B, T-1], 0 off the completions): the head runs on completion positions
+        only and in chunks (loss.selected_token_logprobs), so the [B, T, vocab] logits never exist."""
+        hidden = self.model.final_hidden(packed.tokens)
+        return selected_token_logprobs(hidden, self.model.head_weight, packed.tokens, packed.completion_mask,
+                                       self.config.temperature)
+
     def train_step(self, rollouts: list[Rollout]) -> dict:
         """One optimizer step on these groups (each of any size >= 2); returns loss/KL/token counts."""
         self.model.train()
@@ -221,9 +237,9 @@ class GRPOLearner:
             ref = None
             if c.beta != 0.0:
                 with torch.no_grad(), active_adapters(self.model, None):
-                    ref = token_logprobs(self.model(packed.tokens), packed.tokens, c.temperature)
+                    ref = self._logprobs(packed)
             with active_adapters(self.model, POLICY):
-                logprobs = token_logprobs(self.model(packed.tokens), packed.tokens, c.temperature)
+                logprobs = self._logprobs(packed)
             loss, info = grpo_loss(logprobs, packed.completion_mask, packed.advantages, ref_logprobs=ref,
                                    beta=c.beta, epsilon=c.epsilon, epsilon_high=c.epsilon_high,
                                    loss_type=c.loss_type, num_tokens=num_tokens, num_rows=len(prompts),
