@@ -1,9 +1,11 @@
 """GRPO on the CPU, qwenlab against TRL's GRPOTrainer: rollouts/s, step time and peak memory on the same model, LoRA,
 prompts, num_generations and completion length.
 
-  trl      TRL's GRPOTrainer: transformers' generate, PEFT LoRA r8 on all linears, TRL's loss; fp32, no vLLM
-  qwenlab  qwenlab.train.grpo: rollouts on the native fp32 decode stack with the LoRA merged into the weights for the
-           rollout (no copy of the base), the loss from completion positions only, in chunks of the head
+  trl      TRL's GRPOTrainer: transformers' generate, PEFT LoRA r8 on all linears, TRL's loss; no vLLM
+  qwenlab  qwenlab.train.grpo: rollouts on the native decode stack (fp32: the LoRA merged into the weights for the
+           rollout; bf16: its deltas added per row), no copy of the base; the loss from completion positions only,
+           in chunks of the head
+--dtype bf16: qwenlab's frozen base in bf16 (LoRA fp32), TRL with bf16=True (autocast over the fp32 model).
 
     python benchmarks/grpo_bench.py [--models nano,qwen2.5-0.5b] [--prompts 4] [--generations 8]
                                     [--max-new-tokens 32] [--steps 2] [--threads 2]
@@ -44,7 +46,8 @@ def trl_reward(prompts, completions, **kwargs):
     return random_rewards(completions)
 
 
-def time_trl(model_dir: str, prompts: int, generations: int, steps: int, max_new_tokens: int, out: str) -> dict:
+def time_trl(model_dir: str, prompts: int, generations: int, steps: int, max_new_tokens: int, out: str,
+             dtype: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -58,7 +61,7 @@ def time_trl(model_dir: str, prompts: int, generations: int, steps: int, max_new
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = GRPOConfig(output_dir=out, per_device_train_batch_size=prompts * generations, num_generations=generations,
                       max_completion_length=max_new_tokens, max_steps=steps + 1, learning_rate=2e-4, beta=0.0,
-                      bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", logging_steps=1,
+                      bf16=dtype == "bf16", use_cpu=True, gradient_checkpointing=False, report_to="none", logging_steps=1,
                       save_strategy="no", temperature=1.0, seed=0, dataloader_num_workers=0)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                           "up_proj", "down_proj"], lora_dropout=0.0,
@@ -91,11 +94,11 @@ def time_trl(model_dir: str, prompts: int, generations: int, steps: int, max_new
     return {"step_s": statistics.median(steps_s[1:]), "generate_s": statistics.median(generate_s[1:])}
 
 
-def time_qwenlab(model_dir: str, prompts: int, generations: int, steps: int, max_new_tokens: int) -> dict:
+def time_qwenlab(model_dir: str, prompts: int, generations: int, steps: int, max_new_tokens: int, dtype: str) -> dict:
     from qwenlab.train.grpo import GRPOConfig, GRPOLearner, draw_instances
 
     learner = GRPOLearner.create(GRPOConfig(model=model_dir, batch=prompts, num_generations=generations,
-                                            max_new_tokens=max_new_tokens, learning_rate=2e-4))
+                                            max_new_tokens=max_new_tokens, learning_rate=2e-4, dtype=dtype))
     rows = []
     for step in range(steps + 1):
         started = time.perf_counter()
@@ -115,9 +118,9 @@ def child(engine: str, args) -> dict:
     torch.set_num_threads(args.threads)
     if engine == "trl":
         figures = time_trl(args.model, args.prompts, args.generations, args.steps, args.max_new_tokens,
-                           str(args.work_dir / "trl-out"))
+                           str(args.work_dir / "trl-out"), args.dtype)
     else:
-        figures = time_qwenlab(args.model, args.prompts, args.generations, args.steps, args.max_new_tokens)
+        figures = time_qwenlab(args.model, args.prompts, args.generations, args.steps, args.max_new_tokens, args.dtype)
     figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return figures
 
@@ -149,6 +152,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default="qwenlab,trl")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: qwenlab's base weights in bf16 (LoRA fp32); TRL with bf16=True (autocast)")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwenlab-grpo-bench")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -159,7 +164,7 @@ def main() -> None:
         return
     rollouts = args.prompts * args.generations
     print(f"GRPO, {args.prompts} prompts x {args.generations} generations, {args.max_new_tokens} new tokens each, LoRA r8 "
-          f"on all linears, fp32, {args.threads} threads, {args.steps} timed steps after one warm-up\n")
+          f"on all linears, {args.dtype}, {args.threads} threads, {args.steps} timed steps after one warm-up\n")
     print("| model | engine | generate s/step | rollouts/s (generation) | step s | rollouts/s (step) | peak RSS MiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
@@ -168,7 +173,8 @@ def main() -> None:
         for engine in args.engines.split(","):
             command = [sys.executable, __file__, "--child", engine, "--model", folder, "--prompts", str(args.prompts),
                        "--generations", str(args.generations), "--steps", str(args.steps), "--max-new-tokens",
-                       str(args.max_new_tokens), "--threads", str(args.threads), "--work-dir", str(args.work_dir)]
+                       str(args.max_new_tokens), "--threads", str(args.threads), "--work-dir", str(args.work_dir),
+                       "--dtype", args.dtype]
             done = subprocess.run(command, capture_output=True, text=True)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             if done.returncode or line is None:

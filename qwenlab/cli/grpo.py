@@ -30,6 +30,9 @@ HELP = {
     "init_adapter": "start from this PEFT adapter folder",
     "micro_batch": "rows per forward/backward pass", "save_every": "checkpoint every N steps/rounds",
     "threads": "torch CPU threads (default: torch's choice)",
+    "activation_checkpointing": "recompute layer activations in the backward: auto (when a micro-batch would keep "
+    "over 2 GiB), on, off",
+    "dtype": "the frozen base's weights: fp32, or bf16 (faster where the CPU has AMX; the LoRA stays fp32)",
 }
 
 
@@ -43,6 +46,8 @@ FIELD_TYPES = {
     **dict.fromkeys(("local", "external", "rounds", "snapshot_every", "wait_for_peers"),
                     flag_types.nonnegative_int),
     "top_p": flag_types.fraction, "loss_type": flag_types.one_of("grpo", "dr_grpo", "dapo"),
+    "dtype": flag_types.one_of("fp32", "bf16"),
+    "activation_checkpointing": flag_types.one_of("auto", "on", "off"),
     "scale_rewards": flag_types.one_of("group", "batch", "none"),
     "external_selection": flag_types.one_of("drop_zero_advantage", "uniform"),
     **dict.fromkeys(("temperature", "learning_rate", "lora_alpha", "max_grad_norm", "epsilon", "epsilon_high",

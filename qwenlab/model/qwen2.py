@@ -7,6 +7,7 @@ Module and attribute names mirror Hugging Face's Qwen2ForCausalLM (model.layers.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -189,9 +190,15 @@ class Qwen2ForCausalLM(nn.Module):
             x = x[:, -1:]
         return self.model.norm(x)
 
+    checkpoint_layers = False  # training: keep each layer's input only, recompute the rest in the backward
+
     def run_layers(self, x, cos, sin, mask, cache: KVCacheProtocol | None, start: int) -> torch.Tensor:
+        recompute = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, index, start)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, index, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, index, start)
         return x
 
     @staticmethod

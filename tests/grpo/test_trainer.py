@@ -136,3 +136,76 @@ def test_merged_generation_samples_the_same_policy_and_restores_the_weights(tiny
     with torch.no_grad(), active_adapters(learner.model, None):
         base_logits = learner.model(tokens)
     assert (policy_logits - base_logits).abs().max() > 0.1  # so the equality above is not trivial
+
+
+def test_bf16_rollouts_add_the_policy_per_row_on_the_native_stack_and_leave_the_base_alone(tiny_model_dir):
+    """Over a bf16 base the policy is never merged (bf16 rounding would change the base each step): a decode step
+    on the native stack adds each row's LoRA delta (PolicyRows); its logits equal the layer-by-layer LoRA path's."""
+    from qwenlab.adapters.apply import lora_modules
+    from qwenlab.train.grpo import draw_instances
+    from qwenlab.train.grpo.policy_rows import policy_rows
+
+    learner = GRPOLearner.create(GRPOConfig(model=str(tiny_model_dir), num_generations=3, max_new_tokens=6,
+                                            dtype="bf16"))
+    model = learner.model
+    assert model.head_weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B[POLICY].normal_(0, 0.5)
+    before = {n: p.clone() for n, p in model.state_dict().items() if "lora" not in n}
+    rollouts = learner.rollouts(draw_instances(["reverse"], 2, "bf16"), seed=3)
+    assert all(len(r.completions) == 3 for r in rollouts)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items() if n in before)  # bit for bit
+
+    prompt = torch.tensor([learner._prompt_ids("Reverse the word: planet")] * 2)
+
+    def next_logits(mode: str) -> torch.Tensor:
+        """The logits of the first decode step after the prompt: "native" (PolicyRows on the decode stack),
+        "layered" (LoRALinear's own forward, layer by layer) or "base" (no adapter)."""
+        cache = model.new_cache(2, prompt.shape[1] + 2)
+        with torch.no_grad(), active_adapters(model, None if mode == "base" else POLICY):
+            first = model(prompt, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            if mode != "native":
+                return model(first, cache=cache)[:, -1]
+            with policy_rows(model, POLICY, 2):
+                return model(first, cache=cache)[:, -1]
+
+    steps = []
+    stack_call = native.DecodeStack.__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native.DecodeStack, "__call__",
+                      lambda self, *a, **k: steps.append(1) or stack_call(self, *a, **k))
+        per_row = next_logits("native")
+    layered, base = next_logits("layered"), next_logits("base")
+    if kernels_available():
+        assert steps  # the step ran on the native stack
+    effect = (layered - base).abs().max().item()
+    assert effect > 0.1 and (per_row - layered).abs().max().item() < 0.05 * effect
+
+
+def test_activation_checkpointing_gives_the_same_step_and_auto_follows_the_budget(tiny_model_dir, monkeypatch):
+    """Recomputing each layer in the backward changes memory, not the gradient: one step from the same state gives
+    the same policy either way. auto turns it on only when a micro-batch would keep more than the budget."""
+    from qwenlab.train.grpo import trainer as trainer_module
+
+    rollout = Rollout("arithmetic", 100_000_003, 1, "What is 4 + 4?", ["8", "9", "8 or 9", "16"],
+                      [1.0, 0.0, 0.5, 0.0], ["stop"] * 4)
+    policies, recomputed = [], []
+    for choice in ("off", "on"):
+        learner = GRPOLearner.create(GRPOConfig(model=str(tiny_model_dir), learning_rate=1e-2,
+                                                activation_checkpointing=choice))
+        checkpoint = torch.utils.checkpoint.checkpoint
+        monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                            lambda *a, **k: recomputed.append(choice) or checkpoint(*a, **k))
+        learner.train_step([rollout])
+        monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
+        policies.append(learner.adapter().modules)
+    assert set(recomputed) == {"on"}
+    off, on = policies
+    assert all(torch.allclose(off[n][i], on[n][i], atol=1e-6) for n in off for i in (0, 1))
+    assert any((off[n][1] != 0).any() for n in off)  # the step moved the policy
+    tokens = torch.zeros(2, 50, dtype=torch.long)
+    learner.config.activation_checkpointing = "auto"
+    assert not learner._checkpoint_layers(tokens)  # a tiny model's activations are far under the budget
+    monkeypatch.setattr(trainer_module, "ACTIVATION_BUDGET_BYTES", 1)
+    assert learner._checkpoint_layers(tokens)

@@ -40,9 +40,11 @@ from qwenlab.train.grpo.loss import LOSS_TYPES, SCALE_REWARDS, batch_advantages,
 from qwenlab.train.grpo.rollouts import has_answer_block
 from qwenlab.train.grpo.policy import ALL_LINEAR, POLICY, LoraSettings, attach_policy, load_policy_weights, \
     new_lora, policy_adapter
+from qwenlab.train.grpo.policy_rows import policy_rows
 from qwenlab.train.grpo.rollouts import Rollout, draw_instances, generate_rollouts
 
 STATE_FILE = "trainer_state.pt"
+ACTIVATION_BUDGET_BYTES = 2 << 30  # activation_checkpointing=auto: recompute above this much kept per micro-batch
 
 
 @dataclass
@@ -70,7 +72,12 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     micro_batch: int = 64  # rows per forward/backward (gradient accumulation above it)
-    merge_for_generation: bool = True  # fold the LoRA into the weights while sampling (faster, same policy)
+    # Recompute each decoder layer's activations in the backward instead of keeping them: auto turns it on when a
+    # micro-batch's kept activations would pass ACTIVATION_BUDGET_BYTES (the 0.5B shape at 32 rows x 100 tokens:
+    # ~10 GB kept, ~0.1 GB with it, for ~30% more compute).
+    activation_checkpointing: str = "auto"  # auto | on | off
+    merge_for_generation: bool = True  # fold the LoRA into fp32 weights while sampling (faster, same policy)
+    dtype: str = "fp32"  # the frozen base's weights: fp32, or bf16 (bf16 matmuls, AMX where it runs; LoRA stays fp32)
     seed: int = 0
     save_every: int = 10
     threads: int | None = None
@@ -90,6 +97,11 @@ class GRPOConfig:
         if self.temperature <= 0:
             raise QwenlabError(f"grpo: temperature must be > 0 (GRPO needs sampled, varied completions), "
                                f"got {self.temperature}")
+        if self.activation_checkpointing not in ("auto", "on", "off"):
+            raise QwenlabError(f"grpo: activation_checkpointing must be auto, on or off, "
+                               f"got {self.activation_checkpointing!r}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise QwenlabError(f"grpo: dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise QwenlabError("grpo: beta must be >= 0 and learning_rate > 0")
         if self.loss_type not in LOSS_TYPES:
@@ -124,12 +136,12 @@ class GRPOLearner:
         if config.threads:
             torch.set_num_threads(config.threads)
         checkpoint = open_checkpoint(config.model)
-        # fp32 on CPU always (never a bf16 default); on the native float stack where its kernels run, so that a
-        # rollout's decode steps are one native call each (rollouts()), while training runs PyTorch's autograd.
-        if native_float_applies("fp32"):
-            model = load_native_float_model(checkpoint, "fp32")
+        # fp32 unless asked (never a bf16 default from config.json); on the native float stack where its kernels
+        # run, so that a rollout's decode steps are one native call each (rollouts()), while training runs autograd.
+        if native_float_applies(config.dtype):
+            model = load_native_float_model(checkpoint, config.dtype)
         else:
-            model = load_model(checkpoint, "fp32")
+            model = load_model(checkpoint, config.dtype)
         tokenizer = load_tokenizer(checkpoint.path)
         if config.init_adapter:
             adapter = read_adapter(config.init_adapter)
@@ -152,9 +164,11 @@ class GRPOLearner:
         float rounding only.
         """
         self.model.eval()
-        if not self.config.merge_for_generation:
-            return generate_rollouts(self.model, self.tokenizer, instances, self.config.num_generations,
-                                     self.generation_config(seed))
+        if not self.config.merge_for_generation or self.config.dtype != "fp32":
+            # Unmerged: each decode step adds the policy's deltas per row (natively, on the decode stack).
+            with policy_rows(self.model, POLICY, len(instances) * self.config.num_generations):
+                return generate_rollouts(self.model, self.tokenizer, instances, self.config.num_generations,
+                                         self.generation_config(seed))
         merge_adapter(self.model, POLICY)
         try:
             # The merged policy is all in the base weights: without the adapter wrappers, a decode step of the
@@ -203,10 +217,25 @@ class GRPOLearner:
         return [r + self.config.format_reward * has_answer_block(text)
                 for r, text in zip(rollout.rewards, rollout.completions)]
 
+    def _checkpoint_layers(self, tokens: torch.Tensor) -> bool:
+        """Whether this micro-batch's forward recomputes its layers in the backward (activation_checkpointing)."""
+        choice = self.config.activation_checkpointing
+        if choice != "auto":
+            return choice == "on"
+        c = self.model.config
+        # kept per token and layer, fp32: ~10 hidden-sized and ~4 intermediate-sized tensors (norms, q/k/v, attention,
+        # residuals; gate, up, their product, silu)
+        per_token = 4 * c.num_hidden_layers * (10 * c.hidden_size + 4 * c.intermediate_size)
+        return tokens.numel() * per_token > ACTIVATION_BUDGET_BYTES
+
     def _logprobs(self, packed) -> torch.Tensor:
         """log π of each completion token ([B, T-1], 0 off the completions): the head runs on completion positions
         only and in chunks (loss.selected_token_logprobs), so the [B, T, vocab] logits never exist."""
-        hidden = self.model.final_hidden(packed.tokens)
+        self.model.checkpoint_layers = self._checkpoint_layers(packed.tokens)
+        try:
+            hidden = self.model.final_hidden(packed.tokens)
+        finally:
+            self.model.checkpoint_layers = False
         return selected_token_logprobs(hidden, self.model.head_weight, packed.tokens, packed.completion_mask,
                                        self.config.temperature)
 
@@ -238,13 +267,15 @@ class GRPOLearner:
             if c.beta != 0.0:
                 with torch.no_grad(), active_adapters(self.model, None):
                     ref = self._logprobs(packed)
+            # The backward inside the block too: with activation checkpointing it reruns the layers, which must
+            # see the policy active as the forward did.
             with active_adapters(self.model, POLICY):
                 logprobs = self._logprobs(packed)
-            loss, info = grpo_loss(logprobs, packed.completion_mask, packed.advantages, ref_logprobs=ref,
-                                   beta=c.beta, epsilon=c.epsilon, epsilon_high=c.epsilon_high,
-                                   loss_type=c.loss_type, num_tokens=num_tokens, num_rows=len(prompts),
-                                   max_completion_length=c.max_new_tokens)
-            loss.backward()
+                loss, info = grpo_loss(logprobs, packed.completion_mask, packed.advantages, ref_logprobs=ref,
+                                       beta=c.beta, epsilon=c.epsilon, epsilon_high=c.epsilon_high,
+                                       loss_type=c.loss_type, num_tokens=num_tokens, num_rows=len(prompts),
+                                       max_completion_length=c.max_new_tokens)
+                loss.backward()
             total_loss += float(loss.detach())
             chunk_tokens = int(packed.completion_mask.sum())
             total_kl += info["kl"] * chunk_tokens
