@@ -1,6 +1,8 @@
-"""LoRA SFT speed and memory on the CPU: tokens/s and peak RSS of `qwenlab train sft` (TRL + PEFT).
+"""LoRA SFT speed and memory on the CPU: tokens/s and peak RSS of `qwenlab train sft` (TRL + PEFT), beside a
+plain PEFT + transformers loop (fp32 and bf16 autocast) on the same records, LoRA and batch: issue 23's anchor.
 
     python benchmarks/lora_bench.py [--models nano,qwen2.5-0.5b] [--steps 6] [--batch-size 8] [--threads 2]
+                                    [--engines qwenlab:fp32,peft:fp32,peft:bf16]
 
 Each model trains in its own subprocess (so peak RSS is that run's alone) on chat prompt/completion
 data from the arithmetic task, LoRA r 16 / alpha 32 on all linears, fp32, logging every step.
@@ -54,6 +56,63 @@ def child(model: str, work: Path, steps: int, batch_size: int, threads: int) -> 
     }
 
 
+def peft_loop(model: str, work: Path, steps: int, batch_size: int, threads: int, dtype: str) -> dict:
+    """The anchor: the loop a user writes with PEFT + transformers, on the same records, LoRA and batch as
+    `qwenlab train sft`: chat-templated prompt + completion, loss on the completion tokens, AdamW at 2e-4,
+    fp32 (or bf16 autocast), no gradient checkpointing."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenlab.checkpoint import open_checkpoint
+    from qwenlab.train.data import sft_records_from_task
+
+    model = str(open_checkpoint(model).path)  # 'nano' or a folder
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(base, lora)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4)
+    records = sft_records_from_task("arithmetic", steps * batch_size, seed=7)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    times, tokens = [], []
+    for step in range(steps):
+        rows, labels = [], []
+        for record in records[step * batch_size:(step + 1) * batch_size]:
+            prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
+            p_ids, ids = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
+            rows.append(ids)
+            labels.append([-100] * len(p_ids) + ids[len(p_ids):])
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        label_ids = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = peft_model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+        tokens.append(int(attention.sum()))
+    steady = slice(1, None)  # the first step (allocator, oneDNN's first calls) is warm-up
+    return {
+        "model": model,
+        "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 1),
+        "lora_params_m": round(sum(p.numel() for p in peft_model.parameters() if p.requires_grad) / 1e6, 2),
+        "steps": steps,
+        "tokens_per_step": round(sum(tokens) / steps),
+        "tokens_per_s": round(sum(tokens[steady]) / sum(times[steady]), 1),
+        "s_per_step": round(sum(times[steady]) / (steps - 1), 2),
+        "wall_s": round(sum(times), 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
 def model_folder(name: str, work: Path, tokenizer_from: str) -> str:
     """A folder for `name`: itself, or a random-weight model of a preset's shape with a real tokenizer."""
     from qwenlab.checkpoint import copy_tokenizer_files, resolve_model_path
@@ -79,30 +138,43 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwenlab-lora-bench")
     parser.add_argument("--tokenizer-from", default="nano", help="tokenizer for random-weight preset models")
+    parser.add_argument("--engines", default="qwenlab:fp32,peft:fp32,peft:bf16",
+                        help="comma list of qwenlab:fp32 (`qwenlab train sft`) and peft:fp32|bf16 (a PEFT + "
+                             "transformers loop; bf16: autocast)")
+    parser.add_argument("--engine", default="qwenlab:fp32", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.work_dir, args.steps, args.batch_size, args.threads)))
+        engine, dtype = args.engine.split(":")
+        figures = (child(args.child, args.work_dir, args.steps, args.batch_size, args.threads) if engine == "qwenlab"
+                   else peft_loop(args.child, args.work_dir, args.steps, args.batch_size, args.threads, dtype))
+        print("RESULT " + json.dumps(figures))
         return
     rows = []
     for name in args.models.split(","):
         folder = model_folder(name.strip(), args.work_dir, args.tokenizer_from)
-        command = [sys.executable, __file__, "--child", folder, "--steps", str(args.steps), "--batch-size",
-                   str(args.batch_size), "--threads", str(args.threads), "--work-dir", str(args.work_dir)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if done.returncode or line is None:
-            sys.exit(f"{name}: benchmark run failed:\n{done.stderr[-3000:]}")
-        rows.append({**json.loads(line[7:]), "model": name})
-        print(f"{name}: done", file=sys.stderr)
+        for engine in args.engines.split(","):
+            command = [sys.executable, __file__, "--child", folder, "--steps", str(args.steps), "--batch-size",
+                       str(args.batch_size), "--threads", str(args.threads), "--work-dir", str(args.work_dir),
+                       "--engine", engine]
+            done = subprocess.run(command, capture_output=True, text=True)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if done.returncode or line is None:
+                sys.exit(f"{name} / {engine}: benchmark run failed:\n{done.stderr[-3000:]}")
+            rows.append({**json.loads(line[7:]), "model": name, "engine": engine})
+            print(f"{name} / {engine}: done", file=sys.stderr)
     print(f"LoRA SFT (TRL {_version('trl')}, PEFT {_version('peft')}, torch {_version('torch')}), r 16 on all "
-          f"linears, fp32, batch {args.batch_size}, {args.threads} threads\n")
-    print("| model | params (M) | LoRA params (M) | steps | tokens/step | tokens/s | s/step | peak RSS (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"linears, batch {args.batch_size}, {args.threads} threads\n")
+    print("| model | engine | params (M) | LoRA params (M) | steps | tokens/step | tokens/s | s/step | peak RSS (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['params_m']} | {r['lora_params_m']} | {r['steps']} | {r['tokens_per_step']} | "
-              f"{r['tokens_per_s']} | {r['s_per_step']} | {r['peak_rss_mib']} |")
+        print(f"| {r['model']} | {ENGINES[r['engine']]} | {r['params_m']} | {r['lora_params_m']} | {r['steps']} | "
+              f"{r['tokens_per_step']} | {r['tokens_per_s']} | {r['s_per_step']} | {r['peak_rss_mib']} |")
+
+
+ENGINES = {"qwenlab:fp32": "qwenlab train sft (TRL + PEFT), fp32", "peft:fp32": "PEFT + transformers loop, fp32",
+           "peft:bf16": "PEFT + transformers loop, bf16 autocast"}
 
 
 def _version(name: str) -> str:
