@@ -51,5 +51,8 @@ def choose_next_tokens(logits: torch.Tensor, *, temperature: float = 0.0, top_k:
     # rollouts; so did drawing one exponential per token); this takes a few. The sum is in float64, so 150k small
     # terms do not round away; right=True never picks a zero-probability token (its sum equals its predecessor's).
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # what multinomial refused: a row fails alone upstream
+        raise ValueError("probability tensor contains either inf, nan or element < 0")
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * total
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

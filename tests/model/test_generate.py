@@ -287,3 +287,14 @@ def test_sampling_draws_tokens_in_proportion_to_their_probabilities():
     share = torch.bincount(drawn, minlength=5).float() / len(drawn)
     # 4 standard errors of a binomial share at n = 40,000 is at most 0.01; a zero-probability token never comes
     assert (share - probs).abs().max().item() < 0.01 and share[4] == 0
+
+
+def test_sampling_refuses_a_row_without_a_distribution():
+    """NaN logits (or a temperature so small that they overflow) are refused as multinomial refused them, so the
+    caller can fail that row alone instead of emitting an arbitrary token."""
+    from qwenlab.model.sampling import choose_next_tokens
+
+    logits = torch.zeros(2, 5)
+    logits[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="inf, nan"):
+        choose_next_tokens(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
