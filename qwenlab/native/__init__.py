@@ -11,10 +11,10 @@ back to PyTorch. Set QWENLAB_NATIVE=0 to disable the kernels.
 """
 
 from qwenlab.native.library import (BAD_SIZES, NO_MEMORY, NOT_APPLICABLE, KernelArgumentError, available, buffer,
-                                    checked, kernel_threads, library, optional_buffer, torch_on_kernel_threads, torch_single_threaded,
+                                    checked, kernel_threads, library, optional_buffer, torch_single_threaded,
                                     torch_threads_on_free_cores, unavailable_reason)
 from qwenlab.native.ops import LORA_MAX_RANK, decode_attention, lora_bgmv_, lora_bits, masked_argmax, rms_norm
 
 __all__ = ["BAD_SIZES", "LORA_MAX_RANK", "NOT_APPLICABLE", "NO_MEMORY", "KernelArgumentError", "available", "buffer",
            "checked", "decode_attention", "kernel_threads", "library", "lora_bgmv_", "lora_bits", "masked_argmax", "optional_buffer",
-           "rms_norm", "torch_on_kernel_threads", "torch_single_threaded", "torch_threads_on_free_cores", "unavailable_reason"]
+           "rms_norm", "torch_single_threaded", "torch_threads_on_free_cores", "unavailable_reason"]

@@ -159,19 +159,6 @@ class torch_threads_on_free_cores:
             torch.set_num_threads(self.saved)
 
 
-class torch_on_kernel_threads(torch_threads_on_free_cores):
-    """Inside torch_single_threaded, give one PyTorch op the kernel's threads back (as many as are free): a
-    quantized model's long-prompt matmul runs on oneDNN (quant.native.BF16_PREFILL_MIN_ROWS), not the pool."""
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        cores = os.cpu_count() or kernel_threads()
-        wanted = max(1, min(kernel_threads(), int(cores - self.others() + 0.5)))
-        if wanted != self.saved:
-            torch.set_num_threads(wanted)
-        return self
-
-
 # ---- status codes of the entry points (vec.h) ---------------------------------------------------------
 NOT_APPLICABLE, NO_MEMORY, BAD_SIZES = -1, -2, -3
 

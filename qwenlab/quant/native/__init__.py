@@ -17,8 +17,7 @@ import threading
 
 import torch
 
-from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer, \
-    torch_on_kernel_threads
+from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer
 from qwenlab.native.ops import row_starts
 from qwenlab.model.kv_cache import leading_padding
 
@@ -167,8 +166,8 @@ class PackedLinear:
             gate, up = x2.split(self.k, dim=-1)
             x2 = torch.nn.functional.silu(gate) * up
         wt = self.dequantized_bf16_t(_scratch_bf16(self.k * self.rows).view(self.k, self.rows))
-        with torch_on_kernel_threads():  # a quantized model's forward keeps PyTorch on one thread otherwise
-            y = torch.matmul(x2.to(torch.bfloat16), wt).float()
+        # On PyTorch's threads: a quantized model's forward gives a long prompt the free cores (quant/load.py)
+        y = torch.matmul(x2.to(torch.bfloat16), wt).float()
         bias = self.tensors[3]
         if bias is not None:
             y += bias

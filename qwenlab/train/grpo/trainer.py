@@ -10,8 +10,9 @@ The swarm peer (qwenlab.swarm.peer) uses the same learner with rollouts from oth
 Why not TRL's GRPOTrainer: on a CPU the step is all generation, and its generate() (transformers,
 no KV-cache reuse tricks, per-token Python in the HF loop) was measured slower than this engine;
 benchmarks/grpo_bench.py has the figures. The loss is TRL's (see loss.py).
-CPU safety: the model is loaded in fp32 whatever config.json says (nano ships bf16 weights), so
-no bf16 path is taken on a CPU; memory per step is bounded by batch × generations × tokens.
+CPU safety: the model is loaded in fp32 whatever config.json says (nano ships bf16 weights) unless
+--dtype bf16 asks; memory per step is bounded by batch × generations × tokens, and activation
+checkpointing (auto) keeps it under ACTIVATION_BUDGET_BYTES of activations per micro-batch.
 """
 
 from __future__ import annotations
