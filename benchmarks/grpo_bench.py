@@ -126,21 +126,12 @@ def child(engine: str, args) -> dict:
 
 
 def model_folder(name: str, work: Path) -> str:
-    """A folder for `name`: itself, nano's, or a random-weight model of a preset's shape with nano's tokenizer."""
-    from qwenlab.checkpoint import copy_tokenizer_files, open_checkpoint, resolve_model_path
-    from qwenlab.checkpoint.config import PRESETS
+    """The folder for `name`: lora_bench's (a preset is a random-weight model with nano's tokenizer), as a path."""
+    from lora_bench import model_folder as bench_model_folder  # benchmarks/ is this script's folder
 
-    if name.lower() not in PRESETS:
-        return str(open_checkpoint(name).path)
-    folder = work / name
-    if not (folder / "config.json").is_file():
-        done = subprocess.run([sys.executable, "-m", "qwenlab", "random", name, str(folder)], capture_output=True,
-                              text=True)
-        if done.returncode:
-            sys.exit(f"qwenlab random {name}: {done.stderr.strip()}")
-    if not (folder / "tokenizer.json").is_file():
-        copy_tokenizer_files(resolve_model_path("nano"), folder)
-    return str(folder)
+    from qwenlab.checkpoint import open_checkpoint
+
+    return str(open_checkpoint(bench_model_folder(name, work, "nano")).path)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "eval": BASE | {"checkpoint", "model", "loading", "tasks", "variants"},
     "report": BASE | {"checkpoint", "model", "loading", "tasks", "variants", "eval"},
     "bench": BASE | {"checkpoint", "model", "native", "quant", "loading", "variants"},
-    "train": BASE | {"checkpoint", "model", "adapters", "tasks", "native", "quant"},
+    "train": BASE | {"checkpoint", "model", "adapters", "tasks", "quant"},
     "merge": BASE | {"checkpoint", "model", "adapters", "loading", "tasks", "variants", "eval", "report"},
     "serve": BASE | {"checkpoint", "model", "native", "adapters", "quant", "loading"},
     "swarm": BASE | {"checkpoint", "model", "adapters", "tasks", "train"},

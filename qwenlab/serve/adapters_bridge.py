@@ -41,7 +41,7 @@ from qwenlab.adapters.apply import lora_modules
 from qwenlab.checkpoint.dtypes import parse_dtype
 from qwenlab.errors import QwenlabError
 from qwenlab import native
-from qwenlab.quant.native import lora_table
+from qwenlab.quant.native import LoraKernelStack, lora_table
 
 # What the kernel path's stacks may hold (serve's --lora-dtype).
 LORA_DTYPES = ("auto", "fp32", "bf16")
@@ -58,29 +58,6 @@ class _Stack:
         self.a = torch.cat([module.lora_A[n] for n in names]) if names else None
         self.b = torch.cat([module.lora_B[n] for n in names], dim=1) if names else None
         self.layout = tuple((order.index(n), module.lora_A[n].shape[0], module.scaling[n]) for n in names)
-
-
-class _KernelStack:
-    """One LoRALinear's adapters for lora_bgmv (kernel path): A [n, R, in] and scaled Bᵀ [n, R, out],
-    one slot per adapter of `order`; an adapter that does not touch this module (or is merged into the
-    weight) has zeros."""
-
-    def __init__(self, module: nn.Module, order: list[str], dtype: torch.dtype = torch.float32):
-        names = [n for n in order if n in module.lora_A and n not in module.merged]
-        self.active = bool(names)
-        rank = max((module.lora_A[n].shape[0] for n in names), default=0)
-        a = torch.zeros(len(order), rank, module.in_features)
-        bt = torch.zeros(len(order), rank, module.out_features)
-        for n in names:
-            i, r = order.index(n), module.lora_A[n].shape[0]
-            a[i, :r] = module.lora_A[n].float()
-            bt[i, :r] = (module.lora_B[n].float() * module.scaling[n]).t()  # scaled in fp32, then rounded once
-        self.a, self.bt = a.to(dtype), bt.to(dtype)
-        # What each call passes to the kernel, read once (a Python call per linear per step adds up).
-        self.rank, self.out_features, self.count = rank, module.out_features, len(order)
-        self.bits = native.lora_bits(dtype)
-        self.a_ptr, self.bt_ptr = self.a.data_ptr(), self.bt.data_ptr()
-        self.a_len, self.bt_len = self.a.numel(), self.bt.numel()  # the kernel checks them against the sizes
 
 
 _attach_counter = itertools.count(1)
@@ -101,7 +78,7 @@ class AdapterSet:
         self.versions: dict[str, int] = {}  # name -> which attach loaded it (prefix cache namespaces)
         self.known: set[str] = set()
         self._modules: list[nn.Module] = []
-        self._stacks: dict[nn.Module, _Stack | _KernelStack] = {}
+        self._stacks: dict[nn.Module, _Stack | LoraKernelStack] = {}
         self._present: tuple[str, ...] = ()  # the adapters stacked now (a superset of the batch's)
         self._surplus_selects = 0
         self._masks: dict[tuple, torch.Tensor] = {}  # dense: layout -> M [rows, 1, R] for the next forward
@@ -196,7 +173,7 @@ class AdapterSet:
         self._present = tuple(sorted(wanted))
         self._surplus_selects = 0
         order = list(self._present)
-        self._stacks = {m: _KernelStack(m, order, self.stack_dtype) if self.use_kernel else _Stack(m, order)
+        self._stacks = {m: LoraKernelStack(m, order, self.stack_dtype) if self.use_kernel else _Stack(m, order)
                         for m in self._modules}
 
     def _forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, optional_buffer
+from qwenlab.native import KernelArgumentError, buffer, checked, kernel_threads, library, lora_bits, optional_buffer
 from qwenlab.native.ops import row_starts
 from qwenlab.model.kv_cache import leading_padding
 
@@ -303,10 +303,35 @@ ADAPTER_TARGETS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn
                    ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
+class LoraKernelStack:
+    """One LoRALinear's adapters in lora_bgmv's layout (serve's per-row adapters, GRPO's policy during a rollout):
+    A [n, R, in] and scaled Bᵀ [n, R, out], one slot per adapter of `order`; an adapter that does not touch this
+    module (or is merged into the weight) has zeros. Copies, made without autograd (a trained policy's A and B
+    are parameters)."""
+
+    def __init__(self, module, order: list[str], dtype: torch.dtype = torch.float32):
+        names = [n for n in order if n in module.lora_A and n not in module.merged]
+        self.active = bool(names)
+        rank = max((module.lora_A[n].shape[0] for n in names), default=0)
+        a = torch.zeros(len(order), rank, module.in_features)
+        bt = torch.zeros(len(order), rank, module.out_features)
+        with torch.no_grad():
+            for n in names:
+                i, r = order.index(n), module.lora_A[n].shape[0]
+                a[i, :r] = module.lora_A[n].float()
+                bt[i, :r] = (module.lora_B[n].float() * module.scaling[n]).t()  # scaled in fp32, then rounded once
+        self.a, self.bt = a.to(dtype), bt.to(dtype)
+        # What each call passes to the kernel, read once (a Python call per linear per step adds up).
+        self.rank, self.out_features, self.count = rank, module.out_features, len(order)
+        self.bits = lora_bits(dtype)
+        self.a_ptr, self.bt_ptr = self.a.data_ptr(), self.bt.data_ptr()
+        self.a_len, self.bt_len = self.a.numel(), self.bt.numel()  # the kernel checks them against the sizes
+
+
 def lora_table(wrapped: list[tuple], stacks: dict) -> ctypes.Array:
     """Per layer the adapters' stacks of its wrapped linears for decode_stack.cpp. wrapped: per layer the
     DecodeStack's modules in ADAPTER_TARGETS order (None: not wrapped); stacks: module -> an object with
-    a_ptr, a_len, bt_ptr, bt_len, rank, count, bits, active (serve's _KernelStack, lora_bgmv's layout)."""
+    a_ptr, a_len, bt_ptr, bt_len, rank, count, bits, active (a LoraKernelStack)."""
     def entry(module):
         stack = stacks.get(module) if module is not None else None
         if stack is None or not stack.active:

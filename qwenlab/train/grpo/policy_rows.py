@@ -15,27 +15,14 @@ import torch
 from torch import nn
 
 from qwenlab.adapters.apply import lora_modules
-from qwenlab.native import lora_bits
-from qwenlab.quant.native import lora_table
-
-
-class _PolicyStack:
-    """One LoRALinear's policy in lora_bgmv's layout: A [1, R, in] and scaled Bᵀ [1, R, out], fp32."""
-
-    def __init__(self, module: nn.Module, name: str):
-        a = module.lora_A[name].detach().float()
-        self.a = a[None].contiguous()
-        self.bt = (module.lora_B[name].detach().float() * module.scaling[name]).t()[None].contiguous()
-        self.rank, self.count, self.bits, self.active = a.shape[0], 1, lora_bits(torch.float32), True
-        self.a_ptr, self.bt_ptr = self.a.data_ptr(), self.bt.data_ptr()
-        self.a_len, self.bt_len = self.a.numel(), self.bt.numel()
+from qwenlab.quant.native import LoraKernelStack, lora_table
 
 
 class PolicyRows:
     """`model.row_adapters` for one rollout of `rows` rows, every row on adapter `name` (see run_decode_stack)."""
 
     def __init__(self, model: nn.Module, name: str, rows: int):
-        self.stacks = {m: _PolicyStack(m, name) for m in lora_modules(model).values()
+        self.stacks = {m: LoraKernelStack(m, [name]) for m in lora_modules(model).values()
                        if name in m.lora_A and name not in m.merged}
         self.row_adapter = torch.zeros(rows, dtype=torch.int32)
         self._table = None
