@@ -16,6 +16,11 @@ A search file names a mergekit config, the parameters to tune and the objective:
     sampler: tpe                 # tpe (default) or random
     seed: 0
 
+`objective.reference: {arithmetic: 0.52, reverse: 0.91}` (each task's accuracy in the model the merge
+should keep it from, e.g. its specialist) maximises the worst kept share instead: min over tasks of
+accuracy / reference, so a merge that keeps 90% of both skills beats one that keeps 100% of one and none
+of the other, which the mean would prefer when one task scores lower.
+
 Each trial merges every tensor in memory with the merge library's own per-tensor function (the
 same plan and arithmetic as `qwenlab merge`), copies the result into one model core instance
 allocated once, and measures greedy task accuracy. Optuna's sampler maximises the mean accuracy;
@@ -64,6 +69,7 @@ class SearchConfig:
     n: int = 20
     seed: int = 0
     difficulty: int | None = None
+    reference: dict[str, float] | None = None  # per task: the accuracy to keep (objective: worst kept share)
     trials: int = 20
     sampler: str = "tpe"
     dtype: str = "fp32"
@@ -78,10 +84,11 @@ class Trial:
     objective: float | None = None
     mean_density: float | None = None
     seconds: float = 0.0
+    mean_accuracy: float | None = None
 
     def as_dict(self) -> dict:
         return {"trial": self.trial, "params": self.params, "tasks": self.tasks, "objective": self.objective,
-                "mean_density": self.mean_density, "seconds": round(self.seconds, 2)}
+                "mean_accuracy": self.mean_accuracy, "mean_density": self.mean_density, "seconds": round(self.seconds, 2)}
 
 
 # ---- the search file ----------------------------------------------------------------------
@@ -124,7 +131,11 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
                                  entry.get("step"), entry.get("filter")))
     objective = data.get("objective") or {}
     if not isinstance(objective, dict):
-        raise QwenlabError(f"{source}: 'objective' must be a mapping (tasks, n, seed, difficulty)")
+        raise QwenlabError(f"{source}: 'objective' must be a mapping (tasks, n, seed, difficulty, reference)")
+    unknown = set(objective) - {"tasks", "n", "seed", "difficulty", "reference"}
+    if unknown:
+        raise QwenlabError(f"{source}: objective: unknown key(s) {', '.join(sorted(unknown))} "
+                           "(tasks, n, seed, difficulty, reference)")
     tasks = objective.get("tasks") or []
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise QwenlabError(f"{source}: objective.tasks: expected a list of task names, got {tasks!r}")
@@ -132,6 +143,7 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
                           n=_integer(objective.get("n", 20), f"{source}: objective.n"),
                           seed=_integer(data.get("seed", objective.get("seed", 0)), f"{source}: seed"),
                           difficulty=objective.get("difficulty"),
+                          reference=_reference(objective.get("reference"), f"{source}: objective.reference"),
                           trials=_integer(data.get("trials", 20), f"{source}: trials"),
                           sampler=str(data.get("sampler", "tpe")), dtype=str(data.get("dtype", "fp32")), source=source)
     for key, value in overrides.items():
@@ -147,8 +159,38 @@ def load_search_config(path: str | Path | dict, **overrides) -> SearchConfig:
         raise QwenlabError(f"{source}: trials and n must be positive")
     if config.seed < 0:
         raise QwenlabError(f"{source}: seed must be >= 0, got {config.seed}")
+    if config.reference is not None and set(config.reference) != set(config.tasks):
+        raise QwenlabError(f"{source}: objective.reference must give one accuracy per objective task "
+                           f"({', '.join(config.tasks)}), got {', '.join(config.reference) or 'none'}")
     _check_objective(config)
     return config
+
+
+def _reference(value, where: str) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise QwenlabError(f"{where}: expected a mapping of task name to the accuracy to keep, got {value!r}")
+    for task, accuracy in value.items():
+        if not _finite(accuracy) or not 0 < accuracy <= 1:
+            raise QwenlabError(f"{where}.{task}: expected an accuracy in (0, 1] (a task its model never solves "
+                               f"has nothing to keep), got {accuracy!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def score_trial(tasks: dict[str, float], reference: dict[str, float] | None) -> float:
+    """The objective: mean accuracy, or with a reference the worst kept share (accuracy / reference)."""
+    if reference is None:
+        return sum(tasks.values()) / len(tasks)
+    return min(tasks[t] / reference[t] for t in reference)
+
+
+def describe_objective(config: SearchConfig) -> str:
+    where = f"(n={config.n}, seed={config.seed})"
+    if config.reference is None:
+        return f"mean greedy accuracy over {', '.join(config.tasks)} {where}"
+    kept = ", ".join(f"{t} / {config.reference[t]:.3f}" for t in config.tasks)
+    return f"worst kept share of greedy accuracy, min({kept}) {where}"
 
 
 def _finite(value) -> bool:
@@ -348,30 +390,33 @@ def run_search(config: SearchConfig, out: str | Path | None = None, *, progress:
             for name in item.names():
                 params[name] = trial.suggest_float(name, item.low, item.high, step=item.step)
         tasks = evaluate_trial(merger, config, apply_params(config.merge, config.space, params))
-        record = Trial(trial.number, params, tasks, sum(tasks.values()) / len(tasks),
-                       mean_density(config.space, params), time.time() - started)
+        record = Trial(trial.number, params, tasks, score_trial(tasks, config.reference),
+                       mean_density(config.space, params), time.time() - started,
+                       mean_accuracy=sum(tasks.values()) / len(tasks))
         trials.append(record)
         trial.set_user_attr("tasks", tasks)
         if progress:
             shown = ", ".join(f"{k}={v:.3f}" for k, v in params.items())
-            print(f"  trial {trial.number:3d}: mean accuracy {record.objective:.3f}  ({shown})", flush=True)
+            what = "mean accuracy" if config.reference is None else "worst kept share"
+            print(f"  trial {trial.number:3d}: {what} {record.objective:.3f}  ({shown})", flush=True)
         return record.objective
 
     try:
         study.optimize(objective, n_trials=config.trials)
     finally:
         merger.close()
-    best = max(trials, key=lambda t: (t.objective, -(t.mean_density or 0), -t.trial))
+    best = max(trials, key=lambda t: (t.objective, t.mean_accuracy, -(t.mean_density or 0), -t.trial))
     front = pareto_front(trials, config.tasks)
     result = {
         "method": config.merge.get("merge_method"), "source": config.source,
-        "objective": f"mean greedy accuracy over {', '.join(config.tasks)} (n={config.n}, seed={config.seed})",
+        "objective": describe_objective(config), "reference": config.reference,
         "sampler": f"optuna {optuna.__version__} {config.sampler} (seed {config.seed})", "tasks": config.tasks,
         "n": config.n, "seed": config.seed, "space": [vars(s) for s in config.space],
         "trials": [t.as_dict() for t in trials],
         "best": {**best.as_dict(), "config": apply_params(config.merge, config.space, best.params)},
         "pareto": [{"trial": t.trial, "params": t.params,
-                    "objectives": {**{f"acc:{k}": t.tasks[k] for k in config.tasks}, "mean acc": t.objective,
+                    "objectives": {**{f"acc:{k}": t.tasks[k] for k in config.tasks}, "mean acc": t.mean_accuracy,
+                                   **({"worst kept": t.objective} if config.reference is not None else {}),
                                    **({"mean density": t.mean_density} if t.mean_density is not None else {})}}
                    for t in front],
     }
@@ -394,7 +439,8 @@ def search_report(result: dict) -> str:
     tasks = ", ".join(f"{k} {v:.3f}" for k, v in best["tasks"].items())
     return "\n\n".join([
         f"# Merge search: {result['method']}", search_summary(result),
-        f"Best trial {best['trial']}: mean accuracy {best['objective']:.3f} ({tasks}). Config (best.yaml):",
+        f"Best trial {best['trial']}: {'mean accuracy' if result.get('reference') is None else 'worst kept share'} "
+        f"{best['objective']:.3f} ({tasks}). Config (best.yaml):",
         "```yaml\n" + yaml.safe_dump(best["config"], sort_keys=False).strip() + "\n```",
         "## Pareto front", "Trials that no other trial beats on every task" +
         (" and on mean density" if any("mean density" in p["objectives"] for p in result["pareto"]) else "") + ".",

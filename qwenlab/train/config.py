@@ -77,6 +77,9 @@ class TrainConfig:
                                        "replay_tasks", None)
     replay_tasks: list[str] = _help("built-in tasks whose prompts replay uses when no replay_prompts",
                                     factory=lambda: ["arithmetic", "reverse", "sort_letters", "count_letter", "repeat"])
+    replay_answers: str = _help("whose answers replay trains on: 'base' (the base's own greedy answers) or "
+                                "'reference' (rehearsal: the tasks' reference answers, or the replay_prompts "
+                                "file's assistant turns)", "base")
     dtype: str = _help("compute dtype: fp32 (CPU default) or bf16 (autocast, fp32 master weights)", "fp32")
     seed: int = _help("seed of the LoRA init, the data order and dropout", 0)
     logging_steps: int = _help("log the loss every N steps", 5)
@@ -128,6 +131,8 @@ class TrainConfig:
         if not 0 <= self.replay < 1:
             raise QwenlabError(f"{source}: 'replay' must be a share from 0 to below 1 (0.2: a fifth of the "
                                f"training set), got {self.replay}")
+        if self.replay_answers not in ("base", "reference"):
+            raise QwenlabError(f"{source}: 'replay_answers' must be 'base' or 'reference', got {self.replay_answers!r}")
         if not 0 <= self.val_fraction < 1:
             raise QwenlabError(f"{source}: 'val_fraction' must be in [0, 1), got {self.val_fraction}")
         if self.steps == 0 and self.epochs <= 0:
@@ -217,7 +222,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
 
 
 DPO_ONLY = ("beta", "dpo_loss")
-SFT_ONLY = ("replay", "replay_prompts", "replay_tasks")  # fields that mean nothing to SFT: `train sft --help` does not list them
+SFT_ONLY = ("replay", "replay_prompts", "replay_tasks", "replay_answers")  # fields that mean nothing to SFT: `train sft --help` does not list them
 
 
 def add_config_flags(parser, trainer: str | None = None) -> None:

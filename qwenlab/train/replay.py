@@ -5,6 +5,11 @@ An adapter trained on one task alone drifts everywhere else (on nano, SFT on `re
 already says keeps the adapter's output on other prompts where it was: a cheap self-distillation
 that needs no outside data. The prompts come from the user's JSONL (`replay_prompts`) or from
 the built-in tasks (`replay_tasks`), at task seeds used by neither evaluation nor training data.
+
+`replay_answers: reference` rehearses instead: the answers are the data's own (the tasks' reference
+answers, or the assistant turns of the JSONL), as when a fine-tune mixes the base's training or general
+chat data back in. The base's mistakes are then not taught again, and two specialists that both rehearse
+the same data pull the shared skills the same way, which keeps a merge of them from cancelling out.
 """
 
 from __future__ import annotations
@@ -27,21 +32,35 @@ def replay_count(train_size: int, share: float) -> int:
     return round(train_size * share / (1 - share))
 
 
-def task_prompts(tasks: list[str], n: int, seed: int = 0) -> list[list[dict]]:
-    """n chat prompts, round-robin over `tasks`, each task's difficulty cycling from 1 to its default
+ANSWERS = ("base", "reference")  # whose answers replay trains on: the base's greedy ones, or the data's own
+
+
+def task_instances(tasks: list[str], n: int, seed: int = 0) -> list:
+    """n task instances, round-robin over `tasks`, each task's difficulty cycling from 1 to its default
     (the base's behaviour is kept across the range users evaluate at)."""
     from qwenlab.tasks import generate
     from qwenlab.tasks.registry import DEFAULT_DIFFICULTY
 
     if not tasks:
         raise QwenlabError("replay: no tasks to draw prompts from (replay_tasks is empty)")
-    prompts = []
+    instances = []
     for i in range(n):
         task, round_ = tasks[i % len(tasks)], i // len(tasks)
         difficulty = 1 + round_ % max(1, DEFAULT_DIFFICULTY.get(task) or 1)
-        instance = generate(task, REPLAY_SEED_OFFSET + seed * 1_000_000 + round_, difficulty)
-        prompts.append([{"role": "user", "content": instance.prompt}])
-    return prompts
+        instances.append(generate(task, REPLAY_SEED_OFFSET + seed * 1_000_000 + round_, difficulty))
+    return instances
+
+
+def task_prompts(tasks: list[str], n: int, seed: int = 0) -> list[list[dict]]:
+    """The chat prompts of task_instances."""
+    return [[{"role": "user", "content": instance.prompt}] for instance in task_instances(tasks, n, seed)]
+
+
+def task_reference_records(tasks: list[str], n: int, seed: int = 0) -> list[dict]:
+    """Rehearsal records: task_instances' prompts with each task's reference answer."""
+    return [{"prompt": [{"role": "user", "content": instance.prompt}],
+             "completion": [{"role": "assistant", "content": instance.expected}]}
+            for instance in task_instances(tasks, n, seed)]
 
 
 def file_prompts(path: str | Path, n: int, seed: int = 0) -> list[list[dict]]:
@@ -71,6 +90,40 @@ def file_prompts(path: str | Path, n: int, seed: int = 0) -> list[list[dict]]:
         raise QwenlabError(f"{path}: no prompts for replay")
     random.Random(seed).shuffle(prompts)
     return [prompts[i % len(prompts)] for i in range(n)]  # cycled when the file is shorter than n
+
+
+def file_reference_records(path: str | Path, n: int, seed: int = 0) -> list[dict]:
+    """Rehearsal records from a JSONL of chats: each record's last assistant turn is the answer, the turns
+    before it the prompt (`messages`), or `prompt` and `completion` as given."""
+    from qwenlab.train.data import _read_records
+
+    path = Path(path)
+    if not path.is_file():
+        raise QwenlabError(f"{path}: replay prompts file not found")
+    records = []
+    for where, _, record in _read_records(path):
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            messages = record["messages"]
+            last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"
+                        and isinstance(m.get("content"), str) and m["content"].strip()), default=None)
+            if last and any(isinstance(m, dict) and m.get("role") == "user" for m in messages[:last]):
+                records.append({"prompt": messages[:last], "completion": [messages[last]]})
+                continue
+        elif isinstance(record, dict) and isinstance(record.get("completion"), (str, list)) and record["completion"]:
+            prompt, completion = record.get("prompt"), record["completion"]
+            if isinstance(prompt, str) and prompt.strip():
+                prompt = [{"role": "user", "content": prompt}]
+            if isinstance(completion, str):
+                completion = [{"role": "assistant", "content": completion}]
+            if isinstance(prompt, list) and prompt:
+                records.append({"prompt": prompt, "completion": completion})
+                continue
+        raise QwenlabError(f"{where}: replay_answers 'reference' needs an answer to rehearse: 'messages' with a "
+                           "user turn and then an assistant turn, or 'prompt' and 'completion'")
+    if not records:
+        raise QwenlabError(f"{path}: no records for replay")
+    random.Random(seed).shuffle(records)
+    return [records[i % len(records)] for i in range(n)]  # cycled when the file is shorter than n
 
 
 def replay_records(base: Path, prompts: list[list[dict]], *, max_new_tokens: int = 96, batch_size: int = 32,

@@ -36,7 +36,7 @@ NOT_RESUMED = ("out", "resume", "resume_from", "force")
 RESUME_KEYS = ("base", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "rslora", "batch_size", "grad_accum",
                "learning_rate", "scheduler", "warmup", "weight_decay", "max_length", "beta", "dtype", "seed",
                "val_fraction", "eval_data", "total_steps", "data_sha256", "kind", "replay", "replay_prompts",
-               "replay_tasks")
+               "replay_tasks", "replay_answers")
 
 
 @dataclass
@@ -150,11 +150,16 @@ def with_replay(config: TrainConfig, base: Path, train_records: list[dict], conv
         raise QwenlabError(f"{config.data}: replay needs chat-format data (messages or prompt/completion "
                            "messages); this file is plain text")
     count = replay.replay_count(len(train_records), config.replay)
-    prompts = (replay.file_prompts(config.replay_prompts, count, config.seed) if config.replay_prompts
-               else replay.task_prompts(config.replay_tasks, count, config.seed))
-    records = replay.replay_records(base, prompts, progress=config.progress)
-    print(f"replay: {len(records)} answers of the base mixed into {len(train_records)} training examples",
-          file=sys.stderr)
+    if config.replay_answers == "reference":  # rehearsal: the data's own answers
+        records = (replay.file_reference_records(config.replay_prompts, count, config.seed) if config.replay_prompts
+                   else replay.task_reference_records(config.replay_tasks, count, config.seed))
+        whose = "reference answers"
+    else:
+        prompts = (replay.file_prompts(config.replay_prompts, count, config.seed) if config.replay_prompts
+                   else replay.task_prompts(config.replay_tasks, count, config.seed))
+        records = replay.replay_records(base, prompts, progress=config.progress)
+        whose = "answers of the base"
+    print(f"replay: {len(records)} {whose} mixed into {len(train_records)} training examples", file=sys.stderr)
     return replay.mix(train_records, records, config.seed)
 
 

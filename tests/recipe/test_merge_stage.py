@@ -19,7 +19,7 @@ def specialists(tmp_path_factory):
     return write_lora(nano_path(), root / "a", rank=2, seed=0), write_lora(nano_path(), root / "b", rank=2, seed=1)
 
 
-def recipe(tmp_path, specialists, search: str) -> object:
+def recipe(tmp_path, specialists, search: str, methods: str = "[task_arithmetic]") -> object:
     a, b = specialists
     path = tmp_path / "recipe.yaml"
     path.write_text(f"""
@@ -27,13 +27,14 @@ name: merge-stage
 models: {{nano: nano, a: {a}, b: {b}}}
 stages:
   - merge: {{base: nano, models: [a, b], tasks: [arithmetic, reverse], keep_tasks: [sort_letters],
-             methods: [task_arithmetic], n: 6, difficulty: 1{search}}}
+             methods: {methods}, n: 6, difficulty: 1{search}}}
 """)
     return path
 
 
 def test_the_tuned_merge_is_searched_on_validation_and_reported_beside_the_defaults(tmp_path, specialists):
-    run = run_recipe(recipe(tmp_path, specialists, ", search: {method: task_arithmetic, trials: 3, n: 6, seed: 1}"),
+    run = run_recipe(recipe(tmp_path, specialists,
+                            ", search: {method: task_arithmetic, trials: 3, n: 6, seed: 1, objective: mean}"),
                      tmp_path / "run")
     figures = json.loads((tmp_path / "run" / "figures.json").read_text())["01-merge"]
     assert set(figures["outputs"]) == {"merge-task_arithmetic", "merge-tuned"} and "merge-tuned" in run.models
@@ -45,7 +46,9 @@ def test_the_tuned_merge_is_searched_on_validation_and_reported_beside_the_defau
     first = search["trials"][0]
     assert first["params"] == default_point("task_arithmetic")
     assert search["best"]["objective"] >= first["objective"]
-    assert figures["search"]["params"] == search["best"]["params"]
+    assert first["objective"] == pytest.approx(sum(first["tasks"].values()) / 3)  # objective: mean
+    if figures["search"]["method"] == "task_arithmetic":  # else a default merge won on validation
+        assert figures["search"]["params"] == search["best"]["params"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| merge-tuned |" in report and "kept of nano (sort_letters)" in report and "validation" in report
 
@@ -71,3 +74,41 @@ def test_every_method_has_a_search_space_whose_first_point_is_its_default():
 def test_an_unknown_search_method_is_a_recipe_error(tmp_path, specialists):
     with pytest.raises(QwenlabError, match="search"):
         load_recipe(recipe(tmp_path, specialists, ", search: {method: dare}"))
+
+
+def test_the_kept_objective_is_the_worst_share_kept_and_the_tuned_merge_beats_every_default_on_validation(
+        tmp_path, specialists):
+    from qwenlab.eval.task_eval import evaluate_tasks
+    from qwenlab.loading import load
+    from qwenlab.nano import nano_path
+
+    run_recipe(recipe(tmp_path, specialists, ", search: {method: task_arithmetic, trials: 4, n: 8, seed: 1, "
+                      "layer_groups: 2}", methods="[linear, task_arithmetic]"), tmp_path / "run")
+    figures = json.loads((tmp_path / "run" / "figures.json").read_text())["01-merge"]
+    search = json.loads((tmp_path / "run" / "merge-search" / "merge_search.json").read_text())
+    tasks = ["arithmetic", "reverse", "sort_letters"]
+
+    def validation(path, adapters=()):
+        model, tokenizer, _ = load(str(path), "fp32", list(adapters))
+        return {t: r.accuracy for t, r in evaluate_tasks(model, tokenizer, tasks, n=8, seed=1, difficulty=1,
+                                                         progress=False).items()}
+
+    a, b = specialists
+    expected = {"arithmetic": validation(nano_path(), [a])["arithmetic"],  # each specialist's own skill
+                "reverse": validation(nano_path(), [b])["reverse"],
+                "sort_letters": validation(nano_path())["sort_letters"]}  # a kept skill: the base's
+    expected = {t: v for t, v in expected.items() if v > 0}
+    assert search["reference"] == pytest.approx(expected) and search["tasks"] == list(expected)
+    for trial in search["trials"]:
+        assert trial["objective"] == pytest.approx(min(trial["tasks"][t] / expected[t] for t in expected))
+    assert search["trials"][0]["params"] == default_point("task_arithmetic", 2)
+    assert len(search["trials"][0]["params"]) == 4  # two weights, each a 2-point curve across the layers
+    defaults = figures["search"]["defaults_on_validation"]
+    assert set(defaults) == {"merge-linear", "merge-task_arithmetic"}
+    for label, measured in defaults.items():
+        again = validation(figures["outputs"][label])
+        assert measured["objective"] == pytest.approx(min(again[t] / expected[t] for t in expected), abs=1e-3)
+    tuned = validation(figures["outputs"]["merge-tuned"])
+    tuned_objective = min(tuned[t] / expected[t] for t in expected)
+    assert tuned_objective == pytest.approx(figures["search"]["validation_objective"], abs=1e-3)
+    assert tuned_objective >= max(d["objective"] for d in defaults.values()) - 1e-3

@@ -76,3 +76,58 @@ def test_mix_keeps_every_record_in_a_seeded_order():
     train, replay = [{"i": i} for i in range(5)], [{"r": i} for i in range(3)]
     assert mix(train, replay, 0) == mix(train, replay, 0) != train + replay
     assert sorted(map(str, mix(train, replay, 1))) == sorted(map(str, train + replay))
+
+
+def test_reference_replay_rehearses_the_tasks_own_answers_at_the_replay_prompts():
+    from qwenlab.tasks import generate
+    from qwenlab.train.replay import REPLAY_SEED_OFFSET, task_reference_records
+
+    records = task_reference_records(["reverse", "arithmetic"], 6, seed=0)
+    assert [r["prompt"] for r in records] == task_prompts(["reverse", "arithmetic"], 6, seed=0)
+    first = generate("reverse", REPLAY_SEED_OFFSET, 1)
+    assert records[0]["completion"] == [{"role": "assistant", "content": first.expected}]
+    assert all(r["completion"][0]["content"] for r in records)
+
+
+def test_reference_replay_from_a_file_takes_each_chats_last_assistant_turn(tmp_path):
+    from qwenlab.train.replay import file_reference_records
+
+    path = tmp_path / "general.jsonl"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."}]
+    path.write_text(json.dumps({"messages": chat}) + "\n"
+                    + json.dumps({"prompt": "Name a colour.", "completion": "Blue."}) + "\n")
+    records = file_reference_records(path, 4)
+    assert len(records) == 4
+    assert {"prompt": chat[:4], "completion": [chat[4]]} in records
+    assert {"prompt": [{"role": "user", "content": "Name a colour."}],
+            "completion": [{"role": "assistant", "content": "Blue."}]} in records
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"prompt": "No answer here"}) + "\n")
+    with pytest.raises(QwenlabError, match=r"general.jsonl:2: replay_answers 'reference' needs an answer"):
+        file_reference_records(path, 1)
+
+
+def test_a_reference_replay_run_trains_on_reference_answers_without_asking_the_base(tmp_path, monkeypatch):
+    from qwenlab.train import replay
+    from qwenlab.train.data import sft_records_from_task, write_jsonl
+    from qwenlab.train.run import prepare_run
+
+    def no_base_answers(*args, **kwargs):
+        raise AssertionError("reference replay asked the base for answers")
+
+    monkeypatch.setattr(replay, "replay_records", no_base_answers)
+    data = write_jsonl(sft_records_from_task("repeat", 30, difficulty=1), tmp_path / "d.jsonl")
+    config = TrainConfig(base="nano", data=str(data), out=str(tmp_path / "out"), val_fraction=0, replay=0.25,
+                         replay_tasks=["reverse", "arithmetic"], replay_answers="reference", progress=False)
+    run = prepare_run(config, "sft")
+    replayed = [r for r in run.train_records if not r["prompt"][0]["content"].startswith("Repeat")]
+    expected = replay.task_reference_records(["reverse", "arithmetic"], 10, seed=0)
+    assert sorted(map(json.dumps, replayed)) == sorted(map(json.dumps, expected))
+
+
+def test_replay_answers_other_than_base_or_reference_are_refused(tmp_path):
+    config = TrainConfig(base="nano", data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "out"), replay=0.2,
+                         replay_answers="teacher")
+    with pytest.raises(QwenlabError, match="'replay_answers' must be 'base' or 'reference', got 'teacher'"):
+        config.validate("train sft")

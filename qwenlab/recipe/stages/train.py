@@ -18,7 +18,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
 
 OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "dpo_loss",
-            "target_modules", "max_length", "threads", "replay", "replay_tasks")
+            "target_modules", "max_length", "threads", "replay", "replay_tasks", "replay_answers")
 
 
 class Params(StageParams):
@@ -48,6 +48,7 @@ class Params(StageParams):
     # specialist keeps the base's other skills; replay_tasks defaults to every built-in task but this one.
     replay: float | None = Field(None, ge=0, lt=1)
     replay_tasks: list[str] | None = None
+    replay_answers: Literal["base", "reference"] | None = None  # reference: rehearse the tasks' own answers
 
     def outputs(self) -> list[str]:
         return [self.as_]
