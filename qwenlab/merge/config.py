@@ -35,9 +35,34 @@ ParameterSetting = Union[ConditionalValue, list[ConditionalValue], ScalarOrGradi
 Parameters = Optional[dict[str, ParameterSetting]]
 
 
+class ActivationData(_Strict):
+    """What a data-aware method (regmean) runs a model on to measure its layers' inputs: built-in task
+    instances (`task` or `tasks`), or a JSONL file of chats (`messages`) or `text` records. A qwenlab
+    extension of mergekit's schema."""
+    task: Optional[str] = None
+    tasks: Optional[list[str]] = None
+    file: Optional[str] = None
+    n: int = 256  # examples (cycled through a shorter file)
+    difficulty: Optional[int] = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ActivationData":
+        if sum(x is not None for x in (self.task, self.tasks, self.file)) != 1:
+            raise ValueError("give exactly one of task, tasks or file")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks is empty")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        return self
+
+
 class ModelInput(_Strict):
     model: str
     parameters: Parameters = None
+    data: Optional[ActivationData] = None  # regmean only: the examples this model's layer inputs are measured on
 
 
 class SliceSource(_Strict):

@@ -24,6 +24,7 @@ from qwenlab.checkpoint.writer import prepare_output_dir
 from qwenlab.errors import QwenlabError
 from qwenlab.merge.config import MergeConfig, config_as_dict, load_merge_config
 from qwenlab.merge.heap import retained_heap
+from qwenlab.merge.methods import get_method
 from qwenlab.merge.methods.elementwise import to_float32
 from qwenlab.merge.plan import MergePlan, PlannedTensor, build_plan
 from qwenlab.merge.sources import TensorSource, open_model_source
@@ -85,9 +86,40 @@ def merge_tensor(plan: MergePlan, planned: PlannedTensor, sources: dict[str, Ten
     tensors = [to_float32(t) for t in stored] if method.takes_float32_inputs else stored
     del stored
     params = {**planned.params, "out_dtype": out_dtype}
+    if method.needs_activations:
+        params["grams"] = [input_gram(plan, sources, model, name) for model, name in planned.inputs]
     if method.uses_seed:
         params["seeds"] = [tensor_seed(seed, planned.name, i) for i in range(len(tensors))]
     return method.function(tensors, params).to(out_dtype)
+
+
+def input_gram(plan: MergePlan, sources: dict[str, TensorSource], model: str, name: str) -> torch.Tensor | None:
+    """The Gram matrix of the inputs of the linear whose weight is `name`, in `model` on its data."""
+    from qwenlab.merge.activations import model_grams
+
+    index, entry = next((i, e) for i, e in enumerate(plan.config.models or []) if e.model == model)
+    return model_grams(sources[model], entry.data, f"models[{index}].data").get(name)
+
+
+def check_activation_data(config: MergeConfig) -> None:
+    """A data-aware method needs `data` on every model; other methods take none (it would be ignored)."""
+    method = get_method(config.merge_method)
+    for index, entry in enumerate(config.models or []):
+        if method.needs_activations and entry.data is None:
+            raise QwenlabError(f"models[{index}].data: {method.name} measures each model on its own examples; "
+                               "give data: {task: NAME} (or tasks: [...], or file: chats.jsonl)")
+        if not method.needs_activations and entry.data is not None:
+            raise QwenlabError(f"models[{index}].data: only regmean uses data ({method.name} merges weights alone)")
+        if entry.data is not None and entry.data.file is None:
+            from qwenlab.tasks import generate
+
+            for task in [entry.data.task] if entry.data.task else entry.data.tasks:
+                try:
+                    generate(task, 0, entry.data.difficulty)
+                except QwenlabError as e:
+                    raise QwenlabError(f"models[{index}].data: {e}") from None
+    if method.needs_activations and config.slices:
+        raise QwenlabError(f"{method.name} takes models, not slices")
 
 
 def release_inputs(sources: dict[str, TensorSource]) -> None:
@@ -169,6 +201,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, *,
     """Load the config, open the inputs (headers only), plan and check: everything but the work."""
     config = load_merge_config(config)
     parse_dtype(config.dtype, "dtype"), parse_dtype(config.out_dtype, "out_dtype")  # fail before any reading
+    check_activation_data(config)
     sources = open_sources(config, open_model)
     check_models(sources)
     plan = build_plan(config, sources)

@@ -4,7 +4,7 @@ line in METHODS. See spec.py for the calling convention."""
 from __future__ import annotations
 
 from qwenlab.errors import QwenlabError
-from qwenlab.merge.methods import linear, model_stock, nuslerp, passthrough, slerp, task_vectors
+from qwenlab.merge.methods import linear, model_stock, nuslerp, passthrough, regmean, slerp, task_vectors
 from qwenlab.merge.methods.spec import MergeMethod, Parameter
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in (
@@ -14,6 +14,7 @@ METHODS: dict[str, MergeMethod] = {method.name: method for method in (
     *task_vectors.METHODS,  # task arithmetic, TIES, DARE, breadcrumbs, DELLA: one row each
     model_stock.METHOD,
     passthrough.METHOD,
+    regmean.METHOD,  # data-aware: needs each model's `data`
 )}
 
 

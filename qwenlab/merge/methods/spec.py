@@ -61,6 +61,9 @@ class MergeMethod:
     # float32 copy of every input where the arithmetic can promote on the fly).
     takes_float32_inputs: bool = True
     uses_seed: bool = False  # DARE/DELLA draw random masks: the executor passes a per-tensor seed
+    # regmean: the executor passes params["grams"], each input's Gram matrix of the inputs of the linear
+    # the tensor belongs to (None for tensors that are not a linear's weight), measured on the model's `data`
+    needs_activations: bool = False
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)

@@ -1,0 +1,142 @@
+"""What a data-aware merge (regmean) needs from each model: the Gram matrix XᵀX of every linear's inputs.
+
+Each model runs on its own examples (ActivationData: built-in task instances or a JSONL of chats), and a
+hook on each linear of the decoder layers adds xᵀx over the real (unpadded) tokens. Results are cached
+per (model, data), so merge search measures each model once however many trials re-solve the merge.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qwenlab.errors import QwenlabError
+
+# Task seeds of merge data: above evaluation's (< 1,000,000), training data's (20,000,000 + ...) and replay's (2**50).
+MERGE_DATA_SEED_OFFSET = 2**51
+BATCH = 16
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 4  # models; a 0.5B model's matrices take ~2.4 GB in float32
+
+
+def data_texts(data, tokenizer, where: str) -> list[str]:
+    """The examples as rendered text: task chats with their reference answers, or the file's records."""
+    from qwenlab.tasks import generate
+
+    if data.file is None:
+        tasks = [data.task] if data.task is not None else list(data.tasks)
+        texts = []
+        for i in range(data.n):
+            task, round_ = tasks[i % len(tasks)], i // len(tasks)
+            instance = generate(task, MERGE_DATA_SEED_OFFSET + data.seed * 1_000_000 + round_, data.difficulty)
+            texts.append(tokenizer.apply_chat_template(
+                [{"role": "user", "content": instance.prompt}, {"role": "assistant", "content": instance.expected}],
+                add_generation_prompt=False))
+        return texts
+    records = _file_texts(Path(data.file), tokenizer, where)
+    return [records[i % len(records)] for i in range(data.n)]
+
+
+def _file_texts(path: Path, tokenizer, where: str) -> list[str]:
+    if not path.is_file():
+        raise QwenlabError(f"{where}.file: {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QwenlabError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        text = record.get("text") if isinstance(record, dict) else None
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                           for m in messages):
+            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+        elif isinstance(text, str) and text.strip():
+            texts.append(text)
+        else:
+            raise QwenlabError(f"{path}:{number}: expected 'messages' (a list of {{role, content}}) or 'text'")
+    if not texts:
+        raise QwenlabError(f"{path}: no records")
+    return texts
+
+
+def runnable_model(source):
+    """The model core with the source's tensors (BASE+ADAPTER sources give W + s·B·A)."""
+    from qwenlab.model.qwen2 import Qwen2ForCausalLM
+
+    config = source.config
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.float32)
+    model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)
+    names = set(source.tensor_names())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name not in names:
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                raise QwenlabError(f"{source.path}: tensor '{name}' is missing")
+            tensor.copy_(source.get(name).to(torch.float32))
+    return model.eval().requires_grad_(False)
+
+
+def linear_input_grams(model, token_rows: list[list[int]], pad_id: int, progress: bool = False) -> dict[str, torch.Tensor]:
+    """{weight name: Σ xᵀx over real tokens} for every linear in the decoder layers (float32, [in, in])."""
+    grams: dict[str, torch.Tensor] = {}
+    valid = {"mask": None}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            def hook(_, inputs, __, key=f"{name}.weight"):
+                rows = inputs[0].reshape(-1, inputs[0].shape[-1])[valid["mask"]].to(torch.float64)
+                gram = rows.T @ rows  # float64: sums over many tokens, then a solve
+                grams[key] = grams[key] + gram if key in grams else gram
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(token_rows), BATCH), desc="regmean: layer inputs", unit="batch",
+                              disable=not progress, file=sys.stderr):
+                batch = token_rows[start:start + BATCH]
+                length = max(map(len, batch))
+                tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), length), dtype=torch.bool)
+                for row, ids in enumerate(batch):  # right padding: causal attention never sees the pads
+                    tokens[row, :len(ids)], mask[row, :len(ids)] = torch.tensor(ids), True
+                valid["mask"] = mask.reshape(-1)
+                model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: v.to(torch.float32) for k, v in grams.items()}
+
+
+def model_grams(source, data, where: str, progress: bool = False) -> dict[str, torch.Tensor]:
+    """linear_input_grams of a merge input on its data, cached per (model, adapter, data)."""
+    from qwenlab.model.tokenizer import load_tokenizer
+
+    key = (str(source.path), str(getattr(source, "adapter_path", None)), data.model_dump_json())
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    tokenizer = load_tokenizer(source.path)
+    max_length = source.config.max_position_embeddings
+    rows = [tokenizer.encode(text)[:max_length] for text in data_texts(data, tokenizer, where)]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise QwenlabError(f"{where}: the data gives no tokens")
+    grams = linear_input_grams(runnable_model(source), rows, tokenizer.pad_id, progress)
+    _CACHE[key] = grams
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return grams

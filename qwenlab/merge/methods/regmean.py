@@ -1,0 +1,58 @@
+"""RegMean: each linear's weight chosen so its outputs match every model's own on that model's data.
+
+Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models" (arXiv:2212.09849).
+For a linear with input Gram matrices Gᵢ = XᵢᵀXᵢ (model i's inputs on its own examples, see
+merge/activations.py), min Σᵢ λᵢ‖Xᵢ W - Xᵢ Wᵢ‖² has the closed form
+
+    Wᵀ = (Σᵢ λᵢ G̃ᵢ)⁻¹ Σᵢ λᵢ G̃ᵢ Wᵢᵀ,   G̃ = α·G + (1 - α)·diag(G)
+
+α < 1 shrinks the off-diagonal terms towards a per-feature weighted average (α = 0 is exactly that).
+Where two tasks' inputs occupy different directions, each keeps its own model's map; task arithmetic
+instead adds both deltas everywhere. Tensors that are not a linear's weight (embeddings, norms, biases)
+get the λ-weighted average. Every listed model is an input: list the base too, with data of the skills
+it should keep.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenlab.errors import QwenlabError
+from qwenlab.merge.methods.spec import MergeMethod, Parameter
+
+RIDGE = 1e-6  # relative to the mean diagonal: keeps a Gram of a never-used feature invertible
+
+
+def merge_regmean(tensors: list[torch.Tensor], params: dict) -> torch.Tensor:
+    weights, grams, alpha = params["weight"], params.get("grams"), params["alpha"]
+    if sum(weights) <= 0:
+        raise QwenlabError("regmean: the weights must sum to more than 0")
+    if grams is None or any(g is None for g in grams):
+        return sum(w * t for w, t in zip(weights, tensors)) / sum(weights)
+    lhs = torch.zeros_like(grams[0], dtype=torch.float64)
+    rhs = torch.zeros((tensors[0].shape[1], tensors[0].shape[0]), dtype=torch.float64)
+    for weight, gram, tensor in zip(weights, grams, tensors):
+        if weight == 0:
+            continue
+        gram = gram.to(torch.float64)
+        shrunk = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
+        lhs += weight * shrunk
+        rhs += weight * (shrunk @ tensor.to(torch.float64).T)
+    ridge = RIDGE * max(lhs.diagonal().mean().item(), 1e-12)
+    lhs.diagonal().add_(ridge)
+    return torch.linalg.solve(lhs, rhs).T.to(torch.float32).contiguous()
+
+
+METHOD = MergeMethod(
+    name="regmean",
+    function=merge_regmean,
+    parameters=(
+        Parameter("weight", float, "input", default=1.0, low=0.0,
+                  description="the model's share of the regression (scales its Gram matrices)"),
+        Parameter("alpha", float, default=0.9, low=0.0, high=1.0,
+                  description="scale of the Gram matrices' off-diagonal terms (1: plain least squares)"),
+    ),
+    min_models=2,
+    reference="https://arxiv.org/abs/2212.09849",
+    needs_activations=True,
+)
