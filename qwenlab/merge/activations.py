@@ -125,7 +125,11 @@ def model_grams(source, data, where: str, progress: bool = False) -> dict[str, t
     """linear_input_grams of a merge input on its data, cached per (model, adapter, data)."""
     from qwenlab.model.tokenizer import load_tokenizer
 
-    key = (str(source.path), str(getattr(source, "adapter_path", None)), data.model_dump_json())
+    stamp = None
+    if data.file is not None and Path(data.file).is_file():  # an edited file is measured again
+        stat = Path(data.file).stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    key = (str(source.path), str(getattr(source, "adapter_path", None)), data.model_dump_json(), stamp)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]

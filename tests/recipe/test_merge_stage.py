@@ -61,14 +61,16 @@ def test_searching_on_the_reported_instances_is_refused(tmp_path, specialists):
 def test_every_method_has_a_search_space_whose_first_point_is_its_default():
     from qwenlab.merge.search import get_path
 
-    for method in ("linear", "ties", "slerp", "task_arithmetic"):
-        config = method_config(method, "base", "a", "b")
-        for entry in search_space(method):
+    for method, keeps in (("linear", False), ("ties", False), ("slerp", False), ("task_arithmetic", False),
+                          ("regmean", False), ("regmean", True)):
+        config = method_config(method, "base", "a", "b", ("arithmetic", "reverse"), ("sort_letters",) if keeps else ())
+        assert len(config["models"]) == 2 + keeps
+        for entry in search_space(method, 1, keeps):
             parent, key = get_path(config, entry["path"])
             value = parent[key]
             names = [entry["path"]] if entry.get("groups", 1) == 1 else \
                 [f"{entry['path']}#{g}" for g in range(entry["groups"])]
-            assert all(default_point(method)[name] == value for name in names), (method, entry)
+            assert all(default_point(method, 1, keeps)[name] == value for name in names), (method, entry)
 
 
 def test_an_unknown_search_method_is_a_recipe_error(tmp_path, specialists):

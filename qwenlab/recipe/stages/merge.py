@@ -31,7 +31,7 @@ from qwenlab.errors import QwenlabError
 from qwenlab.recipe.stages.params import StageParams
 from qwenlab.stats import format_accuracy
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties")
+METHODS = ("linear", "slerp", "task_arithmetic", "ties", "regmean")
 
 
 class SearchParams(BaseModel):
@@ -63,7 +63,7 @@ class Params(StageParams):
         return [f"merge-{method}" for method in self.methods] + (["merge-tuned"] if self.search else [])
 
 
-def search_space(method: str, layer_groups: int = 1) -> list[dict]:
+def search_space(method: str, layer_groups: int = 1, keeps: bool = False) -> list[dict]:
     """What merge-search tunes for each method (paths into method_config's config)."""
     groups = {"groups": layer_groups} if layer_groups > 1 else {}
     if method in ("task_arithmetic", "linear"):
@@ -74,14 +74,17 @@ def search_space(method: str, layer_groups: int = 1) -> list[dict]:
                 for i in (0, 1) for name, low, high in (("weight", 0.2, 1.5), ("density", 0.1, 1.0))]
     if method == "slerp":  # a curve across the layers even by default
         return [{"path": "parameters.t", "low": 0.0, "high": 1.0, "groups": max(3, layer_groups)}]
+    if method == "regmean":  # only the ratios of the weights matter; the base's (keep_tasks) is models[2]
+        return [{"path": f"models[{i}].parameters.weight", "low": 0.25, "high": 4.0, **groups} for i in (0, 1)] + \
+            ([{"path": "models[2].parameters.weight", "low": 0.0, "high": 1.0, **groups}] if keeps else [])
     raise QwenlabError(f"merge stage: search: unsupported method '{method}'")
 
 
-def default_point(method: str, layer_groups: int = 1) -> dict[str, float]:
+def default_point(method: str, layer_groups: int = 1, keeps: bool = False) -> dict[str, float]:
     """method_config's own parameters, in search_space's names: the search's first trial."""
     values = {"weight": 0.5 if method == "linear" else 1.0, "density": 0.5, "t": 0.5}
     point = {}
-    for entry in search_space(method, layer_groups):
+    for entry in search_space(method, layer_groups, keeps):
         value = values[entry["path"].rsplit(".", 1)[1]]
         groups = entry.get("groups", 1)
         names = [entry["path"]] if groups == 1 else [f"{entry['path']}#{g}" for g in range(groups)]
@@ -89,8 +92,10 @@ def default_point(method: str, layer_groups: int = 1) -> dict[str, float]:
     return point
 
 
-def method_config(method: str, base: str, a: str, b: str) -> dict:
-    """A mergekit-style config for two specialists over one base."""
+def method_config(method: str, base: str, a: str, b: str, tasks: tuple = (), keep_tasks: tuple = (),
+                  difficulty: int | None = None) -> dict:
+    """A mergekit-style config for two specialists over one base (regmean: each measured on its own
+    task, and the base, on keep_tasks, as a third input)."""
     if method == "linear":
         return {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 0.5}},
                                                      {"model": b, "parameters": {"weight": 0.5}}]}
@@ -104,7 +109,14 @@ def method_config(method: str, base: str, a: str, b: str) -> dict:
         return {"merge_method": "ties", "base_model": base, "parameters": {"normalize": False},
                 "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
                            {"model": b, "parameters": {"weight": 1.0, "density": 0.5}}]}
-    raise QwenlabError(f"merge stage: unsupported method '{method}' (linear, slerp, task_arithmetic, ties)")
+    if method == "regmean":
+        level = {"difficulty": difficulty} if difficulty is not None else {}
+        models = [{"model": m, "parameters": {"weight": 1.0}, "data": {"task": t, **level}}
+                  for m, t in zip((a, b), tasks)]
+        if keep_tasks:
+            models.append({"model": base, "parameters": {"weight": 1.0}, "data": {"tasks": list(keep_tasks), **level}})
+        return {"merge_method": "regmean", "models": models, "parameters": {"alpha": 1.0}}
+    raise QwenlabError(f"merge stage: unsupported method '{method}' ({', '.join(METHODS)})")
 
 
 def merge_input(ctx, name: str, base_path: str) -> tuple[str, list[str]]:
@@ -127,12 +139,13 @@ def run(ctx, params: Params) -> tuple[dict, str]:
     from qwenlab.merge import merge
 
     base, names, tasks, methods = params.base, params.models, params.tasks, params.methods
+    keeps = [t for t in params.keep_tasks if t not in tasks]
     n, seed = params.n, params.seed
     base_path = str(Path(ctx.model_path(base)).resolve()) if base != "nano" else str(_nano())
     (a, a_adapters), (b, b_adapters) = (merge_input(ctx, name, base_path) for name in names)
     outputs = {}
     for method in methods:
-        config = method_config(method, base_path, a, b)  # an unknown method fails before any folder is named
+        config = method_config(method, base_path, a, b, tasks, keeps, params.difficulty)  # unknown: fails before any folder
         out = ctx.new_model_dir(f"merge-{method}", "merge stage: methods")
         merge(config, out, dtype="float32", force=True, progress=False)
         outputs[f"merge-{method}"] = str(out)
@@ -183,7 +196,8 @@ def _tuned_merge(ctx, params: Params, base_path: str, a: tuple, b: tuple, output
     if search.seed == params.seed:
         raise QwenlabError(f"merge stage: search.seed must differ from the report's seed ({params.seed}): "
                            "tuning on the instances that are then reported would overstate the merge")
-    tasks = params.tasks + [t for t in params.keep_tasks if t not in params.tasks]
+    keeps = [t for t in params.keep_tasks if t not in params.tasks]
+    tasks = params.tasks + keeps
 
     def validation(path: str, adapters: list[str]) -> dict[str, float]:
         model, tokenizer = _load(path, adapters, base_path)
@@ -198,15 +212,16 @@ def _tuned_merge(ctx, params: Params, base_path: str, a: tuple, b: tuple, output
         reference = {t: v for t, v in reference.items() if v > 0} or None  # a skill at 0 has nothing to keep
     objective = list(reference) if reference else tasks
     config = load_search_config({
-        "merge": {**method_config(search.method, base_path, a[0], b[0]), "dtype": "float32"},
-        "search": search_space(search.method, search.layer_groups),
+        "merge": {**method_config(search.method, base_path, a[0], b[0], params.tasks, keeps, params.difficulty),
+                  "dtype": "float32"},
+        "search": search_space(search.method, search.layer_groups, bool(keeps)),
         "objective": {"tasks": objective, "n": search.n, "difficulty": params.difficulty,
                       **({"reference": reference} if reference else {})},
         "trials": search.trials, "sampler": search.sampler, "seed": search.seed}, source="merge stage: search")
     # The method's defaults go first; every default merge is scored on validation too, so merge-tuned is
     # never worse on validation than any default-parameter merge.
     result = run_search(config, ctx.run_dir / "merge-search", progress=True,
-                        first_trials=[default_point(search.method, search.layer_groups)])
+                        first_trials=[default_point(search.method, search.layer_groups, bool(keeps))])
     best = result["best"]
     defaults = {}
     for label, path in outputs.items():
