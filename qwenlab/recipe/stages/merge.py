@@ -32,6 +32,7 @@ from qwenlab.recipe.stages.params import StageParams
 from qwenlab.stats import format_accuracy
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "regmean")
+REGMEAN_DATA_N = 512  # examples per model for regmean's Gram matrices (256 kept ~2 points less of each skill on nano)
 
 
 class SearchParams(BaseModel):
@@ -110,7 +111,7 @@ def method_config(method: str, base: str, a: str, b: str, tasks: tuple = (), kee
                 "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
                            {"model": b, "parameters": {"weight": 1.0, "density": 0.5}}]}
     if method == "regmean":
-        level = {"difficulty": difficulty} if difficulty is not None else {}
+        level = {"n": REGMEAN_DATA_N, **({"difficulty": difficulty} if difficulty is not None else {})}
         models = [{"model": m, "parameters": {"weight": 1.0}, "data": {"task": t, **level}}
                   for m, t in zip((a, b), tasks)]
         if keep_tasks:
