@@ -91,7 +91,8 @@ def runnable_model(source):
     return model.eval().requires_grad_(False)
 
 
-def linear_input_grams(model, token_rows: list[list[int]], pad_id: int, progress: bool = False) -> dict[str, torch.Tensor]:
+def linear_input_grams(model, token_rows: list[list[int]], pad_id: int, progress: bool = False,
+                       label: str = "a model") -> dict[str, torch.Tensor]:
     """{weight name: Σ xᵀx over real tokens} for every linear in the decoder layers (float32, [in, in])."""
     grams: dict[str, torch.Tensor] = {}
     valid = {"mask": None}
@@ -105,7 +106,7 @@ def linear_input_grams(model, token_rows: list[list[int]], pad_id: int, progress
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, len(token_rows), BATCH), desc="regmean: layer inputs", unit="batch",
+            for start in tqdm(range(0, len(token_rows), BATCH), desc=f"regmean: layer inputs of {label}", unit="batch",
                               disable=not progress, file=sys.stderr):
                 batch = token_rows[start:start + BATCH]
                 length = max(map(len, batch))
@@ -139,7 +140,9 @@ def model_grams(source, data, where: str, progress: bool = False) -> dict[str, t
     rows = [r for r in rows if r]
     if not rows:
         raise QwenlabError(f"{where}: the data gives no tokens")
-    grams = linear_input_grams(runnable_model(source), rows, tokenizer.pad_id, progress)
+    adapter = getattr(source, "adapter_path", None)
+    label = f"{Path(source.path).name}+{Path(adapter).name}" if adapter else Path(source.path).name
+    grams = linear_input_grams(runnable_model(source), rows, tokenizer.pad_id, progress, label)
     _CACHE[key] = grams
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -98,7 +98,7 @@ def input_gram(plan: MergePlan, sources: dict[str, TensorSource], model: str, na
     from qwenlab.merge.activations import model_grams
 
     index, entry = next((i, e) for i, e in enumerate(plan.config.models or []) if e.model == model)
-    return model_grams(sources[model], entry.data, f"models[{index}].data").get(name)
+    return model_grams(sources[model], entry.data, f"models[{index}].data", progress=True).get(name)
 
 
 def check_activation_data(config: MergeConfig) -> None:
