@@ -17,7 +17,8 @@ def _features(rows: int, width: int, directions: slice, seed: int) -> torch.Tens
 def test_models_whose_inputs_live_in_different_directions_each_keep_their_own_map():
     x1, x2 = _features(40, 8, slice(0, 4), 0), _features(40, 8, slice(4, 8), 1)
     w1, w2 = torch.randn(5, 8), torch.randn(5, 8)
-    merged = merge_regmean([w1, w2], {"weight": [1.0, 1.0], "alpha": 1.0, "grams": [x1.T @ x1, x2.T @ x2]})
+    merged = merge_regmean([w1, w2], {"weight": [1.0, 1.0], "alpha": 1.0, "ridge": 0.0,
+                                      "grams": [x1.T @ x1, x2.T @ x2]})
     torch.testing.assert_close(x1 @ merged.T, x1 @ w1.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x2 @ merged.T, x2 @ w2.T, atol=1e-4, rtol=1e-4)
     # task arithmetic's average would serve neither
@@ -28,7 +29,7 @@ def test_models_whose_inputs_live_in_different_directions_each_keep_their_own_ma
 def test_the_closed_form_is_the_weighted_least_squares_solution(weights):
     x1, x2 = torch.randn(30, 6, dtype=torch.float64), torch.randn(20, 6, dtype=torch.float64)
     w1, w2 = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
-    merged = merge_regmean([w1.float(), w2.float()], {"weight": list(weights), "alpha": 1.0,
+    merged = merge_regmean([w1.float(), w2.float()], {"weight": list(weights), "alpha": 1.0, "ridge": 0.0,
                                                       "grams": [(x1.T @ x1).float(), (x2.T @ x2).float()]})
     a = torch.cat([weights[0] ** 0.5 * x1, weights[1] ** 0.5 * x2])
     b = torch.cat([weights[0] ** 0.5 * x1 @ w1.T, weights[1] ** 0.5 * x2 @ w2.T])
@@ -40,12 +41,31 @@ def test_alpha_zero_is_a_per_feature_weighted_average_and_non_linears_a_plain_on
     x1, x2 = torch.randn(30, 4), torch.randn(30, 4)
     g1, g2 = x1.T @ x1, x2.T @ x2
     w1, w2 = torch.randn(2, 4), torch.randn(2, 4)
-    merged = merge_regmean([w1, w2], {"weight": [1.0, 1.0], "alpha": 0.0, "grams": [g1, g2]})
+    merged = merge_regmean([w1, w2], {"weight": [1.0, 1.0], "alpha": 0.0, "ridge": 0.0, "grams": [g1, g2]})
     d1, d2 = g1.diagonal(), g2.diagonal()
     torch.testing.assert_close(merged, (w1 * d1 + w2 * d2) / (d1 + d2), atol=1e-4, rtol=1e-4)
     norm1, norm2 = torch.randn(4), torch.randn(4)
     averaged = merge_regmean([norm1, norm2], {"weight": [1.0, 3.0], "alpha": 1.0, "grams": [None, None]})
     torch.testing.assert_close(averaged, (norm1 + 3 * norm2) / 4)
+
+
+def test_the_ridge_keeps_directions_the_data_barely_reaches_near_the_weighted_average():
+    # Two models that disagree on nearly the same inputs: plain least squares separates them along the tiny
+    # direction that tells the inputs apart, with weights ~1/delta (which int8/int4 groups cannot hold); the
+    # ridge keeps that direction near the models' average instead.
+    ones = 1 + 0.01 * torch.randn(200, 1, generator=torch.Generator().manual_seed(0))
+    x1, x2 = torch.cat([ones, ones + 0.01], 1), torch.cat([ones, ones - 0.01], 1)
+    w1, w2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])
+    grams = [x1.T @ x1, x2.T @ x2]
+    plain = merge_regmean([w1, w2], {"weight": [1.0, 1.0], "alpha": 1.0, "ridge": 0.0, "grams": grams})
+    pulled = merge_regmean([w1, w2], {"weight": [1.0, 1.0], "alpha": 1.0, "grams": grams})  # the default ridge
+    assert plain.abs().max() > 20
+    assert pulled.abs().max() < plain.abs().max() / 5
+    # where the data does tell the models apart, the default ridge changes the fit by little
+    x1, x2 = _features(40, 8, slice(0, 4), 0), _features(40, 8, slice(4, 8), 1)
+    w1, w2 = torch.randn(5, 8), torch.randn(5, 8)
+    merged = merge_regmean([w1, w2], {"weight": [1.0, 1.0], "alpha": 1.0, "grams": [x1.T @ x1, x2.T @ x2]})
+    assert (x1 @ merged.T - x1 @ w1.T).abs().max() < 0.05 and (x2 @ merged.T - x2 @ w2.T).abs().max() < 0.05
 
 
 def test_grams_count_every_real_token_and_no_padding():
@@ -99,7 +119,7 @@ def test_a_written_regmean_merge_solves_each_linear_from_both_models_data(tmp_pa
     grams = [model_grams(src, entry.data, "test") for src, entry in zip((a, base), plan.config.models)]
     name = "model.layers.1.self_attn.q_proj.weight"
     expected = merge_regmean([a.get(name).float(), base.get(name).float()],
-                             {"weight": [2.0, 1.0], "alpha": 1.0, "grams": [g[name] for g in grams]})
+                             {"weight": [2.0, 1.0], "alpha": 1.0, "ridge": 0.001, "grams": [g[name] for g in grams]})
     torch.testing.assert_close(merged.get(name).float(), expected)
     assert not torch.allclose(expected, a.get(name).float()) and not torch.allclose(expected, base.get(name).float())
     norm = "model.layers.1.input_layernorm.weight"
