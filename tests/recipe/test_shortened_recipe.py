@@ -7,7 +7,7 @@ claim: 4 of its 12 stages, a merge search of 8 trials instead of 24, evaluations
 task instead of 400. The specialists keep their steps. Shorter training tests another claim than the
 recipe makes. Repeat's forgetting is transient: at 400 steps it kept 82% of nano's arithmetic, at 800
 steps 97-103% (docs/adapters.md). At 150 steps the arithmetic specialist's gain (+0.075 on 200 prompts)
-was significant in one run and not in another, on a busier machine that gave training fewer threads.
+was significant in one run and not in another on the same host, the second on a busy machine.
 """
 
 import json
