@@ -59,6 +59,9 @@ def test_pareto_front_keeps_task_trade_offs():
     ({"search": [{"path": "models[7].x", "low": 0, "high": 1}]}, "does not exist"),
     ({"sampler": "grid"}, "tpe or random"),
     ({"extra": 1}, "unknown key"),
+    ({"objective": {"tasks": ["arithmetic"], "reference": {"arithmetic": 0}}}, r"reference\.arithmetic: .*\(0, 1\]"),
+    ({"objective": {"tasks": ["arithmetic"], "reference": {"reverse": 0.5}}}, "one accuracy per objective task"),
+    ({"objective": {"tasks": ["arithmetic"], "refrence": {}}}, "objective: unknown key"),
 ])
 def test_bad_search_files_name_the_problem(family, tmp_path, change, pattern):
     with pytest.raises(QwenlabError, match=pattern):
@@ -80,3 +83,18 @@ def test_merge_search_cli_writes_results_and_best(family, tmp_path, capsys):
     from qwenlab.variants.results import latest
 
     assert latest(best, "accuracy")["arithmetic"].values["n"] == 2  # re-measured on the written folder
+
+
+def test_a_reference_makes_the_objective_the_worst_kept_share(family, tmp_path):
+    from qwenlab.merge.search import run_search, score_trial
+
+    assert score_trial({"a": 0.45, "b": 0.2}, {"a": 0.5, "b": 0.4}) == pytest.approx(0.5)  # b keeps half
+    assert score_trial({"a": 0.45, "b": 0.2}, None) == pytest.approx(0.325)  # no reference: the mean
+    path = search_file(family, tmp_path, objective={"tasks": ["arithmetic", "reverse"], "n": 2,
+                                                    "reference": {"arithmetic": 0.5, "reverse": 0.25}})
+    result = run_search(load_search_config(path), progress=False)
+    for trial in result["trials"]:
+        shares = [trial["tasks"]["arithmetic"] / 0.5, trial["tasks"]["reverse"] / 0.25]
+        assert trial["objective"] == pytest.approx(min(shares))
+        assert trial["mean_accuracy"] == pytest.approx(sum(trial["tasks"].values()) / 2)
+    assert "worst kept share" in result["objective"] and result["reference"] == {"arithmetic": 0.5, "reverse": 0.25}
