@@ -110,6 +110,8 @@ def check_activation_data(config: MergeConfig) -> None:
                                "give data: {task: NAME} (or tasks: [...], or file: chats.jsonl)")
         if not method.needs_activations and entry.data is not None:
             raise QwenlabError(f"models[{index}].data: only regmean uses data ({method.name} merges weights alone)")
+        if entry.data is not None and entry.data.file is not None and not Path(entry.data.file).is_file():
+            raise QwenlabError(f"models[{index}].data.file: {entry.data.file} not found")
         if entry.data is not None and entry.data.file is None:
             from qwenlab.tasks import generate
 

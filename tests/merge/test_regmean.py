@@ -139,10 +139,13 @@ def test_regmean_without_data_and_data_on_other_methods_are_refused(tmp_path, sp
     config["models"][0]["data"] = {"task": "no_such_task"}
     with pytest.raises(QwenlabError, match=r"models\[0\]\.data: .*no_such_task"):
         merge(config, tmp_path / "c", progress=False)
+    config["models"][0]["data"] = {"file": str(tmp_path / "missing.jsonl")}
+    with pytest.raises(QwenlabError, match=r"models\[0\]\.data\.file: .*missing.jsonl not found"):
+        merge(config, tmp_path / "e", progress=False)
     config["models"][0]["data"] = {"task": "arithmetic", "file": "x.jsonl"}
     with pytest.raises(QwenlabError, match=r"models\[0\]\.data.*exactly one of task, tasks or file"):
         merge(config, tmp_path / "d", progress=False)
-    assert not any((tmp_path / d).exists() for d in "abcd")
+    assert not any((tmp_path / d).exists() for d in "abcde")
 
 
 def test_regmean_data_from_a_chat_file_names_a_bad_line(tmp_path, specialist):
