@@ -7,7 +7,6 @@ per (model, data), so merge search measures each model once however many trials 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -43,20 +42,12 @@ def data_texts(data, tokenizer, where: str) -> list[str]:
 
 
 def _file_texts(path: Path, tokenizer, where: str) -> list[str]:
+    from qwenlab.tasks.jsonl_task import jsonl_objects
+
     if not path.is_file():
         raise QwenlabError(f"{where}.file: {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
     texts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QwenlabError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for number, record in jsonl_objects(path):
         messages = record.get("messages") if isinstance(record, dict) else None
         text = record.get("text") if isinstance(record, dict) else None
         if isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("content"), str)
