@@ -42,12 +42,12 @@ def data_texts(data, tokenizer, where: str) -> list[str]:
 
 
 def _file_texts(path: Path, tokenizer, where: str) -> list[str]:
-    from qwenlab.tasks.jsonl_task import jsonl_objects
+    from qwenlab.eval.jsonl import jsonl_records
 
     if not path.is_file():
         raise QwenlabError(f"{where}.file: {path} not found")
     texts = []
-    for number, record in jsonl_objects(path):
+    for number, record in jsonl_records(path):
         messages = record.get("messages") if isinstance(record, dict) else None
         text = record.get("text") if isinstance(record, dict) else None
         if isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("content"), str)

@@ -45,34 +45,25 @@ class VerifierFailed(Exception):
         self.kind = kind
 
 
-def jsonl_objects(path: Path):
-    """(line number, parsed value) for each non-blank line of a JSONL file; a bad line or encoding is one
-    error naming the file and the line."""
+def read_rows(path: Path) -> list[dict]:
     if path.is_dir():
         raise QwenlabError(f"{path}: expected a JSONL file, found a folder")
     if not path.is_file():
         raise QwenlabError(f"{path}: no such JSONL file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise QwenlabError(f"{path}:{number}: not JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise QwenlabError(f"{path}: not UTF-8 text ({e.reason})") from None
-
-
-def read_rows(path: Path) -> list[dict]:
     rows = []
-    for number, row in jsonl_objects(path):
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
-            raise QwenlabError(f"{path}:{number}: expected an object with a \"question\" string and an \"answer\"")
-        rows.append(row)
-        if len(rows) > MAX_ROWS:
-            raise QwenlabError(f"{path}: more than {MAX_ROWS} rows")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QwenlabError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
+                raise QwenlabError(f"{path}:{number}: expected an object with a \"question\" string and an \"answer\"")
+            rows.append(row)
+            if len(rows) > MAX_ROWS:
+                raise QwenlabError(f"{path}: more than {MAX_ROWS} rows")
     if not rows:
         raise QwenlabError(f"{path}: no rows")
     return rows
