@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from qwenlab.recipe import BUILTIN_RECIPE
@@ -39,6 +40,7 @@ def shortened(tmp_path):
     return path
 
 
+@pytest.mark.timeout(1200)  # ~260 s alone on 2 cores; tests/conftest.py runs it first
 def test_the_shortened_builtin_recipe_gains_each_skill_keeps_the_others_and_tunes_the_merge(tmp_path):
     # A child process, as `qwenlab run` is used: the tests before this one leave PyTorch's thread count and
     # other process state behind, and with other settings training takes another path (in one full test
