@@ -62,15 +62,21 @@ def _file_texts(path: Path, tokenizer, where: str) -> list[str]:
     return texts
 
 
-def runnable_model(source):
-    """The model core with the source's tensors (BASE+ADAPTER sources give W + s·B·A)."""
+def empty_model(config, dtype: torch.dtype = torch.float32):
+    """The model core for `config`, its weights allocated but not initialised (they are copied in next)."""
     from qwenlab.model.qwen2 import Qwen2ForCausalLM
 
-    config = source.config
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.float32)
-    model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)  # its buffers were left on meta
+    return model
+
+
+def runnable_model(source):
+    """The model core with the source's tensors (BASE+ADAPTER sources give W + s·B·A)."""
+    config = source.config
+    model = empty_model(config)
     names = set(source.tensor_names())
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

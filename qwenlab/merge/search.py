@@ -280,16 +280,12 @@ class InMemoryMerger:
     def __init__(self, merge_config: dict, dtype: str = "fp32"):
         from qwenlab.merge import plan_merge
         from qwenlab.model.load import parse_dtype
-        from qwenlab.model.qwen2 import Qwen2ForCausalLM
+        from qwenlab.merge.activations import empty_model
         from qwenlab.model.tokenizer import load_tokenizer
 
         plan, self.sources = plan_merge(merge_config)
         self.dtype = parse_dtype(dtype)
-        with torch.device("meta"):
-            model = Qwen2ForCausalLM(plan.output_config)
-        model = model.to_empty(device="cpu").to(self.dtype)
-        model.rotary = type(model.rotary)(plan.output_config.head_dim, plan.output_config.rope_theta)
-        self.model = model.eval().requires_grad_(False)
+        self.model = empty_model(plan.output_config, self.dtype).eval().requires_grad_(False)
         self.state = self.model.state_dict()
         donor = plan.config.base_model or plan.config.model_paths()[0]
         tokenizer_source = plan.config.tokenizer_source
