@@ -57,6 +57,7 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.merged: list[str] = []  # adapters folded into base_layer.weight (they then apply to every row)
         self.selection: Selection | None = None
+        self.dropout = 0.0  # training only (PEFT's lora_dropout): on the LoRA path's input, in train() mode
 
     def add_adapter(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
@@ -118,6 +119,8 @@ class LoRALinear(nn.Module):
                 continue  # this adapter does not touch this module, or is already in the weight
             a, b = self.lora_A[name], self.lora_B[name]
             rows_x = x if rows is None else x.index_select(0, rows)
+            if self.dropout and self.training:
+                rows_x = F.dropout(rows_x, self.dropout, training=True)
             # In the adapter's dtype (fp32 adapters may ride on a bf16 base), back to the output's.
             delta = F.linear(F.linear(rows_x.to(a.dtype), a) * self.scaling[name], b).to(out.dtype)
             out = out + delta if rows is None else out.index_add(0, rows, delta)

@@ -21,6 +21,7 @@ DEFAULT_LEARNING_RATE = {"sft": 2e-4, "dpo": 5e-5}
 # reduce_lr_on_plateau, ... fail deep inside the trainer without them)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
+ENGINES = ("trl", "native")
 # TRL 1.x DPOConfig.loss_type values
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -80,7 +81,10 @@ class TrainConfig:
     replay_answers: str = _help("whose answers replay trains on: 'base' (the base's own greedy answers) or "
                                 "'reference' (rehearsal: the tasks' reference answers, or the replay_prompts "
                                 "file's assistant turns)", "base")
-    dtype: str = _help("compute dtype: fp32 (CPU default) or bf16 (autocast, fp32 master weights)", "fp32")
+    engine: str = _help("the training loop: 'trl' (TRL's trainer on transformers + PEFT) or 'native' (SFT on "
+                        "qwenlab's own model core: the head on target tokens only; docs/adapters.md)", "trl")
+    dtype: str = _help("compute dtype: fp32 (CPU default) or bf16 (trl: autocast with fp32 master weights; "
+                       "native: the frozen base in bf16, LoRA and optimizer in fp32)", "fp32")
     seed: int = _help("seed of the LoRA init, the data order and dropout", 0)
     logging_steps: int = _help("log the loss every N steps", 5)
     save_steps: int = _help("write checkpoints/checkpoint-N every N steps (0: only at the end)", 50)
@@ -146,6 +150,8 @@ class TrainConfig:
         if unknown_loss or not self.dpo_loss:
             raise QwenlabError(f"{source}: 'dpo_loss': unknown term(s) {', '.join(unknown_loss) or '(none given)'}; "
                                f"choose from {', '.join(DPO_LOSS_TYPES)}")
+        if self.engine not in ENGINES:
+            raise QwenlabError(f"{source}: 'engine' must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in ("fp32", "float32", "bf16", "bfloat16"):
             raise QwenlabError(f"{source}: 'dtype' must be fp32 or bf16 (fp16 is not supported on CPU), "
                                f"got {self.dtype!r}")

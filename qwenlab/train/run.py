@@ -36,7 +36,7 @@ NOT_RESUMED = ("out", "resume", "resume_from", "force")
 RESUME_KEYS = ("base", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "rslora", "batch_size", "grad_accum",
                "learning_rate", "scheduler", "warmup", "weight_decay", "max_length", "beta", "dtype", "seed",
                "val_fraction", "eval_data", "total_steps", "data_sha256", "kind", "replay", "replay_prompts",
-               "replay_tasks", "replay_answers")
+               "replay_tasks", "replay_answers", "engine")
 
 
 @dataclass
@@ -302,21 +302,22 @@ def datasets(run: TrainingRun):
     return train, (Dataset.from_list(run.eval_records) if run.eval_records else None)
 
 
-def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
-    """Write the final adapter folder (PEFT format) with tokenizer, lineage, loss curve and log."""
+def finish_run(run: TrainingRun, started: float, history: list[dict], steps: int, tokens: int | None,
+               write_adapter) -> TrainResult:
+    """Write the final adapter folder (PEFT format) with tokenizer, lineage, loss curve and log.
+    `history` is the run's log (transformers' log_history shape); `write_adapter(folder)` writes the PEFT files."""
     from qwenlab.adapters.peft_format import ADAPTER_CONFIG, read_adapter
     from qwenlab.checkpoint.lineage import make_lineage, write_lineage
     from qwenlab.checkpoint.writer import copy_tokenizer_files
     from qwenlab.train.plots import loss_points, plot_loss_curve
 
-    history = trainer.state.log_history
     train_points, eval_points = loss_points(history)
     runtime = time.time() - started
-    tokens = trainer.state.num_input_tokens_seen or None
+    tokens = tokens or None
     # the run's mean training loss (transformers logs it once at the end), not the last logged value
     mean_loss = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
     last_loss = train_points[-1][1] if train_points else None
-    result = TrainResult(run.out, trainer.state.global_step, mean_loss if mean_loss is not None else last_loss,
+    result = TrainResult(run.out, steps, mean_loss if mean_loss is not None else last_loss,
                          eval_points[-1][1] if eval_points else None, runtime, tokens, history)
     from qwenlab.checkpoint.writer import replace_output
 
@@ -324,7 +325,8 @@ def finish_run(trainer, run: TrainingRun, started: float) -> TrainResult:
     tmp = work / f".final.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        trainer.model.save_pretrained(str(tmp))
+        tmp.mkdir(parents=True)
+        write_adapter(tmp)
         _name_the_hub_base(tmp / ADAPTER_CONFIG, run.config.base)
         read_adapter(tmp)  # what PEFT wrote must read back in qwenlab
         copy_tokenizer_files(run.base, tmp)

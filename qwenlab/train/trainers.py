@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 import warnings
 
+from qwenlab.errors import QwenlabError
 from qwenlab.train.config import TrainConfig
 from qwenlab.train.run import (
     TrainResult,
@@ -49,8 +50,12 @@ TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer}
 
 def train(config: TrainConfig, kind: str) -> TrainResult:
     """One LoRA training run with TRL's trainer for `kind` ('sft' or 'dpo')."""
+    if config.engine == "native" and kind != "sft":  # before anything is read or written
+        raise QwenlabError(f"'engine: native' trains SFT only; train {kind.upper()} with 'engine: trl'")
     run = prepare_run(config, kind)
     config = run.config  # with --resume and only --out, the interrupted run's settings
+    if config.engine == "native":
+        return _train_native(run)
     quiet_libraries(config.progress)
     model, tokenizer = load_training_model(run)
     train_data, eval_data = datasets(run)
@@ -69,7 +74,18 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
     except KeyboardInterrupt:
         save_on_interrupt(trainer, run, kind)
         raise
-    return finish_run(trainer, run, started)
+    state = trainer.state
+    return finish_run(run, started, state.log_history, state.global_step, state.num_input_tokens_seen,
+                      lambda folder: trainer.model.save_pretrained(str(folder)))
+
+
+def _train_native(run) -> TrainResult:
+    from qwenlab.adapters.peft_format import save_adapter_files
+    from qwenlab.train.native.sft import train_native_sft
+
+    trainer, started = train_native_sft(run)
+    return finish_run(run, started, trainer.history, trainer.step, trainer.tokens_seen,
+                      lambda folder: save_adapter_files(trainer.adapter(), folder))
 
 
 def quiet_libraries(progress: bool) -> None:

@@ -1,0 +1,238 @@
+"""LoRA SFT on qwenlab's own model core (`--engine native`): the same run as TRL's SFTTrainer, less work per step.
+
+What it shares with the TRL engine: the records (replay included), their tokens and loss masks (batches.py),
+PEFT's LoRA init and scaling, AdamW, transformers' learning-rate schedules, gradient clipping at 1.0,
+the loss (summed token cross-entropy over the targets of the optimizer step), checkpoints and --resume,
+and the output folder (train/run.py). What it saves:
+- the head runs on target positions only, in chunks (grpo/loss.selected_token_logprobs): a prompt's
+  positions never meet the 151,936-row vocabulary, and no [B, T, vocab] logits exist, forward or backward;
+- `--dtype bf16` keeps the frozen base in bf16 (half the memory, oneDNN's bf16 matmuls) with the LoRA
+  weights and the optimizer in fp32;
+- right padding with causal attention needs no mask, so attention takes SDPA's causal kernel;
+- activation checkpointing switches on by itself when a micro-batch's activations would pass a budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qwenlab.adapters import active_adapters
+from qwenlab.adapters.apply import lora_modules
+from qwenlab.adapters.peft_format import save_adapter_files
+from qwenlab.errors import QwenlabError
+from qwenlab.train.grpo.loss import selected_token_logprobs
+from qwenlab.train.grpo.policy import POLICY, LoraSettings, attach_policy, load_policy_weights, new_lora, \
+    policy_adapter
+from qwenlab.train.native.batches import Batch, collate, step_examples, tokenize_examples
+from qwenlab.train.run import TrainingRun
+
+STATE_FILE = "native_state.pt"  # optimizer, scheduler, RNG: tensors and numbers only (loaded with weights_only)
+TRAINER_STATE = "trainer_state.json"  # the name run.py's --resume looks for, as in transformers' checkpoints
+ACTIVATION_BUDGET_BYTES = 2 << 30
+MAX_GRAD_NORM = 1.0  # transformers' default
+
+
+def warmup_steps(warmup: float, total: int) -> int:
+    """transformers' rule: a fraction of the steps (rounded up) below 1, else a number of steps."""
+    return math.ceil(warmup * total) if warmup < 1 else int(warmup)
+
+
+class NativeSFT:
+    """The model core with a trainable LoRA, its optimizer and schedule, and one optimizer step at a time."""
+
+    def __init__(self, run: TrainingRun):
+        from transformers import AutoTokenizer, get_scheduler
+
+        from qwenlab.checkpoint import open_checkpoint
+        from qwenlab.model import load_model
+
+        config = self.config = run.config
+        self.run = run
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)  # LoRA dropout's masks
+        dtype = torch.bfloat16 if config.dtype in ("bf16", "bfloat16") else torch.float32
+        self.model = load_model(open_checkpoint(str(run.base)), dtype)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(run.base))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        settings = LoraSettings(config.lora_r, config.lora_alpha, tuple(config.target_modules))
+        self.template = new_lora(self.model, settings, seed=config.seed, base_model=str(run.base))
+        self.template.use_rslora = config.rslora
+        self.params = attach_policy(self.model, self.template)
+        for module in lora_modules(self.model).values():
+            module.dropout = config.lora_dropout
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate_for("sft"),
+                                           weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(config.scheduler, self.optimizer,
+                                       num_warmup_steps=warmup_steps(config.warmup, run.total_steps),
+                                       num_training_steps=run.total_steps)
+        self.train_examples = tokenize_examples(run.train_records, self.tokenizer, config.max_length)
+        if not self.train_examples:
+            raise QwenlabError(f"{config.data}: no training example has a target token within max_length "
+                               f"{config.max_length} (every prompt fills it); raise max_length")
+        self.eval_examples = tokenize_examples(run.eval_records, self.tokenizer, config.max_length)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict] = []
+
+    # ---- one step ------------------------------------------------------------------
+    def _summed_nll(self, batch: Batch) -> torch.Tensor:
+        """Σ -log p(target) over the batch's target positions (the head on those positions only)."""
+        c = self.model.config
+        per_token = 4 * c.num_hidden_layers * (10 * c.hidden_size + 4 * c.intermediate_size)
+        self.model.checkpoint_layers = batch.tokens.numel() * per_token > ACTIVATION_BUDGET_BYTES
+        try:
+            hidden = self.model.final_hidden(batch.tokens)
+        finally:
+            self.model.checkpoint_layers = False
+        logprobs = selected_token_logprobs(hidden, self.model.head_weight, batch.tokens, batch.target_mask)
+        return -(logprobs * batch.target_mask).sum()
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        count, size, accum = len(self.train_examples), self.config.batch_size, self.config.grad_accum
+        return [collate([self.train_examples[i] for i in step_examples(count, size, self.config.seed, step * accum + k)],
+                        self.pad_id) for k in range(accum)]
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; the loss is the mean over all their targets
+        (transformers' num_items_in_batch normalisation)."""
+        batches = self.micro_batches(self.step)
+        targets = sum(b.targets for b in batches)
+        self.model.train()
+        total = 0.0
+        with active_adapters(self.model, POLICY):
+            for batch in batches:
+                if not batch.targets:
+                    continue
+                loss = self._summed_nll(batch) / max(targets, 1)
+                loss.backward()
+                total += float(loss.detach())
+        self.model.eval()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)) if targets else 0.0
+        learning_rate = self.scheduler.get_last_lr()[0]
+        if targets:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += sum(b.real_tokens for b in batches)
+        return {"loss": total, "grad_norm": grad_norm, "learning_rate": learning_rate, "targets": targets}
+
+    @torch.no_grad()
+    def eval_loss(self) -> float | None:
+        if not self.eval_examples:
+            return None
+        total, targets = 0.0, 0
+        with active_adapters(self.model, POLICY):
+            for start in range(0, len(self.eval_examples), self.config.batch_size):
+                batch = collate(self.eval_examples[start:start + self.config.batch_size], self.pad_id)
+                if batch.targets:
+                    total += float(self._summed_nll(batch))
+                    targets += batch.targets
+        return total / targets if targets else None
+
+    # ---- checkpoints ---------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """checkpoints/checkpoint-N: the adapter (PEFT files), the optimizer/scheduler/RNG state, and
+        trainer_state.json; written to a temporary sibling and renamed; older ones beyond the limit removed."""
+        folder = self.run.checkpoints / f"checkpoint-{self.step}"
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter_files(self.adapter(), tmp)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, tmp / STATE_FILE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(
+            {"engine": "native", "global_step": self.step, "num_input_tokens_seen": self.tokens_seen,
+             "log_history": self.history}, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        limit = self.config.save_total_limit
+        if limit:
+            saved = sorted((p for p in self.run.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                           key=lambda p: int(p.name.split("-")[-1]))
+            for old in saved[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        from qwenlab.adapters import read_adapter
+
+        folder = Path(folder)
+        if not (folder / STATE_FILE).is_file():
+            raise QwenlabError(f"{folder}: not a checkpoint of the native engine (no {STATE_FILE}); resume it with "
+                               "--engine trl, the engine that wrote it")
+        load_policy_weights(self.model, read_adapter(folder))
+        state = torch.load(folder / STATE_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        trainer_state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        self.step = int(trainer_state["global_step"])
+        self.tokens_seen = int(trainer_state.get("num_input_tokens_seen", 0))
+        self.history = list(trainer_state.get("log_history", []))
+
+    def adapter(self):
+        adapter = policy_adapter(self.model, self.template)
+        adapter.dropout = self.config.lora_dropout
+        return adapter
+
+
+def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
+    """The loop behind `qwenlab train sft --engine native`: steps, logs, evals, checkpoints, a progress bar;
+    Ctrl-C saves a checkpoint of the steps done. Returns the trainer and the run's start time."""
+    from tqdm import tqdm
+
+    from qwenlab.train.run import open_output
+
+    config = run.config
+    trainer = NativeSFT(run)
+    open_output(run)
+    if run.resume_from:
+        trainer.load_checkpoint(run.resume_from)
+    started = time.time() - (trainer.history[-1].get("train_runtime", 0.0) if trainer.history else 0.0)
+    save_every = config.save_steps or run.total_steps
+    eval_every = config.eval_steps or save_every
+    bar = tqdm(total=run.total_steps, initial=trainer.step, desc="train sft (native)", unit="step",
+               disable=not config.progress, file=sys.stderr)
+    losses: list[float] = []
+    try:
+        while trainer.step < run.total_steps:
+            stats = trainer.train_step()
+            losses.append(stats["loss"])
+            step = trainer.step
+            if step % config.logging_steps == 0 or step == 1 or step == run.total_steps:
+                row = {"loss": round(stats["loss"], 6), "grad_norm": round(stats["grad_norm"], 6),
+                       "learning_rate": stats["learning_rate"], "epoch": round(step * config.batch_size
+                       * config.grad_accum / max(len(trainer.train_examples), 1), 4),
+                       "num_input_tokens_seen": trainer.tokens_seen,
+                       "train_runtime": round(time.time() - started, 3), "step": step}
+                trainer.history.append(row)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            if trainer.eval_examples and (step % eval_every == 0 or step == run.total_steps):
+                trainer.history.append({"eval_loss": trainer.eval_loss(), "step": step})
+            if step % save_every == 0 or step == run.total_steps:
+                if step == run.total_steps and losses:
+                    trainer.history.append({"train_loss": sum(losses) / len(losses), "step": step})
+                trainer.save_checkpoint()
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        saved = "no step was finished, nothing saved"
+        if trainer.step > 0:
+            trainer.save_checkpoint()
+            saved = f"checkpoint-{trainer.step} saved"
+        print(f"\ntrain: interrupted at step {trainer.step} ({saved}); resume with: qwenlab train sft --out "
+              f"{run.out} --resume", file=sys.stderr, flush=True)
+        raise
+    bar.close()
+    return trainer, started

@@ -1,0 +1,203 @@
+"""`engine: native` SFT: TRL's examples, PEFT's loss and step, checkpoints and resume, bf16, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from qwenlab.adapters import read_adapter
+from qwenlab.cli import main
+from qwenlab.errors import QwenlabError
+from qwenlab.train import TrainConfig, train_dpo, train_sft
+from qwenlab.train.data import sft_records_from_task, write_jsonl
+from qwenlab.train.native.batches import collate, step_examples, tokenize_examples
+from qwenlab.train.native.sft import NativeSFT
+from qwenlab.train.run import prepare_run
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    return write_jsonl(sft_records_from_task("arithmetic", 40, seed=1), tmp_path_factory.mktemp("data") / "sft.jsonl")
+
+
+def native_config(base, data, out, **changes) -> TrainConfig:
+    values = dict(base=str(base), data=str(data), out=str(out), steps=6, batch_size=4, save_steps=3, logging_steps=1,
+                  lora_r=4, lora_alpha=8, learning_rate=5e-3, val_fraction=0.1, progress=False, threads=1,
+                  engine="native")
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def losses(history: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+def test_examples_are_the_ones_trl_builds(tiny_model_dir, tmp_path):
+    """Token ids and loss targets equal TRL's prepared dataset for chat prompt/completion, plain-text
+    prompt/completion and plain text, truncation and the dropping of examples left without a target."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chats = sft_records_from_task("reverse", 5, seed=3)
+    chats.append({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello " * 300}],
+                  "completion": [{"role": "assistant", "content": "world"}]})  # prompt alone passes max_length
+    texts = [{"prompt": "What is 12 + 7?", "completion": " 19"}, {"prompt": "Reverse: apple", "completion": " elppa"}]
+    plain = [{"text": "hello world"}, {"text": "The answer is 19."}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for records in (chats, texts, plain):
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(records),
+                             args=SFTConfig(output_dir=str(tmp_path / "trl"), max_length=200, report_to="none",
+                                            use_cpu=True, bf16=False))
+        theirs = [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
+        ours = tokenize_examples(records, tokenizer, 200)
+        assert len(ours) == len(theirs) == len(records) - (records is chats)  # the long prompt is dropped
+        for example, (ids, labels) in zip(ours, theirs):
+            assert example.ids == ids
+            assert [t if m else -100 for t, m in zip(example.ids, example.loss_mask)] == labels
+
+
+def test_loss_and_steps_equal_a_peft_loop_from_the_same_init(tiny_model_dir, sft_data, tmp_path):
+    """Five AdamW steps on the same batches from the same LoRA init: the native loss (head on target positions
+    only, in chunks) equals PEFT + transformers' full-logits loss, and so do the trained weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = native_config(tiny_model_dir, sft_data, tmp_path / "native", lora_dropout=0.0, scheduler="constant",
+                           warmup=0, val_fraction=0.0, learning_rate=1e-2, steps=5)
+    native = NativeSFT(prepare_run(config, "sft"))
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(config.target_modules)))
+    start = native.adapter()
+    with torch.no_grad():
+        for name, (a, b) in start.modules.items():
+            module = peft.base_model.model.get_submodule(name)
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b)
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for step in range(5):
+        (batch,) = native.micro_batches(step)
+        labels = batch.tokens.clone()
+        labels[:, 1:][batch.target_mask == 0] = -100
+        labels[:, 0] = -100
+        valid = torch.zeros_like(batch.tokens)
+        for row, example in enumerate(step_examples(len(native.train_examples), 4, config.seed, step)):
+            valid[row, :len(native.train_examples[example].ids)] = 1
+        peft.train()
+        loss = peft(input_ids=batch.tokens, attention_mask=valid, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in peft.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        stats = native.train_step()
+        assert stats["loss"] == pytest.approx(float(loss.detach()), rel=1e-5), step
+    trained = native.adapter()
+    for name, (a, b) in trained.modules.items():
+        module = peft.base_model.model.get_submodule(name)
+        torch.testing.assert_close(a, module.lora_A["default"].weight, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(b, module.lora_B["default"].weight, atol=2e-5, rtol=1e-4)
+    assert any(float(b.abs().max()) > 1e-3 for _, b in trained.modules.values())  # the steps moved B off zero
+
+
+def test_run_folder_checkpoints_and_resume_continue_exactly(tiny_model_dir, sft_data, tmp_path):
+    full = train_sft(native_config(tiny_model_dir, sft_data, tmp_path / "full"))
+    out = tmp_path / "full"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "lineage.json",
+                 "loss_curve.png", "training_log.json"):
+        assert (out / name).is_file(), name
+    for name in ("native_state.pt", "trainer_state.json", "adapter_model.safetensors"):
+        assert (out / "checkpoints" / "checkpoint-3" / name).is_file(), name
+    assert not (tmp_path / "full.partial").exists()
+    assert full.steps == 6 and full.eval_loss is not None and full.tokens_seen > 0
+    curve = losses(full.log_history)
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6] and curve[6] < curve[1]
+    adapter = read_adapter(out)
+    assert adapter.ranks() == {4} and adapter.alpha == 8 and len(adapter.modules) == 3 * 7
+
+    resumed_out = tmp_path / "resumed"
+    (resumed_out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "checkpoint-3", resumed_out / "checkpoints" / "checkpoint-3")
+    shutil.copy(out / "checkpoints" / "run_config.json", resumed_out / "checkpoints" / "run_config.json")
+    resumed = train_sft(native_config(tiny_model_dir, sft_data, resumed_out, resume=True))
+    after = losses(resumed.log_history)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(curve[step], abs=1e-6), step
+    for name, (a, b) in read_adapter(resumed_out).modules.items():
+        torch.testing.assert_close(b, adapter.modules[name][1])
+
+    # a checkpoint written by the other engine is refused by name, not loaded wrongly
+    (resumed_out / "checkpoints" / "checkpoint-6" / "native_state.pt").unlink()
+    shutil.rmtree(resumed_out / "checkpoints" / "checkpoint-3")
+    with pytest.raises(QwenlabError, match="not a checkpoint of the native engine"):
+        train_sft(native_config(tiny_model_dir, sft_data, resumed_out, resume=True))
+
+
+def test_ctrl_c_saves_and_the_printed_command_resumes(tiny_model_dir, sft_data, tmp_path, monkeypatch, capsys):
+    real_step, calls = NativeSFT.train_step, []
+
+    def interrupted_step(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(NativeSFT, "train_step", interrupted_step)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(native_config(tiny_model_dir, sft_data, out, save_steps=100, val_fraction=0.0))
+    err = capsys.readouterr().err
+    assert f"interrupted at step 2 (checkpoint-2 saved); resume with: qwenlab train sft --out {out} --resume" in err
+    monkeypatch.setattr(NativeSFT, "train_step", real_step)
+    assert main(["train", "sft", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert read_adapter(out).ranks() == {4} and "checkpoint-2" in capsys.readouterr().err
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["summary"]["steps"] == 6 and log["config"]["engine"] == "native"
+
+
+def test_bf16_keeps_the_base_in_bf16_and_follows_the_fp32_run(tiny_model_dir, sft_data, tmp_path):
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        config = native_config(tiny_model_dir, sft_data, tmp_path / dtype, dtype=dtype, steps=12, val_fraction=0.0,
+                               lora_dropout=0.0, learning_rate=2e-2)
+        runs[dtype] = NativeSFT(prepare_run(config, "sft"))
+    bf16 = runs["bf16"]
+    assert bf16.model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in bf16.params)  # LoRA weights and AdamW's state in fp32
+    curves = {dtype: [trainer.train_step()["loss"] for _ in range(12)] for dtype, trainer in runs.items()}
+    assert curves["fp32"][-1] < curves["fp32"][0] - 0.05  # the run learns ...
+    for step, (x, y) in enumerate(zip(curves["fp32"], curves["bf16"])):
+        assert y == pytest.approx(x, rel=0.02), step  # ... and bf16 follows it
+
+
+def test_grad_accumulation_normalises_over_the_whole_step(tiny_model_dir, sft_data, tmp_path):
+    """batch 4 x accumulation 2 takes the same step as batch 8 of the same examples: one mean over all targets."""
+    one = NativeSFT(prepare_run(native_config(tiny_model_dir, sft_data, tmp_path / "a", batch_size=8,
+                                              lora_dropout=0.0, val_fraction=0.0), "sft"))
+    two = NativeSFT(prepare_run(native_config(tiny_model_dir, sft_data, tmp_path / "b", batch_size=4, grad_accum=2,
+                                              lora_dropout=0.0, val_fraction=0.0), "sft"))
+    # the same eight examples in both: the accumulated step's two micro-batches are batch 8's two halves
+    order = step_examples(len(one.train_examples), 8, 0, 0)
+    two.micro_batches = lambda step: [collate([two.train_examples[i] for i in order[:4]], two.pad_id),
+                                      collate([two.train_examples[i] for i in order[4:]], two.pad_id)]
+    a, b = one.train_step(), two.train_step()
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["targets"] == b["targets"]
+    for (x, _), (y, _) in zip(one.adapter().modules.values(), two.adapter().modules.values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_engine_and_dpo_fail_before_any_output(tiny_model_dir, sft_data, tmp_path):
+    with pytest.raises(QwenlabError, match="'engine' must be one of trl, native"):
+        native_config(tiny_model_dir, sft_data, tmp_path / "out", engine="fast").validate()
+    with pytest.raises(QwenlabError, match="'engine: native' trains SFT only"):
+        train_dpo(native_config(tiny_model_dir, sft_data, tmp_path / "out"))
+    long = tmp_path / "long.jsonl"
+    write_jsonl([{"prompt": [{"role": "user", "content": "hello " * 50}],
+                  "completion": [{"role": "assistant", "content": "hi"}]}], long)
+    with pytest.raises(QwenlabError, match="no training example has a target token within max_length 32"):
+        train_sft(native_config(tiny_model_dir, long, tmp_path / "out", max_length=32, val_fraction=0.0))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
