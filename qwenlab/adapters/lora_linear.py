@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlab.adapters.dropout import lora_dropout
 from qwenlab.adapters.merge import merge_lora, unmerge_lora
 from qwenlab.errors import QwenlabError
 
@@ -58,6 +59,9 @@ class LoRALinear(nn.Module):
         self.merged: list[str] = []  # adapters folded into base_layer.weight (they then apply to every row)
         self.selection: Selection | None = None
         self.dropout = 0.0  # training only (PEFT's lora_dropout): on the LoRA path's input, in train() mode
+        # None: the LoRA path runs in the adapter's dtype. Training in bf16 sets bf16: fp32 master weights cast per
+        # step, as autocast does, instead of every activation cast up to fp32 and the result back.
+        self.compute_dtype: torch.dtype | None = None
 
     def add_adapter(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
@@ -120,7 +124,9 @@ class LoRALinear(nn.Module):
             a, b = self.lora_A[name], self.lora_B[name]
             rows_x = x if rows is None else x.index_select(0, rows)
             if self.dropout and self.training:
-                rows_x = F.dropout(rows_x, self.dropout, training=True)
+                rows_x = lora_dropout(rows_x, self.dropout)
+            if self.compute_dtype is not None:  # training: the adapter cast to the activations' dtype
+                a, b = a.to(self.compute_dtype), b.to(self.compute_dtype)
             # In the adapter's dtype (fp32 adapters may ride on a bf16 base), back to the output's.
             delta = F.linear(F.linear(rows_x.to(a.dtype), a) * self.scaling[name], b).to(out.dtype)
             out = out + delta if rows is None else out.index_add(0, rows, delta)

@@ -61,6 +61,29 @@ def test_examples_are_the_ones_trl_builds(tiny_model_dir, tmp_path):
             assert [t if m else -100 for t, m in zip(example.ids, example.loss_mask)] == labels
 
 
+def test_batches_come_in_the_order_of_transformers_trainer(tiny_model_dir, tmp_path):
+    """Three epochs of 7 examples in batches of 3 (a short last batch each epoch), seed 5: the same rows, in
+    the same batches, as the Trainer's own train dataloader gives TRL."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = [{"text": f"example {i} " + "x" * i} for i in range(7)]
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(records),
+                         args=SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=3, seed=5,
+                                        data_seed=5, report_to="none", use_cpu=True, bf16=False))
+    loader = trainer.get_train_dataloader()
+    theirs = [[[t for t, m in zip(row, mask) if m] for row, mask in zip(batch["input_ids"].tolist(),
+                                                                        batch["attention_mask"].tolist())]
+              for _ in range(3) for batch in loader]
+    examples = tokenize_examples(records, tokenizer, 512)
+    ours = [[examples[i].ids for i in step_examples(7, 3, 5, step)] for step in range(9)]
+    assert [len(b) for b in ours] == [3, 3, 1] * 3
+    assert ours == theirs
+
+
 def test_loss_and_steps_equal_a_peft_loop_from_the_same_init(tiny_model_dir, sft_data, tmp_path):
     """Five AdamW steps on the same batches from the same LoRA init: the native loss (head on target positions
     only, in chunks) equals PEFT + transformers' full-logits loss, and so do the trained weights."""

@@ -69,9 +69,9 @@ def tokenize_examples(records: list[dict], tokenizer, max_length: int) -> list[E
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    """The order of the examples in one epoch: a permutation seeded by (seed, epoch), so a resumed run
-    continues the same order from any step."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    """The order of the examples in one epoch, transformers' Trainer's own: accelerate's SeedableRandomSampler
+    draws randperm(count) from a generator seeded with seed + epoch. A resumed run continues it from any step."""
+    generator = torch.Generator().manual_seed(seed + epoch)
     return torch.randperm(count, generator=generator).tolist()
 
 
