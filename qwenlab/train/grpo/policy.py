@@ -29,7 +29,7 @@ class LoraSettings:
     targets: tuple[str, ...] = field(default=ALL_LINEAR)
 
 
-def _target_module_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+def target_module_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     names = [name for name, module in model.named_modules()
              if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)]
     if not names:
@@ -41,7 +41,7 @@ def new_lora(model: nn.Module, settings: LoraSettings, seed: int = 0, base_model
     """A fresh adapter: A kaiming-uniform, B zero (PEFT's init_lora_weights=True)."""
     generator = torch.Generator().manual_seed(seed)
     modules = {}
-    for name in _target_module_names(model, settings.targets):
+    for name in target_module_names(model, settings.targets):
         linear = model.get_submodule(name)
         bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=√5) on [r, in]
         a = (torch.rand(settings.rank, linear.in_features, generator=generator) * 2 - 1) * bound

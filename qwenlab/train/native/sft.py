@@ -25,11 +25,11 @@ import torch
 
 from qwenlab.adapters import active_adapters
 from qwenlab.adapters.apply import lora_modules
-from qwenlab.adapters.peft_format import save_adapter_files
+from qwenlab.adapters.peft_format import LoraAdapter, save_adapter_files
 from qwenlab.errors import QwenlabError
 from qwenlab.train.grpo.loss import selected_token_logprobs
-from qwenlab.train.grpo.policy import POLICY, LoraSettings, attach_policy, load_policy_weights, new_lora, \
-    policy_adapter
+from qwenlab.train.grpo.policy import POLICY, target_module_names, attach_policy, \
+    load_policy_weights, policy_adapter
 from qwenlab.train.native.batches import Batch, collate, step_examples, tokenize_examples
 from qwenlab.train.run import TrainingRun
 
@@ -54,6 +54,26 @@ def keep_freed_memory() -> None:
         pass
 
 
+def peft_initial_lora(model, config, base_model: str) -> LoraAdapter:
+    """The adapter TRL's SFTTrainer starts from at this seed, draw for draw: it calls transformers' set_seed(seed),
+    then PEFT builds each target's lora_A and lora_B as nn.Linear (each initialised kaiming-uniform, a=√5) in the
+    order of named_modules, then draws lora_A again (init_lora_weights=True) and zeroes lora_B."""
+    from torch import nn
+
+    torch.manual_seed(config.seed)
+    modules = {}
+    for name in target_module_names(model, tuple(config.target_modules)):
+        linear = model.get_submodule(name)
+        a = torch.empty(config.lora_r, linear.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r)
+        b = torch.empty(linear.out_features, config.lora_r)
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))  # nn.Linear(r, out)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's reset_lora_parameters
+        modules[name] = (a, b.zero_())
+    return LoraAdapter(modules, alpha=float(config.lora_alpha), use_rslora=config.rslora,
+                       dropout=config.lora_dropout, base_model=base_model, source="sft")
+
+
 def warmup_steps(warmup: float, total: int) -> int:
     """transformers' rule: a fraction of the steps (rounded up) below 1, else a number of steps."""
     return math.ceil(warmup * total) if warmup < 1 else int(warmup)
@@ -73,16 +93,13 @@ class NativeSFT:
         if config.threads:
             torch.set_num_threads(config.threads)
         keep_freed_memory()
-        torch.manual_seed(config.seed)  # LoRA dropout's masks
         dtype = torch.bfloat16 if config.dtype in ("bf16", "bfloat16") else torch.float32
         self.model = load_model(open_checkpoint(str(run.base)), dtype)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(run.base))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        settings = LoraSettings(config.lora_r, config.lora_alpha, tuple(config.target_modules))
-        self.template = new_lora(self.model, settings, seed=config.seed, base_model=str(run.base))
-        self.template.use_rslora = config.rslora
+        self.template = peft_initial_lora(self.model, config, base_model=str(run.base))
         self.params = attach_policy(self.model, self.template)
         for module in lora_modules(self.model).values():
             module.dropout = config.lora_dropout
@@ -222,18 +239,22 @@ def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
     bar = tqdm(total=run.total_steps, initial=trainer.step, desc="train sft (native)", unit="step",
                disable=not config.progress, file=sys.stderr)
     losses: list[float] = []
+    since_log: list[float] = []
     try:
         while trainer.step < run.total_steps:
             stats = trainer.train_step()
             losses.append(stats["loss"])
+            since_log.append(stats["loss"])
             step = trainer.step
-            if step % config.logging_steps == 0 or step == 1 or step == run.total_steps:
-                row = {"loss": round(stats["loss"], 6), "grad_norm": round(stats["grad_norm"], 6),
+            if step % config.logging_steps == 0 or step == 1:  # as transformers (logging_first_step)
+                # transformers logs the mean loss over the steps since its last log
+                row = {"loss": round(sum(since_log) / len(since_log), 6), "grad_norm": round(stats["grad_norm"], 6),
                        "learning_rate": stats["learning_rate"], "epoch": round(step * config.batch_size
                        * config.grad_accum / max(len(trainer.train_examples), 1), 4),
                        "num_input_tokens_seen": trainer.tokens_seen,
                        "train_runtime": round(time.time() - started, 3), "step": step}
                 trainer.history.append(row)
+                since_log = []
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
             if trainer.eval_examples and (step % eval_every == 0 or step == run.total_steps):
                 trainer.history.append({"eval_loss": trainer.eval_loss(), "step": step})
