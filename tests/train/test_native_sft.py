@@ -220,6 +220,21 @@ def test_bf16_keeps_the_base_in_bf16_and_follows_the_fp32_run(tiny_model_dir, sf
         assert y == pytest.approx(x, rel=0.02), step  # ... and bf16 follows it
 
 
+def test_gradient_checkpointing_recomputes_to_the_same_step(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    plain, recomputed = (NativeSFT(prepare_run(native_config(tiny_model_dir, sft_data, tmp_path / name,
+                                                             lora_dropout=0.0, val_fraction=0.0,
+                                                             gradient_checkpointing=name == "ckpt"), "sft"))
+                         for name in ("plain", "ckpt"))
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = plain.train_step(), recomputed.train_step()
+    assert len(calls) == 3  # one per layer, in the checkpointed run only
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for (x, _), (y, _) in zip(plain.adapter().modules.values(), recomputed.adapter().modules.values()):
+        torch.testing.assert_close(x, y)
+
+
 def test_grad_accumulation_normalises_over_the_whole_step(tiny_model_dir, sft_data, tmp_path):
     """batch 4 x accumulation 2 takes the same step as batch 8 of the same examples: one mean over all targets."""
     one = NativeSFT(prepare_run(native_config(tiny_model_dir, sft_data, tmp_path / "a", batch_size=8,

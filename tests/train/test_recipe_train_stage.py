@@ -27,3 +27,17 @@ def test_train_stage_checks_its_parameters(tmp_path):
         run_stage("train", ctx, {"kind": "ppo", "task": "reverse", "as": "x"})
     with pytest.raises(QwenlabError, match="train stage.as: Field required"):
         run_stage("train", ctx, {"kind": "sft", "task": "reverse"})
+
+
+def test_train_stage_runs_the_native_engine_in_bf16(tiny_model_dir, tmp_path):
+    import json
+
+    ctx = RunContext(run_dir=tmp_path, models={"base": str(tiny_model_dir)})
+    figures, _ = run_stage("train", ctx, {"kind": "sft", "base": "base", "task": "reverse", "n": 8, "steps": 2,
+                                          "as": "rev", "batch_size": 4, "lora_r": 2, "threads": 1,
+                                          "engine": "native", "dtype": "bf16"})
+    assert figures["steps"] == 2
+    log = json.loads((tmp_path / "models" / "rev" / "training_log.json").read_text())
+    assert log["config"]["engine"] == "native" and log["config"]["dtype"] == "bf16"
+    with pytest.raises(QwenlabError, match="train stage.engine: Input should be 'trl' or 'native'"):
+        run_stage("train", ctx, {"kind": "sft", "task": "reverse", "as": "x", "engine": "fast"})

@@ -18,7 +18,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
 
 OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "dpo_loss",
-            "target_modules", "max_length", "threads", "replay", "replay_tasks", "replay_answers")
+            "target_modules", "max_length", "threads", "replay", "replay_tasks", "replay_answers", "engine", "dtype")
 
 
 class Params(StageParams):
@@ -49,6 +49,8 @@ class Params(StageParams):
     replay: float | None = Field(None, ge=0, lt=1)
     replay_tasks: list[str] | None = None
     replay_answers: Literal["base", "reference"] | None = None  # reference: rehearse the tasks' own answers
+    engine: Literal["trl", "native"] | None = None  # native: SFT on qwenlab's own loop (docs/adapters.md)
+    dtype: Literal["fp32", "bf16"] | None = None
 
     def outputs(self) -> list[str]:
         return [self.as_]

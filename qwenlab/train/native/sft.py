@@ -9,7 +9,8 @@ and the output folder (train/run.py). What it saves:
 - `--dtype bf16` keeps the frozen base in bf16 (half the memory, oneDNN's bf16 matmuls) with the LoRA
   weights and the optimizer in fp32;
 - right padding with causal attention needs no mask, so attention takes SDPA's causal kernel;
-- activation checkpointing switches on by itself when a micro-batch's activations would pass a budget.
+- activation checkpointing switches on by itself when a micro-batch's activations would pass a budget
+  (always with --gradient-checkpointing).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class NativeSFT:
         """Σ -log p(target) over the batch's target positions (the head on those positions only)."""
         c = self.model.config
         per_token = 4 * c.num_hidden_layers * (10 * c.hidden_size + 4 * c.intermediate_size)
-        self.model.checkpoint_layers = batch.tokens.numel() * per_token > ACTIVATION_BUDGET_BYTES
+        self.model.checkpoint_layers = (self.config.gradient_checkpointing
+                                        or batch.tokens.numel() * per_token > ACTIVATION_BUDGET_BYTES)
         try:
             hidden = self.model.final_hidden(batch.tokens)
         finally:
