@@ -6,7 +6,8 @@ records, LoRA and batch: issue 23's anchor. Also each dtype's compute bound on t
                                     [--engines qwenlab:fp32,native:fp32,native:bf16,peft:fp32,peft:bf16]
 
 Each model trains in its own subprocess (so peak RSS is that run's alone) on chat prompt/completion
-data from the arithmetic task, LoRA r 16 / alpha 32 on all linears, fp32, logging every step.
+data from the arithmetic task, LoRA r 16 / alpha 32 on all linears, logging every step. LoRA dropout is 0 on
+every engine, as in the PEFT loop (PEFT's default); --lora-dropout sets it for the qwenlab engines.
 tokens/s counts non-padding input tokens over the steps after the first (warm-up excluded).
 The compute bound: a LoRA step needs, per token, the forward (2 FLOP per weight of every linear and the head)
 and the backward's input gradients (2 more): 4 x those weights, the issue's count. A dtype's bound in tokens/s is
@@ -28,7 +29,7 @@ from pathlib import Path
 
 
 def child(model: str, work: Path, steps: int, batch_size: int, threads: int, engine: str = "trl",
-          dtype: str = "fp32") -> dict:
+          dtype: str = "fp32", dropout: float = 0.0) -> dict:
     """Runs in the subprocess: one short SFT run; prints a JSON line of figures."""
     from qwenlab.adapters import read_adapter
     from qwenlab.checkpoint import open_checkpoint
@@ -39,7 +40,8 @@ def child(model: str, work: Path, steps: int, batch_size: int, threads: int, eng
     data = write_jsonl(records, work / f"{Path(model).name}.jsonl", force=True)
     config = TrainConfig(base=model, data=str(data), out=str(work / f"{Path(model).name}-lora"), steps=steps,
                          batch_size=batch_size, logging_steps=1, save_steps=0, save_total_limit=1, val_fraction=0.0,
-                         threads=threads, progress=False, force=True, engine=engine, dtype=dtype)
+                         threads=threads, progress=False, force=True, engine=engine, dtype=dtype,
+                         lora_dropout=dropout)
     started = time.time()
     result = train_sft(config)
     wall = time.time() - started
@@ -183,6 +185,8 @@ def main() -> None:
     parser.add_argument("--engines", default="qwenlab:fp32,native:fp32,native:bf16,peft:fp32,peft:bf16",
                         help="comma list of qwenlab:fp32|bf16 (`qwenlab train sft`, TRL), native:fp32|bf16 "
                              "(`--engine native`) and peft:fp32|bf16 (a PEFT + transformers loop; bf16: autocast)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout of the qwenlab engines "
+                        "(the PEFT loop's is 0)")
     parser.add_argument("--engine", default="qwenlab:fp32", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,7 +197,7 @@ def main() -> None:
             figures = matmul_rate(args.threads)
         elif engine in ("qwenlab", "native"):
             figures = child(args.child, args.work_dir, args.steps, args.batch_size, args.threads,
-                            "native" if engine == "native" else "trl", dtype)
+                            "native" if engine == "native" else "trl", dtype, args.lora_dropout)
         else:
             figures = peft_loop(args.child, args.work_dir, args.steps, args.batch_size, args.threads, dtype)
         print("RESULT " + json.dumps(figures))
@@ -205,7 +209,7 @@ def main() -> None:
         for engine in args.engines.split(","):
             command = [sys.executable, __file__, "--child", folder, "--steps", str(args.steps), "--batch-size",
                        str(args.batch_size), "--threads", str(args.threads), "--work-dir", str(args.work_dir),
-                       "--engine", engine]
+                       "--engine", engine, "--lora-dropout", str(args.lora_dropout)]
             figures = _run_child(command[2:], f"{name} / {engine}")
             flops = step_flops_per_token(folder)
             dtype = engine.split(":")[1]
@@ -214,7 +218,8 @@ def main() -> None:
                          "share": figures["tokens_per_s"] / bound})
             print(f"{name} / {engine}: done", file=sys.stderr)
     print(f"LoRA SFT (TRL {_version('trl')}, PEFT {_version('peft')}, torch {_version('torch')}), r 16 on all "
-          f"linears, batch {args.batch_size}, {args.threads} threads\n")
+          f"linears, batch {args.batch_size}, {args.threads} threads, LoRA dropout {args.lora_dropout:g} "
+          "(PEFT loop: 0)\n")
     print(f"matmul rate on this machine: fp32 {rate['fp32']} GFLOP/s, bf16 {rate['bf16']} GFLOP/s\n")
     print("| model | engine | tokens/step | tokens/s | vs PEFT loop (same dtype) | s/step | compute bound (tok/s) | "
           "share of bound | peak RSS (MiB) | loss step 1 -> last |")
