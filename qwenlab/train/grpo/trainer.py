@@ -12,7 +12,7 @@ no KV-cache reuse tricks, per-token Python in the HF loop) was measured slower t
 benchmarks/grpo_bench.py has the figures. The loss is TRL's (see loss.py).
 CPU safety: the model is loaded in fp32 whatever config.json says (nano ships bf16 weights) unless
 --dtype bf16 asks; memory per step is bounded by batch × generations × tokens, and activation
-checkpointing (auto) keeps it under ACTIVATION_BUDGET_BYTES of activations per micro-batch.
+checkpointing (auto) keeps it under train.activations.ACTIVATION_BUDGET_BYTES of activations per micro-batch.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from qwenlab.model.generate import GenerationConfig
 from qwenlab.model.tokenizer import IM_END
 from qwenlab.quant.float_native import load_native_float_model, native_float_applies
 from qwenlab.tasks import parse_task_list
+from qwenlab.train.activations import over_activation_budget
 from qwenlab.train.grpo.curves import JsonlLog, plot_curves
 from qwenlab.train.grpo.loss import LOSS_TYPES, SCALE_REWARDS, batch_advantages, grpo_loss, pack_batch, \
     selected_token_logprobs
@@ -45,7 +46,6 @@ from qwenlab.train.grpo.policy_rows import policy_rows
 from qwenlab.train.grpo.rollouts import Rollout, draw_instances, generate_rollouts
 
 STATE_FILE = "trainer_state.pt"
-ACTIVATION_BUDGET_BYTES = 2 << 30  # activation_checkpointing=auto: recompute above this much kept per micro-batch
 
 
 @dataclass
@@ -223,11 +223,7 @@ class GRPOLearner:
         choice = self.config.activation_checkpointing
         if choice != "auto":
             return choice == "on"
-        c = self.model.config
-        # kept per token and layer, fp32: ~10 hidden-sized and ~4 intermediate-sized tensors (norms, q/k/v, attention,
-        # residuals; gate, up, their product, silu)
-        per_token = 4 * c.num_hidden_layers * (10 * c.hidden_size + 4 * c.intermediate_size)
-        return tokens.numel() * per_token > ACTIVATION_BUDGET_BYTES
+        return over_activation_budget(self.model.config, tokens.numel())
 
     def _logprobs(self, packed) -> torch.Tensor:
         """log π of each completion token ([B, T-1], 0 off the completions): the head runs on completion positions

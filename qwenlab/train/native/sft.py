@@ -28,6 +28,7 @@ from qwenlab.adapters import active_adapters
 from qwenlab.adapters.apply import lora_modules
 from qwenlab.adapters.peft_format import LoraAdapter, save_adapter_files
 from qwenlab.errors import QwenlabError
+from qwenlab.train.activations import over_activation_budget
 from qwenlab.train.grpo.loss import selected_token_logprobs
 from qwenlab.train.grpo.policy import POLICY, target_module_names, attach_policy, \
     load_policy_weights, policy_adapter
@@ -36,7 +37,6 @@ from qwenlab.train.run import TrainingRun
 
 STATE_FILE = "native_state.pt"  # optimizer, scheduler, RNG: tensors and numbers only (loaded with weights_only)
 TRAINER_STATE = "trainer_state.json"  # the name run.py's --resume looks for, as in transformers' checkpoints
-ACTIVATION_BUDGET_BYTES = 2 << 30
 MAX_GRAD_NORM = 1.0  # transformers' default
 
 
@@ -122,10 +122,8 @@ class NativeSFT:
     # ---- one step ------------------------------------------------------------------
     def _summed_nll(self, batch: Batch) -> torch.Tensor:
         """Σ -log p(target) over the batch's target positions (the head on those positions only)."""
-        c = self.model.config
-        per_token = 4 * c.num_hidden_layers * (10 * c.hidden_size + 4 * c.intermediate_size)
         self.model.checkpoint_layers = (self.config.gradient_checkpointing
-                                        or batch.tokens.numel() * per_token > ACTIVATION_BUDGET_BYTES)
+                                        or over_activation_budget(self.model.config, batch.tokens.numel()))
         try:
             hidden = self.model.final_hidden(batch.tokens)
         finally:
