@@ -6,7 +6,8 @@
 SFT: chat prompt/completion data takes the loss on the completion only; `messages` data on the whole
 conversation (TRL's rules). DPO: the policy is base + LoRA, the reference the same base with the
 adapter switched off (no second model in memory); data is prompt/chosen/rejected. Everything TRL
-does not need to decide is set in run.trainer_arguments.
+does not need to decide is set in run.trainer_arguments. `engine: native` runs SFT on qwenlab's own loop
+instead (train/native/sft.py): the same examples, init, batches and steps, with less work per step.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer}
 
 
 def train(config: TrainConfig, kind: str) -> TrainResult:
-    """One LoRA training run with TRL's trainer for `kind` ('sft' or 'dpo')."""
+    """One LoRA training run for `kind` ('sft' or 'dpo'): TRL's trainer, or with `engine: native` (SFT only)
+    qwenlab's own loop (train/native/), into the same output folder."""
     if config.engine == "native" and kind != "sft":  # before anything is read or written
         raise QwenlabError(f"'engine: native' trains SFT only; train {kind.upper()} with 'engine: trl'")
     run = prepare_run(config, kind)
