@@ -29,7 +29,7 @@ from pathlib import Path
 
 
 def child(model: str, work: Path, steps: int, batch_size: int, threads: int, engine: str = "trl",
-          dtype: str = "fp32", dropout: float = 0.0) -> dict:
+          dtype: str = "fp32", dropout: float = 0.0, recompute: bool = False) -> dict:
     """Runs in the subprocess: one short SFT run; prints a JSON line of figures."""
     from qwenlab.adapters import read_adapter
     from qwenlab.checkpoint import open_checkpoint
@@ -41,7 +41,7 @@ def child(model: str, work: Path, steps: int, batch_size: int, threads: int, eng
     config = TrainConfig(base=model, data=str(data), out=str(work / f"{Path(model).name}-lora"), steps=steps,
                          batch_size=batch_size, logging_steps=1, save_steps=0, save_total_limit=1, val_fraction=0.0,
                          threads=threads, progress=False, force=True, engine=engine, dtype=dtype,
-                         lora_dropout=dropout)
+                         lora_dropout=dropout, gradient_checkpointing=recompute)
     started = time.time()
     result = train_sft(config)
     wall = time.time() - started
@@ -187,6 +187,8 @@ def main() -> None:
                              "(`--engine native`) and peft:fp32|bf16 (a PEFT + transformers loop; bf16: autocast)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout of the qwenlab engines "
                         "(the PEFT loop's is 0)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="the qwenlab engines recompute activations in the backward (less memory)")
     parser.add_argument("--engine", default="qwenlab:fp32", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -197,7 +199,8 @@ def main() -> None:
             figures = matmul_rate(args.threads)
         elif engine in ("qwenlab", "native"):
             figures = child(args.child, args.work_dir, args.steps, args.batch_size, args.threads,
-                            "native" if engine == "native" else "trl", dtype, args.lora_dropout)
+                            "native" if engine == "native" else "trl", dtype, args.lora_dropout,
+                            args.gradient_checkpointing)
         else:
             figures = peft_loop(args.child, args.work_dir, args.steps, args.batch_size, args.threads, dtype)
         print("RESULT " + json.dumps(figures))
@@ -209,7 +212,8 @@ def main() -> None:
         for engine in args.engines.split(","):
             command = [sys.executable, __file__, "--child", folder, "--steps", str(args.steps), "--batch-size",
                        str(args.batch_size), "--threads", str(args.threads), "--work-dir", str(args.work_dir),
-                       "--engine", engine, "--lora-dropout", str(args.lora_dropout)]
+                       "--engine", engine, "--lora-dropout", str(args.lora_dropout),
+                       *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
             figures = _run_child(command[2:], f"{name} / {engine}")
             flops = step_flops_per_token(folder)
             dtype = engine.split(":")[1]
@@ -219,7 +223,7 @@ def main() -> None:
             print(f"{name} / {engine}: done", file=sys.stderr)
     print(f"LoRA SFT (TRL {_version('trl')}, PEFT {_version('peft')}, torch {_version('torch')}), r 16 on all "
           f"linears, batch {args.batch_size}, {args.threads} threads, LoRA dropout {args.lora_dropout:g} "
-          "(PEFT loop: 0)\n")
+          f"(PEFT loop: 0){', qwenlab engines with gradient checkpointing' if args.gradient_checkpointing else ''}\n")
     print(f"matmul rate on this machine: fp32 {rate['fp32']} GFLOP/s, bf16 {rate['bf16']} GFLOP/s\n")
     print("| model | engine | tokens/step | tokens/s | vs PEFT loop (same dtype) | s/step | compute bound (tok/s) | "
           "share of bound | peak RSS (MiB) | loss step 1 -> last |")
