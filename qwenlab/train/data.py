@@ -63,7 +63,8 @@ def _message_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
-def _common_prefix(a: list, b: list) -> int:
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items `a` and `b` share."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -99,7 +100,7 @@ def as_trl_record(record: dict, kind: str, where: str) -> dict:
             and _message_list(record["rejected"]):
         chosen, rejected = record["chosen"], record["rejected"]
         if "prompt" not in record:  # implicit prompt: the messages both answers share
-            shared = _common_prefix(chosen, rejected)
+            shared = common_prefix(chosen, rejected)
             if shared == 0 or shared in (len(chosen), len(rejected)):
                 raise QwenlabError(f"{where}: without 'prompt', 'chosen' and 'rejected' must share their first "
                                    "messages (the prompt) and differ after them")

@@ -173,6 +173,12 @@ def _run_settings(run: TrainingRun) -> dict:
     return settings
 
 
+def say_interrupted(run: TrainingRun, step: int, saved: str) -> None:
+    """Ctrl-C's last line, whichever engine ran: where training stopped and the command that continues it."""
+    print(f"\ntrain: interrupted at step {step} ({saved}); resume with: qwenlab train {run.kind} --out {run.out} "
+          "--resume", file=sys.stderr, flush=True)
+
+
 def partial_folder(out: Path) -> Path:
     """Where a run trains until it is complete."""
     return out.with_name(out.name + ".partial")

@@ -13,7 +13,6 @@ instead (train/native/sft.py): the same examples, init, batches and steps, with 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 import warnings
@@ -28,6 +27,7 @@ from qwenlab.train.run import (
     lora_config,
     open_output,
     prepare_run,
+    say_interrupted,
     trainer_arguments,
 )
 
@@ -74,7 +74,7 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
     try:
         trainer.train(resume_from_checkpoint=run.resume_from)
     except KeyboardInterrupt:
-        save_on_interrupt(trainer, run, kind)
+        save_on_interrupt(trainer, run)
         raise
     state = trainer.state
     return finish_run(run, started, state.log_history, state.global_step, state.num_input_tokens_seen,
@@ -128,15 +128,14 @@ def metrics_log(path: Path):
     return MetricsLog()
 
 
-def save_on_interrupt(trainer, run, kind: str) -> None:
+def save_on_interrupt(trainer, run) -> None:
     """Ctrl-C: checkpoint the steps done so far (optimizer, scheduler, RNG, as every checkpoint) and say how
     to continue. A second Ctrl-C during the save leaves the previous checkpoint."""
     step = trainer.state.global_step
     if step > 0 and not (run.checkpoints / f"checkpoint-{step}").is_dir():
         trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own checkpoint writer
     saved = f"checkpoint-{step} saved" if step > 0 else "no step was finished, nothing saved"
-    print(f"\ntrain: interrupted at step {step} ({saved}); resume with: qwenlab train {kind} --out {run.out} --resume",
-          file=sys.stderr, flush=True)
+    say_interrupted(run, step, saved)
 
 
 def train_sft(config: TrainConfig) -> TrainResult:

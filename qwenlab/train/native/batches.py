@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenlab.train.data import common_prefix
+
 
 @dataclass
 class Example:
@@ -27,13 +29,6 @@ class Example:
 def _ids(encoded) -> list[int]:
     # apply_chat_template(return_dict=True) and __call__ both return a mapping with input_ids
     return list(encoded["input_ids"])
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def tokenize_example(record: dict, tokenizer, max_length: int) -> Example:
@@ -51,7 +46,7 @@ def tokenize_example(record: dict, tokenizer, max_length: int) -> Example:
                 completion += eos
             prompt = _ids(tokenizer(text=record["prompt"]))
             ids = _ids(tokenizer(text=record["prompt"] + completion))
-        shared = _common_prefix(prompt, ids)
+        shared = common_prefix(prompt, ids)
         mask = [0] * shared + [1] * (len(ids) - shared)
     else:
         text = record["text"]

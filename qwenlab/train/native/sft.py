@@ -88,13 +88,14 @@ class NativeSFT:
 
         from qwenlab.checkpoint import open_checkpoint
         from qwenlab.model import load_model
+        from qwenlab.model.load import parse_dtype
 
         config = self.config = run.config
         self.run = run
         if config.threads:
             torch.set_num_threads(config.threads)
         keep_freed_memory()
-        dtype = torch.bfloat16 if config.dtype in ("bf16", "bfloat16") else torch.float32
+        dtype = parse_dtype(config.dtype)
         self.model = load_model(open_checkpoint(str(run.base)), dtype)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(run.base))
@@ -226,7 +227,7 @@ def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
     Ctrl-C saves a checkpoint of the steps done. Returns the trainer and the run's start time."""
     from tqdm import tqdm
 
-    from qwenlab.train.run import open_output
+    from qwenlab.train.run import open_output, say_interrupted
 
     config = run.config
     trainer = NativeSFT(run)
@@ -269,8 +270,7 @@ def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
         if trainer.step > 0:
             trainer.save_checkpoint()
             saved = f"checkpoint-{trainer.step} saved"
-        print(f"\ntrain: interrupted at step {trainer.step} ({saved}); resume with: qwenlab train sft --out "
-              f"{run.out} --resume", file=sys.stderr, flush=True)
+        say_interrupted(run, trainer.step, saved)
         raise
     bar.close()
     return trainer, started
