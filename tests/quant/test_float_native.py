@@ -26,7 +26,7 @@ PATHS = ["avx512bf16", "avx512f"] if CPU_HAS_BF16 else ["avx512f"]
 # (rows, out, in): one row; out and in not multiples of 16; in with a tail that is not a whole block of
 # 32 (33, 100, 77, 31); a long row (4099); rows past a group of 4 tokens (5, 17); one element.
 SHAPES = [(1, 1, 1), (1, 17, 33), (3, 65, 100), (5, 130, 1000), (1, 7, 4099), (4, 33, 31), (17, 40, 77),
-          (1, 300, 64)]
+          (1, 300, 64), (1, 70, 96)]
 
 
 @pytest.fixture

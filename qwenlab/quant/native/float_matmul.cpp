@@ -3,8 +3,9 @@
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w [N, K] row-major (the checkpoint's own layout, so
 // prefill can hand the same tensor to oneDNN and nothing is repacked or copied). Decode reads every
 // weight once per token, so the kernel's job is to stream w at memory bandwidth: each thread takes
-// chunks of 64 rows and walks 8 rows side by side (8 sequential streams the prefetcher follows), each
-// with its own accumulator, reduced once per row at the end. Three paths, chosen at run time:
+// chunks of 64 rows (one contiguous run of memory) and, for one token, reads them front to back as one
+// stream; for several tokens it walks 4 rows x 4 tokens, so a row is read from memory once per call.
+// Three paths, chosen at run time:
 //   bf16:avx512bf16  vdpbf16ps: x rounded to bf16 (as PyTorch's bf16 model does), 32 products per
 //                    instruction, fp32 accumulation. Only where a child process ran the instruction
 //                    (qwenlab_probe_bf16), never because the compiler was told it may.
@@ -17,6 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <type_traits>
 
 #include "pool.h"
 #include "vec.h"
@@ -131,8 +134,70 @@ static inline void rows(const FloatJob& j, const Segment& s, int64_t n0, int64_t
         rows_fp32<T, RB>((const float*)s.w, j.K, (const float*)j.xp + m * j.Kp, j.Kp, n0, y, j.ldy, s.bias, ahead);
 }
 
-// One chunk: up to 32 rows of one segment, every token. Decode (1 token) walks 8 rows at a time;
-// several tokens walk 4 rows x 4 tokens, re-reading the rows from L1 for each group of 4 tokens.
+// One token over rows [begin, end): the rows are one contiguous run of memory, read front to back as a
+// single stream, a row at a time with two accumulators, prefetching a page ahead (into the next rows
+// where this one ends): the hardware prefetcher stops at each 4 KiB page, the software one runs on.
+// Walking 8 rows side by side instead (8 streams of 28-152 lines each) decoded the 0.5B shape in bf16
+// at 30.9 tok/s, against 38.3 for one stream (AMD EPYC, 2 threads, the same machine minutes apart).
+constexpr int64_t PREFETCH_BYTES = 4096;
+
+// Each line of a row: acc += w[k..k+E) . x[k..k+E), the row's tail masked (x is zero-padded).
+struct DotBf16 {
+    static constexpr int64_t E = 32, ELEM = 2;
+    __attribute__((target("avx512bf16"), always_inline)) static inline __m512 add(__m512 acc, const char* wrow, int64_t k,
+                                                                                const void* x, int64_t K) {
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail32(K - k), (const uint16_t*)wrow + k);
+        return _mm512_dpbf16_ps(acc, wv, (__m512bh)_mm512_loadu_si512((const uint16_t*)x + k));
+    }
+};
+struct WidenBf16 {  // x deinterleaved per 32 (prepare_row): the 16 even-k values, then the 16 odd-k ones
+    static constexpr int64_t E = 32, ELEM = 2;
+    static inline __m512 add(__m512 acc, const char* wrow, int64_t k, const void* x, int64_t K) {
+        const __m512i v = _mm512_maskz_loadu_epi16(tail32(K - k), (const uint16_t*)wrow + k);
+        const float* xk = (const float*)x + k;
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xk), acc);
+        return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))),
+                               _mm512_loadu_ps(xk + 16), acc);
+    }
+};
+struct Fp32 {
+    static constexpr int64_t E = 16, ELEM = 4;
+    static inline __m512 add(__m512 acc, const char* wrow, int64_t k, const void* x, int64_t K) {
+        return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail16(K - k), (const float*)wrow + k),
+                               _mm512_loadu_ps((const float*)x + k), acc);
+    }
+};
+
+#define QWENLAB_ROWS_ONE_TOKEN(Line)                                                                     \
+    const int64_t K = j.K;                                                                               \
+    for (int64_t n = begin; n < end; ++n) {                                                              \
+        const char* wrow = (const char*)s.w + n * K * Line::ELEM;                                        \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                       \
+        int64_t k = 0;                                                                                   \
+        for (; k + 2 * Line::E <= K; k += 2 * Line::E) {                                                 \
+            _mm_prefetch(wrow + k * Line::ELEM + PREFETCH_BYTES, _MM_HINT_T0);                           \
+            _mm_prefetch(wrow + k * Line::ELEM + PREFETCH_BYTES + 64, _MM_HINT_T0);                      \
+            a0 = Line::add(a0, wrow, k, j.xp, K);                                                        \
+            a1 = Line::add(a1, wrow, k + Line::E, j.xp, K);                                              \
+        }                                                                                                \
+        for (; k < K; k += Line::E) a0 = Line::add(a0, wrow, k, j.xp, K);                                \
+        s.y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (s.bias ? s.bias[n] : 0.0f);              \
+    }
+
+// The same loop twice: vdpbf16ps may only be compiled into a function that says so (target).
+__attribute__((target("avx512bf16"))) static void rows_one_token_dot(const FloatJob& j, const Segment& s,
+                                                                     int64_t begin, int64_t end) {
+    QWENLAB_ROWS_ONE_TOKEN(DotBf16)
+}
+
+template <class Line>
+static void rows_one_token(const FloatJob& j, const Segment& s, int64_t begin, int64_t end) {
+    QWENLAB_ROWS_ONE_TOKEN(Line)
+}
+
+// One chunk: up to ROWS_PER_CHUNK rows of one segment, every token. Decode (1 token) streams the rows
+// (rows_one_token); several tokens walk 4 rows x 4 tokens, re-reading the rows from L1 for each group of
+// 4 tokens, and the last 1-3 tokens 8 rows at a time.
 template <int PATH>
 void float_chunk(const void* p, int64_t chunk) {
     const FloatJob& j = *(const FloatJob*)p;
@@ -140,6 +205,11 @@ void float_chunk(const void* p, int64_t chunk) {
     while (chunk >= j.seg[s].chunks) chunk -= j.seg[s++].chunks;
     const Segment& seg = j.seg[s];
     const int64_t begin = chunk * ROWS_PER_CHUNK, end = begin + ROWS_PER_CHUNK < seg.N ? begin + ROWS_PER_CHUNK : seg.N;
+    if (j.M == 1) {
+        if (PATH == BF16_DOT) rows_one_token_dot(j, seg, begin, end);
+        else rows_one_token<typename std::conditional<PATH == FP32, Fp32, WidenBf16>::type>(j, seg, begin, end);
+        return;
+    }
     int64_t m = 0;
     for (; m + 4 <= j.M; m += 4) {
         int64_t n = begin;
