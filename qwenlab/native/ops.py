@@ -65,7 +65,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     out = torch.empty(b, 1, num_heads * d)
     status = checked(library().decode_attention(qkv.data_ptr(), qkv.numel(), b, num_heads, hkv, d, cos.data_ptr(),
                                                  sin.data_ptr(), cos.numel(), keys.data_ptr(), values.data_ptr(),
-                                                 keys.numel(), cap, pos, out.data_ptr(), out.numel(), starts_ptr),
+                                                 keys.numel(), cap, pos, out.data_ptr(), out.numel(), starts_ptr,
+                                                 kernel_threads()),
                       "decode_attention")
     return out if status == 0 else None
 

@@ -38,7 +38,7 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     "qwenlab_lora_bgmv": ([p, i64, i64, i64, i64, p, i64, p, i64, p, i64, i64, i64, i64, p, i64, i32, i32], "held"),
     # qkv, qkv_len, B, Hq, Hkv, D, cos, sin, cs_len, keys, values, kv_len, cap, pos, out, out_len,
     # starts (B int64 or NULL)
-    "qwenlab_decode_attention": ([p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64, p], "held"),
+    "qwenlab_decode_attention": ([p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64, p, i32], "held"),
     # x, x_len, rows, n, w, w_len, eps, out, out_len
     "qwenlab_rms_norm": ([p, i64, i64, i64, p, i64, f32, p, i64], "held"),
     # logits, logits_len, mask (uint32 words), mask_len, n_valid, out (one int64: the id, or -1)

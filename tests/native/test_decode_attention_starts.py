@@ -51,6 +51,7 @@ def reference(qkv, cos, sin, keys, values, pos, hq, starts):
     (3, 6, 2, 18, 9, 5, [0, 3, 5]),  # rows with different starts, the last one's start == pos
     (2, 4, 2, 6, 4, 0, [0, 0]),  # the first slot: start == pos == 0
     (4, 2, 2, 34, 11, 10, [1, 10, 0, 7]),
+    (3, 14, 2, 64, 700, 650, [0, 100, 650]),  # long enough that the (row, head) pairs run on the pool's threads
 ])
 def test_starts_equal_pytorch_masked_attention(b, hq, hkv, d, cap, pos, starts):
     qkv, cos, sin, keys, values = case(b, hq, hkv, d, cap, pos, starts)
@@ -84,3 +85,20 @@ def test_starts_of_another_length_or_dtype_are_refused_by_the_wrapper():
         native.decode_attention(qkv, cos, sin, keys, values, 3, 4, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(native.KernelArgumentError, match="starts must be a contiguous"):
         native.decode_attention(qkv, cos, sin, keys, values, 3, 4, torch.zeros(2, dtype=torch.int32))
+
+
+def test_threads_change_nothing():
+    """The (row, head) pairs split across the pool's threads give the bits one thread gives."""
+    b, hq, hkv, d, cap, pos = 2, 14, 2, 64, 600, 590
+    qkv, cos, sin, keys, values = case(b, hq, hkv, d, cap, pos, [0, 7], seed=5)
+    starts = torch.tensor([0, 7], dtype=torch.int64)
+    saved = torch.get_num_threads()
+    with torch.no_grad():
+        torch.set_num_threads(1)
+        try:
+            one = native.decode_attention(qkv, cos, sin, keys.clone(), values.clone(), pos, hq, starts)
+        finally:
+            torch.set_num_threads(max(saved, 2))
+        two = native.decode_attention(qkv, cos, sin, keys.clone(), values.clone(), pos, hq, starts)
+    torch.set_num_threads(saved)
+    assert torch.equal(one, two)

@@ -34,7 +34,7 @@ int qwenlab_gemm_int4(const float* x, int64_t x_len, int64_t M, int64_t K, const
 int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
                              const float* cos, const float* sin, int64_t cs_len, float* kcache, float* vcache,
                              int64_t kv_len, int64_t cap, int64_t pos, float* out, int64_t out_len,
-                             const int64_t* starts);
+                             const int64_t* starts, int nthreads);
 int qwenlab_rms_norm(const float* x, int64_t x_len, int64_t rows, int64_t n, const float* w, int64_t w_len, float eps,
                      float* out, int64_t out_len);
 }
@@ -271,7 +271,7 @@ extern "C" int qwenlab_decode_stack(float* x, int64_t x_len, int64_t B, int64_t 
                                            {q_n, kv_n, kv_n}, row_adapter, h, H, B, H, qkv_n, nthreads);
         if (status != QWENLAB_OK) break;
         status = qwenlab_decode_attention(qkv, B * qkv_n, B, Hq, Hkv, D, cos, sin, cs_len, L.keys, L.values,
-                                          L.kv_len, cap, pos, att, B * Hq * D, starts);
+                                          L.kv_len, cap, pos, att, B * Hq * D, starts, nthreads);
         if (status != QWENLAB_OK || (status = linear(L.o, att, B, y, nthreads, 0)) != QWENLAB_OK) break;
         if (A && (status = lora_add(A->o, row_adapter, att, q_n, B, q_n, y, H, H, nthreads)) != QWENLAB_OK) break;
         add_into(x, y, B * H);

@@ -51,6 +51,7 @@ static void quantize_row(const float* x, int64_t K, int8_t* xq, float* xs, int32
 static inline __m512i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
 constexpr int RG = 4;  // row blocks per row group
+static int64_t QPF = getenv("QPF") ? atoll(getenv("QPF")) : 4096;
 
 // Row blocks r0..r0+RB-1 of one row group, for T tokens: RB*T independent accumulator chains
 // hide the VNNI latency.
@@ -74,6 +75,7 @@ static inline void row_blocks(const uint8_t* w, const uint16_t* s, const uint16_
                 __m512i xv[T];
                 for (int t = 0; t < T; ++t) xv[t] = bcast4(xq + t * K + b * XB + q * 4);
                 for (int r = 0; r < RB; ++r) {
+                    if (T == 1) _mm_prefetch((const char*)wb + (q * RG + r0 + r) * 64 + QPF, _MM_HINT_T0);
                     __m512i wv = _mm512_loadu_si512(wb + (q * RG + r0 + r) * 64);
                     for (int t = 0; t < T; ++t) ia[r][t] = _mm512_dpbusd_epi32(ia[r][t], wv, xv[t]);
                 }
@@ -86,6 +88,7 @@ static inline void row_blocks(const uint8_t* w, const uint16_t* s, const uint16_
                     xh[t] = bcast4(xq + t * K + b * XB + o * 8 + 4);
                 }
                 for (int r = 0; r < RB; ++r) {
+                    if (T == 1) _mm_prefetch((const char*)wb + (o * RG + r0 + r) * 64 + QPF, _MM_HINT_T0);
                     __m512i v = _mm512_loadu_si512(wb + (o * RG + r0 + r) * 64);
                     __m512i lo = _mm512_and_si512(v, low);
                     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
