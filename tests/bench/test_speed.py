@@ -76,4 +76,8 @@ def test_bench_runs_a_float_variant_end_to_end(tiny_dir):
     (result,) = report.results
     assert result.kernel.startswith("bf16:avx512") and result.bytes_per_token[8] > 0
     assert report.bandwidth_bytes_per_s and report.bandwidth_bytes_per_s > 1e8
+    # the bound is the fastest read: the one before the engines, or the engine's own after its runs
+    assert result.bandwidth_bytes_per_s and result.bandwidth_bytes_per_s <= report.bandwidth_bytes_per_s
+    low, high = report.bandwidth_range
+    assert low <= high == report.bandwidth_bytes_per_s
     assert "of bound" in speed_table(report)
