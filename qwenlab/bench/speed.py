@@ -55,7 +55,10 @@ class EngineResult:
     runs: dict[int, list[dict]] = field(default_factory=dict)  # ctx -> [{ttft_s, prompt_tokens_per_s, decode_tokens_per_s}]
     kernel: str = ""  # the kernel path that ran: bf16:avx512bf16, int4:vnni, gguf q4_0, fp32:torch, ...
     bytes_per_token: dict[int, int] = field(default_factory=dict)  # ctx -> bytes a decode step reads (mid-run)
-    bandwidth_bytes_per_s: float | None = None  # the STREAM-like read in this engine's process, after its runs
+    # Its bound's bandwidth: the faster of two STREAM-like reads, just before its process started and in that
+    # process after its runs. A shared host's read rate moves by 2x within minutes (its neighbours), so each
+    # engine is held to what the machine gave around its own runs, not to a reading taken earlier.
+    bandwidth_bytes_per_s: float | None = None
 
     def warnings(self, ctx: int) -> list[str]:
         return run_warnings(self.runs.get(ctx, []))
@@ -209,10 +212,17 @@ def worker(spec: dict) -> dict:
     result.peak_rss_bytes = _peak_rss_bytes()  # before the read below, whose buffer is not the engine's
     from qwenlab.bench.machine import read_bandwidth_bytes_per_s
 
-    # Again after each engine: a shared host's read rate moves by 10-20% within minutes (its neighbours),
-    # and the bound is the fastest read seen during the whole bench.
-    result.bandwidth_bytes_per_s = read_bandwidth_bytes_per_s(threads)
+    result.bandwidth_bytes_per_s = read_bandwidth_bytes_per_s(threads)  # the "after" read (see EngineResult)
     return asdict(result)
+
+
+def run_engine_with_bound(spec: dict, timeout_s: float | None = None) -> EngineResult:
+    """run_engine, with the bandwidth read just before it started (the worker reads again after its runs)."""
+    before = measure_bandwidth(spec["threads"])
+    result = run_engine(spec, timeout_s)
+    reads = [b for b in (before, result.bandwidth_bytes_per_s) if b]
+    result.bandwidth_bytes_per_s = max(reads) if reads else None
+    return result
 
 
 def run_engine(spec: dict, timeout_s: float | None = None) -> EngineResult:
@@ -312,19 +322,23 @@ class SpeedReport:
     gen: int
     runs: int
     results: list[EngineResult]
-    bandwidth_bytes_per_s: float | None = None  # the fastest STREAM-like read: before the engines and after each
-    bandwidth_range: tuple[float, float] | None = None  # the slowest and fastest of those reads
+    bandwidth_bytes_per_s: float | None = None  # a STREAM-like read before the engines (each has its own too)
 
     def as_dict(self) -> dict:
         return {"model": self.model, "threads": self.threads, "contexts": self.contexts, "gen": self.gen,
                 "runs": self.runs, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
-                "bandwidth_range": self.bandwidth_range,
                 "results": [asdict(r) for r in self.results]}
 
     def bound(self, result: EngineResult, ctx: int) -> float | None:
-        """The decode tokens/s the memory bandwidth allows this engine at this context."""
+        """The decode tokens/s the memory bandwidth allows this engine at this context: the engine's own reads
+        (around its runs) where it has them, else the bench's."""
         per_token = result.bytes_per_token.get(ctx)
-        return self.bandwidth_bytes_per_s / per_token if self.bandwidth_bytes_per_s and per_token else None
+        bandwidth = result.bandwidth_bytes_per_s or self.bandwidth_bytes_per_s
+        return bandwidth / per_token if bandwidth and per_token else None
+
+    def bandwidth_range(self) -> tuple[float, float] | None:
+        reads = [b for b in (self.bandwidth_bytes_per_s, *(r.bandwidth_bytes_per_s for r in self.results)) if b]
+        return (min(reads), max(reads)) if reads else None
 
 
 def _parse_list(values, allowed: tuple[str, ...] | None, what: str) -> list[str]:
@@ -388,7 +402,7 @@ def bench_speed(model: str | Path, *, dtypes=("int4",), contexts=(128,), gen: in
         log(f"[bench] qwenlab {dtype} ({weights}), {threads} thread(s)")
         # --kernel aten/reference: PyTorch's kernels for the float variants too; native: the native stack or fail
         float_backend = {"aten": "torch", "reference": "torch", "native": "native"}.get(backend)
-        result = run_engine({**base, "engine": "qwenlab", "dtype": dtype, "path": str(path), "weights": weights,
+        result = run_engine_with_bound({**base, "engine": "qwenlab", "dtype": dtype, "path": str(path), "weights": weights,
                               "backend": backend, "float_backend": float_backend})
         result.weights += f" ({_backend_label(backend)})" if dtype.startswith("int") else ""
         results.append(result)
@@ -403,16 +417,14 @@ def bench_speed(model: str | Path, *, dtypes=("int4",), contexts=(128,), gen: in
             label = f"gguf {kind}" + (f", token_embd {head_kind}" if head_kind != kind else "")
             log(f"[bench] llama.cpp {label} for {dtype}")
             gguf = gguf_variant(float_folder, kind, head_kind)
-            results.append(run_engine({**base, "engine": "llama.cpp", "dtype": dtype, "path": str(gguf),
+            results.append(run_engine_with_bound({**base, "engine": "llama.cpp", "dtype": dtype, "path": str(gguf),
                                         "weights": label}))
     if "hf" in vs:
         for dtype in ["fp32"] + (["bf16"] if "bf16" in dtypes else []):
             log(f"[bench] transformers generate {dtype}")
-            results.append(run_engine({**base, "engine": "hf", "dtype": dtype, "path": str(float_folder),
+            results.append(run_engine_with_bound({**base, "engine": "hf", "dtype": dtype, "path": str(float_folder),
                                         "weights": dtype}))
-    reads = [b for b in [bandwidth, *(r.bandwidth_bytes_per_s for r in results)] if b]
-    return SpeedReport(str(folder), threads, contexts, gen, runs, results, max(reads, default=None),
-                       (min(reads), max(reads)) if reads else None)
+    return SpeedReport(str(folder), threads, contexts, gen, runs, results, bandwidth)
 
 
 def _describe_quantized(section: dict) -> str:
@@ -474,10 +486,10 @@ def speed_table(report: SpeedReport, markdown: bool = True) -> str:
                          f"{r.peak_rss_bytes / 2**20:.0f}"])
     text = format_table(header, rows, markdown)
     if report.bandwidth_bytes_per_s:
-        low, high = report.bandwidth_range or (report.bandwidth_bytes_per_s,) * 2
-        text += (f"\n\nbound: a STREAM-like read of 1 GiB ran at {high / 1e9:.1f} GB/s at best on {report.threads} "
-                 f"thread(s) (read before the engines and after each: {low / 1e9:.1f}-{high / 1e9:.1f}); "
-                 "bound tok/s = that best / the bytes a decode step reads")
+        low, high = report.bandwidth_range()
+        text += (f"\n\nbound: the bytes/s of a STREAM-like read of 1 GiB on {report.threads} thread(s), per engine the "
+                 "faster of one read just before its runs and one just after, over the bytes a decode step reads; the "
+                 f"reads ranged over {low / 1e9:.1f}-{high / 1e9:.1f} GB/s (first: {report.bandwidth_bytes_per_s / 1e9:.1f})")
     if notes:
         text += "\n\n! figures to distrust (not the variant's speed until measured on a quiet machine):\n" + "\n".join(notes)
     ratios = ratio_rows(report)
