@@ -5,7 +5,8 @@
 
 MODEL folders are float checkpoints (e.g. `qwenlab random 0.5b /tmp/q05 --dtype bf16`). --before is a
 checkout of the starting commit (`git worktree add /tmp/base <commit>`), run with PYTHONPATH pointing at it.
-Each round, for each model and dtype, runs one STREAM-like read (the bound's bandwidth), then every engine
+Each round, for each model and dtype, runs one STREAM-like read (the bound's bandwidth, or the engine's own
+read after its runs where that is faster), then every engine
 once, each in a fresh subprocess (qwenlab.bench.speed's worker), in an order that alternates between
 rounds, so that a busy spell on a shared machine falls on all of them alike. Every round is printed; the
 summary gives medians over rounds of tok/s, of the share of that round's bound, and of the same-round
@@ -67,7 +68,7 @@ def main() -> None:
                 weights = _describe_quantized(section)
             spec = {**base, "engine": "qwenlab", "dtype": dtype, "path": str(path), "weights": weights}
             jobs.append((model.name, dtype, "after", spec, None))
-            if args.before and not dtype.startswith("int"):
+            if args.before:
                 jobs.append((model.name, dtype, "before", spec, str(args.before)))
             if not args.no_llama:
                 kind = GGUF_FOR_DTYPE[dtype]
@@ -90,7 +91,9 @@ def main() -> None:
             if per_token is None and label == "before":  # the before checkout does not count bytes: same weights
                 per_token = next((row["bytes"] for key, rows in table.items() for row in rows
                                   if key[:2] == (model, dtype) and key[2] == "after"), None)
-            share = decode * per_token / bandwidth if per_token and bandwidth else None
+            # the bound's bandwidth: the faster of this round's read and the engine's own read after its runs
+            reads = [b for b in (bandwidth, result.bandwidth_bytes_per_s) if b]
+            share = decode * per_token / max(reads) if per_token and reads else None
             busy = result.runs[args.ctx][0].get("other_cpu_cores")
             table.setdefault((model, dtype, label), []).append(
                 {"round": r + 1, "tok_s": decode, "share": share, "bytes": per_token, "kernel": result.kernel,
