@@ -16,7 +16,8 @@ from qwenlab.model import GenerationConfig, load_model
 from qwenlab.model.generate import generate_token_ids
 from qwenlab.native.library import KernelArgumentError, float_path, force_float_path
 from qwenlab.quant import native as kernels
-from qwenlab.quant.float_native import NativeFloatQwen2ForCausalLM, NativeLinear
+from qwenlab.model.qwen2 import MLP
+from qwenlab.quant.float_native import ONEDNN_POINTWISE, NativeFloatMLP, NativeFloatQwen2ForCausalLM, NativeLinear
 from tests.conftest import CountedCalls
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
@@ -192,3 +193,27 @@ def test_the_decode_stack_equals_the_layer_by_layer_path_and_follows_weight_chan
     assert stacked.decode_stack() is not first
     stacked.model.layers[0].mlp.up_proj = torch.nn.Identity()  # a module that is not a NativeLinear
     assert stacked.decode_stack() is None
+
+
+@pytest.mark.skipif(not ONEDNN_POINTWISE, reason="this torch build has no oneDNN pointwise linear")
+def test_bf16_prefill_mlp_runs_in_bf16_like_pytorchs_bf16_model(tiny32_dir):
+    """Prefill rows of a bf16 model: SiLU and gate x up inside oneDNN, activations in bf16 (as PyTorch's bf16
+    model computes them); decode rows, fp32 weights and gradients keep the plain fp32-activation MLP."""
+    mlp = load(tiny32_dir, "bf16").model.model.layers[0].mlp
+    assert isinstance(mlp, NativeFloatMLP)
+    x = torch.randn(2, 20, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, plain = mlp(x), MLP.forward(mlp, x)
+        xb = x.bfloat16()
+        want = F.linear(F.silu(F.linear(xb, mlp.gate_proj.weight)) * F.linear(xb, mlp.up_proj.weight),
+                        mlp.down_proj.weight).float()
+        assert got.shape == plain.shape == x.shape and got.dtype == torch.float32
+        assert not torch.equal(got, plain)  # the bf16 path ran
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+        assert float((got - plain).norm() / plain.norm()) < 0.02
+        few = x[:, :3]  # 6 rows: decode's path
+        assert torch.equal(mlp(few), MLP.forward(mlp, few))
+    assert torch.equal(mlp(x).detach(), MLP.forward(mlp, x).detach())  # gradient mode: the plain MLP
+    fp32 = load(tiny32_dir, "fp32").model.model.layers[0].mlp
+    with torch.no_grad():
+        assert torch.equal(fp32(x), MLP.forward(fp32, x))
