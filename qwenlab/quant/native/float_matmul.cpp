@@ -19,8 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <type_traits>
-
 #include "pool.h"
 #include "vec.h"
 
@@ -162,65 +160,39 @@ static inline void rows(const FloatJob& j, const Segment& s, int64_t n0, int64_t
 // at 30.9 tok/s, against 38.3 for one stream (AMD EPYC, 2 threads, the same machine minutes apart).
 constexpr int64_t PREFETCH_BYTES = 4096;
 
-// Each line of a row: acc += w[k..k+E) . x[k..k+E); TAIL: the row's last, partial line, masked (x is zero-padded).
-struct DotBf16 {
-    static constexpr int64_t E = 32, ELEM = 2;
-    template <bool TAIL = false>
-    __attribute__((target("avx512bf16"), always_inline)) static inline __m512 add(__m512 acc, const char* wrow, int64_t k,
-                                                                                const void* x, int64_t K) {
-        const uint16_t* p = (const uint16_t*)wrow + k;
-        const __m512bh wv = (__m512bh)(TAIL ? _mm512_maskz_loadu_epi16(tail32(K - k), p) : _mm512_loadu_si512(p));
-        return _mm512_dpbf16_ps(acc, wv, (__m512bh)_mm512_loadu_si512((const uint16_t*)x + k));
-    }
-};
-struct WidenBf16 {  // x deinterleaved per 32 (prepare_row): the 16 even-k values, then the 16 odd-k ones
-    static constexpr int64_t E = 32, ELEM = 2;
-    template <bool TAIL = false>
-    static inline __m512 add(__m512 acc, const char* wrow, int64_t k, const void* x, int64_t K) {
-        const uint16_t* p = (const uint16_t*)wrow + k;
-        const __m512i v = TAIL ? _mm512_maskz_loadu_epi16(tail32(K - k), p) : _mm512_loadu_si512(p);
-        const float* xk = (const float*)x + k;
-        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xk), acc);
-        return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))),
-                               _mm512_loadu_ps(xk + 16), acc);
-    }
-};
-struct Fp32 {
-    static constexpr int64_t E = 16, ELEM = 4;
-    template <bool TAIL = false>
-    static inline __m512 add(__m512 acc, const char* wrow, int64_t k, const void* x, int64_t K) {
-        const float* p = (const float*)wrow + k;
-        return _mm512_fmadd_ps(TAIL ? _mm512_maskz_loadu_ps(tail16(K - k), p) : _mm512_loadu_ps(p),
-                               _mm512_loadu_ps((const float*)x + k), acc);
-    }
-};
-
-#define QWENLAB_ROWS_ONE_TOKEN(Line)                                                                     \
-    const int64_t K = j.K;                                                                               \
-    for (int64_t n = begin; n < end; ++n) {                                                              \
-        const char* wrow = (const char*)s.w + n * K * Line::ELEM;                                        \
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                       \
-        int64_t k = 0;                                                                                   \
-        for (; k + 2 * Line::E <= K; k += 2 * Line::E) {                                                 \
-            _mm_prefetch(wrow + k * Line::ELEM + PREFETCH_BYTES, _MM_HINT_T0);                           \
-            _mm_prefetch(wrow + k * Line::ELEM + PREFETCH_BYTES + 64, _MM_HINT_T0);                      \
-            a0 = Line::add(a0, wrow, k, j.xp, K);                                                        \
-            a1 = Line::add(a1, wrow, k + Line::E, j.xp, K);                                              \
-        }                                                                                                \
-        for (; k + Line::E <= K; k += Line::E) a0 = Line::add(a0, wrow, k, j.xp, K);                     \
-        if (k < K) a0 = Line::template add<true>(a0, wrow, k, j.xp, K);  /* the masked tail */         \
-        s.y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (s.bias ? s.bias[n] : 0.0f);              \
+// The rows' own loop, with the tiles' steps at one row and one token (T = RB = 1): the same loads and products
+// per block as several tokens take. WT/XT: the weight's and the prepared x's element types; E: k per step. A
+// macro because the bf16 dot loop must sit in a function marked target.
+#define QWENLAB_ROWS_ONE_TOKEN(STEP, WT, XT, E)                                                           \
+    const int64_t K = j.K;                                                                                \
+    const WT* w = (const WT*)s.w;                                                                         \
+    const XT* x = (const XT*)j.xp;                                                                        \
+    for (int64_t n = begin; n < end; ++n) {                                                               \
+        const char* wrow = (const char*)(w + n * K);                                                      \
+        __m512 a0[1][1] = {{_mm512_setzero_ps()}}, a1[1][1] = {{_mm512_setzero_ps()}};                    \
+        int64_t k = 0;                                                                                    \
+        for (; k + 2 * (E) <= K; k += 2 * (E)) {                                                          \
+            _mm_prefetch(wrow + k * sizeof(WT) + PREFETCH_BYTES, _MM_HINT_T0);                            \
+            _mm_prefetch(wrow + k * sizeof(WT) + PREFETCH_BYTES + 64, _MM_HINT_T0);                       \
+            STEP<1, 1, false>(a0, w, K, x, j.Kp, n, k, false);                                            \
+            STEP<1, 1, false>(a1, w, K, x, j.Kp, n, k + (E), false);                                      \
+        }                                                                                                 \
+        for (; k + (E) <= K; k += (E)) STEP<1, 1, false>(a0, w, K, x, j.Kp, n, k, false);                 \
+        if (k < K) STEP<1, 1, true>(a0, w, K, x, j.Kp, n, k, false);                                      \
+        s.y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[0][0], a1[0][0])) + (s.bias ? s.bias[n] : 0.0f);   \
     }
 
-// The same loop twice: vdpbf16ps may only be compiled into a function that says so (target).
 __attribute__((target("avx512bf16"))) static void rows_one_token_dot(const FloatJob& j, const Segment& s,
                                                                      int64_t begin, int64_t end) {
-    QWENLAB_ROWS_ONE_TOKEN(DotBf16)
+    QWENLAB_ROWS_ONE_TOKEN(step_bf16_dot, uint16_t, uint16_t, XB)
 }
 
-template <class Line>
-static void rows_one_token(const FloatJob& j, const Segment& s, int64_t begin, int64_t end) {
-    QWENLAB_ROWS_ONE_TOKEN(Line)
+static void rows_one_token_widen(const FloatJob& j, const Segment& s, int64_t begin, int64_t end) {
+    QWENLAB_ROWS_ONE_TOKEN(step_bf16_widen, uint16_t, float, XB)
+}
+
+static void rows_one_token_fp32(const FloatJob& j, const Segment& s, int64_t begin, int64_t end) {
+    QWENLAB_ROWS_ONE_TOKEN(step_fp32, float, float, 16)
 }
 
 // One chunk: up to ROWS_PER_CHUNK rows of one segment, every token. Decode (1 token) streams the rows
@@ -235,7 +207,8 @@ void float_chunk(const void* p, int64_t chunk) {
     const int64_t begin = chunk * ROWS_PER_CHUNK, end = begin + ROWS_PER_CHUNK < seg.N ? begin + ROWS_PER_CHUNK : seg.N;
     if (j.M == 1) {
         if (PATH == BF16_DOT) rows_one_token_dot(j, seg, begin, end);
-        else rows_one_token<typename std::conditional<PATH == FP32, Fp32, WidenBf16>::type>(j, seg, begin, end);
+        else if (PATH == BF16_WIDEN) rows_one_token_widen(j, seg, begin, end);
+        else rows_one_token_fp32(j, seg, begin, end);
         return;
     }
     int64_t m = 0;
