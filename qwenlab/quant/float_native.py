@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenlab.model.linear import Linear, fast_linear
+from qwenlab.model.linear import ONEDNN, Linear, fast_linear
 from qwenlab.model.qwen2 import MLP, Qwen2ForCausalLM
 from qwenlab import native as kernels
 from qwenlab.quant import native
@@ -49,14 +49,7 @@ class NativeLinear(Linear):
         return fast_linear(x.to(w.dtype), w, bias).to(x.dtype)
 
 
-def _onednn_pointwise_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn._linear_pointwise, "binary")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-ONEDNN_POINTWISE = _onednn_pointwise_available()
+ONEDNN_POINTWISE = ONEDNN and hasattr(torch.ops.mkldnn._linear_pointwise, "binary")  # and its binary post-ops
 
 
 class NativeFloatMLP(MLP):

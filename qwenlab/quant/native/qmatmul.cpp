@@ -52,8 +52,9 @@ static inline __m512i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); ret
 
 constexpr int RG = 4;  // row blocks per row group
 // Decode also prefetches a page ahead of each weight line it reads (the row group is one stream; the
-// hardware prefetcher stops at each 4 KiB page): the 0.5B int4 model decoded at 95-101 tok/s without,
-// 113-114 with (int8: 65-66 -> 69, AMD EPYC, 2 threads, runs interleaved).
+// hardware prefetcher stops at each 4 KiB page), as the float kernel does. Its effect here is unproven: an
+// A/B minutes apart gave the 0.5B int4 model 95-101 tok/s without and 113-114 with (int8 65-66 -> 69), but
+// benchmarks/decode_bound_bench.py's alternating rounds gave 1.02x (int4) and 0.99x (int8) (AMD EPYC).
 constexpr int64_t PREFETCH_BYTES = 4096;
 
 // Row blocks r0..r0+RB-1 of one row group, for T tokens: RB*T independent accumulator chains
