@@ -88,6 +88,39 @@ def runnable_model(source):
     return model.eval().requires_grad_(False)
 
 
+def token_batches(token_rows: list[list[int]], pad_id: int, batch: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens [B, T], real-token mask [B, T]) per batch, right-padded: causal attention never sees the pads."""
+    batches = []
+    for start in range(0, len(token_rows), batch):
+        rows = token_rows[start:start + batch]
+        length = max(map(len, rows))
+        tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for row, ids in enumerate(rows):
+            tokens[row, :len(ids)], mask[row, :len(ids)] = torch.tensor(ids), True
+        batches.append((tokens, mask))
+    return batches
+
+
+def data_token_rows(source, data, where: str) -> tuple[list[list[int]], int]:
+    """The model's data as token rows (cut to its context), and its tokenizer's pad id."""
+    from qwenlab.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(source.path)
+    max_length = source.config.max_position_embeddings
+    rows = [tokenizer.encode(text)[:max_length] for text in data_texts(data, tokenizer, where)]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise QwenlabError(f"{where}: the data gives no tokens")
+    return rows, tokenizer.pad_id
+
+
+def source_label(source) -> str:
+    """'nano' or 'nano+sft-repeat': how progress bars name a merge input."""
+    adapter = getattr(source, "adapter_path", None)
+    return f"{Path(source.path).name}+{Path(adapter).name}" if adapter else Path(source.path).name
+
+
 def linear_input_grams(model, token_rows: list[list[int]], pad_id: int, progress: bool = False,
                        label: str = "a model") -> dict[str, torch.Tensor]:
     """{weight name: Σ xᵀx over real tokens} for every linear in the decoder layers (float32, [in, in])."""
@@ -103,14 +136,8 @@ def linear_input_grams(model, token_rows: list[list[int]], pad_id: int, progress
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, len(token_rows), BATCH), desc=f"regmean: layer inputs of {label}", unit="batch",
-                              disable=not progress, file=sys.stderr):
-                batch = token_rows[start:start + BATCH]
-                length = max(map(len, batch))
-                tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), length), dtype=torch.bool)
-                for row, ids in enumerate(batch):  # right padding: causal attention never sees the pads
-                    tokens[row, :len(ids)], mask[row, :len(ids)] = torch.tensor(ids), True
+            for tokens, mask in tqdm(token_batches(token_rows, pad_id), desc=f"regmean: layer inputs of {label}",
+                                     unit="batch", disable=not progress, file=sys.stderr):
                 valid["mask"] = mask.reshape(-1)
                 model(tokens)
     finally:
@@ -119,27 +146,23 @@ def linear_input_grams(model, token_rows: list[list[int]], pad_id: int, progress
     return {k: v.to(torch.float32) for k, v in grams.items()}
 
 
-def model_grams(source, data, where: str, progress: bool = False) -> dict[str, torch.Tensor]:
-    """linear_input_grams of a merge input on its data, cached per (model, adapter, data)."""
-    from qwenlab.model.tokenizer import load_tokenizer
-
+def input_key(source, data) -> tuple:
+    """What identifies a merge input's measurements: model, adapter, data (and the data file's version)."""
     stamp = None
     if data.file is not None and Path(data.file).is_file():  # an edited file is measured again
         stat = Path(data.file).stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
-    key = (str(source.path), str(getattr(source, "adapter_path", None)), data.model_dump_json(), stamp)
+    return str(source.path), str(getattr(source, "adapter_path", None)), data.model_dump_json(), stamp
+
+
+def model_grams(source, data, where: str, progress: bool = False) -> dict[str, torch.Tensor]:
+    """linear_input_grams of a merge input on its data, cached per (model, adapter, data)."""
+    key = input_key(source, data)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    tokenizer = load_tokenizer(source.path)
-    max_length = source.config.max_position_embeddings
-    rows = [tokenizer.encode(text)[:max_length] for text in data_texts(data, tokenizer, where)]
-    rows = [r for r in rows if r]
-    if not rows:
-        raise QwenlabError(f"{where}: the data gives no tokens")
-    adapter = getattr(source, "adapter_path", None)
-    label = f"{Path(source.path).name}+{Path(adapter).name}" if adapter else Path(source.path).name
-    grams = linear_input_grams(runnable_model(source), rows, tokenizer.pad_id, progress, label)
+    rows, pad_id = data_token_rows(source, data, where)
+    grams = linear_input_grams(runnable_model(source), rows, pad_id, progress, source_label(source))
     _CACHE[key] = grams
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

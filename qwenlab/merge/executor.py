@@ -86,7 +86,13 @@ def merge_tensor(plan: MergePlan, planned: PlannedTensor, sources: dict[str, Ten
     tensors = [to_float32(t) for t in stored] if method.takes_float32_inputs else stored
     del stored
     params = {**planned.params, "out_dtype": out_dtype}
-    if method.needs_activations:
+    if method.solves_layers:
+        if plan.solved is None:
+            from qwenlab.merge.layerwise import solve_layers
+
+            plan.solved = solve_layers(plan, sources)
+        params["solved"] = plan.solved.get(planned.name)
+    elif method.needs_activations:
         params["grams"] = [input_gram(plan, sources, model, name) for model, name in planned.inputs]
     if method.uses_seed:
         params["seeds"] = [tensor_seed(seed, planned.name, i) for i in range(len(tensors))]
@@ -109,7 +115,7 @@ def check_activation_data(config: MergeConfig) -> None:
             raise QwenlabError(f"models[{index}].data: {method.name} measures each model on its own examples; "
                                "give data: {task: NAME} (or tasks: [...], or file: chats.jsonl)")
         if not method.needs_activations and entry.data is not None:
-            raise QwenlabError(f"models[{index}].data: only regmean uses data ({method.name} merges weights alone)")
+            raise QwenlabError(f"models[{index}].data: only regmean and regmean_sequential use data ({method.name} merges weights alone)")
         if entry.data is not None and entry.data.file is not None and not Path(entry.data.file).is_file():
             raise QwenlabError(f"models[{index}].data.file: {entry.data.file} not found")
         if entry.data is not None and entry.data.file is None:

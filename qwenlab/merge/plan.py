@@ -39,6 +39,7 @@ class MergePlan:
     output_config: Qwen2Config
     tensors: list[PlannedTensor] = field(default_factory=list)
     slices: list = field(default_factory=list)  # the normalized slices, for the dry-run table
+    solved: dict | None = None  # solves_layers methods: every decoder linear's weight, solved on first use
 
 
 @dataclass

@@ -133,7 +133,7 @@ def test_regmean_without_data_and_data_on_other_methods_are_refused(tmp_path, sp
     del config["models"][1]["data"]
     with pytest.raises(QwenlabError, match=r"models\[1\]\.data: regmean measures each model on its own examples"):
         merge(config, tmp_path / "a", progress=False)
-    with pytest.raises(QwenlabError, match=r"models\[0\]\.data: only regmean uses data"):
+    with pytest.raises(QwenlabError, match=r"models\[0\]\.data: only regmean and regmean_sequential use data"):
         merge(_config(specialist, merge_method="linear"), tmp_path / "b", progress=False)
     config = _config(specialist)
     config["models"][0]["data"] = {"task": "no_such_task"}

@@ -4,7 +4,8 @@ line in METHODS. See spec.py for the calling convention."""
 from __future__ import annotations
 
 from qwenlab.errors import QwenlabError
-from qwenlab.merge.methods import linear, model_stock, nuslerp, passthrough, regmean, slerp, task_vectors
+from qwenlab.merge.methods import (linear, model_stock, nuslerp, passthrough, regmean, regmean_sequential, slerp,
+                                   task_vectors)
 from qwenlab.merge.methods.spec import MergeMethod, Parameter
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in (
@@ -15,6 +16,7 @@ METHODS: dict[str, MergeMethod] = {method.name: method for method in (
     model_stock.METHOD,
     passthrough.METHOD,
     regmean.METHOD,  # data-aware: needs each model's `data`
+    regmean_sequential.METHOD,  # data-aware, solved layer by layer on the merged model
 )}
 
 

@@ -48,10 +48,17 @@ def merge_regmean(tensors: list[torch.Tensor], params: dict) -> torch.Tensor:
         lhs += weight * shrunk
         rhs += weight * (shrunk @ tensor.to(torch.float64).T)
         average += weight * tensor.to(torch.float64).T
-    ridge = params.get("ridge", DEFAULT_RIDGE) * max(lhs.diagonal().mean().item(), 1e-12)
-    lhs.diagonal().add_(ridge)
-    rhs += ridge * average / sum(weights)
-    return torch.linalg.solve(lhs, rhs).T.to(torch.float32).contiguous()
+    return ridge_solve(lhs, rhs, average / sum(weights), params.get("ridge", DEFAULT_RIDGE)).T.to(torch.float32) \
+        .contiguous()
+
+
+def ridge_solve(lhs: torch.Tensor, rhs: torch.Tensor, average: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Wᵀ from (lhs + ρI) Wᵀ = rhs + ρ W̄ᵀ, ρ = ridge x the mean diagonal of lhs: least squares pulled towards W̄
+    (`average`, [in, out]) in the directions the data leaves free. float64 in, float64 out."""
+    rho = ridge * max(lhs.diagonal().mean().item(), 1e-12)
+    lhs = lhs.clone()
+    lhs.diagonal().add_(rho)
+    return torch.linalg.solve(lhs, rhs + rho * average)
 
 
 METHOD = MergeMethod(

@@ -64,6 +64,9 @@ class MergeMethod:
     # regmean: the executor passes params["grams"], each input's Gram matrix of the inputs of the linear
     # the tensor belongs to (None for tensors that are not a linear's weight), measured on the model's `data`
     needs_activations: bool = False
+    # regmean_sequential: the executor solves every decoder linear once per merge, in forward order on the
+    # merged model's own activations (merge/layerwise.py), and passes params["solved"] (None for other tensors)
+    solves_layers: bool = False
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)
