@@ -62,7 +62,8 @@ def test_every_method_has_a_search_space_whose_first_point_is_its_default():
     from qwenlab.merge.search import get_path
 
     for method, keeps in (("linear", False), ("ties", False), ("slerp", False), ("task_arithmetic", False),
-                          ("regmean", False), ("regmean", True)):
+                          ("regmean", False), ("regmean", True), ("regmean_sequential", False),
+                          ("regmean_sequential", True)):
         config = method_config(method, "base", "a", "b", ("arithmetic", "reverse"), ("sort_letters",) if keeps else ())
         assert len(config["models"]) == 2 + keeps
         for entry in search_space(method, 1, keeps):

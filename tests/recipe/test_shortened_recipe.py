@@ -3,7 +3,7 @@ adapter falls below the forgetting bound, and the tuned merge is at least as goo
 default-parameter merge.
 
 The stages are read from the built-in recipe and run as they are there, shortened where that keeps the
-claim: 4 of its 12 stages and a merge search of 8 trials instead of 24. The specialists keep their steps,
+claim: 4 of its 12 stages and a merge search of 3 trials instead of 5. The specialists keep their steps,
 and adapter_eval its 400 instances per task: the test checks the figures the report prints (at 200, one
 run on another CPU put sft-repeat's arithmetic at 0.34 against a bar of 0.369). Shorter training tests another claim than the
 recipe makes. Repeat's forgetting is transient: at 400 steps it kept 82% of nano's arithmetic, at 800
@@ -33,7 +33,7 @@ def shortened(tmp_path):
             params = {**params, "adapters": [p["as"] for s in stages for p in s.values()]}  # the recipe's n
             stages.append({kind: params})
         elif kind == "merge":
-            params = {**params, "search": {**params["search"], "trials": 8}}
+            params = {**params, "search": {**params["search"], "trials": 3}}
             stages.append({kind: params})
     assert [next(iter(s)) for s in stages] == ["train", "train", "adapter_eval", "merge"]
     path = tmp_path / "short.yaml"
@@ -63,6 +63,9 @@ def test_the_shortened_builtin_recipe_gains_each_skill_keeps_the_others_and_tune
         assert "keeps every skill" in line
     search = merge["search"]
     defaults = search["defaults_on_validation"]
-    assert set(defaults) == {f"merge-{m}" for m in ("linear", "ties", "slerp", "task_arithmetic", "regmean")}
+    assert set(defaults) == {f"merge-{m}" for m in ("linear", "ties", "slerp", "task_arithmetic")}
     assert search["validation_objective"] >= max(d["objective"] for d in defaults.values())
+    # and it keeps both skills and nano's others: every default merge loses one (their best worst share was 0.44;
+    # regmean_sequential's trials scored 0.83-0.91 on this host)
+    assert search["method"] == "regmean_sequential" and search["validation_objective"] >= 0.75, search
     assert "merge-tuned" in merge["accuracy"] and "| merge-tuned |" in report

@@ -31,8 +31,11 @@ from qwenlab.errors import QwenlabError
 from qwenlab.recipe.stages.params import StageParams
 from qwenlab.stats import format_accuracy
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties", "regmean")
-REGMEAN_DATA_N = 512  # examples per model for regmean's Gram matrices (256 kept ~2 points less of each skill on nano)
+METHODS = ("linear", "slerp", "task_arithmetic", "ties", "regmean", "regmean_sequential")
+REGMEAN_DATA_N = 512  # examples per model for regmean's fits (256 kept ~2-4 points less of each skill on nano)
+# regmean_sequential's share of the base (measured on keep_tasks) against 1 for each specialist: it only has to
+# hold the skills neither specialist touched. 0.05-0.15 kept them at 94-96% of nano's (docs/merge.md).
+SEQUENTIAL_BASE_WEIGHT = 0.05
 
 
 class SearchParams(BaseModel):
@@ -78,15 +81,21 @@ def search_space(method: str, layer_groups: int = 1, keeps: bool = False) -> lis
     if method == "regmean":  # only the ratios of the weights matter; the base's (keep_tasks) is models[2]
         return [{"path": f"models[{i}].parameters.weight", "low": 0.25, "high": 4.0, **groups} for i in (0, 1)] + \
             ([{"path": "models[2].parameters.weight", "low": 0.0, "high": 1.0, **groups}] if keeps else [])
+    if method == "regmean_sequential":  # ratios only: the first specialist's weight stays 1
+        return [{"path": "models[1].parameters.weight", "low": 0.5, "high": 4.0, **groups}] + \
+            ([{"path": "models[2].parameters.weight", "low": 0.0, "high": 0.3, **groups}] if keeps else [])
     raise QwenlabError(f"merge stage: search: unsupported method '{method}'")
 
 
 def default_point(method: str, layer_groups: int = 1, keeps: bool = False) -> dict[str, float]:
     """method_config's own parameters, in search_space's names: the search's first trial."""
-    values = {"weight": 0.5 if method == "linear" else 1.0, "density": 0.5, "t": 0.5}
+    from qwenlab.merge.search import get_path
+
+    config = method_config(method, "base", "a", "b", ("a", "b"), ("keep",) if keeps else ())
     point = {}
     for entry in search_space(method, layer_groups, keeps):
-        value = values[entry["path"].rsplit(".", 1)[1]]
+        node, key = get_path(config, entry["path"])
+        value = node[key]
         groups = entry.get("groups", 1)
         names = [entry["path"]] if groups == 1 else [f"{entry['path']}#{g}" for g in range(groups)]
         point.update({name: value for name in names})
@@ -110,13 +119,16 @@ def method_config(method: str, base: str, a: str, b: str, tasks: tuple = (), kee
         return {"merge_method": "ties", "base_model": base, "parameters": {"normalize": False},
                 "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
                            {"model": b, "parameters": {"weight": 1.0, "density": 0.5}}]}
-    if method == "regmean":
+    if method in ("regmean", "regmean_sequential"):
         level = {"n": REGMEAN_DATA_N, **({"difficulty": difficulty} if difficulty is not None else {})}
         models = [{"model": m, "parameters": {"weight": 1.0}, "data": {"task": t, **level}}
                   for m, t in zip((a, b), tasks)]
         if keep_tasks:
-            models.append({"model": base, "parameters": {"weight": 1.0}, "data": {"tasks": list(keep_tasks), **level}})
-        return {"merge_method": "regmean", "models": models, "parameters": {"alpha": 1.0}}
+            weight = SEQUENTIAL_BASE_WEIGHT if method == "regmean_sequential" else 1.0
+            models.append({"model": base, "parameters": {"weight": weight}, "data": {"tasks": list(keep_tasks), **level}})
+        if method == "regmean":
+            return {"merge_method": "regmean", "models": models, "parameters": {"alpha": 1.0}}
+        return {"merge_method": "regmean_sequential", "models": models}
     raise QwenlabError(f"merge stage: unsupported method '{method}' ({', '.join(METHODS)})")
 
 
