@@ -90,6 +90,8 @@ class TrainConfig:
     save_steps: int = _help("write checkpoints/checkpoint-N every N steps (0: only at the end)", 50)
     save_total_limit: int = _help("checkpoints to keep (0: all)", 2)
     eval_steps: int = _help("eval loss every N steps (0: at each checkpoint)", 0)
+    early_stopping: int = _help("stop after this many evaluations in a row without a lower eval loss, and keep the "
+                                "adapter of the best one (0: off; needs eval data)", 0)
     threads: int = _help("torch CPU threads (0: torch's default)", 0)
     gradient_checkpointing: bool = _help("recompute activations in backward (less memory, slower)", False)
     resume: bool = _help("continue from the latest checkpoint in OUT/checkpoints", False)
@@ -112,7 +114,7 @@ class TrainConfig:
                 raise QwenlabError(f"{source}: '{name}' must be > 0, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:  # numpy's seed range, which transformers' set_seed uses
             raise QwenlabError(f"{source}: 'seed' must be from 0 to 2**32-1, got {self.seed}")
-        for name in ("steps", "save_steps", "save_total_limit", "eval_steps", "threads"):
+        for name in ("steps", "save_steps", "save_total_limit", "eval_steps", "threads", "early_stopping"):
             if getattr(self, name) < 0:
                 raise QwenlabError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
         for f in fields(self):  # nan/inf would reach the optimizer and poison every weight
@@ -139,6 +141,12 @@ class TrainConfig:
             raise QwenlabError(f"{source}: 'replay_answers' must be 'base' or 'reference', got {self.replay_answers!r}")
         if not 0 <= self.val_fraction < 1:
             raise QwenlabError(f"{source}: 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+        if self.early_stopping and not self.eval_data and self.val_fraction == 0:
+            raise QwenlabError(f"{source}: 'early_stopping' watches the eval loss: give 'eval_data' or a "
+                               "'val_fraction' above 0")
+        if self.early_stopping and self.eval_steps and self.save_steps and self.save_steps % self.eval_steps:
+            raise QwenlabError(f"{source}: with 'early_stopping', 'save_steps' ({self.save_steps}) must be a multiple "
+                               f"of 'eval_steps' ({self.eval_steps}), so the best evaluation has a checkpoint")
         if self.steps == 0 and self.epochs <= 0:
             raise QwenlabError(f"{source}: set 'steps' > 0 or 'epochs' > 0")
         known = _linear_modules()

@@ -290,6 +290,9 @@ def trainer_arguments(run: TrainingRun) -> dict:
         save_total_limit=config.save_total_limit or None,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=(config.eval_steps or save_steps) if evaluate else None,
+        # early stopping (transformers' EarlyStoppingCallback, added in trainers.py) keeps the best checkpoint
+        **(dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+           if config.early_stopping and evaluate else {}),
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=not config.progress,

@@ -69,6 +69,10 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
 
         trainer.remove_callback(PrinterCallback)
     trainer.add_callback(metrics_log(run.checkpoints.parent / METRICS_LOG))
+    if config.early_stopping and eval_data is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.early_stopping))
     open_output(run)
     started = time.time()
     try:

@@ -262,3 +262,33 @@ def test_bad_engine_and_dpo_fail_before_any_output(tiny_model_dir, sft_data, tmp
     with pytest.raises(QwenlabError, match="no training example has a target token within max_length 32"):
         train_sft(native_config(tiny_model_dir, long, tmp_path / "out", max_length=32, val_fraction=0.0))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("engine", ["native", "trl"])
+def test_early_stopping_stops_after_the_patience_and_keeps_the_best_adapter(tiny_model_dir, sft_data, tmp_path, engine):
+    # Eval loss on another task than the one trained: it falls for a step or two, then climbs as the adapter
+    # specialises, which is what early stopping is for.
+    other = write_jsonl(sft_records_from_task("reverse", 12, seed=2), tmp_path / "reverse.jsonl")
+    result = train_sft(native_config(tiny_model_dir, sft_data, tmp_path / "out", engine=engine, steps=30,
+                                     eval_data=str(other), eval_steps=1, save_steps=1, save_total_limit=0,
+                                     learning_rate=3e-2, lora_dropout=0.0, early_stopping=2))
+    evals = [(e["step"], e["eval_loss"]) for e in result.log_history if "eval_loss" in e]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert result.steps == best_step + 2 < 30, evals  # two evaluations without a lower loss, then stop
+    assert [loss for step, loss in evals if step > best_step] and all(
+        loss >= best for step, loss in evals if step > best_step)
+    kept, at_best = read_adapter(tmp_path / "out"), read_adapter(tmp_path / "out" / "checkpoints" /
+                                                                 f"checkpoint-{best_step}")
+    last = read_adapter(tmp_path / "out" / "checkpoints" / f"checkpoint-{result.steps}") if engine == "trl" else None
+    for name, (a, b) in at_best.modules.items():
+        torch.testing.assert_close(kept.modules[name][0], a)
+        torch.testing.assert_close(kept.modules[name][1], b)
+    if last is not None:  # the run did move on after the best step: keeping it is a choice, not a no-op
+        assert any(not torch.equal(last.modules[n][1], b) for n, (_, b) in at_best.modules.items())
+
+
+def test_early_stopping_without_eval_data_is_refused(tiny_model_dir, sft_data, tmp_path):
+    with pytest.raises(QwenlabError, match="'early_stopping' watches the eval loss"):
+        native_config(tiny_model_dir, sft_data, tmp_path / "out", val_fraction=0.0, early_stopping=2).validate()
+    with pytest.raises(QwenlabError, match="'save_steps' \\(3\\) must be a multiple of 'eval_steps' \\(2\\)"):
+        native_config(tiny_model_dir, sft_data, tmp_path / "out", eval_steps=2, early_stopping=2).validate()

@@ -222,6 +222,29 @@ class NativeSFT:
         return adapter
 
 
+class EarlyStopping:
+    """transformers' EarlyStoppingCallback for the native loop: stop after `patience` evaluations in a row without
+    a lower eval loss, and hand back the LoRA weights of the best one (as load_best_model_at_end does)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_step, self.misses, self.weights = patience, math.inf, None, 0, None
+
+    def update(self, eval_loss: float | None, step: int, params) -> bool:
+        if eval_loss is None:
+            return False
+        if eval_loss < self.best:
+            self.best, self.best_step, self.misses = eval_loss, step, 0
+            self.weights = [p.detach().clone() for p in params]
+            return False
+        self.misses += 1
+        return self.misses >= self.patience
+
+    def restore(self, params) -> None:
+        with torch.no_grad():
+            for param, best in zip(params, self.weights):
+                param.copy_(best)
+
+
 def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
     """The loop behind `qwenlab train sft --engine native`: steps, logs, evals, checkpoints, a progress bar;
     Ctrl-C saves a checkpoint of the steps done. Returns the trainer and the run's start time."""
@@ -241,6 +264,7 @@ def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
                disable=not config.progress, file=sys.stderr)
     losses: list[float] = []
     since_log: list[float] = []
+    watch = EarlyStopping(config.early_stopping) if config.early_stopping and trainer.eval_examples else None
     try:
         while trainer.step < run.total_steps:
             stats = trainer.train_step()
@@ -257,13 +281,25 @@ def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
                 trainer.history.append(row)
                 since_log = []
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            stop = False
             if trainer.eval_examples and (step % eval_every == 0 or step == run.total_steps):
-                trainer.history.append({"eval_loss": trainer.eval_loss(), "step": step})
-            if step % save_every == 0 or step == run.total_steps:
+                eval_loss = trainer.eval_loss()
+                trainer.history.append({"eval_loss": eval_loss, "step": step})
+                stop = watch.update(eval_loss, step, trainer.params) if watch else False
+            if stop or step == run.total_steps:
+                if watch and watch.best_step is not None and watch.best_step != step:
+                    watch.restore(trainer.params)
+                    trainer.history.append({"best_eval_loss": watch.best, "best_step": watch.best_step,
+                                            "stopped_early": stop, "step": step})
+            if stop or step % save_every == 0 or step == run.total_steps:
                 if step == run.total_steps and losses:
                     trainer.history.append({"train_loss": sum(losses) / len(losses), "step": step})
                 trainer.save_checkpoint()
             bar.update(1)
+            if stop:
+                bar.write(f"early stopping: {watch.patience} evaluations without a lower eval loss; the adapter of "
+                          f"step {watch.best_step} (eval loss {watch.best:.4f}) is kept")
+                break
     except KeyboardInterrupt:
         bar.close()
         saved = "no step was finished, nothing saved"
