@@ -129,7 +129,14 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
         raise QwenlabError(f"{base}: the tokenizer has no chat template, which the chat-format data in "
                            f"{config.data} needs (add 'chat_template' to tokenizer_config.json)")
     if config.replay and kind == "sft":
-        train_records = with_replay(config, base, train_records, conversational)
+        # With early stopping on a split of the data, the split gets its share of replay too: the eval loss then
+        # watches the other skills as well as the new one (the training replay rows are the same either way).
+        held_out = len(eval_records) if config.early_stopping and not config.eval_data else 0
+        train_records, replay_eval = with_replay(config, base, train_records, conversational, held_out)
+        if replay_eval:
+            from qwenlab.train.replay import mix
+
+            eval_records = mix(eval_records, replay_eval, config.seed)
     per_step = config.batch_size * config.grad_accum
     total_steps = config.steps or max(1, math.ceil(math.ceil(len(train_records) / per_step) * config.epochs))
     if total_steps < SMALL_RUN_STEPS and not config.steps:
@@ -142,25 +149,30 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
     return run
 
 
-def with_replay(config: TrainConfig, base: Path, train_records: list[dict], conversational: bool) -> list[dict]:
-    """The training records with replay mixed in (train/replay.py); chat data only."""
+def with_replay(config: TrainConfig, base: Path, train_records: list[dict], conversational: bool,
+                held_out: int = 0) -> tuple[list[dict], list[dict]]:
+    """The training records with replay mixed in (train/replay.py; chat data only), and replay records for a
+    held-out set of `held_out` examples (the same share; drawn after the training ones)."""
     from qwenlab.train import replay
 
     if not conversational:
         raise QwenlabError(f"{config.data}: replay needs chat-format data (messages or prompt/completion "
                            "messages); this file is plain text")
     count = replay.replay_count(len(train_records), config.replay)
+    total = count + (replay.replay_count(held_out, config.replay) if held_out else 0)
     if config.replay_answers == "reference":  # rehearsal: the data's own answers
-        records = (replay.file_reference_records(config.replay_prompts, count, config.seed) if config.replay_prompts
-                   else replay.task_reference_records(config.replay_tasks, count, config.seed))
+        records = (replay.file_reference_records(config.replay_prompts, total, config.seed) if config.replay_prompts
+                   else replay.task_reference_records(config.replay_tasks, total, config.seed))
         whose = "reference answers"
     else:
-        prompts = (replay.file_prompts(config.replay_prompts, count, config.seed) if config.replay_prompts
-                   else replay.task_prompts(config.replay_tasks, count, config.seed))
+        prompts = (replay.file_prompts(config.replay_prompts, total, config.seed) if config.replay_prompts
+                   else replay.task_prompts(config.replay_tasks, total, config.seed))
         records = replay.replay_records(base, prompts, progress=config.progress)
         whose = "answers of the base"
-    print(f"replay: {len(records)} {whose} mixed into {len(train_records)} training examples", file=sys.stderr)
-    return replay.mix(train_records, records, config.seed)
+    records, for_eval = records[:count], records[count:]
+    print(f"replay: {len(records)} {whose} mixed into {len(train_records)} training examples"
+          + (f", {len(for_eval)} into the {held_out} held out" if for_eval else ""), file=sys.stderr)
+    return replay.mix(train_records, records, config.seed), for_eval
 
 
 def _run_settings(run: TrainingRun) -> dict:

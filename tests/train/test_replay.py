@@ -131,3 +131,27 @@ def test_replay_answers_other_than_base_or_reference_are_refused(tmp_path):
                          replay_answers="teacher")
     with pytest.raises(QwenlabError, match="'replay_answers' must be 'base' or 'reference', got 'teacher'"):
         config.validate("train sft")
+
+
+def test_with_early_stopping_the_held_out_split_gets_its_share_of_replay_and_training_keeps_its_own(tmp_path):
+    from qwenlab.train import replay
+    from qwenlab.train.data import sft_records_from_task, write_jsonl
+    from qwenlab.train.run import prepare_run
+
+    data = write_jsonl(sft_records_from_task("repeat", 40, difficulty=1), tmp_path / "d.jsonl")
+    settings = dict(base="nano", data=str(data), val_fraction=0.25, replay=0.5, replay_tasks=["reverse", "arithmetic"],
+                    replay_answers="reference", progress=False)
+    plain = prepare_run(TrainConfig(out=str(tmp_path / "a"), **settings), "sft")
+    watched = prepare_run(TrainConfig(out=str(tmp_path / "b"), early_stopping=2, **settings), "sft")
+
+    def others(records):
+        return [r for r in records if not r["prompt"][0]["content"].startswith("Repeat")]
+
+    assert sorted(map(json.dumps, watched.train_records)) == sorted(map(json.dumps, plain.train_records))
+    assert others(plain.eval_records) == [] and len(plain.eval_records) == 10
+    # 10 held-out repeat examples, and 10 replay examples after the 30 that training took: a half, as in training
+    held_out = others(watched.eval_records)
+    assert len(watched.eval_records) == 20 and len(held_out) == 10
+    everything = replay.task_reference_records(["reverse", "arithmetic"], 40, seed=0)
+    assert sorted(map(json.dumps, held_out)) == sorted(map(json.dumps, everything[30:]))
+    assert not set(map(json.dumps, held_out)) & set(map(json.dumps, others(watched.train_records)))
