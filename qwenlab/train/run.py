@@ -338,8 +338,11 @@ def finish_run(run: TrainingRun, started: float, history: list[dict], steps: int
     # the run's mean training loss (transformers logs it once at the end), not the last logged value
     mean_loss = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
     last_loss = train_points[-1][1] if train_points else None
+    # with early stopping, the adapter kept is the best evaluation's, and so is the eval loss reported
+    best_eval = next((e["best_eval_loss"] for e in reversed(history) if "best_eval_loss" in e), None)
     result = TrainResult(run.out, steps, mean_loss if mean_loss is not None else last_loss,
-                         eval_points[-1][1] if eval_points else None, runtime, tokens, history)
+                         best_eval if best_eval is not None else eval_points[-1][1] if eval_points else None,
+                         runtime, tokens, history)
     from qwenlab.checkpoint.writer import replace_output
 
     work = run.work or run.out

@@ -81,6 +81,12 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
         save_on_interrupt(trainer, run)
         raise
     state = trainer.state
+    if config.early_stopping and state.best_metric is not None and state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+        if best_step != state.global_step:  # load_best_model_at_end put that checkpoint's adapter back
+            state.log_history.append({"best_eval_loss": state.best_metric, "best_step": best_step,
+                                      "stopped_early": state.global_step < run.total_steps,
+                                      "step": state.global_step})
     return finish_run(run, started, state.log_history, state.global_step, state.num_input_tokens_seen,
                       lambda folder: trainer.model.save_pretrained(str(folder)))
 

@@ -275,6 +275,7 @@ def test_early_stopping_stops_after_the_patience_and_keeps_the_best_adapter(tiny
     evals = [(e["step"], e["eval_loss"]) for e in result.log_history if "eval_loss" in e]
     best_step, best = min(evals, key=lambda e: e[1])
     assert result.steps == best_step + 2 < 30, evals  # two evaluations without a lower loss, then stop
+    assert result.eval_loss == pytest.approx(best) and result.train_loss is not None  # the kept adapter's
     assert [loss for step, loss in evals if step > best_step] and all(
         loss >= best for step, loss in evals if step > best_step)
     kept, at_best = read_adapter(tmp_path / "out"), read_adapter(tmp_path / "out" / "checkpoints" /

@@ -292,7 +292,7 @@ def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
                     trainer.history.append({"best_eval_loss": watch.best, "best_step": watch.best_step,
                                             "stopped_early": stop, "step": step})
             if stop or step % save_every == 0 or step == run.total_steps:
-                if step == run.total_steps and losses:
+                if (stop or step == run.total_steps) and losses:
                     trainer.history.append({"train_loss": sum(losses) / len(losses), "step": step})
                 trainer.save_checkpoint()
             bar.update(1)
