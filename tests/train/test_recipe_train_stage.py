@@ -41,3 +41,24 @@ def test_train_stage_runs_the_native_engine_in_bf16(tiny_model_dir, tmp_path):
     assert log["config"]["engine"] == "native" and log["config"]["dtype"] == "bf16"
     with pytest.raises(QwenlabError, match="train stage.engine: Input should be 'trl' or 'native'"):
         run_stage("train", ctx, {"kind": "sft", "task": "reverse", "as": "x", "engine": "fast"})
+
+
+def test_train_stage_stops_early_on_a_held_out_mix_and_needs_eval_steps(tiny_model_dir, tmp_path):
+    import json
+
+    ctx = RunContext(run_dir=tmp_path, models={"base": str(tiny_model_dir)})
+    figures, _ = run_stage("train", ctx, {"kind": "sft", "base": "base", "task": "arithmetic", "n": 40, "steps": 40,
+                                          "as": "a", "batch_size": 4, "lora_r": 2, "threads": 1, "engine": "native",
+                                          "learning_rate": 3e-2, "lora_dropout": 0.0, "val_fraction": 0.25,
+                                          "replay": 0.5, "replay_answers": "reference",
+                                          "replay_tasks": ["reverse", "sort_letters"],
+                                          "early_stopping": 2, "eval_steps": 1})
+    log = json.loads((tmp_path / "models" / "a" / "training_log.json").read_text())
+    assert log["config"]["early_stopping"] == 2 and log["config"]["save_steps"] == 1
+    assert log["summary"]["eval_records"] == 20  # 10 held-out arithmetic examples and their share of replay
+    evals = [e["eval_loss"] for e in log["log_history"] if "eval_loss" in e]
+    assert figures["steps"] == len(evals) and log["summary"]["eval_loss"] == pytest.approx(min(evals))
+    # at this learning rate the mixed eval loss turns up within a few steps: it stopped two evaluations after its best
+    assert figures["steps"] < 40 and evals.index(min(evals)) == len(evals) - 3, evals
+    with pytest.raises(QwenlabError, match="early_stopping needs eval_steps"):
+        run_stage("train", ctx, {"kind": "sft", "task": "reverse", "as": "x", "early_stopping": 2})

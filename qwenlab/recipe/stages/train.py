@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from qwenlab.recipe.stages.params import StageParams, TaskSpelling, named_output
 
 OPTIONAL = ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "beta", "dpo_loss",
-            "target_modules", "max_length", "threads", "replay", "replay_tasks", "replay_answers", "engine", "dtype")
+            "target_modules", "max_length", "threads", "replay", "replay_tasks", "replay_answers", "engine", "dtype",
+            "early_stopping", "eval_steps")
 
 
 class Params(StageParams):
@@ -51,6 +52,15 @@ class Params(StageParams):
     replay_answers: Literal["base", "reference"] | None = None  # reference: rehearse the tasks' own answers
     engine: Literal["trl", "native"] | None = None  # native: SFT on qwenlab's own loop (docs/adapters.md)
     dtype: Literal["fp32", "bf16"] | None = None
+    # stop after this many evaluations (every eval_steps) without a lower eval loss; keep the best adapter
+    early_stopping: PositiveInt | None = None
+    eval_steps: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self):
+        if self.early_stopping and not self.eval_steps:
+            raise ValueError("early_stopping needs eval_steps (how often the eval loss is measured)")
+        return self
 
     def outputs(self) -> list[str]:
         return [self.as_]
@@ -76,7 +86,10 @@ def run(ctx, params: Params) -> tuple[dict, str]:
 
         options["replay_tasks"] = [t for t in TASKS if t != task]
     config = TrainConfig(base=ctx.model_path(params.base), data=str(data), out=str(out), steps=steps,
-                         seed=seed, save_steps=0, save_total_limit=1, logging_steps=max(1, steps // 20),
+                         seed=seed, save_total_limit=1,
+                         # a checkpoint at every evaluation with early stopping, so the best one can be kept
+                         save_steps=params.eval_steps if params.early_stopping else 0,
+                         logging_steps=max(1, steps // 20),
                          val_fraction=params.val_fraction, force=True, **options)
     result = (train_sft if kind == "sft" else train_dpo)(config)
     figures = {"kind": kind, "task": task, "difficulty": params.difficulty, "n": n, "steps": result.steps,
