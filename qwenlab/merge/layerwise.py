@@ -56,7 +56,7 @@ class _Input:
     own_reads: list | None = None  # per batch, the current layer's {first linear of a group: what it reads}
 
 
-def _teacher(source, data, where: str, progress: bool):
+def _teacher(source, data, where: str):
     from qwenlab.merge.activations import data_token_rows, input_key, runnable_model, token_batches
 
     key = input_key(source, data)
@@ -140,16 +140,14 @@ def solve_layers(plan, sources: dict, progress: bool = True) -> dict[str, torch.
                                "(list the base under models, with data, instead of base_model)")
     merged = empty_model(plan.output_config).eval().requires_grad_(False)
     state = merged.state_dict()
-    for name, tensor in state.items():  # the λ-weighted average to start from (and to keep, outside the linears)
-        if name in planned:
-            weights = _weights(planned[name])
-            total = sum(weights.values())
-            tensor.copy_(sum(w * sources[m].get(n).float() for (m, n), w in
-                             zip(planned[name].inputs, weights.values())) / total)
+    for name, tensor in state.items():  # the method's own λ-weighted average to start from (and, outside the
+        if name in planned:                # linears, to keep)
+            tensor.copy_(plan.method.function([sources[m].get(n).float() for m, n in planned[name].inputs],
+                                              {**planned[name].params, "solved": None}))
     inputs = []
     for model in models:
         index, entry = data[model]
-        teacher, batches = _teacher(sources[model], entry, f"models[{index}].data", progress)
+        teacher, batches = _teacher(sources[model], entry, f"models[{index}].data")
         own = [teacher.model.embed_tokens(tokens) for tokens, _ in batches]
         rope = [teacher.rotary(torch.arange(tokens.shape[1]).expand(tokens.shape), torch.float32)
                 for tokens, _ in batches]

@@ -131,12 +131,9 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
     if config.replay and kind == "sft":
         # With early stopping on a split of the data, the split gets its share of replay too: the eval loss then
         # watches the other skills as well as the new one (the training replay rows are the same either way).
-        held_out = len(eval_records) if config.early_stopping and not config.eval_data else 0
-        train_records, replay_eval = with_replay(config, base, train_records, conversational, held_out)
-        if replay_eval:
-            from qwenlab.train.replay import mix
-
-            eval_records = mix(eval_records, replay_eval, config.seed)
+        held_out = eval_records if config.early_stopping and not config.eval_data else []
+        train_records, replayed_eval = with_replay(config, base, train_records, conversational, held_out)
+        eval_records = replayed_eval if held_out else eval_records
     per_step = config.batch_size * config.grad_accum
     total_steps = config.steps or max(1, math.ceil(math.ceil(len(train_records) / per_step) * config.epochs))
     if total_steps < SMALL_RUN_STEPS and not config.steps:
@@ -150,16 +147,16 @@ def prepare_run(config: TrainConfig, kind: str) -> TrainingRun:
 
 
 def with_replay(config: TrainConfig, base: Path, train_records: list[dict], conversational: bool,
-                held_out: int = 0) -> tuple[list[dict], list[dict]]:
-    """The training records with replay mixed in (train/replay.py; chat data only), and replay records for a
-    held-out set of `held_out` examples (the same share; drawn after the training ones)."""
+                held_out: list[dict] = ()) -> tuple[list[dict], list[dict]]:
+    """The training records and the `held_out` ones, each with its share of replay mixed in (train/replay.py;
+    chat data only); the held-out replay is drawn after the training one."""
     from qwenlab.train import replay
 
     if not conversational:
         raise QwenlabError(f"{config.data}: replay needs chat-format data (messages or prompt/completion "
                            "messages); this file is plain text")
     count = replay.replay_count(len(train_records), config.replay)
-    total = count + (replay.replay_count(held_out, config.replay) if held_out else 0)
+    total = count + replay.replay_count(len(held_out), config.replay)
     if config.replay_answers == "reference":  # rehearsal: the data's own answers
         records = (replay.file_reference_records(config.replay_prompts, total, config.seed) if config.replay_prompts
                    else replay.task_reference_records(config.replay_tasks, total, config.seed))
@@ -171,8 +168,9 @@ def with_replay(config: TrainConfig, base: Path, train_records: list[dict], conv
         whose = "answers of the base"
     records, for_eval = records[:count], records[count:]
     print(f"replay: {len(records)} {whose} mixed into {len(train_records)} training examples"
-          + (f", {len(for_eval)} into the {held_out} held out" if for_eval else ""), file=sys.stderr)
-    return replay.mix(train_records, records, config.seed), for_eval
+          + (f", {len(for_eval)} into the {len(held_out)} held out" if for_eval else ""), file=sys.stderr)
+    return (replay.mix(train_records, records, config.seed),
+            replay.mix(list(held_out), for_eval, config.seed) if for_eval else list(held_out))
 
 
 def _run_settings(run: TrainingRun) -> dict:

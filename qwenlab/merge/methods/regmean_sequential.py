@@ -31,7 +31,7 @@ def merge_regmean_sequential(tensors: list[torch.Tensor], params: dict) -> torch
         return params["solved"]
     weights = params["weight"]
     if sum(weights) <= 0:
-        raise QwenlabError("regmean_sequential: the weights must sum to more than 0")
+        raise QwenlabError("regmean_sequential: the weights of the inputs must sum to more than 0")
     return sum(w * t for w, t in zip(weights, tensors)) / sum(weights)
 
 
