@@ -23,43 +23,49 @@ _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 4  # models; a 0.5B model's matrices take ~2.4 GB in float32
 
 
-def data_texts(data, tokenizer, where: str) -> list[str]:
-    """The examples as rendered text: task chats with their reference answers, or the file's records."""
+def data_examples(data, tokenizer, where: str) -> list[tuple[str, str]]:
+    """(prompt, text) per example: the text rendered whole, and the part of it before the answer (the chat up to
+    its last assistant turn, with the generation prompt; "" where the whole text is the answer: `text` records
+    and chats that do not end with the assistant)."""
     from qwenlab.tasks import generate
 
     if data.file is None:
         tasks = [data.task] if data.task is not None else list(data.tasks)
-        texts = []
+        examples = []
         for i in range(data.n):
             task, round_ = tasks[i % len(tasks)], i // len(tasks)
             instance = generate(task, MERGE_DATA_SEED_OFFSET + data.seed * 1_000_000 + round_, data.difficulty)
-            texts.append(tokenizer.apply_chat_template(
-                [{"role": "user", "content": instance.prompt}, {"role": "assistant", "content": instance.expected}],
-                add_generation_prompt=False))
-        return texts
-    records = _file_texts(Path(data.file), tokenizer, where)
+            question = [{"role": "user", "content": instance.prompt}]
+            examples.append((tokenizer.apply_chat_template(question, add_generation_prompt=True),
+                             tokenizer.apply_chat_template(
+                                 question + [{"role": "assistant", "content": instance.expected}],
+                                 add_generation_prompt=False)))
+        return examples
+    records = _file_examples(Path(data.file), tokenizer, where)
     return [records[i % len(records)] for i in range(data.n)]
 
 
-def _file_texts(path: Path, tokenizer, where: str) -> list[str]:
+def _file_examples(path: Path, tokenizer, where: str) -> list[tuple[str, str]]:
     from qwenlab.eval.jsonl import jsonl_records
 
     if not path.is_file():
         raise QwenlabError(f"{where}.file: {path} not found")
-    texts = []
+    examples = []
     for number, record in jsonl_records(path):
         messages = record.get("messages") if isinstance(record, dict) else None
         text = record.get("text") if isinstance(record, dict) else None
         if isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                            for m in messages):
-            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+            prompt = (tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+                      if messages[-1].get("role") == "assistant" else "")
+            examples.append((prompt, tokenizer.apply_chat_template(messages, add_generation_prompt=False)))
         elif isinstance(text, str) and text.strip():
-            texts.append(text)
+            examples.append(("", text))
         else:
             raise QwenlabError(f"{path}:{number}: expected 'messages' (a list of {{role, content}}) or 'text'")
-    if not texts:
+    if not examples:
         raise QwenlabError(f"{path}: no records")
-    return texts
+    return examples
 
 
 def empty_model(config, dtype: torch.dtype = torch.float32):
@@ -102,17 +108,25 @@ def token_batches(token_rows: list[list[int]], pad_id: int, batch: int = BATCH) 
     return batches
 
 
-def data_token_rows(source, data, where: str) -> tuple[list[list[int]], int]:
-    """The model's data as token rows (cut to its context), and its tokenizer's pad id."""
+def data_token_rows(source, data, where: str) -> tuple[list[list[int]], int, list[int]]:
+    """The model's data as token rows (cut to its context), its tokenizer's pad id, and where each row's answer
+    starts (the first token that its prompt does not share; 0 where the whole row is the answer)."""
     from qwenlab.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(source.path)
     max_length = source.config.max_position_embeddings
-    rows = [tokenizer.encode(text)[:max_length] for text in data_texts(data, tokenizer, where)]
-    rows = [r for r in rows if r]
+    rows, starts = [], []
+    for prompt, text in data_examples(data, tokenizer, where):
+        ids = tokenizer.encode(text)[:max_length]
+        if not ids:
+            continue
+        prompt_ids = tokenizer.encode(prompt) if prompt else []
+        start = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
+        rows.append(ids)
+        starts.append(start)
     if not rows:
         raise QwenlabError(f"{where}: the data gives no tokens")
-    return rows, tokenizer.pad_id
+    return rows, tokenizer.pad_id, starts
 
 
 def source_label(source) -> str:
@@ -161,7 +175,7 @@ def model_grams(source, data, where: str, progress: bool = False) -> dict[str, t
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    rows, pad_id = data_token_rows(source, data, where)
+    rows, pad_id, _ = data_token_rows(source, data, where)
     grams = linear_input_grams(runnable_model(source), rows, pad_id, progress, source_label(source))
     _CACHE[key] = grams
     while len(_CACHE) > _CACHE_SIZE:

@@ -36,7 +36,7 @@ from qwenlab.merge.methods.regmean import ridge_solve
 # Each group's linears read the same input, so one pass measures it for all of them; the groups in forward order.
 LINEAR_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-_TEACHERS: OrderedDict = OrderedDict()  # (model, adapter, data) -> (float32 model, token batches)
+_TEACHERS: OrderedDict = OrderedDict()  # (model, adapter, data) -> (float32 model, token batches, answer positions)
 _TEACHER_CACHE_SIZE = 4
 BATCH = 64  # rows per forward: nano's short chats make small matmuls
 
@@ -53,22 +53,25 @@ class _Input:
     own: list  # its own residual stream entering the current layer, per batch
     merged: list  # the merged model's residual stream on the same data, per batch
     rope: list  # (cos, sin) per batch
+    answers: list  # per batch, [B, T] bool: the positions that predict an answer token (for distillation)
     own_reads: list | None = None  # per batch, the current layer's {first linear of a group: what it reads}
 
 
 def _teacher(source, data, where: str):
     from qwenlab.merge.activations import data_token_rows, input_key, runnable_model, token_batches
+    from qwenlab.merge.distill import answer_positions
 
     key = input_key(source, data)
     if key not in _TEACHERS:
-        rows, pad_id = data_token_rows(source, data, where)
+        rows, pad_id, starts = data_token_rows(source, data, where)
         batches = token_batches(rows, pad_id, BATCH)
+        answers = [answer_positions(mask, starts[b * BATCH:(b + 1) * BATCH]) for b, (_, mask) in enumerate(batches)]
         # The prefix every row shares (a chat's system prompt: half of nano's tokens) is one point, counted once:
         # 512 copies of it outweighed the tasks' own tokens in every fit.
         shared = shared_prefix_length(rows)
         for b, (_, mask) in enumerate(batches):
             mask[(1 if b == 0 else 0):, :shared] = False
-        _TEACHERS[key] = (runnable_model(source), batches)
+        _TEACHERS[key] = (runnable_model(source), batches, answers)
         while len(_TEACHERS) > _TEACHER_CACHE_SIZE:
             _TEACHERS.popitem(last=False)
     _TEACHERS.move_to_end(key)
@@ -147,11 +150,12 @@ def solve_layers(plan, sources: dict, progress: bool = True) -> dict[str, torch.
     inputs = []
     for model in models:
         index, entry = data[model]
-        teacher, batches = _teacher(sources[model], entry, f"models[{index}].data")
+        teacher, batches, answers = _teacher(sources[model], entry, f"models[{index}].data")
         own = [teacher.model.embed_tokens(tokens) for tokens, _ in batches]
         rope = [teacher.rotary(torch.arange(tokens.shape[1]).expand(tokens.shape), torch.float32)
                 for tokens, _ in batches]
-        inputs.append(_Input(model, teacher, batches, own, [merged.model.embed_tokens(t) for t, _ in batches], rope))
+        inputs.append(_Input(model, teacher, batches, own, [merged.model.embed_tokens(t) for t, _ in batches], rope,
+                             answers))
     solved: dict[str, torch.Tensor] = {}
     layers = plan.output_config.num_hidden_layers
     steps = tqdm(total=layers * len(LINEAR_GROUPS), desc=f"merge ({plan.method.name}): solving layers", unit="group",
@@ -191,6 +195,18 @@ def solve_layers(plan, sources: dict, progress: bool = True) -> dict[str, torch.
         for i, item in enumerate(inputs):
             item.merged = [mid + mlp.down_proj(x) for mid, x in zip(mids[i], products[i])]
     steps.close()
+    first = planned[next(iter(solved))]
+    if int(first.params.get("distill_steps") or 0) > 0:  # then the outputs, end to end (merge/distill.py)
+        from qwenlab.merge.distill import distill_linears
+
+        weights = _weights(first)
+        chosen = [(item.teacher, [(tokens, where) for (tokens, _), where in zip(item.batches, item.answers)])
+                  for item in inputs if weights[item.model] > 0]
+        for item in inputs:
+            item.own = item.merged = item.own_reads = None  # the solve's streams: not needed any more
+        distill_linears(merged, chosen, int(first.params["distill_steps"]), float(first.params["distill_lr"]),
+                        progress, f"merge ({plan.method.name})")
+        solved = {name: merged.get_parameter(name).detach().clone() for name in solved}
     return solved
 
 

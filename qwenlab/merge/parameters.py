@@ -94,7 +94,7 @@ def check_setting(parameter: Parameter, setting: Any, path: str) -> None:
         try:
             value = validate_value(parameter, leaf)
         except ValidationError:
-            kind = "true or false" if parameter.type is bool else "a number"
+            kind = {bool: "true or false", int: "a whole number"}.get(parameter.type, "a number")
             raise QwenlabError(f"{leaf_path}: expected {kind}, got {leaf!r}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not parameter.in_range(value):
             raise QwenlabError(f"{leaf_path}: {parameter.name} = {leaf} is outside {parameter.allowed_range()}")

@@ -89,7 +89,7 @@ def test_the_first_layers_readers_are_the_weighted_least_squares_fit_on_each_mod
     name = "model.layers.0.self_attn.q_proj.weight"
     rows_a, rows_b = [], []
     for ref, data, rows in ((refs[0], ARITHMETIC, rows_a), (refs[1], REVERSE, rows_b)):
-        token_rows, _ = data_token_rows(sources[ref], ActivationData(**data), "test")
+        token_rows, _, _ = data_token_rows(sources[ref], ActivationData(**data), "test")
         model = runnable_model(sources[ref])
         shared = 0
         while all(len(r) > shared and r[shared] == token_rows[0][shared] for r in token_rows):
@@ -140,7 +140,7 @@ def test_the_merged_stream_tracks_each_model_on_its_data_closer_than_regmeans(ad
         merged[name] = merger.model
     for ref, data in zip(refs, (ARITHMETIC, REVERSE)):
         source = merger.sources[ref]
-        rows, pad_id = data_token_rows(source, ActivationData(**data), "test")
+        rows, pad_id, _ = data_token_rows(source, ActivationData(**data), "test")
         teacher = runnable_model(source)
         errors = {name: _stream_error(model, teacher, rows, pad_id) for name, model in merged.items()}
         assert errors["sequential"] < 0.7 * errors["regmean"], errors

@@ -4,6 +4,7 @@ merge-search on validation instances (another seed than the report's)."""
 import json
 
 import pytest
+import torch
 
 from qwenlab.errors import QwenlabError
 from qwenlab.recipe import load_recipe, run_recipe
@@ -115,3 +116,40 @@ def test_the_kept_objective_is_the_worst_share_kept_and_the_tuned_merge_beats_ev
     tuned_objective = min(tuned[t] / expected[t] for t in expected)
     assert tuned_objective == pytest.approx(figures["search"]["validation_objective"], abs=1e-3)
     assert tuned_objective >= max(d["objective"] for d in defaults.values()) - 1e-3
+
+
+def test_refine_sets_its_parameters_on_the_best_trial_for_the_written_merge(tmp_path, specialists):
+    # regmean_sequential's distillation is too slow for every trial: the stage writes the best trial's config with
+    # it, measures that merge on validation again, and that is what merge-tuned holds (unless a default beat it).
+    # A strong ridge keeps the solve far from both specialists, so that the distillation has something to do.
+    from qwenlab.checkpoint import open_checkpoint
+    from qwenlab.merge import merge
+
+    run_recipe(recipe(tmp_path, specialists, ", search: {method: regmean_sequential, trials: 2, n: 6, seed: 1, "
+                      "refine: {ridge: 10.0, distill_steps: 10}}"), tmp_path / "run")
+    figures = json.loads((tmp_path / "run" / "figures.json").read_text())["01-merge"]
+    search = json.loads((tmp_path / "run" / "merge-search" / "merge_search.json").read_text())
+    tuned = figures["search"]
+    assert tuned["best_trial_objective"] == search["best"]["objective"]
+    refined = tuned["refined_on_validation"]
+    assert refined is not None and tuned["validation_objective"] >= refined["objective"]
+    if tuned["method"] != "regmean_sequential":  # a default merge scored higher on validation
+        assert tuned["validation_objective"] > refined["objective"]
+        return
+    assert tuned["refine"] == {"ridge": 10.0, "distill_steps": 10}
+    assert tuned["validation_objective"] == refined["objective"]
+    best = search["best"]["config"]
+
+    def with_parameters(**parameters):
+        return {**best, "parameters": {**(best.get("parameters") or {}), **parameters}}
+    again = open_checkpoint(merge(with_parameters(ridge=10.0, distill_steps=10), tmp_path / "again", progress=False))
+    written = open_checkpoint(figures["outputs"]["merge-tuned"])
+    plain = open_checkpoint(merge(with_parameters(ridge=10.0), tmp_path / "plain", progress=False))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(written.get(name), again.get(name))
+    assert not torch.equal(written.get(name), plain.get(name))  # the distillation moved it
+
+
+def test_a_refinement_that_is_not_a_parameter_of_the_method_is_a_recipe_error(tmp_path, specialists):
+    with pytest.raises(QwenlabError, match=r"refine\.distil_steps: not a parameter of regmean_sequential"):
+        load_recipe(recipe(tmp_path, specialists, ", search: {method: regmean_sequential, refine: {distil_steps: 3}}"))

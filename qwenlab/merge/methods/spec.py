@@ -25,7 +25,7 @@ BasePolicy = Literal["required", "optional", "ignored"]
 @dataclass(frozen=True)
 class Parameter:
     name: str
-    type: type  # float or bool: YAML values are validated with pydantic, as mergekit does
+    type: type  # float, int or bool: YAML values are validated with pydantic, as mergekit does
     scope: Scope = "shared"
     default: Any = REQUIRED
     low: float | None = None

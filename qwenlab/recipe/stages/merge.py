@@ -25,7 +25,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from qwenlab.errors import QwenlabError
 from qwenlab.recipe.stages.params import StageParams
@@ -49,6 +49,19 @@ class SearchParams(BaseModel):
     sampler: Literal["tpe", "random"] = "tpe"
     objective: Literal["kept", "mean"] = "kept"
     layer_groups: PositiveInt = 1  # > 1: each weight (density, t) becomes a curve of this many points across layers
+    # Method parameters set on the best trial's config for the merge that is written, e.g. {distill_steps: 200}:
+    # a step too slow to run in every trial. The written merge is measured on validation again.
+    refine: dict[str, float | int | bool] = {}
+
+    @model_validator(mode="after")
+    def _known_refinements(self):
+        from qwenlab.merge.methods import get_method
+
+        known = get_method(self.method).parameter_names()
+        for name in self.refine:
+            if name not in known:
+                raise ValueError(f"refine.{name}: not a parameter of {self.method} (expected one of: {', '.join(known)})")
+        return self
 
 
 class Params(StageParams):
@@ -242,27 +255,38 @@ def _tuned_merge(ctx, params: Params, base_path: str, a: tuple, b: tuple, output
         defaults[label] = {"tasks": {t: scores[t] for t in objective},
                            "objective": round(score_trial({t: scores[t] for t in objective}, reference), 4)}
     out = ctx.new_model_dir("merge-tuned", "merge stage: search")
+    chosen_config, score, refined = best["config"], best["objective"], None
+    if search.refine:  # the best trial's config, with the refinement: written, then measured on validation again
+        chosen_config = {**best["config"], "parameters": {**(best["config"].get("parameters") or {}), **search.refine}}
+        merge(chosen_config, out, dtype="float32", force=True, progress=True, seed=search.seed)
+        scores = validation(str(out), [])
+        refined = {"tasks": {t: scores[t] for t in objective},
+                   "objective": round(score_trial({t: scores[t] for t in objective}, reference), 4)}
+        score = refined["objective"]
     winner = max(defaults, key=lambda k: defaults[k]["objective"], default=None)
-    from_default = winner is not None and defaults[winner]["objective"] > best["objective"]
+    from_default = winner is not None and defaults[winner]["objective"] > score
     if from_default:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(outputs[winner], out)
-    else:
-        merge(best["config"], out, dtype="float32", force=True, progress=False, seed=search.seed)
+        score = defaults[winner]["objective"]
+    elif refined is None:
+        merge(chosen_config, out, dtype="float32", force=True, progress=False, seed=search.seed)
     outputs["merge-tuned"] = str(out)
     shown = ", ".join(f"{k} = {v:.3f}" for k, v in best["params"].items())
-    chosen = (f"{winner} (a default merge, which beat the search's best, {best['objective']:.3f}, there)"
-              if from_default else f"{search.method} with {shown}, the best of {search.trials} trials of "
-              f"merge-search (Optuna {search.sampler})")
-    score = defaults[winner]["objective"] if from_default else best["objective"]
+    then = ", ".join(f"{k} = {v}" for k, v in search.refine.items())
+    found = (f"{search.method} with {shown}, the best of {search.trials} trials of merge-search (Optuna "
+             f"{search.sampler}, {best['objective']:.3f} there)" + (f", then {then}" if refined else ""))
+    chosen = (f"{winner} (a default merge, which beat {found}, there)" if from_default else found)
     against = ", ".join(f"{k} {v['objective']:.3f}" for k, v in defaults.items())
     text = (f"\n\nmerge-tuned: {chosen}. Objective on validation instances (seed {search.seed}, n={search.n} per "
             f"task): {describe_objective(config)}: {score:.3f}, against the default merges' {against}. The table "
             f"above measures it on the report's instances (seed {params.seed}). Trials: "
             "[merge-search/report.md](merge-search/report.md).")
     return {"method": winner if from_default else search.method, "params": {} if from_default else best["params"],
-            "validation_objective": score, "objective": search.objective, "reference": reference,
-            "defaults_on_validation": defaults, "trials": search.trials, "seed": search.seed, "n": search.n}, text
+            "refine": {} if from_default else dict(search.refine), "best_trial_objective": best["objective"],
+            "refined_on_validation": refined, "validation_objective": score, "objective": search.objective,
+            "reference": reference, "defaults_on_validation": defaults, "trials": search.trials, "seed": search.seed,
+            "n": search.n}, text
 
 
 def _nano() -> Path:
