@@ -38,6 +38,8 @@ LINEAR_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), (
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 _TEACHERS: OrderedDict = OrderedDict()  # (model, adapter, data) -> (float32 model, token batches, answer positions)
 _TEACHER_CACHE_SIZE = 4
+_SOLVES: OrderedDict = OrderedDict()  # solve key -> {linear: solved weight}, before any distillation
+_SOLVE_CACHE_SIZE = 2
 BATCH = 64  # rows per forward: nano's short chats make small matmuls
 
 
@@ -156,6 +158,43 @@ def solve_layers(plan, sources: dict, progress: bool = True) -> dict[str, torch.
                 for tokens, _ in batches]
         inputs.append(_Input(model, teacher, batches, own, [merged.model.embed_tokens(t) for t, _ in batches], rope,
                              answers))
+    key = _solve_key(plan, planned, models, data, sources)
+    if key in _SOLVES:  # the same solve as a moment ago (merge-search's best trial, refined): only distil again
+        _SOLVES.move_to_end(key)
+        solved = {name: weight.clone() for name, weight in _SOLVES[key].items()}
+        for name, weight in solved.items():
+            merged.get_parameter(name).copy_(weight)
+    else:
+        solved = _solve_in_order(plan, planned, merged, inputs, progress)
+        _SOLVES[key] = {name: weight.clone() for name, weight in solved.items()}
+        while len(_SOLVES) > _SOLVE_CACHE_SIZE:
+            _SOLVES.popitem(last=False)
+    first = planned[next(iter(solved))]
+    if int(first.params.get("distill_steps") or 0) > 0:  # then the outputs, end to end (merge/distill.py)
+        from qwenlab.merge.distill import distill_linears
+
+        weights = _weights(first)
+        chosen = [(item.teacher, [(tokens, where) for (tokens, _), where in zip(item.batches, item.answers)])
+                  for item in inputs if weights[item.model] > 0]
+        for item in inputs:
+            item.own = item.merged = item.own_reads = None  # the solve's streams: not needed any more
+        distill_linears(merged, chosen, int(first.params["distill_steps"]), float(first.params["distill_lr"]),
+                        progress, f"merge ({plan.method.name})")
+        solved = {name: merged.get_parameter(name).detach().clone() for name in solved}
+    return solved
+
+
+def _solve_key(plan, planned: dict, models: list, data: dict, sources: dict) -> str:
+    """What decides a solve: each input and its data, and the solve's own parameters (not the distillation's)."""
+    from qwenlab.merge.activations import input_key
+
+    solve_params = [(name, {k: v for k, v in p.params.items() if not k.startswith("distill_")})
+                    for name, p in planned.items()]
+    return repr(([input_key(sources[m], data[m][1]) for m in models], plan.output_config, solve_params))
+
+
+def _solve_in_order(plan, planned: dict, merged, inputs: list, progress: bool) -> dict[str, torch.Tensor]:
+    """Every decoder linear of `merged`, solved and set in forward order (inputs: each input's _Input)."""
     solved: dict[str, torch.Tensor] = {}
     layers = plan.output_config.num_hidden_layers
     steps = tqdm(total=layers * len(LINEAR_GROUPS), desc=f"merge ({plan.method.name}): solving layers", unit="group",
@@ -195,18 +234,6 @@ def solve_layers(plan, sources: dict, progress: bool = True) -> dict[str, torch.
         for i, item in enumerate(inputs):
             item.merged = [mid + mlp.down_proj(x) for mid, x in zip(mids[i], products[i])]
     steps.close()
-    first = planned[next(iter(solved))]
-    if int(first.params.get("distill_steps") or 0) > 0:  # then the outputs, end to end (merge/distill.py)
-        from qwenlab.merge.distill import distill_linears
-
-        weights = _weights(first)
-        chosen = [(item.teacher, [(tokens, where) for (tokens, _), where in zip(item.batches, item.answers)])
-                  for item in inputs if weights[item.model] > 0]
-        for item in inputs:
-            item.own = item.merged = item.own_reads = None  # the solve's streams: not needed any more
-        distill_linears(merged, chosen, int(first.params["distill_steps"]), float(first.params["distill_lr"]),
-                        progress, f"merge ({plan.method.name})")
-        solved = {name: merged.get_parameter(name).detach().clone() for name in solved}
     return solved
 
 
