@@ -150,6 +150,11 @@ def test_refine_sets_its_parameters_on_the_best_trial_for_the_written_merge(tmp_
     assert not torch.equal(written.get(name), plain.get(name))  # the distillation moved it
 
 
-def test_a_refinement_that_is_not_a_parameter_of_the_method_is_a_recipe_error(tmp_path, specialists):
-    with pytest.raises(QwenlabError, match=r"refine\.distil_steps: not a parameter of regmean_sequential"):
-        load_recipe(recipe(tmp_path, specialists, ", search: {method: regmean_sequential, refine: {distil_steps: 3}}"))
+@pytest.mark.parametrize("refine, message", [
+    ("{distil_steps: 3}", r"refine\.distil_steps: not a parameter of regmean_sequential"),
+    ("{distill_steps: -2}", r"refine\.distill_steps: distill_steps = -2 is outside"),
+    ("{distill_lr: 0}", r"refine\.distill_lr: distill_lr = 0 is outside"),
+])
+def test_a_refinement_the_method_cannot_take_is_a_recipe_error(tmp_path, specialists, refine, message):
+    with pytest.raises(QwenlabError, match=message):
+        load_recipe(recipe(tmp_path, specialists, f", search: {{method: regmean_sequential, refine: {refine}}}"))

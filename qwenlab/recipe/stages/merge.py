@@ -56,11 +56,17 @@ class SearchParams(BaseModel):
     @model_validator(mode="after")
     def _known_refinements(self):
         from qwenlab.merge.methods import get_method
+        from qwenlab.merge.parameters import check_setting
 
-        known = get_method(self.method).parameter_names()
-        for name in self.refine:
-            if name not in known:
-                raise ValueError(f"refine.{name}: not a parameter of {self.method} (expected one of: {', '.join(known)})")
+        method = get_method(self.method)
+        for name, value in self.refine.items():
+            if method.parameter(name) is None:
+                raise ValueError(f"refine.{name}: not a parameter of {self.method} "
+                                 f"(expected one of: {', '.join(method.parameter_names())})")
+            try:  # its type and range, before the search's minutes rather than after them
+                check_setting(method.parameter(name), value, f"refine.{name}")
+            except QwenlabError as error:
+                raise ValueError(str(error)) from None
         return self
 
 
