@@ -120,13 +120,21 @@ def data_token_rows(source, data, where: str) -> tuple[list[list[int]], int, lis
         ids = tokenizer.encode(text)[:max_length]
         if not ids:
             continue
-        prompt_ids = tokenizer.encode(prompt) if prompt else []
-        start = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
+        start = shared_prefix_length([ids, tokenizer.encode(prompt) if prompt else []])
         rows.append(ids)
         starts.append(start)
     if not rows:
         raise QwenlabError(f"{where}: the data gives no tokens")
     return rows, tokenizer.pad_id, starts
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens every row has in common."""
+    shortest = min(map(len, rows))
+    for position in range(shortest):
+        if any(row[position] != rows[0][position] for row in rows):
+            return position
+    return shortest
 
 
 def source_label(source) -> str:

@@ -59,40 +59,28 @@ def distill_linears(merged, inputs: list[tuple], steps: int, lr: float, progress
     weights = [p for name, p in merged.named_parameters() if ".layers." in name and name.endswith("proj.weight")]
     for p in merged.parameters():
         p.requires_grad_(False)
-    cache = {}  # ("chunk" or "batch", input, index) -> the input's own log-probs there, within CACHE_BYTES
-    budget = [CACHE_BYTES]
+    cache, budget = {}, [CACHE_BYTES]  # (input, chunk) -> the input's own log-probs there, within CACHE_BYTES
 
     @torch.no_grad()
-    def own_log_probs(kind: str, i: int, j: int, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        if (kind, i, j) in cache:
-            return cache[(kind, i, j)]
-        log_probs = _log_probs(chunks[i][0], tokens, where)
+    def target(i: int, j: int) -> torch.Tensor:  # input i's own log-probs on its chunk j
+        if (i, j) in cache:
+            return cache[(i, j)]
+        log_probs = _log_probs(chunks[i][0], *chunks[i][1][j])
         if log_probs.numel() * 4 <= budget[0]:
-            cache[(kind, i, j)] = log_probs
+            cache[(i, j)] = log_probs
             budget[0] -= log_probs.numel() * 4
         return log_probs
-
-    def target(i: int, j: int) -> torch.Tensor:  # input i's own log-probs on its chunk j
-        return own_log_probs("chunk", i, j, *chunks[i][1][j])
 
     def kl(i: int, j: int) -> torch.Tensor:  # mean over the chunk's answer tokens
         own, teacher = _log_probs(merged, *chunks[i][1][j]), target(i, j)
         return (teacher.exp() * (teacher - own)).sum(-1).mean()
 
-    whole = [batches for (_, batches) in inputs if any(where.any() for _, where in batches)]
-
     @torch.no_grad()
-    def data_kl() -> float:  # mean over inputs of the mean over all their answer tokens, a whole batch at a time
+    def data_kl() -> float:  # mean over inputs of the mean over all their answer tokens
         total = 0.0
-        for i, batches in enumerate(whole):
-            kl_sum, count = 0.0, 0
-            for b, (tokens, where) in enumerate(batches):
-                if not where.any():
-                    continue
-                teacher, own = own_log_probs("batch", i, b, tokens, where), _log_probs(merged, tokens, where)
-                kl_sum += (teacher.exp() * (teacher - own)).sum().item()
-                count += int(where.sum())
-            total += kl_sum / count
+        for i, (_, items) in enumerate(chunks):
+            sizes = [int(where.sum()) for _, where in items]
+            total += sum(kl(i, j).item() * n for j, n in enumerate(sizes)) / sum(sizes)
         return total / len(chunks)
 
     history = [(0, data_kl())]

@@ -60,7 +60,8 @@ class _Input:
 
 
 def _teacher(source, data, where: str):
-    from qwenlab.merge.activations import data_token_rows, input_key, runnable_model, token_batches
+    from qwenlab.merge.activations import (data_token_rows, input_key, runnable_model, shared_prefix_length,
+                                           token_batches)
     from qwenlab.merge.distill import answer_positions
 
     key = input_key(source, data)
@@ -78,15 +79,6 @@ def _teacher(source, data, where: str):
             _TEACHERS.popitem(last=False)
     _TEACHERS.move_to_end(key)
     return _TEACHERS[key]
-
-
-def shared_prefix_length(rows: list[list[int]]) -> int:
-    """How many leading tokens every row has in common."""
-    shortest = min(map(len, rows))
-    for position in range(shortest):
-        if any(row[position] != rows[0][position] for row in rows):
-            return position
-    return shortest
 
 
 def _weights(planned) -> dict[str, float]:
