@@ -175,7 +175,7 @@ class ToolCallParser:
         if call.args_end is None:
             call.args_end = _container_end(call.body, call.scanned, call.scan)
             call.scanned = len(call.body)
-        upto = call.args_end if call.args_end is not None else len(call.body)
+        upto = call.args_end if call.args_end is not None else len(call.body) - _unclosed_tail_length(call.body)
         self._send_arguments(call, call.body[call.args_start + call.args_sent:upto], out)
 
     def _complete(self, out: list, closed: bool) -> None:
@@ -191,8 +191,15 @@ class ToolCallParser:
             call.announced = True
         if parsed is not None:
             arguments = parsed[1]
-        else:  # a committed call whose text broke off: its arguments as written (none if they never began)
-            arguments = call.body[call.args_start:call.args_end] if call.args_start is not None else ""
+        elif call.args_start is None:  # a committed call whose text broke off before its arguments began
+            arguments = ""
+        else:  # a committed call whose text broke off: its arguments as written
+            if call.args_end is None:  # the text after the last scan (it may hold the closing bracket) came
+                call.args_end = _container_end(call.body, call.scanned, call.scan)  # with the closing tag
+                call.scanned = len(call.body)
+            arguments = call.body[call.args_start:call.args_end]
+            if call.args_end is None:  # never closed: as written, less what ends the call (held back in a stream)
+                arguments = arguments[:len(arguments) - _unclosed_tail_length(arguments)]
         self._send_arguments(call, arguments[call.args_sent:], out)
         self.calls += 1
         self.after_call = True
@@ -218,12 +225,19 @@ class ToolCallParser:
             out.append(("content", kept))
 
 
-def _partial_tag_length(text: str) -> int:
-    """How many trailing characters of `text` may be the beginning of OPEN."""
-    for length in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-length:]):
+def _partial_tag_length(text: str, tag: str = OPEN) -> int:
+    """How many trailing characters of `text` may be the beginning of `tag`."""
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-length:]):
             return length
     return 0
+
+
+def _unclosed_tail_length(text: str) -> int:
+    """How many trailing characters of an unclosed arguments text may be the whitespace and the beginning of
+    CLOSE that end the call rather than belong to its arguments: a stream holds them back."""
+    cut = len(text) - _partial_tag_length(text, CLOSE)
+    return len(text) - len(text[:cut].rstrip())
 
 
 def _unescape(name: str) -> str:
