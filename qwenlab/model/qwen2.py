@@ -101,7 +101,15 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, i, bias=False)
         self.down_proj = Linear(i, h, bias=False)
 
+    # Training may set a fused path: fused(mlp, x) -> the output, or None where it does not apply
+    # (adapters/fused_mlp.py: LoRA training's MLP, keeping half the activations).
+    fused = None
+
     def forward(self, x):
+        if self.fused is not None:
+            out = self.fused(self, x)
+            if out is not None:
+                return out
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from qwenlab.adapters import LoraAdapter, attach_adapter, read_adapter
 from qwenlab.adapters.apply import lora_modules
+from qwenlab.adapters.fused_mlp import fuse_lora_mlps
 from qwenlab.errors import QwenlabError
 
 POLICY = "policy"  # the adapter's name inside the model
@@ -50,7 +51,8 @@ def new_lora(model: nn.Module, settings: LoraSettings, seed: int = 0, base_model
 
 
 def attach_policy(model: nn.Module, adapter: LoraAdapter | str | Path) -> list[nn.Parameter]:
-    """Attach `adapter` as the trainable policy; returns its parameters (the only ones with grad)."""
+    """Attach `adapter` as the trainable policy; returns its parameters (the only ones with grad). The MLPs
+    train through the fused LoRA MLP (half the intermediate-sized activations kept for the backward)."""
     if not isinstance(adapter, LoraAdapter):
         adapter = read_adapter(adapter)
     model.requires_grad_(False)
@@ -62,6 +64,7 @@ def attach_policy(model: nn.Module, adapter: LoraAdapter | str | Path) -> list[n
             module.lora_A[POLICY] = nn.Parameter(module.lora_A[POLICY].float(), requires_grad=True)
             module.lora_B[POLICY] = nn.Parameter(module.lora_B[POLICY].float(), requires_grad=True)
             params += [module.lora_A[POLICY], module.lora_B[POLICY]]
+    fuse_lora_mlps(model)
     return params
 
 
