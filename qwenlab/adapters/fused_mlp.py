@@ -86,13 +86,15 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(ctx, x, wg, wu, wd, ag, bg, au, bu, ad, bd, scalings, dropouts, masks):
         sg, su, sd = scalings
         mg, mu, md = masks
+        # In place where the modules make a new tensor (the same values): fewer intermediate-sized allocations.
         hg = _lora_hidden(_dropped(x, mg, dropouts[0]), ag, sg)
-        g = F.linear(x, wg) + F.linear(hg, bg)
+        g = F.linear(x, wg).add_(F.linear(hg, bg))
         hu = _lora_hidden(_dropped(x, mu, dropouts[1]), au, su)
-        u = F.linear(x, wu) + F.linear(hu, bu)
-        p = F.silu(g) * u
+        u = F.linear(x, wu).add_(F.linear(hu, bu))
+        p = F.silu(g).mul_(u)
         hd = _lora_hidden(_dropped(p, md, dropouts[2]), ad, sd)
-        y = F.linear(p, wd) + F.linear(hd, bd)
+        y = F.linear(p, wd).add_(F.linear(hd, bd))
+        del p
         ctx.save_for_backward(x, g, u, wg, wu, wd, ag, bg, au, bu, ad, bd, hg, hu, hd, *(m for m in masks if m is not None))
         ctx.has_mask = [m is not None for m in masks]
         ctx.scalings, ctx.dropouts = scalings, dropouts
@@ -106,20 +108,18 @@ class LoRAMLPFunction(torch.autograd.Function):
         sg, su, sd = ctx.scalings
         pg, pu, pd = ctx.dropouts
         grad_y = grad_y.contiguous()
-        sig = torch.sigmoid(g)
         silu = F.silu(g)  # the forward's values, not g·σ(g): the product's gradients then match the modules'
-        p = silu * u
         # down: y = p W_dᵀ + hd B_dᵀ, hd = s_d·d(p) A_dᵀ
         grad_bd = grad_y.t() @ hd
         grad_hd = (grad_y @ bd) * sd
-        p_dropped = _dropped(p, md, pd)
-        grad_ad = grad_hd.t() @ p_dropped
-        del p_dropped, p
-        grad_p = grad_y @ wd + _dropped(grad_hd @ ad, md, pd)
-        # p = SiLU(g)·u;  SiLU'(g) = σ(g)·(1 + g·(1 − σ(g)))
+        grad_ad = grad_hd.t() @ _dropped(silu * u, md, pd)
+        grad_p = (grad_y @ wd).add_(_dropped(grad_hd @ ad, md, pd))
+        # p = SiLU(g)·u;  SiLU'(g) = σ(g)·(1 + g·(1 − σ(g))), as torch's silu_backward
         grad_u = grad_p * silu
-        grad_g = grad_p * u * (sig * (1 + g * (1 - sig)))
-        del grad_p, sig, silu
+        del silu
+        sig = torch.sigmoid(g)
+        grad_g = grad_p.mul_(u).mul_((1 - sig).mul_(g).add_(1).mul_(sig))
+        del sig
         grad_x = None
         grads = []
         for grad_out, w, a, b, h, keep, p_drop, scaling in ((grad_g, wg, ag, bg, hg, mg, pg, sg),

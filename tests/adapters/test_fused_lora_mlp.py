@@ -37,9 +37,12 @@ def loss_and_grads(model, params, tokens, fused: bool, seed: int):
     with active_adapters(model, POLICY):
         out = mlp(x)
         (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
-    grads = [x.grad] + [p.grad.clone() for p in params if p.grad is not None]
+    lora = [table[POLICY] for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            for table in (linear.lora_A, linear.lora_B)]
+    grads = [x.grad] + [p.grad.clone() for p in lora]
+    assert all(not p.grad.any() for p in params if all(p is not q for q in lora))  # attach_policy zeroed them
     for p in params:
-        p.grad = None
+        p.grad.zero_()
     return out.detach(), grads
 
 

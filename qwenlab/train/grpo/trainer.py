@@ -254,7 +254,7 @@ class GRPOLearner:
         # Rows with advantage 0 (groups where every completion scored the same) and masked rows add exactly
         # nothing to the loss or gradient when beta = 0, so their forward pass is skipped; they still count above.
         rows = [i for i in range(len(prompts)) if not masked[i] and (c.beta != 0.0 or advantages[i] != 0)]
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # kept, not freed: see attach_policy
         total_loss, total_kl, kl_tokens = 0.0, 0.0, 0
         for start in range(0, len(rows), c.micro_batch):
             chunk = rows[start:start + c.micro_batch]

@@ -156,7 +156,7 @@ class NativeSFT:
         learning_rate = self.scheduler.get_last_lr()[0]
         if targets:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # kept, not freed: see attach_policy
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += sum(b.real_tokens for b in batches)
