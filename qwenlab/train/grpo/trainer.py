@@ -74,8 +74,8 @@ class GRPOConfig:
     top_p: float = 1.0
     micro_batch: int = 64  # rows per forward/backward (gradient accumulation above it)
     # Recompute each decoder layer's activations in the backward instead of keeping them: auto turns it on when a
-    # micro-batch's kept activations would pass ACTIVATION_BUDGET_BYTES (the 0.5B shape at 32 rows x 100 tokens:
-    # ~10 GB kept, ~0.1 GB with it, for ~30% more compute).
+    # micro-batch's kept activations would pass ACTIVATION_BUDGET_BYTES (the 0.5B shape at 32 rows x 100 tokens, fp32:
+    # ~6 GB estimated, ~0.1 GB with it, for ~30% more compute).
     activation_checkpointing: str = "auto"  # auto | on | off
     merge_for_generation: bool = True  # fold the LoRA into fp32 weights while sampling (faster, same policy)
     dtype: str = "fp32"  # the frozen base's weights: fp32, or bf16 (bf16 matmuls, AMX where it runs; LoRA stays fp32)
@@ -223,7 +223,7 @@ class GRPOLearner:
         choice = self.config.activation_checkpointing
         if choice != "auto":
             return choice == "on"
-        return over_activation_budget(self.model.config, tokens.numel())
+        return over_activation_budget(self.model.config, tokens.numel(), self.model.dtype)
 
     def _logprobs(self, packed) -> torch.Tensor:
         """log π of each completion token ([B, T-1], 0 off the completions): the head runs on completion positions
