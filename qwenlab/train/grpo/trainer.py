@@ -223,7 +223,7 @@ class GRPOLearner:
         choice = self.config.activation_checkpointing
         if choice != "auto":
             return choice == "on"
-        return over_activation_budget(self.model.config, tokens.numel(), self.model.dtype)
+        return over_activation_budget(self.model.config, tuple(tokens.shape), self.model.dtype)
 
     def _logprobs(self, packed) -> torch.Tensor:
         """log π of each completion token ([B, T-1], 0 off the completions): the head runs on completion positions

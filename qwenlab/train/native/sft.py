@@ -124,7 +124,7 @@ class NativeSFT:
     def _summed_nll(self, batch: Batch) -> torch.Tensor:
         """Σ -log p(target) over the batch's target positions (the head on those positions only)."""
         self.model.checkpoint_layers = (self.config.gradient_checkpointing
-                                        or over_activation_budget(self.model.config, batch.tokens.numel(),
+                                        or over_activation_budget(self.model.config, tuple(batch.tokens.shape),
                                                                  self.model.dtype))
         try:
             hidden = self.model.final_hidden(batch.tokens)
