@@ -81,8 +81,8 @@ class TrainConfig:
     replay_answers: str = _help("whose answers replay trains on: 'base' (the base's own greedy answers) or "
                                 "'reference' (rehearsal: the tasks' reference answers, or the replay_prompts "
                                 "file's assistant turns)", "base")
-    engine: str = _help("the training loop: 'trl' (TRL's trainer on transformers + PEFT) or 'native' (SFT on "
-                        "qwenlab's own model core: the head on target tokens only; docs/adapters.md)", "trl")
+    engine: str = _help("the training loop: 'trl' (TRL's trainer on transformers + PEFT) or 'native' (SFT or "
+                        "DPO on qwenlab's own model core: the head on target tokens only; docs/adapters.md)", "trl")
     dtype: str = _help("compute dtype: fp32 (CPU default) or bf16 (trl: autocast with fp32 master weights; "
                        "native: the frozen base in bf16, LoRA and optimizer in fp32)", "fp32")
     seed: int = _help("seed of the LoRA init, the data order and dropout", 0)

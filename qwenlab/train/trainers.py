@@ -6,8 +6,8 @@
 SFT: chat prompt/completion data takes the loss on the completion only; `messages` data on the whole
 conversation (TRL's rules). DPO: the policy is base + LoRA, the reference the same base with the
 adapter switched off (no second model in memory); data is prompt/chosen/rejected. Everything TRL
-does not need to decide is set in run.trainer_arguments. `engine: native` runs SFT on qwenlab's own loop
-instead (train/native/sft.py): the same examples, init, batches and steps, with less work per step.
+does not need to decide is set in run.trainer_arguments. `engine: native` runs SFT or DPO on qwenlab's own
+loop instead (train/native/): the same examples, init, batches and steps, with less work per step.
 """
 
 from __future__ import annotations
@@ -50,10 +50,15 @@ TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer}
 
 
 def train(config: TrainConfig, kind: str) -> TrainResult:
-    """One LoRA training run for `kind` ('sft' or 'dpo'): TRL's trainer, or with `engine: native` (SFT only)
-    qwenlab's own loop (train/native/), into the same output folder."""
-    if config.engine == "native" and kind != "sft":  # before anything is read or written
-        raise QwenlabError(f"'engine: native' trains SFT only; train {kind.upper()} with 'engine: trl'")
+    """One LoRA training run for `kind` ('sft' or 'dpo'): TRL's trainer, or with `engine: native` qwenlab's own
+    loop (train/native/), into the same output folder."""
+    if config.engine == "native" and kind == "dpo":  # before anything is read or written
+        from qwenlab.train.native.dpo import NATIVE_DPO_LOSSES
+
+        other = [term for term in config.dpo_loss if term not in NATIVE_DPO_LOSSES]
+        if other:
+            raise QwenlabError(f"'dpo_loss': the native engine computes {', '.join(NATIVE_DPO_LOSSES)}, not "
+                               f"{', '.join(other)}; train it with 'engine: trl'")
     run = prepare_run(config, kind)
     config = run.config  # with --resume and only --out, the interrupted run's settings
     if config.engine == "native":
@@ -93,9 +98,10 @@ def train(config: TrainConfig, kind: str) -> TrainResult:
 
 def _train_native(run) -> TrainResult:
     from qwenlab.adapters.peft_format import save_adapter_files
-    from qwenlab.train.native.sft import train_native_sft
+    from qwenlab.train.native.dpo import NativeDPO
+    from qwenlab.train.native.sft import NativeSFT, train_native
 
-    trainer, started = train_native_sft(run)
+    trainer, started = train_native(run, NativeDPO if run.kind == "dpo" else NativeSFT)
     return finish_run(run, started, trainer.history, trainer.step, trainer.tokens_seen,
                       lambda folder: save_adapter_files(trainer.adapter(), folder))
 

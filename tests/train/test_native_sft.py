@@ -251,11 +251,12 @@ def test_grad_accumulation_normalises_over_the_whole_step(tiny_model_dir, sft_da
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
-def test_bad_engine_and_dpo_fail_before_any_output(tiny_model_dir, sft_data, tmp_path):
+def test_bad_engine_and_dpo_loss_fail_before_any_output(tiny_model_dir, sft_data, tmp_path):
     with pytest.raises(QwenlabError, match="'engine' must be one of trl, native"):
         native_config(tiny_model_dir, sft_data, tmp_path / "out", engine="fast").validate()
-    with pytest.raises(QwenlabError, match="'engine: native' trains SFT only"):
-        train_dpo(native_config(tiny_model_dir, sft_data, tmp_path / "out"))
+    with pytest.raises(QwenlabError, match="'dpo_loss': the native engine computes sigmoid, hinge, ipo, sft, not "
+                                           "robust; train it with 'engine: trl'"):
+        train_dpo(native_config(tiny_model_dir, sft_data, tmp_path / "out", dpo_loss=["sigmoid", "robust"]))
     long = tmp_path / "long.jsonl"
     write_jsonl([{"prompt": [{"role": "user", "content": "hello " * 50}],
                   "completion": [{"role": "assistant", "content": "hi"}]}], long)

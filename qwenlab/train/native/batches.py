@@ -26,7 +26,7 @@ class Example:
     loss_mask: list[int]  # 1 where the token is a training target
 
 
-def _ids(encoded) -> list[int]:
+def token_ids(encoded) -> list[int]:
     # apply_chat_template(return_dict=True) and __call__ both return a mapping with input_ids
     return list(encoded["input_ids"])
 
@@ -36,23 +36,23 @@ def tokenize_example(record: dict, tokenizer, max_length: int) -> Example:
     eos = tokenizer.eos_token or ""
     if "prompt" in record:
         if isinstance(record["prompt"], list):  # chat messages
-            prompt = _ids(tokenizer.apply_chat_template(record["prompt"], tokenize=True, return_dict=True,
+            prompt = token_ids(tokenizer.apply_chat_template(record["prompt"], tokenize=True, return_dict=True,
                                                         add_generation_prompt=True))
-            ids = _ids(tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=True,
+            ids = token_ids(tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=True,
                                                      return_dict=True))
         else:
             completion = record["completion"]
             if eos and not completion.endswith(eos):
                 completion += eos
-            prompt = _ids(tokenizer(text=record["prompt"]))
-            ids = _ids(tokenizer(text=record["prompt"] + completion))
+            prompt = token_ids(tokenizer(text=record["prompt"]))
+            ids = token_ids(tokenizer(text=record["prompt"] + completion))
         shared = common_prefix(prompt, ids)
         mask = [0] * shared + [1] * (len(ids) - shared)
     else:
         text = record["text"]
         if eos and not text.endswith(eos):
             text += eos
-        ids = _ids(tokenizer(text=text))
+        ids = token_ids(tokenizer(text=text))
         mask = [1] * len(ids)
     return Example(ids[:max_length], mask[:max_length])
 
@@ -76,6 +76,17 @@ def step_examples(count: int, batch_size: int, seed: int, step: int) -> list[int
     per_epoch = -(-count // batch_size)
     epoch, index = divmod(step, per_epoch)
     return epoch_order(count, seed, epoch)[index * batch_size:(index + 1) * batch_size]
+
+
+def step_batches(count: int, batch_size: int, accum: int, seed: int, step: int) -> list[list[int]]:
+    """The example indices of each micro-batch of optimizer step `step` (0-based), as transformers' Trainer
+    accumulates: an epoch's batches in groups of `accum`, its last group shorter when they do not divide (an
+    update never spans two epochs)."""
+    per_epoch = -(-count // batch_size)
+    epoch, update = divmod(step, -(-per_epoch // accum))
+    first = update * accum
+    return [step_examples(count, batch_size, seed, epoch * per_epoch + i)
+            for i in range(first, min(first + accum, per_epoch))]
 
 
 @dataclass

@@ -32,7 +32,7 @@ from qwenlab.train.activations import over_activation_budget
 from qwenlab.train.grpo.loss import selected_token_logprobs
 from qwenlab.train.grpo.policy import POLICY, target_module_names, attach_policy, \
     load_policy_weights, policy_adapter
-from qwenlab.train.native.batches import Batch, collate, step_examples, tokenize_examples
+from qwenlab.train.native.batches import Batch, collate, step_batches, tokenize_examples
 from qwenlab.train.run import TrainingRun
 
 STATE_FILE = "native_state.pt"  # optimizer, scheduler, RNG: tensors and numbers only (loaded with weights_only)
@@ -111,47 +111,62 @@ class NativeSFT:
         self.scheduler = get_scheduler(config.scheduler, self.optimizer,
                                        num_warmup_steps=warmup_steps(config.warmup, run.total_steps),
                                        num_training_steps=run.total_steps)
-        self.train_examples = tokenize_examples(run.train_records, self.tokenizer, config.max_length)
+        self.train_examples = self.tokenize(run.train_records)
         if not self.train_examples:
             raise QwenlabError(f"{config.data}: no training example has a target token within max_length "
                                f"{config.max_length} (every prompt fills it); raise max_length")
-        self.eval_examples = tokenize_examples(run.eval_records, self.tokenizer, config.max_length)
+        self.eval_examples = self.tokenize(run.eval_records)
         self.step = 0
         self.tokens_seen = 0
+        self.last_stats: dict[str, float] = {}  # the last step's extra metrics (DPO's rewards), logged with it
         self.history: list[dict] = []
 
+    def tokenize(self, records: list[dict]) -> list:
+        return tokenize_examples(records, self.tokenizer, self.config.max_length)
+
     # ---- one step ------------------------------------------------------------------
-    def _summed_nll(self, batch: Batch) -> torch.Tensor:
-        """Σ -log p(target) over the batch's target positions (the head on those positions only)."""
+    def token_logprobs(self, tokens: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """log p(next token) at the target positions [B, T-1] (0 elsewhere); the head on those positions only."""
         self.model.checkpoint_layers = (self.config.gradient_checkpointing
-                                        or over_activation_budget(self.model.config, tuple(batch.tokens.shape),
+                                        or over_activation_budget(self.model.config, tuple(tokens.shape),
                                                                  self.model.dtype))
         try:
-            hidden = self.model.final_hidden(batch.tokens)
+            hidden = self.model.final_hidden(tokens)
         finally:
             self.model.checkpoint_layers = False
-        logprobs = selected_token_logprobs(hidden, self.model.head_weight, batch.tokens, batch.target_mask)
-        return -(logprobs * batch.target_mask).sum()
+        return selected_token_logprobs(hidden, self.model.head_weight, tokens, target_mask)
+
+    def _summed_nll(self, batch: Batch) -> torch.Tensor:
+        """Σ -log p(target) over the batch's target positions."""
+        return -(self.token_logprobs(batch.tokens, batch.target_mask) * batch.target_mask).sum()
 
     def micro_batches(self, step: int) -> list[Batch]:
-        count, size, accum = len(self.train_examples), self.config.batch_size, self.config.grad_accum
-        return [collate([self.train_examples[i] for i in step_examples(count, size, self.config.seed, step * accum + k)],
-                        self.pad_id) for k in range(accum)]
+        return [self.collate([self.train_examples[i] for i in indices])
+                for indices in step_batches(len(self.train_examples), self.config.batch_size, self.config.grad_accum,
+                                            self.config.seed, step)]
+
+    def collate(self, examples: list) -> Batch:
+        return collate(examples, self.pad_id)
+
+    def backward(self, batches: list) -> tuple[float, int]:
+        """The step's loss over its micro-batches, backpropagated: the mean over all their targets (transformers'
+        num_items_in_batch normalisation). Returns (loss, targets)."""
+        targets = sum(b.targets for b in batches)
+        total = 0.0
+        for batch in batches:
+            if not batch.targets:
+                continue
+            loss = self._summed_nll(batch) / max(targets, 1)
+            loss.backward()
+            total += float(loss.detach())
+        return total, targets
 
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches; the loss is the mean over all their targets
-        (transformers' num_items_in_batch normalisation)."""
+        """One optimizer step over grad_accum micro-batches."""
         batches = self.micro_batches(self.step)
-        targets = sum(b.targets for b in batches)
         self.model.train()
-        total = 0.0
         with active_adapters(self.model, POLICY):
-            for batch in batches:
-                if not batch.targets:
-                    continue
-                loss = self._summed_nll(batch) / max(targets, 1)
-                loss.backward()
-                total += float(loss.detach())
+            total, targets = self.backward(batches)
         self.model.eval()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)) if targets else 0.0
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -161,7 +176,8 @@ class NativeSFT:
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += sum(b.real_tokens for b in batches)
-        return {"loss": total, "grad_norm": grad_norm, "learning_rate": learning_rate, "targets": targets}
+        return {"loss": total, "grad_norm": grad_norm, "learning_rate": learning_rate, "targets": targets,
+                "metrics": self.last_stats}
 
     @torch.no_grad()
     def eval_loss(self) -> float | None:
@@ -170,7 +186,7 @@ class NativeSFT:
         total, targets = 0.0, 0
         with active_adapters(self.model, POLICY):
             for start in range(0, len(self.eval_examples), self.config.batch_size):
-                batch = collate(self.eval_examples[start:start + self.config.batch_size], self.pad_id)
+                batch = self.collate(self.eval_examples[start:start + self.config.batch_size])
                 if batch.targets:
                     total += float(self._summed_nll(batch))
                     targets += batch.targets
@@ -246,22 +262,22 @@ class EarlyStopping:
                 param.copy_(best)
 
 
-def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
-    """The loop behind `qwenlab train sft --engine native`: steps, logs, evals, checkpoints, a progress bar;
+def train_native(run: TrainingRun, trainer_class: type[NativeSFT] = NativeSFT) -> tuple[NativeSFT, float]:
+    """The loop behind `qwenlab train sft|dpo --engine native`: steps, logs, evals, checkpoints, a progress bar;
     Ctrl-C saves a checkpoint of the steps done. Returns the trainer and the run's start time."""
     from tqdm import tqdm
 
     from qwenlab.train.run import open_output, say_interrupted
 
     config = run.config
-    trainer = NativeSFT(run)
+    trainer = trainer_class(run)
     open_output(run)
     if run.resume_from:
         trainer.load_checkpoint(run.resume_from)
     started = time.time() - (trainer.history[-1].get("train_runtime", 0.0) if trainer.history else 0.0)
     save_every = config.save_steps or run.total_steps
     eval_every = config.eval_steps or save_every
-    bar = tqdm(total=run.total_steps, initial=trainer.step, desc="train sft (native)", unit="step",
+    bar = tqdm(total=run.total_steps, initial=trainer.step, desc=f"train {run.kind} (native)", unit="step",
                disable=not config.progress, file=sys.stderr)
     losses: list[float] = []
     since_log: list[float] = []
@@ -279,6 +295,7 @@ def train_native_sft(run: TrainingRun) -> tuple[NativeSFT, float]:
                        * config.grad_accum / max(len(trainer.train_examples), 1), 4),
                        "num_input_tokens_seen": trainer.tokens_seen,
                        "train_runtime": round(time.time() - started, 3), "step": step}
+                row.update({key: round(value, 6) for key, value in stats.get("metrics", {}).items()})
                 trainer.history.append(row)
                 since_log = []
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
