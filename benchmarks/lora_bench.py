@@ -29,21 +29,22 @@ from pathlib import Path
 
 
 def child(model: str, work: Path, steps: int, batch_size: int, threads: int, engine: str = "trl",
-          dtype: str = "fp32", dropout: float = 0.0, recompute: bool = False) -> dict:
-    """Runs in the subprocess: one short SFT run; prints a JSON line of figures."""
+          dtype: str = "fp32", dropout: float = 0.0, recompute: bool = False, kind: str = "sft") -> dict:
+    """Runs in the subprocess: one short SFT (or DPO) run; prints a JSON line of figures."""
     from qwenlab.adapters import read_adapter
     from qwenlab.checkpoint import open_checkpoint
-    from qwenlab.train import TrainConfig, train_sft
-    from qwenlab.train.data import sft_records_from_task, write_jsonl
+    from qwenlab.train import TrainConfig, train_dpo, train_sft
+    from qwenlab.train.data import dpo_records_from_task, sft_records_from_task, write_jsonl
 
-    records = sft_records_from_task("arithmetic", steps * batch_size, seed=7)
-    data = write_jsonl(records, work / f"{Path(model).name}.jsonl", force=True)
+    make_records = dpo_records_from_task if kind == "dpo" else sft_records_from_task
+    records = make_records("arithmetic", steps * batch_size, seed=7)
+    data = write_jsonl(records, work / f"{Path(model).name}-{kind}.jsonl", force=True)
     config = TrainConfig(base=model, data=str(data), out=str(work / f"{Path(model).name}-lora"), steps=steps,
                          batch_size=batch_size, logging_steps=1, save_steps=0, save_total_limit=1, val_fraction=0.0,
                          threads=threads, progress=False, force=True, engine=engine, dtype=dtype,
                          lora_dropout=dropout, gradient_checkpointing=recompute)
     started = time.time()
-    result = train_sft(config)
+    result = (train_dpo if kind == "dpo" else train_sft)(config)
     wall = time.time() - started
     logs = [e for e in result.log_history if "loss" in e and "train_runtime" in e]
     if len(logs) < 2:
@@ -177,6 +178,9 @@ def model_folder(name: str, work: Path, tokenizer_from: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="nano,qwen2.5-0.5b")
+    parser.add_argument("--kind", choices=("sft", "dpo"), default="sft",
+                        help="dpo: `qwenlab train dpo` on preference pairs; the anchor is then the TRL engine "
+                             "(qwenlab:fp32|bf16), as there is no PEFT DPO loop here")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -200,7 +204,7 @@ def main() -> None:
         elif engine in ("qwenlab", "native"):
             figures = child(args.child, args.work_dir, args.steps, args.batch_size, args.threads,
                             "native" if engine == "native" else "trl", dtype, args.lora_dropout,
-                            args.gradient_checkpointing)
+                            args.gradient_checkpointing, args.kind)
         else:
             figures = peft_loop(args.child, args.work_dir, args.steps, args.batch_size, args.threads, dtype)
         print("RESULT " + json.dumps(figures))
@@ -212,27 +216,30 @@ def main() -> None:
         for engine in args.engines.split(","):
             command = [sys.executable, __file__, "--child", folder, "--steps", str(args.steps), "--batch-size",
                        str(args.batch_size), "--threads", str(args.threads), "--work-dir", str(args.work_dir),
-                       "--engine", engine, "--lora-dropout", str(args.lora_dropout),
+                       "--engine", engine, "--lora-dropout", str(args.lora_dropout), "--kind", args.kind,
                        *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
             figures = _run_child(command[2:], f"{name} / {engine}")
-            flops = step_flops_per_token(folder)
+            # DPO also runs the reference forward: 2 more FLOP per weight and token
+            flops = step_flops_per_token(folder) * (1.5 if args.kind == "dpo" else 1.0)
             dtype = engine.split(":")[1]
             bound = rate[dtype] * 1e9 / flops
             rows.append({**figures, "model": name, "engine": engine, "bound": bound,
                          "share": figures["tokens_per_s"] / bound})
             print(f"{name} / {engine}: done", file=sys.stderr)
-    print(f"LoRA SFT (TRL {_version('trl')}, PEFT {_version('peft')}, torch {_version('torch')}), r 16 on all "
+    print(f"LoRA {args.kind.upper()} (TRL {_version('trl')}, PEFT {_version('peft')}, torch {_version('torch')}), r 16 on all "
           f"linears, batch {args.batch_size}, {args.threads} threads, LoRA dropout {args.lora_dropout:g} "
           f"(PEFT loop: 0){', qwenlab engines with gradient checkpointing' if args.gradient_checkpointing else ''}\n")
     print(f"matmul rate on this machine: fp32 {rate['fp32']} GFLOP/s, bf16 {rate['bf16']} GFLOP/s\n")
-    print("| model | engine | tokens/step | tokens/s | vs PEFT loop (same dtype) | s/step | compute bound (tok/s) | "
+    anchor_engine = "qwenlab:" if args.kind == "dpo" else "peft:"
+    print(f"| model | engine | tokens/step | tokens/s | vs {'TRL engine' if args.kind == 'dpo' else 'PEFT loop'} "
+          "(same dtype) | s/step | compute bound (tok/s) | "
           "share of bound | peak RSS (MiB) | loss step 1 -> last |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        anchor = next((a for a in rows if a["model"] == r["model"] and a["engine"] == "peft:" + r["engine"].split(":")[1]),
-                      None)
+        anchor = next((a for a in rows if a["model"] == r["model"]
+                       and a["engine"] == anchor_engine + r["engine"].split(":")[1]), None)
         versus = f"{r['tokens_per_s'] / anchor['tokens_per_s']:.2f}x" if anchor else "-"
-        print(f"| {r['model']} | {ENGINES[r['engine']]} | {r['tokens_per_step']} | {r['tokens_per_s']} | {versus} | "
+        print(f"| {r['model']} | {ENGINES[r['engine']].replace('train sft', 'train ' + args.kind)} | {r['tokens_per_step']} | {r['tokens_per_s']} | {versus} | "
               f"{r['s_per_step']} | {r['bound']:.1f} | {100 * r['share']:.0f}% | {r['peak_rss_mib']} | "
               f"{r['first_loss']} -> {r['last_loss']} |")
 
