@@ -119,3 +119,12 @@ def test_pairs_collate_chosen_first_with_completion_targets(tiny_model_dir):
             assert [ids[t + 1] for t in targets] == completion  # exactly the completion's tokens are scored
     cut = collate_pairs(pairs, 0, len(pairs[0].prompt) + 1)  # max_length keeps one completion token
     assert int(cut.target_mask[0].sum()) == 1
+
+
+def test_the_default_learning_rate_is_dpos(tiny_model_dir, dpo_data, tmp_path):
+    from qwenlab.train.config import DEFAULT_LEARNING_RATE
+    from qwenlab.train.native.dpo import NativeDPO
+    from qwenlab.train.run import prepare_run
+
+    trainer = NativeDPO(prepare_run(dpo_config(tiny_model_dir, dpo_data, tmp_path / "out", learning_rate=None), "dpo"))
+    assert trainer.scheduler.base_lrs == [DEFAULT_LEARNING_RATE["dpo"]] != [DEFAULT_LEARNING_RATE["sft"]]

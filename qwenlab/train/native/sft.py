@@ -106,7 +106,7 @@ class NativeSFT:
         for module in lora_modules(self.model).values():
             module.dropout = config.lora_dropout
             module.compute_dtype = dtype if dtype != torch.float32 else None
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate_for("sft"),
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate_for(run.kind),
                                            weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(config.scheduler, self.optimizer,
                                        num_warmup_steps=warmup_steps(config.warmup, run.total_steps),
