@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from qwenlab.adapters import active_adapters
-from qwenlab.train.grpo.policy import POLICY
 from qwenlab.train.native.preference import PairBatch, collate_pairs, tokenize_pairs
 from qwenlab.train.native.sft import NativeSFT
 
@@ -79,16 +78,7 @@ class NativeDPO(NativeSFT):
                 self.last_stats[key] = self.last_stats.get(key, 0.0) + value / len(batches)
         return total, sum(b.pairs for b in batches)
 
-    @torch.no_grad()
-    def eval_loss(self) -> float | None:
-        """The mean DPO loss over the eval pairs (each batch's loss weighted by its pairs, as the Trainer does)."""
-        if not self.eval_examples:
-            return None
-        total, count = 0.0, 0
-        with active_adapters(self.model, POLICY):
-            for start in range(0, len(self.eval_examples), self.config.batch_size):
-                batch = self.collate(self.eval_examples[start:start + self.config.batch_size])
-                loss, _ = self.pair_loss(batch)
-                total += float(loss) * batch.pairs
-                count += batch.pairs
-        return total / count
+    def eval_batch(self, batch: PairBatch) -> tuple[float, int]:
+        """The batch's DPO loss weighted by its pairs, as the Trainer averages eval losses."""
+        loss, _ = self.pair_loss(batch)
+        return float(loss) * batch.pairs, batch.pairs

@@ -181,16 +181,19 @@ class NativeSFT:
 
     @torch.no_grad()
     def eval_loss(self) -> float | None:
+        """The loss over the eval set: each batch's summed loss over the sum of its weights (targets here)."""
         if not self.eval_examples:
             return None
-        total, targets = 0.0, 0
+        total, weight = 0.0, 0
         with active_adapters(self.model, POLICY):
             for start in range(0, len(self.eval_examples), self.config.batch_size):
-                batch = self.collate(self.eval_examples[start:start + self.config.batch_size])
-                if batch.targets:
-                    total += float(self._summed_nll(batch))
-                    targets += batch.targets
-        return total / targets if targets else None
+                batch_total, batch_weight = self.eval_batch(self.collate(self.eval_examples[start:start
+                                                                                             + self.config.batch_size]))
+                total, weight = total + batch_total, weight + batch_weight
+        return total / weight if weight else None
+
+    def eval_batch(self, batch: Batch) -> tuple[float, int]:
+        return (float(self._summed_nll(batch)), batch.targets) if batch.targets else (0.0, 0)
 
     # ---- checkpoints ---------------------------------------------------------------
     def save_checkpoint(self) -> Path:
