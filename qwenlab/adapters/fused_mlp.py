@@ -10,8 +10,8 @@ and p in the backward: two element-wise passes, against the six matmuls it runs 
     y = p W_dᵀ + s_d·(d_d(p) A_dᵀ) B_dᵀ,   p = SiLU(g)·u
 
 d is LoRA dropout (adapters/dropout.py: the same masks, drawn in the same order as the modules draw them: gate,
-up, down). The forward's values are those of the three LoRALinear modules bit for bit; the gradients are the same
-formulas, summed in another order.
+up, down). The forward's values and the gradients are those of the three LoRALinear modules bit for bit (the same ops,
+summed in autograd's order).
 
 It runs when every linear of the MLP is a LoRALinear with one unmerged adapter on every row over a plain float
 weight, and the adapter is trainable (LoRA SFT/GRPO on the model core). Anything else returns None, and the MLP
@@ -108,29 +108,30 @@ class LoRAMLPFunction(torch.autograd.Function):
         sg, su, sd = ctx.scalings
         pg, pu, pd = ctx.dropouts
         grad_y = grad_y.contiguous()
-        silu = F.silu(g)  # the forward's values, not g·σ(g): the product's gradients then match the modules'
+        # The modules' backward, op for op and summed in autograd's order, so training takes the same steps to the
+        # bit (the recipe's specialists are the same models with or without the fusion).
+        silu = F.silu(g)
         # down: y = p W_dᵀ + hd B_dᵀ, hd = s_d·d(p) A_dᵀ
         grad_bd = grad_y.t() @ hd
         grad_hd = (grad_y @ bd) * sd
         grad_ad = grad_hd.t() @ _dropped(silu * u, md, pd)
-        grad_p = (grad_y @ wd).add_(_dropped(grad_hd @ ad, md, pd))
-        # p = SiLU(g)·u;  SiLU'(g) = σ(g)·(1 + g·(1 − σ(g))), as torch's silu_backward
+        grad_p = _dropped(grad_hd @ ad, md, pd) + grad_y @ wd
+        # p = SiLU(g)·u
         grad_u = grad_p * silu
         del silu
-        sig = torch.sigmoid(g)
-        grad_g = grad_p.mul_(u).mul_((1 - sig).mul_(g).add_(1).mul_(sig))
-        del sig
-        grad_x = None
-        grads = []
-        for grad_out, w, a, b, h, keep, p_drop, scaling in ((grad_g, wg, ag, bg, hg, mg, pg, sg),
-                                                            (grad_u, wu, au, bu, hu, mu, pu, su)):
+        grad_g = torch.ops.aten.silu_backward(grad_p * u, g)
+        del grad_p
+        # gate and up: autograd meets x's four gradients in the order up's LoRA, up's base, gate's LoRA, gate's base
+        grads, parts = [], []
+        for grad_out, w, a, b, h, keep, p_drop, scaling in ((grad_u, wu, au, bu, hu, mu, pu, su),
+                                                            (grad_g, wg, ag, bg, hg, mg, pg, sg)):
             grad_b = grad_out.t() @ h
             grad_h = (grad_out @ b) * scaling
             grad_a = grad_h.t() @ _dropped(x, keep, p_drop)
-            part = grad_out @ w + _dropped(grad_h @ a, keep, p_drop)
-            grad_x = part if grad_x is None else grad_x + part
+            parts += [_dropped(grad_h @ a, keep, p_drop), grad_out @ w]
             grads.append((grad_a, grad_b))
-        (grad_ag, grad_bg), (grad_au, grad_bu) = grads
+        grad_x = ((parts[0] + parts[1]) + parts[2]) + parts[3]
+        (grad_au, grad_bu), (grad_ag, grad_bg) = grads
         return (grad_x, None, None, None, grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd, None, None, None)
 
 
