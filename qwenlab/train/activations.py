@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qwenlab.model.qwen2 import MATMUL_ATTENTION_MAX_TOKENS
+
 ACTIVATION_BUDGET_BYTES = 2 << 30  # recompute above this much kept per micro-batch
 
 
@@ -14,8 +16,6 @@ def kept_activation_bytes(config, shape: tuple[int, int], dtype: torch.dtype = t
     shape, 616 tokens (tests/train/test_activations.py holds the bound on a tiny model): fp32 0.92 GB kept for 1.10
     estimated, bf16 0.53 for 0.66 (its norms keep fp32 copies). bf16's short sequences also keep their attention
     weights (model/qwen2.causal_attention_by_matmul): fp32 and bf16 copies, per head and pair of positions."""
-    from qwenlab.model.qwen2 import MATMUL_ATTENTION_MAX_TOKENS
-
     batch, length = shape
     tokens = batch * length
     element = torch.empty((), dtype=dtype).element_size()

@@ -31,28 +31,35 @@ def token_ids(encoded) -> list[int]:
     return list(encoded["input_ids"])
 
 
+def with_eos(text: str, eos: str) -> str:
+    """TRL's add_eos: a text completion ends with the tokenizer's EOS."""
+    return text + eos if eos and not text.endswith(eos) else text
+
+
+def render_ids(tokenizer, prompt, completion=None) -> list[int]:
+    """The ids of a prompt (chat messages: with the generation prompt) or of prompt + completion, as TRL renders
+    them: chat messages through the chat template, text through the tokenizer."""
+    if isinstance(prompt, list):  # chat messages
+        if completion is None:
+            return token_ids(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
+                                                           add_generation_prompt=True))
+        return token_ids(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True))
+    return token_ids(tokenizer(text=prompt if completion is None else prompt + completion))
+
+
 def tokenize_example(record: dict, tokenizer, max_length: int) -> Example:
     """One record (prompt/completion, chat or text, or text) as ids and loss mask."""
     eos = tokenizer.eos_token or ""
     if "prompt" in record:
-        if isinstance(record["prompt"], list):  # chat messages
-            prompt = token_ids(tokenizer.apply_chat_template(record["prompt"], tokenize=True, return_dict=True,
-                                                        add_generation_prompt=True))
-            ids = token_ids(tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=True,
-                                                     return_dict=True))
-        else:
-            completion = record["completion"]
-            if eos and not completion.endswith(eos):
-                completion += eos
-            prompt = token_ids(tokenizer(text=record["prompt"]))
-            ids = token_ids(tokenizer(text=record["prompt"] + completion))
+        completion = record["completion"]
+        if not isinstance(record["prompt"], list):
+            completion = with_eos(completion, eos)
+        prompt = render_ids(tokenizer, record["prompt"])
+        ids = render_ids(tokenizer, record["prompt"], completion)
         shared = common_prefix(prompt, ids)
         mask = [0] * shared + [1] * (len(ids) - shared)
     else:
-        text = record["text"]
-        if eos and not text.endswith(eos):
-            text += eos
-        ids = token_ids(tokenizer(text=text))
+        ids = render_ids(tokenizer, with_eos(record["text"], eos))
         mask = [1] * len(ids)
     return Example(ids[:max_length], mask[:max_length])
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from qwenlab.train.data import common_prefix
-from qwenlab.train.native.batches import token_ids
+from qwenlab.train.native.batches import Example, collate, render_ids, with_eos
 
 
 @dataclass
@@ -24,24 +24,14 @@ class Pair:
     rejected: list[int]
 
 
-def _render(tokenizer, prompt, completion=None) -> list[int]:
-    if isinstance(prompt, list):  # chat messages
-        if completion is None:
-            return token_ids(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
-                                                      add_generation_prompt=True))
-        return token_ids(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True))
-    return token_ids(tokenizer(text=prompt if completion is None else prompt + completion))
-
-
 def tokenize_pair(record: dict, tokenizer) -> Pair:
     chosen, rejected = record["chosen"], record["rejected"]
     if not isinstance(record["prompt"], list):
         eos = tokenizer.eos_token or ""
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-    prompt = _render(tokenizer, record["prompt"])
-    with_chosen = _render(tokenizer, record["prompt"], chosen)
-    with_rejected = _render(tokenizer, record["prompt"], rejected)
+        chosen, rejected = with_eos(chosen, eos), with_eos(rejected, eos)
+    prompt = render_ids(tokenizer, record["prompt"])
+    with_chosen = render_ids(tokenizer, record["prompt"], chosen)
+    with_rejected = render_ids(tokenizer, record["prompt"], rejected)
     # the completion starts where prompt and prompt + completion diverge (not always after the prompt)
     shared = min(common_prefix(prompt, with_chosen), common_prefix(prompt, with_rejected))
     return Pair(prompt[:shared], with_chosen[shared:], with_rejected[shared:])
@@ -66,15 +56,10 @@ class PairBatch:
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int, max_length: int) -> PairBatch:
-    rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    masks = [[0] * len(p.prompt) + [1] * len(p.chosen) for p in pairs] + \
-            [[0] * len(p.prompt) + [1] * len(p.rejected) for p in pairs]
-    rows, masks = [r[:max_length] for r in rows], [m[:max_length] for m in masks]
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    target_mask = torch.zeros(len(rows), max(width - 1, 0))
-    for i, (ids, mask) in enumerate(zip(rows, masks)):
-        tokens[i, :len(ids)] = torch.tensor(ids)
-        target_mask[i, :len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.float32)
-    completion = torch.tensor([sum(m) for m in masks], dtype=torch.float32)
-    return PairBatch(tokens, target_mask, completion, sum(len(r) for r in rows))
+    """batches.collate of the chosen rows then the rejected rows, each cut to max_length from its start."""
+    sides = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    rows = [Example((prompt + completion)[:max_length], ([0] * len(prompt) + [1] * len(completion))[:max_length])
+            for prompt, completion in sides]
+    batch = collate(rows, pad_id)
+    completion = torch.tensor([sum(row.loss_mask) for row in rows], dtype=torch.float32)
+    return PairBatch(batch.tokens, batch.target_mask, completion, batch.real_tokens)
