@@ -73,10 +73,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * d, h, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCacheProtocol | None, layer: int, start: int):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self.attend_projected(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache, layer, start)
+
+    def attend_projected(self, q, k, v, cos, sin, mask, cache: KVCacheProtocol | None, layer: int, start: int):
+        """RoPE and attention for the projections q [B, T, H·D] and k, v [B, T, Hkv·D]."""
+        b, t, _ = q.shape
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return self.attend(q, k, v, mask, cache, layer, start)

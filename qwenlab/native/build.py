@@ -29,8 +29,9 @@ from qwenlab.home import qwenlab_home
 
 HERE = Path(__file__).parent
 QUANT_KERNELS = HERE.parent / "quant" / "native"  # the int8/int4 matmul and decode stack: one library for all
-SOURCES = [HERE / "lora_bgmv.cpp", HERE / "decode_attention.cpp", HERE / "probe.cpp", HERE / "token_mask.cpp",
-           QUANT_KERNELS / "qmatmul.cpp", QUANT_KERNELS / "float_matmul.cpp", QUANT_KERNELS / "decode_stack.cpp"]
+SOURCES = [HERE / "lora_bgmv.cpp", HERE / "decode_attention.cpp", HERE / "prefill_attention.cpp", HERE / "probe.cpp",
+           HERE / "token_mask.cpp", QUANT_KERNELS / "qmatmul.cpp", QUANT_KERNELS / "float_matmul.cpp",
+           QUANT_KERNELS / "decode_stack.cpp"]
 HEADERS = [HERE / "vec.h", HERE / "pool.h", HERE / "lora_bgmv.h"]
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
          "-pthread", "-shared", "-fPIC"]

@@ -71,6 +71,53 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     return out if status == 0 else None
 
 
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, start: int, num_heads: int,
+                      starts: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A prompt's T new tokens per row: RoPE, cache writes at slots start .. start+T-1, causal attention over
+    slots starts[b] .. each query's own (a query inside the row's leading padding sees itself only).
+
+    q [B, T, Hq D], k and v [B, T, Hkv D]: fp32, each with unit stride in its last dimension and one stride per
+    token row (slices of one fused q|k|v output qualify); cos/sin [B, 1, T, D] and keys/values [B, Hkv, cap, D]
+    contiguous fp32. Returns [B, T, Hq D], or None where the kernel does not apply (another dtype or layout,
+    autograd, a head size that is not a multiple of 16): the caller takes PyTorch's path."""
+    b, t = q.shape[:2]
+    hkv, cap, d = keys.shape[1:]
+    if any(x.dtype != torch.float32 or x.requires_grad for x in (q, k, v, cos, sin, keys, values)) \
+            or not all(x.is_contiguous() for x in (cos, sin, keys, values)):
+        return None
+    strides = [_row_stride(x, b, t) for x in (q, k, v)]
+    if None in strides:
+        return None
+    if cos.shape != sin.shape or keys.shape != values.shape:
+        raise KernelArgumentError(f"native prefill_attention: cos {list(cos.shape)} and sin {list(sin.shape)}, "
+                                  f"keys {list(keys.shape)} and values {list(values.shape)} must match")
+    starts_ptr = row_starts(starts, b, "prefill_attention")
+    out = torch.empty(b, t, num_heads * d)
+    views = [(x.data_ptr(), _floats_from(x)) for x in (q, k, v)]
+    status = checked(library().prefill_attention(views[0][0], views[0][1], strides[0], views[1][0], views[1][1],
+                                                 strides[1], views[2][0], views[2][1], strides[2], b, t, num_heads,
+                                                 hkv, d, cos.data_ptr(), sin.data_ptr(), cos.numel(),
+                                                 keys.data_ptr(), values.data_ptr(), keys.numel(), cap, start,
+                                                 out.data_ptr(), out.numel(), starts_ptr, kernel_threads()),
+                     "prefill_attention")
+    return out if status == 0 else None
+
+
+def _row_stride(x: torch.Tensor, b: int, t: int) -> int | None:
+    """The one stride between consecutive token rows of x [B, T, W] (unit stride within a row), or None."""
+    if x.dim() != 3 or x.shape[:2] != (b, t) or (x.stride(2) != 1 and x.shape[2] > 1):
+        return None
+    if b > 1 and t > 0 and x.stride(0) != t * x.stride(1):
+        return None
+    return x.stride(1) if t > 1 else x.shape[2] if b <= 1 else x.stride(0)
+
+
+def _floats_from(x: torch.Tensor) -> int:
+    """How many floats x's storage holds from x's first element on: the kernel's bound for strided reads."""
+    return x.untyped_storage().nbytes() // 4 - x.storage_offset()
+
+
 def row_starts(starts: torch.Tensor | None, rows: int, kernel: str) -> int | None:
     """The address of per-row start slots (contiguous int64, one per row) for a decode kernel, or None."""
     if starts is None:

@@ -39,6 +39,10 @@ SIGNATURES: dict[str, tuple[list, str]] = {
     # qkv, qkv_len, B, Hq, Hkv, D, cos, sin, cs_len, keys, values, kv_len, cap, pos, out, out_len,
     # starts (B int64 or NULL)
     "qwenlab_decode_attention": ([p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64, p, i32], "held"),
+    # q, q_len, q_ld, k, k_len, k_ld, v, v_len, v_ld, B, T, Hq, Hkv, D, cos, sin, cs_len, keys, values, kv_len, cap,
+    # start, out, out_len, starts (B int64 or NULL), threads
+    "qwenlab_prefill_attention": ([p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p,
+                                   i64, i64, i64, p, i64, p, i32], "released"),
     # x, x_len, rows, n, w, w_len, eps, out, out_len
     "qwenlab_rms_norm": ([p, i64, i64, i64, p, i64, f32, p, i64], "held"),
     # logits, logits_len, mask (uint32 words), mask_len, n_valid, out (one int64: the id, or -1)

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from qwenlab.model.linear import ONEDNN, Linear, fast_linear
-from qwenlab.model.qwen2 import MLP, Qwen2ForCausalLM
+from qwenlab.model.qwen2 import MLP, Attention, Qwen2ForCausalLM
 from qwenlab import native as kernels
 from qwenlab.quant import native
+from qwenlab.quant.fused import attend_on_cache
 
 NATIVE_MAX_ROWS = 16  # rows up to which the native kernel beats oneDNN (it streams; oneDNN blocks for reuse)
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,6 +74,18 @@ class NativeFloatMLP(MLP):
         silu_gate = torch.ops.mkldnn._linear_pointwise(xb, gate.weight, None, "swish", [], "")
         hidden = torch.ops.mkldnn._linear_pointwise.binary(xb, silu_gate, up.weight, None, "mul")
         return fast_linear(hidden, down.weight).to(x.dtype).view(*x.shape[:-1], down.out_features)
+
+
+class NativeFloatAttention(Attention):
+    """The model core's attention (same modules and names) whose prompt attention is one native call
+    (quant/fused.attend_on_cache) where it applies."""
+
+    def attend_projected(self, q, k, v, cos, sin, mask, cache, layer, start):
+        if q.shape[1] > 1:
+            out = attend_on_cache(q, k, v, cos, sin, cache, layer, start, self.num_heads)
+            if out is not None:
+                return self.o_proj(out)
+        return super().attend_projected(q, k, v, cos, sin, mask, cache, layer, start)
 
 
 class Float32Embedding(nn.Embedding):
@@ -137,6 +150,7 @@ def load_native_float_model(checkpoint, dtype: str | torch.dtype) -> NativeFloat
         model = NativeFloatQwen2ForCausalLM(config)
         for layer in model.model.layers:
             layer.mlp = NativeFloatMLP(config)
+            layer.self_attn = NativeFloatAttention(config)
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
