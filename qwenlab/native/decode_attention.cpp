@@ -65,6 +65,85 @@ void attend(const void* p, int64_t chunk) {
         for (; i < D; ++i) o[i] += w * v[i];
     }
 }
+// softmax(q kᵀ / √D) v for all Hq / Hkv (<= 16) query heads that read kv head g of row b: chunk = b Hkv + g.
+// The group's heads sit in the lanes of one vector, so a key's scores for all of them are D fused multiply-adds
+// with the key's elements broadcast (no horizontal sums), and its softmax weights one vector exp; 64 keys at a
+// time, with a running max and sum per head (online softmax), so any cache length needs no score buffer. Each
+// key is read once for the group instead of once per head. The 0.5B shape (14 heads of 64, 2 kv heads, one row,
+// 2 threads) at 128 / 512 / 2048 cached slots: 7 / 14 / 44 µs a layer, where the per-head path took 17 / 40 / 148.
+constexpr int64_t GROUP_KEYS = 64, GROUP_MAX_D = 256;
+
+void attend_group(const void* p, int64_t chunk) {
+    const AttentionJob& j = *(const AttentionJob*)p;
+    const int64_t b = chunk / j.Hkv, g = chunk % j.Hkv, G = j.Hq / j.Hkv, D = j.D;
+    const int64_t first = j.starts ? j.starts[b] : 0;
+    const float* K = j.kcache + (b * j.Hkv + g) * j.cap * D;
+    const float* V = j.vcache + (b * j.Hkv + g) * j.cap * D;
+    alignas(64) float qt[GROUP_MAX_D][16];  // qt[d][h]: the group's queries, scaled, heads in lanes (zero past G)
+    alignas(64) float sc[GROUP_KEYS][16];   // a block's scores, then its weights
+    alignas(64) float o[16][GROUP_MAX_D];   // per head, the weighted sum of values so far
+    for (int64_t d = 0; d < D; ++d)
+        for (int64_t h = 0; h < 16; ++h) qt[d][h] = h < G ? j.q[(b * j.Hq + g * G + h) * D + d] * j.scale : 0.0f;
+    for (int64_t h = 0; h < G; ++h) memset(o[h], 0, sizeof(float) * D);
+    __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+    for (int64_t k0 = first; k0 < j.S; k0 += GROUP_KEYS) {
+        const int64_t kn = j.S - k0 < GROUP_KEYS ? j.S - k0 : GROUP_KEYS;
+        const float* kb = K + k0 * D;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        int64_t c = 0;
+        for (; c + 8 <= kn; c += 8) {  // 8 keys at once: 8 independent chains hide the FMA latency
+            __m512 a[8];
+            for (int i = 0; i < 8; ++i) a[i] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; ++d) {
+                const __m512 qd = _mm512_load_ps(qt[d]);
+                for (int i = 0; i < 8; ++i) a[i] = _mm512_fmadd_ps(qd, _mm512_set1_ps(kb[(c + i) * D + d]), a[i]);
+            }
+            for (int i = 0; i < 8; ++i) {
+                _mm512_store_ps(sc[c + i], a[i]);
+                top = _mm512_max_ps(top, a[i]);
+            }
+        }
+        for (; c < kn; ++c) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; ++d) a = _mm512_fmadd_ps(_mm512_load_ps(qt[d]), _mm512_set1_ps(kb[c * D + d]), a);
+            _mm512_store_ps(sc[c], a);
+            top = _mm512_max_ps(top, a);
+        }
+        const __m512 m_new = _mm512_max_ps(m, top);
+        // exp(-inf - m_new) on the first block: exp_ps clamps to e^-87 (~1e-38), against o and l still 0
+        alignas(64) float alpha[16];
+        _mm512_store_ps(alpha, exp_ps(_mm512_sub_ps(m, m_new)));
+        l = _mm512_mul_ps(l, _mm512_load_ps(alpha));
+        for (c = 0; c < kn; ++c) {
+            const __m512 w = exp_ps(_mm512_sub_ps(_mm512_load_ps(sc[c]), m_new));
+            _mm512_store_ps(sc[c], w);
+            l = _mm512_add_ps(l, w);
+        }
+        m = m_new;
+        const float* vb = V + k0 * D;
+        for (int64_t h = 0; h < G; ++h) {
+            for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 4 vectors of the head's output at a time (D % 16 == 0)
+                const int nv = D - d0 >= 64 ? 4 : (int)((D - d0) / 16);
+                __m512 acc[4];
+                const __m512 scale = _mm512_set1_ps(alpha[h]);
+                for (int i = 0; i < nv; ++i) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(o[h] + d0 + 16 * i), scale);
+                for (c = 0; c < kn; ++c) {
+                    const __m512 w = _mm512_set1_ps(sc[c][h]);
+                    for (int i = 0; i < nv; ++i)
+                        acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vb + c * D + d0 + 16 * i), acc[i]);
+                }
+                for (int i = 0; i < nv; ++i) _mm512_storeu_ps(o[h] + d0 + 16 * i, acc[i]);
+            }
+        }
+    }
+    alignas(64) float total[16];
+    _mm512_store_ps(total, l);
+    for (int64_t h = 0; h < G; ++h) {
+        float* dst = j.out + (b * j.Hq + g * G + h) * D;
+        const __m512 inv = _mm512_set1_ps(1.0f / total[h]);
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o[h] + d), inv));
+    }
+}
 }  // namespace
 
 // Lengths count floats: qkv_len = B (Hq + 2 Hkv) D, cs_len = B D (cos and sin each), kv_len = B Hkv cap D
@@ -100,8 +179,13 @@ extern "C" int qwenlab_decode_attention(const float* qkv, int64_t qkv_len, int64
         }
     }
     AttentionJob job{q, kcache, vcache, out, q + B * Hq * D, starts, Hq, Hkv, D, cap, S, 1.0f / sqrtf((float)D)};
-    if (B * Hq * S * D < (1 << 17)) nthreads = 1;  // ~500 cached tokens at 1 row of 14 heads x 64 (0.5B)
-    qwenlab_pool::pool().run(attend, &job, B * Hq, nthreads);
+    if (Hq / Hkv <= 16 && D % 16 == 0 && D <= GROUP_MAX_D) {  // every Qwen2.5 size: heads in lanes
+        if (B * Hq * S * D < (1 << 15)) nthreads = 1;  // a few dozen cached tokens: the hand-off costs more
+        qwenlab_pool::pool().run(attend_group, &job, B * Hkv, nthreads);
+    } else {
+        if (B * Hq * S * D < (1 << 17)) nthreads = 1;  // ~500 cached tokens at 1 row of 14 heads x 64 (0.5B)
+        qwenlab_pool::pool().run(attend, &job, B * Hq, nthreads);
+    }
     free(q);
     return QWENLAB_OK;
 }

@@ -1,5 +1,5 @@
-"""qwenlab_decode_attention with per-row starts: row b attends to slots starts[b]..pos only (its leading
-padding slots are never read: they hold NaN here), equal to PyTorch's masked attention on odd shapes;
+"""qwenlab_decode_attention (both its paths: per query head, and a kv head's query heads together) with per-row
+starts: row b attends to slots starts[b]..pos only (its leading padding slots are never read: they hold NaN here), equal to PyTorch's masked attention on odd shapes;
 starts outside [0, pos] are refused before the kernel touches the cache."""
 
 import pytest
@@ -52,6 +52,12 @@ def reference(qkv, cos, sin, keys, values, pos, hq, starts):
     (2, 4, 2, 6, 4, 0, [0, 0]),  # the first slot: start == pos == 0
     (4, 2, 2, 34, 11, 10, [1, 10, 0, 7]),
     (3, 14, 2, 64, 700, 650, [0, 100, 650]),  # long enough that the (row, head) pairs run on the pool's threads
+    # the grouped path (a kv head's query heads in the lanes of a vector: D a multiple of 16, up to 16 heads):
+    (1, 16, 1, 16, 70, 69, [0]),  # 16 heads in one group, keys past one 64-key block
+    (2, 7, 1, 48, 200, 130, [0, 129]),  # the 0.5B group; D of 3 vectors; a row with one real slot
+    (3, 12, 2, 128, 90, 65, [0, 10, 65]),  # the 1.5B heads; 66 keys: one block and a tail of 2
+    (1, 4, 2, 256, 20, 9, [3]),  # the largest D it takes; fewer keys than one chain of 8
+    (1, 17, 1, 16, 10, 5, [0]),  # 17 heads per kv head: the per-head path
 ])
 def test_starts_equal_pytorch_masked_attention(b, hq, hkv, d, cap, pos, starts):
     qkv, cos, sin, keys, values = case(b, hq, hkv, d, cap, pos, starts)
