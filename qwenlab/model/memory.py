@@ -22,6 +22,20 @@ def _malloc_trim():
     return getattr(_libc(), "malloc_trim", None)  # None: not glibc
 
 
+def keep_freed_memory(largest_block: int = 32 << 20, keep: int = 1 << 30) -> None:
+    """Serve blocks up to `largest_block` bytes from the heap and keep up to `keep` bytes of freed heap mapped.
+
+    By default glibc maps every block over its (adaptive, at most 32 MiB) mmap threshold afresh and unmaps it when
+    freed, so work that allocates the same large buffers call after call page-faults them in each time: the
+    native SFT step's activations (0.3-0.6 s of a 2.2-6.5 s step on the 0.5B shape), and a quantized model's
+    prefill outputs (1.5B int4, 512 tokens: 1.49 million page faults and 1.77 s, against 61 thousand and 1.25 s
+    with the blocks kept). Process-wide; nothing where the C library is not glibc."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, largest_block)  # M_MMAP_THRESHOLD
+        mallopt(-1, keep)  # M_TRIM_THRESHOLD
+
+
 def release_free_memory() -> None:
     """glibc keeps freed heap pages mapped; malloc_trim hands them back, so RSS stays the model's size.
 

@@ -28,6 +28,7 @@ from qwenlab.adapters import active_adapters
 from qwenlab.adapters.apply import lora_modules
 from qwenlab.adapters.peft_format import LoraAdapter, save_adapter_files
 from qwenlab.errors import QwenlabError
+from qwenlab.model.memory import keep_freed_memory
 from qwenlab.train.activations import over_activation_budget
 from qwenlab.train.grpo.loss import selected_token_logprobs
 from qwenlab.train.grpo.policy import POLICY, target_module_names, attach_policy, \
@@ -38,21 +39,6 @@ from qwenlab.train.run import TrainingRun
 STATE_FILE = "native_state.pt"  # optimizer, scheduler, RNG: tensors and numbers only (loaded with weights_only)
 TRAINER_STATE = "trainer_state.json"  # the name run.py's --resume looks for, as in transformers' checkpoints
 MAX_GRAD_NORM = 1.0  # transformers' default
-
-
-def keep_freed_memory() -> None:
-    """glibc returns every freed block over its mmap threshold to the kernel, so each step's activations (a few MB
-    each) are mapped and page-faulted in afresh: measured on the 0.5B shape, 0.3-0.6 s of a 2.2-6.5 s step, in
-    system time. Keep such blocks in the heap instead (at most glibc's 32 MiB threshold; trimming at 1 GiB)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
 
 
 def peft_initial_lora(model, config, base_model: str) -> LoraAdapter:
